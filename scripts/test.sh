@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Sets up, builds and runs every Keel test: unit and tiny-guest tests, the
+# nested real-Linux system tests, then the unit and tiny-guest tests again
+# under AddressSanitizer + UndefinedBehaviorSanitizer.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: scripts/test.sh [--no-system] [--no-sanitize]
+
+Runs all of Keel's tests on a Debian 12 machine, installing what is missing:
+  1. scripts/setup.sh (Debian packages)
+  2. build/ : unit tests, tiny guests on /dev/kvm, system tests that boot a
+     real Linux guest inside a nested L1 (QEMU TCG + kvm-amd)
+  3. build-asan/ : unit and tiny-guest tests under ASan + UBSan
+Logs of the system tests are in build/system/. The last line sums up
+"N passed, N failed, N skipped" across all runs.
+
+  --no-system     skip the nested system tests (they take a few minutes)
+  --no-sanitize   skip the sanitizer build
+USAGE
+}
+
+run_system=1
+run_sanitize=1
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    --no-system) run_system=0 ;;
+    --no-sanitize) run_sanitize=0 ;;
+    *) echo "test.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+"$KEEL_ROOT/scripts/setup.sh"
+cd "$KEEL_ROOT"
+results_dir="$KEEL_ROOT/build/test-results"
+mkdir -p "$results_dir"
+rm -f "$results_dir"/*.xml
+status=0
+
+keel_build "$KEEL_ROOT/build"
+label_regex='unit|guest'
+[[ $run_system -eq 1 ]] && label_regex='unit|guest|system'
+echo "== ctest (build/): labels $label_regex"
+ctest --test-dir build -L "$label_regex" --output-on-failure --no-tests=error \
+  --output-junit "$results_dir/main.xml" || status=1
+
+if [[ $run_sanitize -eq 1 ]]; then
+  keel_build "$KEEL_ROOT/build-asan" -DKEEL_SANITIZE=ON -DKEEL_SYSTEM_TESTS=OFF \
+    -DCMAKE_BUILD_TYPE=Debug
+  echo "== ctest (build-asan/, ASan+UBSan): labels unit|guest"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir build-asan -L 'unit|guest' --output-on-failure --no-tests=error \
+    --output-junit "$results_dir/asan.xml" || status=1
+fi
+
+# One closing line over every run, counted from ctest's JUnit reports.
+python3 - "$results_dir" <<'PY'
+import sys, glob, xml.etree.ElementTree as ET
+passed = failed = skipped = 0
+for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
+    for case in ET.parse(path).getroot().iter("testcase"):
+        status = case.get("status", "")
+        if case.find("skipped") is not None or status in ("notrun", "disabled") or status == "skipped":
+            skipped += 1
+        elif case.find("failure") is not None or case.find("error") is not None or status == "fail":
+            failed += 1
+        else:
+            passed += 1
+print(f"keel-tests: {passed} passed, {failed} failed, {skipped} skipped")
+PY
+exit $status

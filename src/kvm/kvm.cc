@@ -1,0 +1,502 @@
+#include "kvm/kvm.h"
+
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include <fmt/format.h>
+
+namespace keel::kvm {
+namespace {
+
+// <linux/kvm.h> declares the variable-length tails of these structs with
+// __DECLARE_FLEX_ARRAY, whose empty struct takes one byte in C++ but none in
+// C: sizeof, the tail's offset and the ioctl numbers derived from sizeof all
+// come out wrong in C++ (KVM then answers EINVAL, or reads misplaced data).
+// So Keel lays out the fixed headers itself and derives the numbers from them;
+// the static_asserts pin them to the values a C compiler computes.
+struct CpuidHeader {
+  uint32_t nent;
+  uint32_t padding;
+};
+struct MsrListHeader {
+  uint32_t nmsrs;
+};
+struct MsrsHeader {
+  uint32_t nmsrs;
+  uint32_t pad;
+};
+struct IrqRoutingHeader {
+  uint32_t nr;
+  uint32_t flags;
+};
+constexpr unsigned long kGetMsrIndexList = _IOWR(KVMIO, 0x02, MsrListHeader);
+constexpr unsigned long kGetSupportedCpuid = _IOWR(KVMIO, 0x05, CpuidHeader);
+constexpr unsigned long kSetGsiRouting = _IOW(KVMIO, 0x6a, IrqRoutingHeader);
+constexpr unsigned long kGetMsrs = _IOWR(KVMIO, 0x88, MsrsHeader);
+constexpr unsigned long kSetMsrs = _IOW(KVMIO, 0x89, MsrsHeader);
+constexpr unsigned long kSetCpuid2 = _IOW(KVMIO, 0x90, CpuidHeader);
+static_assert(kGetMsrIndexList == 0xc004ae02);
+static_assert(kGetSupportedCpuid == 0xc008ae05);
+static_assert(kSetGsiRouting == 0x4008ae6a);
+static_assert(kGetMsrs == 0xc008ae88);
+static_assert(kSetMsrs == 0x4008ae89);
+static_assert(kSetCpuid2 == 0x4008ae90);
+
+// A header followed by count entries, laid out as the kernel expects.
+template <typename Header, typename Entry>
+class TailBuffer {
+ public:
+  explicit TailBuffer(size_t count)
+      : storage_((sizeof(Header) + count * sizeof(Entry) + sizeof(uint64_t) - 1) /
+                 sizeof(uint64_t)) {
+    static_assert(sizeof(Header) % alignof(Entry) == 0, "tail would be misaligned");
+  }
+  Header* header() { return reinterpret_cast<Header*>(storage_.data()); }
+  Entry* entries() {
+    return reinterpret_cast<Entry*>(reinterpret_cast<std::byte*>(storage_.data()) +
+                                    sizeof(Header));
+  }
+  void* get() { return storage_.data(); }
+
+ private:
+  std::vector<uint64_t> storage_;  // uint64_t for the alignment of every KVM entry type
+};
+
+// The capabilities without which no Keel VM can run, with the reason.
+constexpr std::array kRequiredCapabilities = {
+    Capability::UserMemory, Capability::Irqchip,   Capability::Hlt,
+    Capability::SetTssAddr, Capability::ExtCpuid,  Capability::Pit2,
+    Capability::Irqfd,      Capability::Ioeventfd, Capability::IrqRouting,
+    Capability::ImmediateExit,
+};
+
+template <typename T>
+Result<void> ioctl_set(int fd, unsigned long request, const T& value, std::string_view what) {
+  if (::ioctl(fd, request, &value) < 0) return fail_errno(std::string(what));
+  return ok();
+}
+
+template <typename T>
+Result<T> ioctl_get(int fd, unsigned long request, std::string_view what) {
+  T value{};
+  if (::ioctl(fd, request, &value) < 0) return fail_errno(std::string(what));
+  return value;
+}
+
+}  // namespace
+
+std::string_view capability_name(Capability cap) {
+  switch (cap) {
+    case Capability::Irqchip: return "KVM_CAP_IRQCHIP";
+    case Capability::Hlt: return "KVM_CAP_HLT";
+    case Capability::UserMemory: return "KVM_CAP_USER_MEMORY";
+    case Capability::SetTssAddr: return "KVM_CAP_SET_TSS_ADDR";
+    case Capability::ExtCpuid: return "KVM_CAP_EXT_CPUID";
+    case Capability::Pit2: return "KVM_CAP_PIT2";
+    case Capability::Irqfd: return "KVM_CAP_IRQFD";
+    case Capability::Ioeventfd: return "KVM_CAP_IOEVENTFD";
+    case Capability::IrqRouting: return "KVM_CAP_IRQ_ROUTING";
+    case Capability::SignalMsi: return "KVM_CAP_SIGNAL_MSI";
+    case Capability::ImmediateExit: return "KVM_CAP_IMMEDIATE_EXIT";
+    case Capability::NrVcpus: return "KVM_CAP_NR_VCPUS";
+    case Capability::MaxVcpus: return "KVM_CAP_MAX_VCPUS";
+    case Capability::TscControl: return "KVM_CAP_TSC_CONTROL";
+    case Capability::Xsave: return "KVM_CAP_XSAVE";
+    case Capability::Xcrs: return "KVM_CAP_XCRS";
+    case Capability::DirtyLogRing: return "KVM_CAP_DIRTY_LOG_RING";
+    case Capability::ManualDirtyLogProtect2: return "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2";
+    case Capability::SyncMmu: return "KVM_CAP_SYNC_MMU";
+  }
+  return "KVM_CAP_?";
+}
+
+std::string_view exit_kind_name(VcpuExit::Kind kind) {
+  switch (kind) {
+    case VcpuExit::Kind::IoIn: return "io-in";
+    case VcpuExit::Kind::IoOut: return "io-out";
+    case VcpuExit::Kind::MmioRead: return "mmio-read";
+    case VcpuExit::Kind::MmioWrite: return "mmio-write";
+    case VcpuExit::Kind::Hlt: return "hlt";
+    case VcpuExit::Kind::Shutdown: return "shutdown";
+    case VcpuExit::Kind::InternalError: return "internal-error";
+    case VcpuExit::Kind::FailEntry: return "fail-entry";
+    case VcpuExit::Kind::SystemEvent: return "system-event";
+    case VcpuExit::Kind::Interrupted: return "interrupted";
+    case VcpuExit::Kind::Unknown: return "unknown";
+  }
+  return "?";
+}
+
+// ---- Kvm ----
+
+Result<Kvm> Kvm::open(const std::string& path) {
+  Result<Fd> fd = Fd::open(path, O_RDWR);
+  if (!fd) {
+    const Error& error = fd.error();
+    if (error.code() == Errc::NotFound) {
+      return fail(Errc::NotFound,
+                  fmt::format("{} does not exist: this host has no KVM (enable VT-x/AMD-V in "
+                              "firmware and load kvm_intel or kvm_amd)",
+                              path));
+    }
+    if (error.code() == Errc::PermissionDenied) {
+      return fail(Errc::PermissionDenied,
+                  fmt::format("no permission to open {}: run as root or join the group that "
+                              "owns it (usually 'kvm')",
+                              path));
+    }
+    return fail(Error(error).wrap("open KVM"));
+  }
+  int version = ::ioctl(fd->get(), KVM_GET_API_VERSION, 0);
+  if (version != KVM_API_VERSION) {
+    return fail(Errc::Unsupported,
+                fmt::format("{}: KVM API version {} (Keel needs {})", path, version,
+                            KVM_API_VERSION));
+  }
+  for (Capability cap : kRequiredCapabilities) {
+    int present = ::ioctl(fd->get(), KVM_CHECK_EXTENSION, static_cast<int>(cap));
+    if (present <= 0) {
+      return fail(Errc::Unsupported,
+                  fmt::format("{}: this KVM lacks {}, which Keel needs", path,
+                              capability_name(cap)));
+    }
+  }
+  int mmap_size = ::ioctl(fd->get(), KVM_GET_VCPU_MMAP_SIZE, 0);
+  if (mmap_size <= 0) return fail_errno("KVM_GET_VCPU_MMAP_SIZE");
+  return Kvm(std::move(*fd), static_cast<size_t>(mmap_size));
+}
+
+Result<int> Kvm::check_extension(Capability cap) const {
+  int value = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, static_cast<int>(cap));
+  if (value < 0) return fail_errno(fmt::format("check {}", capability_name(cap)));
+  return value;
+}
+
+Result<CpuidEntries> Kvm::supported_cpuid() const {
+  // Grow the buffer until KVM stops saying E2BIG.
+  for (uint32_t capacity = 128; capacity <= 4096; capacity *= 2) {
+    TailBuffer<CpuidHeader, kvm_cpuid_entry2> buffer(capacity);
+    buffer.header()->nent = capacity;
+    if (::ioctl(fd_.get(), kGetSupportedCpuid, buffer.get()) == 0) {
+      return CpuidEntries(buffer.entries(), buffer.entries() + buffer.header()->nent);
+    }
+    if (errno != E2BIG) return fail_errno("KVM_GET_SUPPORTED_CPUID");
+  }
+  return fail(Errc::OutOfRange, "KVM_GET_SUPPORTED_CPUID: more than 4096 leaves");
+}
+
+Result<std::vector<uint32_t>> Kvm::msr_index_list() const {
+  MsrListHeader probe{};
+  if (::ioctl(fd_.get(), kGetMsrIndexList, &probe) < 0 && errno != E2BIG) {
+    return fail_errno("KVM_GET_MSR_INDEX_LIST");
+  }
+  TailBuffer<MsrListHeader, uint32_t> buffer(probe.nmsrs);
+  buffer.header()->nmsrs = probe.nmsrs;
+  if (::ioctl(fd_.get(), kGetMsrIndexList, buffer.get()) < 0) {
+    return fail_errno("KVM_GET_MSR_INDEX_LIST");
+  }
+  return std::vector<uint32_t>(buffer.entries(), buffer.entries() + buffer.header()->nmsrs);
+}
+
+Result<Vm> Kvm::create_vm() const {
+  int fd = -1;
+  // KVM_CREATE_VM can fail with EINTR while the kernel sets up the VM.
+  do {
+    fd = ::ioctl(fd_.get(), KVM_CREATE_VM, 0);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return fail_errno("KVM_CREATE_VM");
+  return Vm(Fd(fd), vcpu_mmap_size_);
+}
+
+std::string Kvm::vendor_module() {
+  for (const char* name : {"kvm_intel", "kvm_amd", "kvm_pvm"}) {
+    if (std::filesystem::exists(fmt::format("/sys/module/{}", name))) return name;
+  }
+  return "";
+}
+
+// ---- Vm ----
+
+Result<void> Vm::set_memory_region(uint32_t slot, uint64_t gpa, uint64_t size_bytes,
+                                   void* host_address, MemoryFlags flags) {
+  kvm_userspace_memory_region region{
+      .slot = slot,
+      .flags = static_cast<uint32_t>(flags),
+      .guest_phys_addr = gpa,
+      .memory_size = size_bytes,
+      .userspace_addr = reinterpret_cast<uint64_t>(host_address),
+  };
+  if (::ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+    return fail_errno(fmt::format("KVM_SET_USER_MEMORY_REGION slot {} gpa {:#x} size {:#x}", slot,
+                                  gpa, size_bytes));
+  }
+  return ok();
+}
+
+Result<void> Vm::set_tss_address(uint64_t gpa) {
+  if (::ioctl(fd_.get(), KVM_SET_TSS_ADDR, static_cast<unsigned long>(gpa)) < 0) {
+    return fail_errno("KVM_SET_TSS_ADDR");
+  }
+  return ok();
+}
+
+Result<void> Vm::set_identity_map_address(uint64_t gpa) {
+  return ioctl_set(fd_.get(), KVM_SET_IDENTITY_MAP_ADDR, gpa, "KVM_SET_IDENTITY_MAP_ADDR");
+}
+
+Result<void> Vm::create_irqchip() {
+  if (::ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0) < 0) return fail_errno("KVM_CREATE_IRQCHIP");
+  return ok();
+}
+
+Result<void> Vm::create_pit() {
+  kvm_pit_config config{};
+  config.flags = KVM_PIT_SPEAKER_DUMMY;
+  return ioctl_set(fd_.get(), KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2");
+}
+
+Result<void> Vm::set_irq_line(uint32_t gsi, bool high) {
+  kvm_irq_level level{};
+  level.irq = gsi;
+  level.level = high ? 1 : 0;
+  return ioctl_set(fd_.get(), KVM_IRQ_LINE, level, "KVM_IRQ_LINE");
+}
+
+Result<void> Vm::register_irqfd(const EventFd& event, uint32_t gsi) {
+  kvm_irqfd irqfd{};
+  irqfd.fd = static_cast<uint32_t>(event.get());
+  irqfd.gsi = gsi;
+  return ioctl_set(fd_.get(), KVM_IRQFD, irqfd, fmt::format("KVM_IRQFD gsi {}", gsi));
+}
+
+Result<void> Vm::unregister_irqfd(const EventFd& event, uint32_t gsi) {
+  kvm_irqfd irqfd{};
+  irqfd.fd = static_cast<uint32_t>(event.get());
+  irqfd.gsi = gsi;
+  irqfd.flags = KVM_IRQFD_FLAG_DEASSIGN;
+  return ioctl_set(fd_.get(), KVM_IRQFD, irqfd, fmt::format("KVM_IRQFD deassign gsi {}", gsi));
+}
+
+namespace {
+kvm_ioeventfd make_ioeventfd(const EventFd& event, uint64_t address, uint32_t length,
+                             IoSpace space) {
+  kvm_ioeventfd io{};
+  io.addr = address;
+  io.len = length;
+  io.fd = event.get();
+  io.flags = space == IoSpace::Pio ? KVM_IOEVENTFD_FLAG_PIO : 0;
+  return io;
+}
+}  // namespace
+
+Result<void> Vm::register_ioeventfd(const EventFd& event, uint64_t address, uint32_t length,
+                                    IoSpace space) {
+  return ioctl_set(fd_.get(), KVM_IOEVENTFD, make_ioeventfd(event, address, length, space),
+                   fmt::format("KVM_IOEVENTFD at {:#x}", address));
+}
+
+Result<void> Vm::unregister_ioeventfd(const EventFd& event, uint64_t address, uint32_t length,
+                                      IoSpace space) {
+  kvm_ioeventfd io = make_ioeventfd(event, address, length, space);
+  io.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+  return ioctl_set(fd_.get(), KVM_IOEVENTFD, io,
+                   fmt::format("KVM_IOEVENTFD deassign at {:#x}", address));
+}
+
+Result<void> Vm::set_gsi_routing(std::span<const IrqRoute> routes) {
+  TailBuffer<IrqRoutingHeader, kvm_irq_routing_entry> buffer(routes.size());
+  buffer.header()->nr = static_cast<uint32_t>(routes.size());
+  buffer.header()->flags = 0;
+  for (size_t i = 0; i < routes.size(); ++i) {
+    kvm_irq_routing_entry& entry = buffer.entries()[i];
+    entry = {};
+    entry.gsi = routes[i].gsi;
+    if (routes[i].kind == IrqRoute::Kind::IrqchipPin) {
+      entry.type = KVM_IRQ_ROUTING_IRQCHIP;
+      entry.u.irqchip.irqchip = routes[i].irqchip;
+      entry.u.irqchip.pin = routes[i].pin;
+    } else {
+      entry.type = KVM_IRQ_ROUTING_MSI;
+      entry.u.msi.address_lo = static_cast<uint32_t>(routes[i].msi_address);
+      entry.u.msi.address_hi = static_cast<uint32_t>(routes[i].msi_address >> 32);
+      entry.u.msi.data = routes[i].msi_data;
+    }
+  }
+  if (::ioctl(fd_.get(), kSetGsiRouting, buffer.get()) < 0) {
+    return fail_errno(fmt::format("KVM_SET_GSI_ROUTING ({} routes)", routes.size()));
+  }
+  return ok();
+}
+
+Result<void> Vm::signal_msi(uint64_t address, uint32_t data) {
+  kvm_msi msi{};
+  msi.address_lo = static_cast<uint32_t>(address);
+  msi.address_hi = static_cast<uint32_t>(address >> 32);
+  msi.data = data;
+  if (::ioctl(fd_.get(), KVM_SIGNAL_MSI, &msi) < 0) return fail_errno("KVM_SIGNAL_MSI");
+  return ok();
+}
+
+Result<Vcpu> Vm::create_vcpu(uint32_t index) {
+  int fd = ::ioctl(fd_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(index));
+  if (fd < 0) return fail_errno(fmt::format("KVM_CREATE_VCPU {}", index));
+  Fd owner(fd);
+  Mmap run = TRY(Mmap::file(owner, vcpu_mmap_size_, 0, PROT_READ | PROT_WRITE, MAP_SHARED));
+  return Vcpu(index, std::move(owner), std::move(run));
+}
+
+Result<int> Vm::check_extension(Capability cap) const {
+  int value = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, static_cast<int>(cap));
+  if (value < 0) return fail_errno(fmt::format("check {}", capability_name(cap)));
+  return value;
+}
+
+// ---- Vcpu ----
+
+Result<VcpuExit> Vcpu::run() {
+  auto* run = reinterpret_cast<kvm_run*>(run_.data());
+  if (::ioctl(fd_.get(), KVM_RUN, 0) < 0) {
+    if (errno == EINTR || errno == EAGAIN) return VcpuExit{.kind = VcpuExit::Kind::Interrupted};
+    return fail_errno(fmt::format("KVM_RUN vcpu {}", index_));
+  }
+  VcpuExit exit{.kind = VcpuExit::Kind::Unknown, .code = run->exit_reason};
+  switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+      exit.kind = run->io.direction == KVM_EXIT_IO_IN ? VcpuExit::Kind::IoIn : VcpuExit::Kind::IoOut;
+      exit.address = run->io.port;
+      exit.size = run->io.size;
+      exit.count = run->io.count;
+      break;
+    case KVM_EXIT_MMIO:
+      exit.kind = run->mmio.is_write ? VcpuExit::Kind::MmioWrite : VcpuExit::Kind::MmioRead;
+      exit.address = run->mmio.phys_addr;
+      exit.size = run->mmio.len;
+      exit.count = 1;
+      break;
+    case KVM_EXIT_HLT: exit.kind = VcpuExit::Kind::Hlt; break;
+    case KVM_EXIT_SHUTDOWN: exit.kind = VcpuExit::Kind::Shutdown; break;
+    case KVM_EXIT_INTR: exit.kind = VcpuExit::Kind::Interrupted; break;
+    case KVM_EXIT_FAIL_ENTRY:
+      exit.kind = VcpuExit::Kind::FailEntry;
+      exit.code = run->fail_entry.hardware_entry_failure_reason;
+      break;
+    case KVM_EXIT_INTERNAL_ERROR:
+      exit.kind = VcpuExit::Kind::InternalError;
+      exit.code = run->internal.suberror;
+      for (uint32_t i = 0; i < run->internal.ndata && i < exit.data.size(); ++i) {
+        exit.data[i] = run->internal.data[i];
+      }
+      break;
+    case KVM_EXIT_SYSTEM_EVENT:
+      exit.kind = VcpuExit::Kind::SystemEvent;
+      exit.code = run->system_event.type;
+      break;
+    default: break;
+  }
+  return exit;
+}
+
+std::span<std::byte> Vcpu::io_data() {
+  auto* run = reinterpret_cast<kvm_run*>(run_.data());
+  size_t length = static_cast<size_t>(run->io.size) * run->io.count;
+  // The kernel places the data inside the mapping; never trust it blindly.
+  CHECK(run->io.data_offset + length <= run_.size_bytes(), "KVM io data outside kvm_run");
+  return {run_.data() + run->io.data_offset, length};
+}
+
+std::span<std::byte> Vcpu::mmio_data() {
+  auto* run = reinterpret_cast<kvm_run*>(run_.data());
+  size_t length = std::min<size_t>(run->mmio.len, sizeof(run->mmio.data));
+  return {reinterpret_cast<std::byte*>(run->mmio.data), length};
+}
+
+void Vcpu::set_immediate_exit(bool value) {
+  reinterpret_cast<kvm_run*>(run_.data())->immediate_exit = value ? 1 : 0;
+}
+
+Result<Regs> Vcpu::regs() const { return ioctl_get<Regs>(fd_.get(), KVM_GET_REGS, "KVM_GET_REGS"); }
+Result<void> Vcpu::set_regs(const Regs& regs) {
+  return ioctl_set(fd_.get(), KVM_SET_REGS, regs, "KVM_SET_REGS");
+}
+Result<Sregs> Vcpu::sregs() const {
+  return ioctl_get<Sregs>(fd_.get(), KVM_GET_SREGS, "KVM_GET_SREGS");
+}
+Result<void> Vcpu::set_sregs(const Sregs& sregs) {
+  return ioctl_set(fd_.get(), KVM_SET_SREGS, sregs, "KVM_SET_SREGS");
+}
+Result<Fpu> Vcpu::fpu() const { return ioctl_get<Fpu>(fd_.get(), KVM_GET_FPU, "KVM_GET_FPU"); }
+Result<void> Vcpu::set_fpu(const Fpu& fpu) {
+  return ioctl_set(fd_.get(), KVM_SET_FPU, fpu, "KVM_SET_FPU");
+}
+Result<Lapic> Vcpu::lapic() const {
+  return ioctl_get<Lapic>(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC");
+}
+Result<void> Vcpu::set_lapic(const Lapic& lapic) {
+  return ioctl_set(fd_.get(), KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC");
+}
+
+Result<MpState> Vcpu::mp_state() const {
+  kvm_mp_state state = TRY(ioctl_get<kvm_mp_state>(fd_.get(), KVM_GET_MP_STATE, "KVM_GET_MP_STATE"));
+  return static_cast<MpState>(state.mp_state);
+}
+
+Result<void> Vcpu::set_mp_state(MpState state) {
+  kvm_mp_state value{.mp_state = static_cast<uint32_t>(state)};
+  return ioctl_set(fd_.get(), KVM_SET_MP_STATE, value, "KVM_SET_MP_STATE");
+}
+
+Result<void> Vcpu::set_cpuid(const CpuidEntries& entries) {
+  TailBuffer<CpuidHeader, kvm_cpuid_entry2> buffer(entries.size());
+  buffer.header()->nent = static_cast<uint32_t>(entries.size());
+  buffer.header()->padding = 0;
+  std::copy(entries.begin(), entries.end(), buffer.entries());
+  if (::ioctl(fd_.get(), kSetCpuid2, buffer.get()) < 0) {
+    return fail_errno(fmt::format("KVM_SET_CPUID2 vcpu {}", index_));
+  }
+  return ok();
+}
+
+Result<void> Vcpu::set_msrs(std::span<const MsrEntry> entries) {
+  TailBuffer<MsrsHeader, kvm_msr_entry> buffer(entries.size());
+  buffer.header()->nmsrs = static_cast<uint32_t>(entries.size());
+  buffer.header()->pad = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    buffer.entries()[i] = kvm_msr_entry{.index = entries[i].index, .reserved = 0,
+                                        .data = entries[i].value};
+  }
+  int done = ::ioctl(fd_.get(), kSetMsrs, buffer.get());
+  if (done < 0) return fail_errno(fmt::format("KVM_SET_MSRS vcpu {}", index_));
+  // KVM stops at the first MSR it refuses and returns how many it set.
+  if (static_cast<size_t>(done) != entries.size()) {
+    return fail(Errc::Unsupported, fmt::format("KVM_SET_MSRS vcpu {}: MSR {:#x} refused", index_,
+                                               entries[static_cast<size_t>(done)].index));
+  }
+  return ok();
+}
+
+Result<std::vector<MsrEntry>> Vcpu::msrs(std::span<const uint32_t> indices) const {
+  TailBuffer<MsrsHeader, kvm_msr_entry> buffer(indices.size());
+  buffer.header()->nmsrs = static_cast<uint32_t>(indices.size());
+  buffer.header()->pad = 0;
+  for (size_t i = 0; i < indices.size(); ++i) {
+    buffer.entries()[i] = kvm_msr_entry{.index = indices[i], .reserved = 0, .data = 0};
+  }
+  int done = ::ioctl(fd_.get(), kGetMsrs, buffer.get());
+  if (done < 0) return fail_errno(fmt::format("KVM_GET_MSRS vcpu {}", index_));
+  if (static_cast<size_t>(done) != indices.size()) {
+    return fail(Errc::Unsupported, fmt::format("KVM_GET_MSRS vcpu {}: MSR {:#x} refused", index_,
+                                               indices[static_cast<size_t>(done)]));
+  }
+  std::vector<MsrEntry> result;
+  result.reserve(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) {
+    result.push_back({buffer.entries()[i].index, buffer.entries()[i].data});
+  }
+  return result;
+}
+
+}  // namespace keel::kvm

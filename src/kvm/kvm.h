@@ -1,0 +1,121 @@
+// Kvm -> Vm -> Vcpu: owners of the /dev/kvm, VM and vCPU descriptors, with
+// calls named for intent. This folder is the only user of <linux/kvm.h>;
+// the register structs are re-exported under Keel names in types.h.
+// Spec: Documentation/virt/kvm/api.rst.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/event_fd.h"
+#include "base/fd.h"
+#include "base/mmap.h"
+#include "base/result.h"
+#include "kvm/types.h"
+
+namespace keel::kvm {
+
+class Vm;
+class Vcpu;
+
+class Kvm {
+ public:
+  // Opens /dev/kvm (or path) and checks the API version and the capabilities
+  // every Keel VM needs; the error says which one is missing and what to do.
+  static Result<Kvm> open(const std::string& path = "/dev/kvm");
+
+  Result<int> check_extension(Capability cap) const;
+  // The CPUID leaves this host's KVM can offer a guest.
+  Result<CpuidEntries> supported_cpuid() const;
+  // The MSR indices KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
+  Result<std::vector<uint32_t>> msr_index_list() const;
+  Result<Vm> create_vm() const;
+  // The kvm module in charge, e.g. "kvm_intel", "kvm_amd", "kvm_pvm", or "" if unknown.
+  static std::string vendor_module();
+
+ private:
+  Kvm(Fd fd, size_t vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
+
+  Fd fd_;
+  size_t vcpu_mmap_size_;
+};
+
+enum class MemoryFlags : uint32_t { None = 0, LogDirtyPages = 1, ReadOnly = 2 };
+
+class Vm {
+ public:
+  Result<void> set_memory_region(uint32_t slot, uint64_t gpa, uint64_t size_bytes,
+                                 void* host_address, MemoryFlags flags = MemoryFlags::None);
+  Result<void> set_tss_address(uint64_t gpa);
+  Result<void> set_identity_map_address(uint64_t gpa);
+  // In-kernel IOAPIC + LAPIC + PIC, and the i8254 PIT.
+  Result<void> create_irqchip();
+  Result<void> create_pit();
+  // Level of a legacy interrupt line (GSI) on the in-kernel irqchip.
+  Result<void> set_irq_line(uint32_t gsi, bool high);
+  // Signalling the eventfd raises the GSI; resample re-arms a level interrupt.
+  Result<void> register_irqfd(const EventFd& event, uint32_t gsi);
+  Result<void> unregister_irqfd(const EventFd& event, uint32_t gsi);
+  // A guest write of length at address signals the eventfd without a vCPU exit.
+  Result<void> register_ioeventfd(const EventFd& event, uint64_t address, uint32_t length,
+                                  IoSpace space);
+  Result<void> unregister_ioeventfd(const EventFd& event, uint64_t address, uint32_t length,
+                                    IoSpace space);
+  Result<void> set_gsi_routing(std::span<const IrqRoute> routes);
+  // Injects an MSI directly (KVM_SIGNAL_MSI).
+  Result<void> signal_msi(uint64_t address, uint32_t data);
+  Result<Vcpu> create_vcpu(uint32_t index);
+  Result<int> check_extension(Capability cap) const;
+  int fd() const { return fd_.get(); }
+
+ private:
+  friend class Kvm;
+  Vm(Fd fd, size_t vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
+
+  Fd fd_;
+  size_t vcpu_mmap_size_;
+};
+
+class Vcpu {
+ public:
+  // Enters the guest until the next exit that userspace must handle. EINTR
+  // (a signal kicked us out) comes back as VcpuExit::Kind::Interrupted.
+  Result<VcpuExit> run();
+  // The data buffer of the current port-I/O exit (inside the kvm_run page).
+  std::span<std::byte> io_data();
+  // For an MMIO read exit: where the value the guest reads goes.
+  std::span<std::byte> mmio_data();
+  // Ask the next run() to return at once (from a signal handler / other thread).
+  void set_immediate_exit(bool value);
+
+  Result<Regs> regs() const;
+  Result<void> set_regs(const Regs& regs);
+  Result<Sregs> sregs() const;
+  Result<void> set_sregs(const Sregs& sregs);
+  Result<Fpu> fpu() const;
+  Result<void> set_fpu(const Fpu& fpu);
+  Result<void> set_cpuid(const CpuidEntries& entries);
+  // Sets each (index, value) pair; fails naming the first MSR KVM refused.
+  Result<void> set_msrs(std::span<const MsrEntry> entries);
+  Result<std::vector<MsrEntry>> msrs(std::span<const uint32_t> indices) const;
+  Result<Lapic> lapic() const;
+  Result<void> set_lapic(const Lapic& lapic);
+  Result<MpState> mp_state() const;
+  Result<void> set_mp_state(MpState state);
+
+  uint32_t index() const { return index_; }
+  int fd() const { return fd_.get(); }
+
+ private:
+  friend class Vm;
+  Vcpu(uint32_t index, Fd fd, Mmap run) : index_(index), fd_(std::move(fd)), run_(std::move(run)) {}
+
+  uint32_t index_;
+  Fd fd_;
+  Mmap run_;  // struct kvm_run, shared with the kernel.
+};
+
+}  // namespace keel::kvm

@@ -1,0 +1,106 @@
+// Keel names for KVM's structs and constants, so code outside src/kvm never
+// includes <linux/kvm.h> itself.
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <array>
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+namespace keel::kvm {
+
+using Regs = kvm_regs;
+using Sregs = kvm_sregs;
+using Segment = kvm_segment;
+using Fpu = kvm_fpu;
+using Lapic = kvm_lapic_state;
+using CpuidEntry = kvm_cpuid_entry2;
+using CpuidEntries = std::vector<kvm_cpuid_entry2>;
+
+inline constexpr uint32_t kCpuidFlagSignificantIndex = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+
+enum class Capability : int {
+  Irqchip = KVM_CAP_IRQCHIP,
+  Hlt = KVM_CAP_HLT,
+  UserMemory = KVM_CAP_USER_MEMORY,
+  SetTssAddr = KVM_CAP_SET_TSS_ADDR,
+  ExtCpuid = KVM_CAP_EXT_CPUID,
+  Pit2 = KVM_CAP_PIT2,
+  Irqfd = KVM_CAP_IRQFD,
+  Ioeventfd = KVM_CAP_IOEVENTFD,
+  IrqRouting = KVM_CAP_IRQ_ROUTING,
+  SignalMsi = KVM_CAP_SIGNAL_MSI,
+  ImmediateExit = KVM_CAP_IMMEDIATE_EXIT,
+  NrVcpus = KVM_CAP_NR_VCPUS,
+  MaxVcpus = KVM_CAP_MAX_VCPUS,
+  TscControl = KVM_CAP_TSC_CONTROL,
+  Xsave = KVM_CAP_XSAVE,
+  Xcrs = KVM_CAP_XCRS,
+  DirtyLogRing = KVM_CAP_DIRTY_LOG_RING,
+  ManualDirtyLogProtect2 = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+  SyncMmu = KVM_CAP_SYNC_MMU,
+};
+
+std::string_view capability_name(Capability cap);
+
+enum class IoSpace { Pio, Mmio };
+
+struct MsrEntry {
+  uint32_t index;
+  uint64_t value;
+};
+
+enum class MpState : uint32_t {
+  Runnable = KVM_MP_STATE_RUNNABLE,
+  Uninitialized = KVM_MP_STATE_UNINITIALIZED,
+  InitReceived = KVM_MP_STATE_INIT_RECEIVED,
+  Halted = KVM_MP_STATE_HALTED,
+  SipiReceived = KVM_MP_STATE_SIPI_RECEIVED,
+};
+
+// One GSI routing entry: either an irqchip pin or an MSI message.
+struct IrqRoute {
+  enum class Kind { IrqchipPin, Msi };
+  Kind kind;
+  uint32_t gsi;
+  uint32_t irqchip = 0;  // KVM_IRQCHIP_PIC_MASTER/SLAVE/IOAPIC for pins
+  uint32_t pin = 0;
+  uint64_t msi_address = 0;
+  uint32_t msi_data = 0;
+};
+inline constexpr uint32_t kIrqchipPicMaster = KVM_IRQCHIP_PIC_MASTER;
+inline constexpr uint32_t kIrqchipPicSlave = KVM_IRQCHIP_PIC_SLAVE;
+inline constexpr uint32_t kIrqchipIoapic = KVM_IRQCHIP_IOAPIC;
+
+// Why Vcpu::run() returned, decoded from struct kvm_run.
+struct VcpuExit {
+  enum class Kind {
+    IoIn,         // address = port, size, count; fill Vcpu::io_data()
+    IoOut,        // address = port, size, count; data in Vcpu::io_data()
+    MmioRead,     // address = gpa, size; fill Vcpu::mmio_data()
+    MmioWrite,    // address = gpa, size; data in Vcpu::mmio_data()
+    Hlt,
+    Shutdown,     // triple fault or similar: the guest cannot go on
+    InternalError,
+    FailEntry,
+    SystemEvent,  // code = KVM_SYSTEM_EVENT_* (shutdown, reset, crash)
+    Interrupted,  // a signal or immediate_exit; no guest state changed
+    Unknown,      // code = raw exit reason
+  };
+  Kind kind;
+  uint64_t address = 0;
+  uint32_t size = 0;
+  uint32_t count = 0;
+  uint64_t code = 0;  // suberror, entry failure reason, event type or raw reason
+  std::array<uint64_t, 4> data{};  // internal-error details
+};
+
+inline constexpr uint64_t kSystemEventShutdown = KVM_SYSTEM_EVENT_SHUTDOWN;
+inline constexpr uint64_t kSystemEventReset = KVM_SYSTEM_EVENT_RESET;
+inline constexpr uint64_t kSystemEventCrash = KVM_SYSTEM_EVENT_CRASH;
+
+std::string_view exit_kind_name(VcpuExit::Kind kind);
+
+}  // namespace keel::kvm

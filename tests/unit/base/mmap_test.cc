@@ -1,0 +1,47 @@
+#include "base/mmap.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+namespace keel {
+namespace {
+
+TEST(MmapTest, AnonymousIsZeroedAndWritable) {
+  Mmap map = *Mmap::anonymous(1 << 20);
+  ASSERT_EQ(map.size_bytes(), 1u << 20);
+  EXPECT_EQ(map.data()[12345], std::byte{0});
+  map.data()[12345] = std::byte{0x5a};
+  EXPECT_EQ(map.bytes()[12345], std::byte{0x5a});
+}
+
+TEST(MmapTest, ZeroSizeIsRejected) {
+  Result<Mmap> map = Mmap::anonymous(0);
+  ASSERT_FALSE(map);
+  EXPECT_EQ(map.error().code(), Errc::InvalidArgument);
+}
+
+TEST(MmapTest, SharedFileMappingSeesFileWrites) {
+  int raw = ::memfd_create("keel-mmap-test", MFD_CLOEXEC);
+  ASSERT_GE(raw, 0);
+  Fd fd(raw);
+  ASSERT_EQ(::ftruncate(fd.get(), 4096), 0);
+  Mmap map = *Mmap::file(fd, 4096, 0, PROT_READ | PROT_WRITE, MAP_SHARED);
+  std::byte value{0x42};
+  ASSERT_TRUE(fd.pwrite_all({&value, 1}, 10));
+  EXPECT_EQ(map.data()[10], std::byte{0x42});
+}
+
+TEST(MmapTest, MoveLeavesSourceEmpty) {
+  Mmap first = *Mmap::anonymous(4096);
+  std::byte* address = first.data();
+  Mmap second = std::move(first);
+  EXPECT_FALSE(first.valid());  // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(second.data(), address);
+  first = std::move(second);
+  EXPECT_EQ(first.data(), address);
+}
+
+}  // namespace
+}  // namespace keel
