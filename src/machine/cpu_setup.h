@@ -1,0 +1,28 @@
+// Per-vCPU architectural setup for booting Linux: CPUID with a consistent
+// topology, the MSRs a clean boot expects, LAPIC LINT0/LINT1 wiring, the FPU,
+// and the entry register state of the boot protocol (64-bit for bzImage,
+// 32-bit flat protected mode for PVH).
+// Spec: Intel SDM vol. 2A CPUID (leaves 01H, 04H, 0BH, 1FH), AMD APM vol. 3
+// (8000_0008h, 8000_001Eh), Linux Documentation/arch/x86/boot.rst (64-bit
+// boot protocol), Xen docs/misc/pvh.pandoc (PVH entry state).
+#pragma once
+
+#include <cstdint>
+
+#include "base/result.h"
+#include "boot/linux_loader.h"
+#include "kvm/kvm.h"
+
+namespace keel::machine {
+
+// Adjusts KVM's supported CPUID for vCPU `index` of `count`: APIC IDs equal
+// the vCPU index, one thread per core, all cores in one package.
+kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index, uint32_t count);
+
+// CPUID, MSRs, LAPIC and FPU for every vCPU.
+Result<void> configure_vcpu(kvm::Vcpu& vcpu, const kvm::CpuidEntries& cpuid);
+
+// Registers of the boot vCPU at the kernel's entry point.
+Result<void> set_boot_entry_state(kvm::Vcpu& vcpu, const boot::EntryPoint& entry);
+
+}  // namespace keel::machine

@@ -1,0 +1,258 @@
+#include "machine/machine.h"
+
+#include <signal.h>
+
+#include <fmt/format.h>
+
+#include "base/fd.h"
+#include "base/log.h"
+#include "boot/linux_loader.h"
+#include "devices/acpi_pm.h"
+#include "devices/i8042.h"
+#include "devices/rtc.h"
+#include "machine/acpi_setup.h"
+#include "machine/cpu_setup.h"
+#include "machine/layout.h"
+
+namespace keel::machine {
+namespace {
+
+Result<std::vector<std::byte>> read_file(const std::string& path, const char* what) {
+  Fd fd = TRY_CONTEXT(Fd::open(path, O_RDONLY), what);
+  uint64_t size = TRY(fd.size_bytes());
+  constexpr uint64_t kMaxImageBytes = 2ull << 30;
+  if (size == 0 || size > kMaxImageBytes) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{} '{}': size {} bytes is not plausible", what, path, size));
+  }
+  std::vector<std::byte> bytes(size);
+  TRY_CONTEXT(fd.pread_all(bytes, 0), fmt::format("{} '{}'", what, path));
+  return bytes;
+}
+
+}  // namespace
+
+std::string_view stop_reason_name(StopReason reason) {
+  switch (reason) {
+    case StopReason::PowerOff: return "power-off";
+    case StopReason::Reset: return "reset";
+    case StopReason::TripleFault: return "triple-fault";
+    case StopReason::Error: return "error";
+    case StopReason::DebugExit: return "debug-exit";
+    case StopReason::Stopped: return "stopped";
+  }
+  return "?";
+}
+
+Machine::Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory,
+                 EventFd stopped_event)
+    : config_(config), vm_(std::move(vm)), memory_(std::move(memory)),
+      stopped_event_(std::move(stopped_event)) {}
+
+Machine::~Machine() = default;
+
+Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
+                                                 devices::Serial::Output serial_output) {
+  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
+      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+  kvm::Vm vm = TRY(kvm.create_vm());
+  TRY(vm.set_tss_address(layout::kTssAddress));
+  TRY(vm.set_identity_map_address(layout::kIdentityMapAddress));
+  TRY(vm.create_irqchip());
+  TRY(vm.create_pit());
+  uint32_t slot = 0;
+  for (const memory::MemoryRegion& region : memory.regions()) {
+    TRY(vm.set_memory_region(slot++, region.start.value, region.size_bytes, region.host));
+  }
+  EventFd stopped_event = TRY(EventFd::create());
+  std::unique_ptr<Machine> machine(
+      new Machine(config, std::move(vm), std::move(memory), std::move(stopped_event)));
+  TRY(machine->build_devices(std::move(serial_output)));
+
+  std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
+  std::vector<std::byte> initrd;
+  if (!config.initrd.empty()) initrd = TRY(read_file(config.initrd, "initrd"));
+  uint64_t rsdp_address = 0;
+  if (config.acpi) rsdp_address = TRY(write_acpi_tables(machine->memory_, config.cpus));
+  boot::LinuxImages images{kernel, initrd, config.cmdline, rsdp_address};
+  boot::EntryPoint entry = TRY_CONTEXT(boot::load_linux(machine->memory_, images),
+                                       fmt::format("kernel '{}'", config.kernel));
+
+  kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
+  for (uint32_t index = 0; index < config.cpus; ++index) {
+    auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
+    TRY_CONTEXT(configure_vcpu(*vcpu, build_cpuid(supported, index, config.cpus)),
+                fmt::format("vcpu {}", index));
+    machine->vcpus_.push_back(std::move(vcpu));
+  }
+  TRY(set_boot_entry_state(*machine->vcpus_.front(), entry));
+  return machine;
+}
+
+Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
+  serial_ = std::make_shared<devices::Serial>(std::move(serial_output), [this] {
+    // An edge on ISA IRQ 4 (IOAPIC pin 4 / PIC line 4).
+    if (!vm_.set_irq_line(layout::kCom1Irq, true) || !vm_.set_irq_line(layout::kCom1Irq, false)) {
+      LOG_RATELIMITED(warn, "serial: could not raise IRQ {}", layout::kCom1Irq);
+    }
+  });
+  TRY(pio_bus_.map(layout::kCom1Port, 8, serial_));
+  TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
+                     stop(StopReason::Reset, "i8042 reset");
+                   })));
+  TRY(pio_bus_.map(layout::kRtcPort, 2, std::make_shared<devices::Rtc>()));
+  TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
+                   std::make_shared<devices::AcpiPm>(
+                       layout::kAcpiS5SleepType, layout::kAcpiResetValue,
+                       [this] { stop(StopReason::PowerOff, "ACPI S5"); },
+                       [this] { stop(StopReason::Reset, "ACPI reset register"); })));
+  if (config_.debug_exit) {
+    TRY(pio_bus_.map(layout::kDebugExitPort, 1,
+                     std::make_shared<devices::DebugExit>([this](uint8_t code) {
+                       stop(StopReason::DebugExit, fmt::format("debug exit {}", code));
+                       std::lock_guard lock(stop_mutex_);
+                       if (stop_status_ && stop_status_->reason == StopReason::DebugExit) {
+                         stop_status_->debug_exit_code = code;
+                       }
+                     })));
+  }
+  return ok();
+}
+
+StopStatus Machine::run() {
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard lock(stop_mutex_);
+    for (auto& vcpu : vcpus_) {
+      threads.emplace_back([this, raw = vcpu.get()] { vcpu_loop(*raw); });
+      vcpu_threads_.push_back(threads.back().native_handle());
+    }
+  }
+  {
+    std::unique_lock lock(stop_mutex_);
+    stop_cv_.wait(lock, [this] { return stop_status_.has_value(); });
+  }
+  kick_vcpus();
+  for (std::thread& thread : threads) thread.join();
+  std::lock_guard lock(stop_mutex_);
+  vcpu_threads_.clear();
+  return *stop_status_;
+}
+
+void Machine::stop(StopReason reason, std::string detail) {
+  {
+    std::lock_guard lock(stop_mutex_);
+    if (!stop_status_) stop_status_ = StopStatus{reason, 0, std::move(detail)};
+    stopping_.store(true);
+  }
+  stop_cv_.notify_all();
+  (void)stopped_event_.signal();
+  kick_vcpus();
+}
+
+void Machine::kick_vcpus() {
+  std::lock_guard lock(stop_mutex_);
+  for (size_t i = 0; i < vcpu_threads_.size(); ++i) {
+    // immediate_exit covers a vCPU that is about to enter KVM_RUN; the
+    // signal (handler installed by the process, without SA_RESTART) covers
+    // one already inside it.
+    vcpus_[i]->set_immediate_exit(true);
+    pthread_kill(vcpu_threads_[i], SIGUSR1);
+  }
+}
+
+void Machine::vcpu_loop(kvm::Vcpu& vcpu) {
+  while (!stopping_.load()) {
+    Result<kvm::VcpuExit> exit = vcpu.run();
+    if (!exit) {
+      stop(StopReason::Error, fmt::format("vcpu {}: {}", vcpu.index(), exit.error().message()));
+      return;
+    }
+    if (!handle_exit(vcpu, *exit)) return;
+  }
+}
+
+bool Machine::handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit) {
+  using Kind = kvm::VcpuExit::Kind;
+  switch (exit.kind) {
+    case Kind::IoIn:
+    case Kind::IoOut: {
+      std::span<std::byte> data = vcpu.io_data();
+      for (uint32_t i = 0; i < exit.count; ++i) {
+        std::span<std::byte> element = data.subspan(size_t{i} * exit.size, exit.size);
+        if (exit.kind == Kind::IoIn) {
+          pio_bus_.read(exit.address, element);
+        } else {
+          pio_bus_.write(exit.address, element);
+        }
+      }
+      return true;
+    }
+    case Kind::MmioRead:
+      if (!mmio_bus_.read(exit.address, vcpu.mmio_data())) {
+        LOG_RATELIMITED(debug, "vcpu {}: unclaimed MMIO read at {:#x}", vcpu.index(), exit.address);
+      }
+      return true;
+    case Kind::MmioWrite:
+      if (!mmio_bus_.write(exit.address, vcpu.mmio_data())) {
+        LOG_RATELIMITED(debug, "vcpu {}: unclaimed MMIO write at {:#x}", vcpu.index(), exit.address);
+      }
+      return true;
+    case Kind::Hlt:
+    case Kind::Interrupted: return !stopping_.load();
+    case Kind::SystemEvent:
+      if (exit.code == kvm::kSystemEventShutdown) {
+        stop(StopReason::PowerOff, "KVM shutdown event");
+      } else if (exit.code == kvm::kSystemEventReset) {
+        stop(StopReason::Reset, "KVM reset event");
+      } else {
+        stop(StopReason::Error,
+             fmt::format("vcpu {}: guest crash event {}\n{}", vcpu.index(), exit.code,
+                         register_dump(vcpu)));
+      }
+      return false;
+    case Kind::Shutdown:
+      stop(StopReason::TripleFault,
+           fmt::format("vcpu {}: triple fault (KVM_EXIT_SHUTDOWN)\n{}", vcpu.index(),
+                       register_dump(vcpu)));
+      return false;
+    case Kind::InternalError:
+      stop(StopReason::Error,
+           fmt::format("vcpu {}: KVM internal error, suberror {} data {:#x} {:#x} {:#x} {:#x}\n{}",
+                       vcpu.index(), exit.code, exit.data[0], exit.data[1], exit.data[2],
+                       exit.data[3], register_dump(vcpu)));
+      return false;
+    case Kind::FailEntry:
+      stop(StopReason::Error, fmt::format("vcpu {}: VM entry failed, hardware reason {:#x}\n{}",
+                                          vcpu.index(), exit.code, register_dump(vcpu)));
+      return false;
+    case Kind::Unknown:
+      stop(StopReason::Error, fmt::format("vcpu {}: unhandled KVM exit reason {}\n{}", vcpu.index(),
+                                          exit.code, register_dump(vcpu)));
+      return false;
+  }
+  return true;
+}
+
+std::string Machine::register_dump(kvm::Vcpu& vcpu) {
+  Result<kvm::Regs> regs = vcpu.regs();
+  Result<kvm::Sregs> sregs = vcpu.sregs();
+  if (!regs || !sregs) return "(registers unavailable)";
+  const kvm::Regs& r = *regs;
+  const kvm::Sregs& s = *sregs;
+  return fmt::format(
+      "  rip {:016x} rsp {:016x} rflags {:08x}\n"
+      "  rax {:016x} rbx {:016x} rcx {:016x} rdx {:016x}\n"
+      "  rsi {:016x} rdi {:016x} rbp {:016x}\n"
+      "  r8  {:016x} r9  {:016x} r10 {:016x} r11 {:016x}\n"
+      "  r12 {:016x} r13 {:016x} r14 {:016x} r15 {:016x}\n"
+      "  cs {:04x} (base {:x} l {} db {} dpl {})  ss {:04x}\n"
+      "  cr0 {:x} cr2 {:x} cr3 {:x} cr4 {:x} efer {:x}\n"
+      "  gdt {:x}/{:x} idt {:x}/{:x}",
+      r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10,
+      r.r11, r.r12, r.r13, r.r14, r.r15, s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.cs.dpl,
+      s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base,
+      s.idt.limit);
+}
+
+}  // namespace keel::machine

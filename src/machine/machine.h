@@ -1,0 +1,90 @@
+// Machine: one booted VM. Machine::create is the sole composition root: it
+// builds KVM state, guest memory, buses and devices from a VmConfig, loads
+// the kernel and sets up the vCPUs. run() starts one thread per vCPU and
+// returns when the guest powers off, resets, fails, or stop() is called.
+// A reboot is a new Machine (restore-as-constructor, no in-place patching).
+#pragma once
+
+#include <pthread.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/event_fd.h"
+#include "base/result.h"
+#include "devices/io_bus.h"
+#include "devices/serial.h"
+#include "kvm/kvm.h"
+#include "machine/vm_config.h"
+#include "memory/guest_memory.h"
+
+namespace keel::machine {
+
+enum class StopReason {
+  PowerOff,    // ACPI S5, or a KVM shutdown system event
+  Reset,       // i8042, ACPI reset register, KVM reset event
+  TripleFault, // KVM_EXIT_SHUTDOWN: the guest cannot continue
+  Error,       // internal error, failed entry, unhandled exit, KVM_RUN failure
+  DebugExit,   // a test guest wrote to the debug-exit port
+  Stopped,     // stop() from the host (signal, API)
+};
+
+struct StopStatus {
+  StopReason reason;
+  uint8_t debug_exit_code = 0;
+  std::string detail;  // what went wrong, with a register dump for errors
+};
+
+std::string_view stop_reason_name(StopReason reason);
+
+class Machine {
+ public:
+  // Serial output goes to serial_output (called on vCPU threads).
+  static Result<std::unique_ptr<Machine>> create(const VmConfig& config, const kvm::Kvm& kvm,
+                                                 devices::Serial::Output serial_output);
+  ~Machine();
+
+  // Runs the vCPUs until the machine stops; returns why.
+  StopStatus run();
+  // Asks the machine to stop (thread-safe, async-signal-unsafe).
+  void stop(StopReason reason, std::string detail = "");
+  // Becomes readable once the machine has stopped (for an event loop).
+  const EventFd& stopped_event() const { return stopped_event_; }
+
+  devices::Serial& serial() { return *serial_; }
+  const memory::GuestMemory& memory() const { return memory_; }
+
+ private:
+  Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory, EventFd stopped_event);
+
+  Result<void> build_devices(devices::Serial::Output serial_output);
+  void vcpu_loop(kvm::Vcpu& vcpu);
+  // Handles one exit; false when the vCPU must stop.
+  bool handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit);
+  std::string register_dump(kvm::Vcpu& vcpu);
+  void kick_vcpus();
+
+  VmConfig config_;
+  kvm::Vm vm_;
+  memory::GuestMemory memory_;
+  devices::IoBus pio_bus_{"pio"};
+  devices::IoBus mmio_bus_{"mmio"};
+  std::shared_ptr<devices::Serial> serial_;
+  std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
+  std::vector<pthread_t> vcpu_threads_;
+
+  std::mutex stop_mutex_;  // guards stop_status_ and vcpu_threads_ during kicks
+  std::condition_variable stop_cv_;
+  std::optional<StopStatus> stop_status_;
+  std::atomic<bool> stopping_{false};
+  EventFd stopped_event_;
+};
+
+}  // namespace keel::machine

@@ -1,0 +1,66 @@
+#include "memory/guest_memory.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+namespace keel::memory {
+
+Result<GuestMemory> GuestMemory::create(uint64_t size_bytes, uint64_t hole_start,
+                                        uint64_t hole_end) {
+  if (size_bytes == 0 || size_bytes % 4096 != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("guest memory of {} bytes: must be a non-zero multiple of 4 KiB",
+                            size_bytes));
+  }
+  int raw = ::memfd_create("keel-guest-ram", MFD_CLOEXEC);
+  if (raw < 0) return fail_errno("memfd_create for guest RAM");
+  Fd fd(raw);
+  if (::ftruncate(fd.get(), static_cast<off_t>(size_bytes)) < 0) {
+    return fail_errno(fmt::format("size guest RAM memfd to {} bytes", size_bytes));
+  }
+  Mmap mapping = TRY(Mmap::file(fd, size_bytes, 0, PROT_READ | PROT_WRITE,
+                                MAP_SHARED | MAP_NORESERVE));
+  // Transparent hugepages cut TLB misses for guest RAM; advisory only.
+  (void)::madvise(mapping.data(), size_bytes, MADV_HUGEPAGE);
+
+  std::vector<MemoryRegion> regions;
+  uint64_t low = std::min(size_bytes, hole_start);
+  regions.push_back({GuestAddr(0), low, 0, mapping.data()});
+  if (size_bytes > low) {
+    regions.push_back({GuestAddr(hole_end), size_bytes - low, low, mapping.data() + low});
+  }
+  return GuestMemory(std::move(fd), std::move(mapping), std::move(regions), size_bytes);
+}
+
+Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t length) const {
+  for (const MemoryRegion& region : regions_) {
+    if (address.value >= region.start.value &&
+        address.value - region.start.value < region.size_bytes) {
+      uint64_t offset = address.value - region.start.value;
+      if (length > region.size_bytes - offset) break;
+      return std::span<std::byte>(region.host + offset, length);
+    }
+  }
+  return fail(Errc::OutOfRange,
+              fmt::format("guest range {:#x}+{:#x} is not RAM", address.value, length));
+}
+
+bool GuestMemory::contains(GuestAddr address, uint64_t length) const {
+  return host_span(address, length).has_value();
+}
+
+Result<void> GuestMemory::read(GuestAddr address, std::span<std::byte> data) const {
+  std::span<std::byte> source = TRY(host_span(address, data.size()));
+  std::memcpy(data.data(), source.data(), data.size());
+  return ok();
+}
+
+Result<void> GuestMemory::write(GuestAddr address, std::span<const std::byte> data) const {
+  std::span<std::byte> target = TRY(host_span(address, data.size()));
+  std::memcpy(target.data(), data.data(), data.size());
+  return ok();
+}
+
+}  // namespace keel::memory

@@ -1,0 +1,79 @@
+// GuestMemory: the guest's RAM, memfd-backed (so snapshots, migration and
+// hugepages can share or map it later), in one or two regions around the
+// 32-bit PCI hole. Devices and loaders reach RAM only through here: every
+// access is bounds-checked against the regions, and a range that is not
+// wholly inside one region is an error, never a host out-of-bounds access.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "base/fd.h"
+#include "base/mmap.h"
+#include "base/result.h"
+
+namespace keel::memory {
+
+// A guest-physical address; a distinct type so it cannot mix with host pointers.
+struct GuestAddr {
+  uint64_t value = 0;
+  constexpr GuestAddr() = default;
+  constexpr explicit GuestAddr(uint64_t v) : value(v) {}
+  constexpr GuestAddr operator+(uint64_t offset) const { return GuestAddr(value + offset); }
+  constexpr auto operator<=>(const GuestAddr&) const = default;
+};
+
+struct MemoryRegion {
+  GuestAddr start;
+  uint64_t size_bytes;
+  uint64_t file_offset;  // where this region starts in the memfd
+  std::byte* host;       // the mapping of this region
+};
+
+class GuestMemory {
+ public:
+  // RAM of size_bytes laid out below hole_start, the rest from hole_end up.
+  static Result<GuestMemory> create(uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end);
+
+  uint64_t size_bytes() const { return size_bytes_; }
+  const std::vector<MemoryRegion>& regions() const { return regions_; }
+  const Fd& fd() const { return fd_; }
+
+  // The host span behind [address, address + length), or an error if any of
+  // it is outside RAM or straddles two regions.
+  Result<std::span<std::byte>> host_span(GuestAddr address, uint64_t length) const;
+
+  Result<void> read(GuestAddr address, std::span<std::byte> data) const;
+  Result<void> write(GuestAddr address, std::span<const std::byte> data) const;
+
+  template <typename T>
+  Result<T> read_obj(GuestAddr address) const {
+    static_assert(std::is_trivially_copyable_v<T>);
+    T value;
+    TRY(read(address, std::as_writable_bytes(std::span(&value, 1))));
+    return value;
+  }
+  template <typename T>
+  Result<void> write_obj(GuestAddr address, const T& value) const {
+    static_assert(std::is_trivially_copyable_v<T>);
+    return write(address, std::as_bytes(std::span(&value, 1)));
+  }
+
+  // True if [address, address + length) is RAM (in one region).
+  bool contains(GuestAddr address, uint64_t length) const;
+
+ private:
+  GuestMemory(Fd fd, Mmap mapping, std::vector<MemoryRegion> regions, uint64_t size_bytes)
+      : fd_(std::move(fd)), mapping_(std::move(mapping)), regions_(std::move(regions)),
+        size_bytes_(size_bytes) {}
+
+  Fd fd_;
+  Mmap mapping_;  // the whole memfd, shared; regions point into it
+  std::vector<MemoryRegion> regions_;
+  uint64_t size_bytes_;
+};
+
+}  // namespace keel::memory

@@ -1,0 +1,234 @@
+// keel-vmm: one process per VM. Parses the VM's configuration (flags or a
+// JSON file), builds the Machine, runs it, and maps how it stopped to the
+// process's exit status.
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "base/log.h"
+#include "kvm/kvm.h"
+#include "machine/machine.h"
+#include "vmm/console.h"
+
+namespace keel::vmm {
+namespace {
+
+constexpr int kExitPowerOff = 0;
+constexpr int kExitFailure = 1;
+constexpr int kExitBadConfig = 2;
+constexpr int kExitRebootRefused = 3;
+
+constexpr const char* kFooter = R"(
+Exit status:
+  0  the guest powered off, or keel-vmm was stopped by SIGTERM/SIGINT
+  1  the VM failed (triple fault, KVM error, unhandled exit); registers are printed
+  2  the configuration is invalid (the message names the field)
+  3  the guest rebooted and --no-reboot was given
+  N  with --debug-exit, the byte a test guest wrote to port 0xf4
+
+Console: with --serial stdio on a terminal, the terminal is in raw mode; type
+Ctrl-A x to stop the VM. The JSON config schema is in docs/vm-config.md.)";
+
+void ignore_signal(int) {}
+
+// SIGUSR1 kicks vCPU threads out of KVM_RUN: it needs a handler (not
+// SIG_IGN, which would not interrupt the ioctl) and no SA_RESTART.
+// SIGTERM/SIGINT/SIGHUP are blocked in every thread and read via signalfd.
+Result<Fd> setup_signals() {
+  struct sigaction action {};
+  action.sa_handler = ignore_signal;
+  sigemptyset(&action.sa_mask);
+  if (sigaction(SIGUSR1, &action, nullptr) < 0) return fail_errno("sigaction SIGUSR1");
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGHUP);
+  if (pthread_sigmask(SIG_BLOCK, &mask, nullptr) != 0) return fail(Errc::Io, "block signals");
+  int fd = ::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (fd < 0) return fail_errno("signalfd");
+  return Fd(fd);
+}
+
+Result<std::string> read_text_file(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) return fail_errno(fmt::format("config: cannot read '{}'", path));
+  std::stringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+uint64_t host_memory_bytes() {
+  long pages = ::sysconf(_SC_PHYS_PAGES);
+  long page_size = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size)
+                                    : 0;
+}
+
+// Runs the machine while serving console input and signals on this thread.
+machine::StopStatus run_machine(machine::Machine& machine, Console& console, const Fd& signals) {
+  machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
+  std::thread runner([&] { status = machine.run(); });
+  for (;;) {
+    pollfd fds[3] = {
+        {machine.stopped_event().get(), POLLIN, 0},
+        {signals.get(), POLLIN, 0},
+        {console.input_fd(), POLLIN, 0},
+    };
+    int count = console.input_fd() >= 0 ? 3 : 2;
+    if (::poll(fds, static_cast<nfds_t>(count), -1) < 0) {
+      if (errno == EINTR) continue;
+      machine.stop(machine::StopReason::Error, fmt::format("poll: {}", std::strerror(errno)));
+      break;
+    }
+    if (fds[0].revents) break;
+    if (fds[1].revents) {
+      signalfd_siginfo info{};
+      if (::read(signals.get(), &info, sizeof(info)) == sizeof(info)) {
+        LOG_INFO("signal {} received: stopping the VM", info.ssi_signo);
+        machine.stop(machine::StopReason::Stopped, fmt::format("signal {}", info.ssi_signo));
+      }
+    }
+    if (count == 3 && fds[2].revents) {
+      bool quit = false;
+      Result<std::string> input = console.read_input(quit);
+      if (!input) {
+        LOG_WARN("{}", input.error().message());
+      } else if (!input->empty()) {
+        machine.serial().enqueue_input(std::as_bytes(std::span(input->data(), input->size())));
+      }
+      if (quit) machine.stop(machine::StopReason::Stopped, "Ctrl-A x on the console");
+    }
+  }
+  runner.join();
+  return status;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{
+      "keel-vmm: runs one virtual machine on /dev/kvm. Boots a Linux kernel (bzImage or an ELF "
+      "vmlinux with a PVH entry) with an optional initrd, a serial console, ACPI and SMP.",
+      "keel-vmm"};
+  app.footer(kFooter);
+  machine::VmConfig config;
+  std::string config_file, serial_text, log_level = "warn";
+  std::optional<uint32_t> cpus;
+  std::optional<uint64_t> memory_mib;
+  std::optional<std::string> kernel, initrd, cmdline;
+  bool no_reboot = false, debug_exit = false, no_acpi = false, print_config = false;
+  app.add_option("--config", config_file, "VM configuration as JSON (docs/vm-config.md); flags given too override it");
+  app.add_option("--kernel", kernel, "Linux kernel: a bzImage, or an ELF vmlinux with a PVH entry note");
+  app.add_option("--initrd", initrd, "Initial ramdisk (cpio archive, compressed or not)");
+  app.add_option("--cmdline", cmdline, "Kernel command line (default: \"" + config.cmdline + "\")");
+  app.add_option("--cpus", cpus, "Number of vCPUs (default 1)");
+  app.add_option("--memory", memory_mib, "Guest memory in MiB (default 512)");
+  app.add_option("--serial", serial_text, "Serial console: stdio (default), none, file:PATH or unix:PATH");
+  app.add_flag("--no-reboot", no_reboot, "Exit with status 3 when the guest reboots, instead of rebooting it");
+  app.add_flag("--no-acpi", no_acpi, "Do not give the guest ACPI tables");
+  app.add_flag("--debug-exit", debug_exit, "Map the test-exit port 0xf4: a byte written there ends the VM with it as exit status");
+  app.add_flag("--print-config", print_config, "Print the resulting configuration as JSON and exit");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    int code = app.exit(error);
+    return code == 0 ? 0 : kExitBadConfig;
+  }
+
+  Result<log::Level> level = log::parse_level(log_level);
+  if (!level) {
+    std::fprintf(stderr, "keel-vmm: --log-level: %s\n", level.error().message().c_str());
+    return kExitBadConfig;
+  }
+  log::init(*level, "keel-vmm");
+
+  auto config_error = [](const Error& error) {
+    std::fprintf(stderr, "keel-vmm: %s\n", error.message().c_str());
+    return kExitBadConfig;
+  };
+  if (!config_file.empty()) {
+    Result<std::string> text = read_text_file(config_file);
+    if (!text) return config_error(text.error());
+    if (Result<void> merged = machine::merge_json(*text, config_file, config); !merged) {
+      return config_error(merged.error());
+    }
+  }
+  if (kernel) config.kernel = *kernel;
+  if (initrd) config.initrd = *initrd;
+  if (cmdline) config.cmdline = *cmdline;
+  if (cpus) config.cpus = *cpus;
+  if (memory_mib) config.memory_mib = *memory_mib;
+  if (!serial_text.empty()) {
+    Result<machine::SerialConfig> serial = machine::parse_serial(serial_text);
+    if (!serial) return config_error(Error(serial.error()).wrap("--serial"));
+    config.serial = *serial;
+  }
+  if (no_reboot) config.reboot = false;
+  if (debug_exit) config.debug_exit = true;
+  if (no_acpi) config.acpi = false;
+  if (print_config) {
+    std::printf("%s\n", machine::to_json(config).c_str());
+    return 0;
+  }
+
+  Result<kvm::Kvm> kvm = kvm::Kvm::open();
+  if (!kvm) {
+    std::fprintf(stderr, "keel-vmm: %s\n", kvm.error().message().c_str());
+    return kExitFailure;
+  }
+  uint32_t max_vcpus = static_cast<uint32_t>(kvm->check_extension(kvm::Capability::MaxVcpus).value_or(1));
+  if (Result<void> valid = machine::validate(config, max_vcpus, host_memory_bytes()); !valid) {
+    return config_error(valid.error());
+  }
+
+  Result<Fd> signals = setup_signals();
+  if (!signals) {
+    std::fprintf(stderr, "keel-vmm: %s\n", signals.error().message().c_str());
+    return kExitFailure;
+  }
+  Result<std::unique_ptr<Console>> console = Console::open(config.serial);
+  if (!console) return config_error(console.error());
+
+  for (uint64_t boot = 1;; ++boot) {
+    Console* sink = console->get();
+    Result<std::unique_ptr<machine::Machine>> machine = machine::Machine::create(
+        config, *kvm, [sink](std::span<const std::byte> bytes) { sink->write(bytes); });
+    if (!machine) {
+      console->reset();  // restore the terminal before printing
+      std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
+      return machine.error().code() == Errc::Io ? kExitFailure : kExitBadConfig;
+    }
+    machine::StopStatus status = run_machine(**machine, **console, *signals);
+    LOG_INFO("VM stopped: {} {}", machine::stop_reason_name(status.reason), status.detail);
+    switch (status.reason) {
+      case machine::StopReason::PowerOff:
+      case machine::StopReason::Stopped: return kExitPowerOff;
+      case machine::StopReason::DebugExit: return status.debug_exit_code;
+      case machine::StopReason::Reset:
+        if (!config.reboot) return kExitRebootRefused;
+        LOG_INFO("guest reset: rebooting (boot {})", boot + 1);
+        continue;
+      case machine::StopReason::TripleFault:
+      case machine::StopReason::Error:
+        console->reset();
+        std::fprintf(stderr, "keel-vmm: VM failed: %s: %s\n",
+                     std::string(machine::stop_reason_name(status.reason)).c_str(),
+                     status.detail.c_str());
+        return kExitFailure;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace keel::vmm
+
+int main(int argc, char** argv) { return keel::vmm::run(argc, argv); }
