@@ -11,7 +11,6 @@
 namespace keel::machine {
 namespace {
 
-constexpr uint32_t kMsrIa32Tsc = 0x10;
 constexpr uint32_t kMsrSysenterCs = 0x174;
 constexpr uint32_t kMsrSysenterEsp = 0x175;
 constexpr uint32_t kMsrSysenterEip = 0x176;
@@ -105,10 +104,13 @@ Result<void> configure_vcpu(kvm::Vcpu& vcpu, const kvm::CpuidEntries& cpuid) {
   const kvm::MsrEntry boot_msrs[] = {
       {kMsrSysenterCs, 0},  {kMsrSysenterEsp, 0}, {kMsrSysenterEip, 0},
       {kMsrStar, 0},        {kMsrLstar, 0},       {kMsrCstar, 0},
-      {kMsrSyscallMask, 0}, {kMsrKernelGsBase, 0}, {kMsrIa32Tsc, 0},
+      {kMsrSyscallMask, 0}, {kMsrKernelGsBase, 0},
       {kMsrMiscEnable, kMiscEnableFastStrings},
       {kMsrMtrrDefType, kMtrrEnable | kMtrrTypeWriteBack},
   };
+  // IA32_TSC is left alone: KVM starts every vCPU's TSC in sync, while
+  // writing it from each vCPU's setup, moments apart, makes the guest see
+  // unsynchronized TSCs and drop the TSC clocksource.
   for (const kvm::MsrEntry& msr : boot_msrs) {
     // A host may refuse an optional MSR (MISC_ENABLE on some AMD setups); the
     // guest then sees the architectural reset value, which Linux copes with.

@@ -1,0 +1,132 @@
+// The DSDT: the namespace of a Keel PC in AML. Spec: ACPI 6.4 sections
+// 5.2.11.1 (DSDT), 6.1.5 (_HID), 6.1.2 (_CID), 6.1.12 (_UID), 6.2.2 (_CRS),
+// 6.5.5 (_BBN), 6.5.6 (_SEG), 6.2.13 (_PRT), 7.4.2 (\_Sx system states);
+// PCI Firmware Specification 3.2 section 4.1.2 (the ECAM range reserved by
+// a PNP0C02 motherboard resource device).
+// Implemented:
+//   \_SB.PCI0  PCIe host bridge: bus numbers, config ports 0xcf8-0xcff, the
+//              I/O, 32-bit and 64-bit BAR windows, _PRT for 32 slots x 4 pins
+//   \_SB.MRES  PNP0C02 motherboard resources: the ECAM range, so Linux
+//              trusts the MCFG region
+//   \_SB.COM1  PNP0501 16550 UART
+//   \_S5       soft-off, the SLP_TYP for the FADT's sleep control register
+// Missing: processor objects, _OSC, PCI hotplug, a GED power button, the
+// RTC and i8042 as namespace devices (Linux finds them without).
+#include "boot/acpi/aml.h"
+#include "boot/acpi/tables.h"
+
+namespace keel::boot::acpi {
+namespace {
+
+using aml::Cacheability;
+using aml::MemoryAccess;
+using aml::ResourceTemplate;
+using aml::ResourceUsage;
+
+constexpr uint32_t kPciSlotCount = 32;
+constexpr uint32_t kPciPinCount = 4;
+constexpr uint64_t kEcamBusSize = 1 << 20;  // 32 devices x 8 functions x 4 KiB
+constexpr uint16_t kPciConfigPort = 0xcf8;  // CONFIG_ADDRESS 0xcf8, CONFIG_DATA 0xcfc
+constexpr uint8_t kPciConfigPortCount = 8;
+constexpr uint8_t kCom1PortCount = 8;
+
+Bytes pci_host_crs(const PciHostConfig& pci) {
+  ResourceTemplate crs;
+  // The bridge produces (decodes and forwards) each window below; the
+  // config ports it consumes itself (section 6.4.3.5, Consumer/Producer).
+  crs.word_bus_number(ResourceUsage::Producer, 0, pci.bus_end);
+  crs.io(kPciConfigPort, kPciConfigPort, 1, kPciConfigPortCount);
+  if (pci.io_size > 0) {
+    crs.word_io(ResourceUsage::Producer, pci.io_base,
+                static_cast<uint16_t>(pci.io_base + pci.io_size - 1));
+  }
+  crs.dword_memory(ResourceUsage::Producer, Cacheability::NonCacheable, MemoryAccess::ReadWrite,
+                   static_cast<uint32_t>(pci.mmio32_base),
+                   static_cast<uint32_t>(pci.mmio32_base + pci.mmio32_size - 1));
+  if (pci.mmio64_size > 0) {
+    // Cacheable rather than Prefetchable: Linux places only prefetchable
+    // BARs in a prefetchable window, but any memory BAR in this one.
+    crs.qword_memory(ResourceUsage::Producer, Cacheability::Cacheable, MemoryAccess::ReadWrite,
+                     pci.mmio64_base, pci.mmio64_base + pci.mmio64_size - 1);
+  }
+  return crs.to_buffer();
+}
+
+// _PRT (section 6.2.13): one entry per slot and pin, each a package of
+// {Address, Pin, Source, Source Index}. Address is the device in the high
+// word with 0xffff for "any function"; a Source of 0 makes Source Index a
+// GSI, so no link devices are needed.
+Bytes pci_routing_table() {
+  std::vector<Bytes> routes;
+  routes.reserve(kPciSlotCount * kPciPinCount);
+  for (uint32_t slot = 0; slot < kPciSlotCount; ++slot) {
+    for (uint32_t pin = 0; pin < kPciPinCount; ++pin) {
+      routes.push_back(
+          aml::package({aml::integer((uint64_t{slot} << 16) | 0xffff), aml::integer(pin),
+                        aml::integer(0), aml::integer(pci_intx_gsi(slot, pin))}));
+    }
+  }
+  return aml::package(routes);
+}
+
+Bytes ecam_reservation_crs(const PciHostConfig& pci) {
+  uint64_t size = (uint64_t{pci.bus_end} + 1) * kEcamBusSize;
+  ResourceTemplate crs;
+  if (pci.ecam_base + size <= (uint64_t{1} << 32)) {
+    crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(pci.ecam_base),
+                       static_cast<uint32_t>(size));
+  } else {
+    crs.qword_memory(ResourceUsage::Consumer, Cacheability::NonCacheable, MemoryAccess::ReadWrite,
+                     pci.ecam_base, pci.ecam_base + size - 1);
+  }
+  return crs.to_buffer();
+}
+
+Bytes com1_crs(const AcpiConfig& config) {
+  ResourceTemplate crs;
+  crs.io(config.com1_port, config.com1_port, 1, kCom1PortCount);
+  crs.irq_no_flags(static_cast<uint8_t>(config.com1_irq));
+  return crs.to_buffer();
+}
+
+}  // namespace
+
+Bytes build_dsdt(const AcpiConfig& config) {
+  using aml::device;
+  using aml::eisa_id;
+  using aml::integer;
+  using aml::name;
+
+  // One object per line, as in the ASL this encodes.
+  // clang-format off
+  Bytes pci0 = device("PCI0", {
+      name("_HID", integer(eisa_id("PNP0A08"))),  // PCI Express root bridge
+      name("_CID", integer(eisa_id("PNP0A03"))),  // compatible: PCI root bridge
+      name("_SEG", integer(0)),
+      name("_BBN", integer(0)),
+      name("_UID", integer(0)),
+      name("_CRS", pci_host_crs(config.pci)),
+      name("_PRT", pci_routing_table()),
+  });
+  Bytes motherboard_resources = device("MRES", {
+      name("_HID", integer(eisa_id("PNP0C02"))),
+      name("_UID", integer(0)),
+      name("_CRS", ecam_reservation_crs(config.pci)),
+  });
+  Bytes com1 = device("COM1", {
+      name("_HID", integer(eisa_id("PNP0501"))),  // 16550A-compatible UART
+      name("_UID", integer(1)),
+      name("_CRS", com1_crs(config)),
+  });
+  // clang-format on
+  // \_S5 (section 7.4.2): {SLP_TYPa, SLP_TYPb}; a hardware-reduced platform
+  // uses only the first, written to SLEEP_CONTROL_REG.
+  Bytes s5 = name("\\_S5", aml::package({integer(config.s5_sleep_type), integer(0)}));
+
+  SdtBuilder table("DSDT", kDsdtRevision);
+  table.writer().append(aml::scope("\\_SB", {pci0, motherboard_resources, com1}));
+  table.writer().append(s5);
+  return std::move(table).finish();
+}
+
+}  // namespace keel::boot::acpi
