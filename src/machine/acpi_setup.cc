@@ -20,7 +20,7 @@ Result<uint64_t> write_acpi_tables(const memory::GuestMemory& memory, uint32_t c
   boot::acpi::AcpiConfig config =
       boot::acpi::default_config(cpu_count, pci_mmio64_base(memory), layout::kPciMmio64Size);
   boot::acpi::AcpiTables tables = TRY_CONTEXT(
-      boot::acpi::build_tables(config, layout::kAcpiStart, layout::kAcpiEnd - layout::kAcpiStart),
+      boot::acpi::build_tables(config, layout::kAcpiStart, layout::kResetVector - layout::kAcpiStart),
       "ACPI tables");
   TRY(memory.write(memory::GuestAddr(layout::kAcpiStart), tables.bytes));
   return tables.rsdp_address;

@@ -28,6 +28,9 @@ inline constexpr uint64_t kCmdlineMaxBytes = 0x10000;
 inline constexpr uint64_t kEbdaStart = 0x9fc00;
 inline constexpr uint64_t kAcpiStart = 0xe0000;
 inline constexpr uint64_t kAcpiEnd = 0x100000;
+// The real-mode reset vector (F000:FFF0). No firmware lives here, but Linux
+// jumps to it to reboot (machine_real_restart), so Keel puts a stub there.
+inline constexpr uint64_t kResetVector = 0xffff0;
 inline constexpr uint64_t kHighMemoryStart = 0x100000;  // 1 MiB: the kernel goes here
 
 inline constexpr uint64_t kPciHoleStart = 0xc0000000;
@@ -38,6 +41,9 @@ inline constexpr uint64_t kPciEcamSize = 0x10000000;    // 256 buses x 1 MiB
 inline constexpr uint64_t kIoapicStart = 0xfec00000;
 inline constexpr uint64_t kLapicStart = 0xfee00000;
 inline constexpr uint64_t kPciHoleEnd = 0x100000000;
+// Port window for PCI I/O BARs (ACPI _CRS and the PCI bus use the same).
+inline constexpr uint16_t kPciIoStart = 0x1000;
+inline constexpr uint16_t kPciIoSize = 0xf000;
 // 64-bit BARs go above RAM; the start is computed from the RAM size.
 inline constexpr uint64_t kPciMmio64Size = 0x1000000000;  // 64 GiB
 

@@ -9,6 +9,8 @@
 #include "boot/linux_loader.h"
 #include "devices/acpi_pm.h"
 #include "devices/i8042.h"
+#include "devices/pci/pci_config_io.h"
+#include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
@@ -28,6 +30,23 @@ Result<std::vector<std::byte>> read_file(const std::string& path, const char* wh
   std::vector<std::byte> bytes(size);
   TRY_CONTEXT(fd.pread_all(bytes, 0), fmt::format("{} '{}'", what, path));
   return bytes;
+}
+
+// A guest that reboots through the BIOS (Linux's machine_real_restart,
+// which it picks on hardware-reduced ACPI without EFI) jumps to F000:FFF0 in
+// real mode. On a PC the firmware's reset code is there; Keel has no
+// firmware, so it places a 16-bit stub that writes the ACPI reset value to
+// the reset register, then halts.
+Result<void> write_reset_vector_stub(const memory::GuestMemory& memory) {
+  static_assert(layout::kAcpiResetPort <= 0xffff);
+  const uint8_t stub[] = {
+      0xb0, layout::kAcpiResetValue,                              // mov al, value
+      0xba, layout::kAcpiResetPort & 0xff, layout::kAcpiResetPort >> 8,  // mov dx, port
+      0xee,                                                       // out dx, al
+      0xf4,                                                       // hlt
+      0xeb, 0xfd,                                                 // jmp back to hlt
+  };
+  return memory.write(memory::GuestAddr(layout::kResetVector), std::as_bytes(std::span(stub)));
 }
 
 }  // namespace
@@ -72,6 +91,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
   std::vector<std::byte> initrd;
   if (!config.initrd.empty()) initrd = TRY(read_file(config.initrd, "initrd"));
+  TRY(write_reset_vector_stub(machine->memory_));
   uint64_t rsdp_address = 0;
   if (config.acpi) rsdp_address = TRY(write_acpi_tables(machine->memory_, config.cpus));
   boot::LinuxImages images{kernel, initrd, config.cmdline, rsdp_address};
@@ -106,6 +126,22 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
                        [this] { stop(StopReason::PowerOff, "ACPI S5"); },
                        [this] { stop(StopReason::Reset, "ACPI reset register"); })));
+  // PCI: the host bridge on bus 0, reachable through mechanism #1 and ECAM,
+  // with the same windows the ACPI _CRS announces.
+  devices::PciWindows windows{
+      .mmio32_base = layout::kPciMmio32Start,
+      .mmio32_size_bytes = layout::kPciMmio32Size,
+      .mmio64_base = pci_mmio64_base(memory_),
+      .mmio64_size_bytes = layout::kPciMmio64Size,
+      .io_base = layout::kPciIoStart,
+      .io_size_bytes = layout::kPciIoSize,
+  };
+  pci_bus_ = std::make_shared<devices::PciBus>(mmio_bus_, pio_bus_, windows);
+  TRY(pio_bus_.map(layout::kPciConfigAddressPort, devices::PciConfigIo::kSizeBytes,
+                   std::make_shared<devices::PciConfigIo>(pci_bus_)));
+  TRY(mmio_bus_.map(layout::kPciEcamStart, layout::kPciEcamSize,
+                    std::make_shared<devices::PciEcam>(pci_bus_)));
+  TRY(pci_bus_->assign_bars());
   if (config_.debug_exit) {
     TRY(pio_bus_.map(layout::kDebugExitPort, 1,
                      std::make_shared<devices::DebugExit>([this](uint8_t code) {

@@ -20,6 +20,7 @@
 #include "base/event_fd.h"
 #include "base/result.h"
 #include "devices/io_bus.h"
+#include "devices/pci/pci_bus.h"
 #include "devices/serial.h"
 #include "kvm/kvm.h"
 #include "machine/vm_config.h"
@@ -77,6 +78,7 @@ class Machine {
   devices::IoBus pio_bus_{"pio"};
   devices::IoBus mmio_bus_{"mmio"};
   std::shared_ptr<devices::Serial> serial_;
+  std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
   std::vector<pthread_t> vcpu_threads_;
 
