@@ -27,8 +27,7 @@ PACKAGES=(
   # ACPI table checks in tests
   acpica-tools
   # Guest kit and the nested system-test harness
-  qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs lz4 zstd kmod binutils
-  python3 coreutils util-linux
+  qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd python3 coreutils util-linux
 )
 
 check_only=0

@@ -1,0 +1,7 @@
+#!/bin/sh
+# keel-timeout: 240
+# keel-vmm boots the kit's vmlinux through its PVH entry with 2 vCPUs and ACPI; power-off exits 0.
+set -euo pipefail
+KEEL_L2_VMM=keel
+BOOT_KERNEL=vmlinux
+. "$KEEL_SYSTEM_DIR/common/boot-and-power-off.sh"
