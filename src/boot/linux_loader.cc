@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "boot/pvh_abi.h"
 #include "machine/layout.h"
 
 namespace keel::boot {
@@ -17,6 +18,7 @@ using memory::GuestMemory;
 // x86 boot protocol offsets, relative to the start of the image and of the
 // zero page alike (the setup header sits at the same offset in both).
 constexpr size_t kSetupSectsOffset = 0x1f1;
+constexpr size_t kSyssizeOffset = 0x1f4;
 constexpr size_t kBootFlagOffset = 0x1fe;
 constexpr size_t kHeaderMagicOffset = 0x202;
 constexpr size_t kVersionOffset = 0x206;
@@ -44,34 +46,11 @@ constexpr uint8_t kUndefinedLoader = 0xff;
 constexpr uint64_t kKernelLoadAddress = layout::kHighMemoryStart;
 constexpr uint64_t k64BitEntryOffset = 0x200;
 
-// PVH: ELF note and start-info layouts (Xen public headers, arch-x86/hvm/start_info.h).
-constexpr uint32_t kXenElfnotePhys32Entry = 18;
-constexpr uint32_t kHvmStartMagic = 0x336ec578;
-struct HvmStartInfo {
-  uint32_t magic;
-  uint32_t version;
-  uint32_t flags;
-  uint32_t nr_modules;
-  uint64_t modlist_paddr;
-  uint64_t cmdline_paddr;
-  uint64_t rsdp_paddr;
-  uint64_t memmap_paddr;
-  uint32_t memmap_entries;
-  uint32_t reserved;
-};
-static_assert(sizeof(HvmStartInfo) == 56);
-struct HvmModlistEntry {
-  uint64_t paddr;
-  uint64_t size;
-  uint64_t cmdline_paddr;
-  uint64_t reserved;
-};
-struct HvmMemmapEntry {
-  uint64_t address;
-  uint64_t size;
-  uint32_t type;
-  uint32_t reserved;
-};
+using pvh::HvmMemmapEntry;
+using pvh::HvmModlistEntry;
+using pvh::HvmStartInfo;
+using pvh::kHvmStartMagic;
+using pvh::kXenElfnotePhys32Entry;
 constexpr uint64_t kStartInfoAddress = layout::kBootParamsStart;
 constexpr uint64_t kModlistAddress = kStartInfoAddress + 0x100;
 constexpr uint64_t kMemmapAddress = kStartInfoAddress + 0x200;
@@ -212,6 +191,14 @@ Result<EntryPoint> load_bzimage(const GuestMemory& memory, const LinuxImages& im
     return fail(Errc::Corrupt, "bzImage: setup header runs past the setup sectors");
   }
   std::span<const std::byte> payload = kernel.subspan(setup_bytes);
+  // syssize counts the protected-mode payload in 16-byte paragraphs.
+  uint64_t declared_payload = uint64_t{load<uint32_t>(kernel, kSyssizeOffset)} * 16;
+  if (declared_payload > payload.size()) {
+    return fail(Errc::Corrupt,
+                fmt::format("bzImage is truncated: the header declares a {}-byte kernel, the file "
+                            "holds {}",
+                            declared_payload, payload.size()));
+  }
   uint64_t init_size = load<uint32_t>(kernel, kInitSizeOffset);
   uint64_t kernel_end = kKernelLoadAddress + std::max<uint64_t>(payload.size(), init_size);
   if (!memory.contains(GuestAddr(kKernelLoadAddress), kernel_end - kKernelLoadAddress)) {
@@ -313,11 +300,16 @@ Result<EntryPoint> load_pvh(const GuestMemory& memory, const LinuxImages& images
   uint64_t entry = TRY(find_pvh_entry(image, headers));
 
   uint64_t kernel_end = 0;
+  bool entry_loaded = false;
   for (const Elf64ProgramHeader& header : headers) {
     if (header.type != kPtLoad) continue;
-    if (header.offset > image.size() || header.filesz > image.size() - header.offset ||
-        header.filesz > header.memsz) {
+    if (header.offset > image.size() || header.filesz > image.size() - header.offset) {
       return fail(Errc::Corrupt, "ELF: PT_LOAD segment runs past the end of the file");
+    }
+    if (header.filesz > header.memsz) {
+      return fail(Errc::Corrupt,
+                  fmt::format("ELF: PT_LOAD segment at {:#x} has filesz {:#x} above memsz {:#x}",
+                              header.paddr, header.filesz, header.memsz));
     }
     if (header.paddr < layout::kHighMemoryStart ||
         !memory.contains(GuestAddr(header.paddr), header.memsz)) {
@@ -331,10 +323,12 @@ Result<EntryPoint> load_pvh(const GuestMemory& memory, const LinuxImages& images
         TRY(memory.host_span(GuestAddr(header.paddr + header.filesz), header.memsz - header.filesz));
     std::memset(bss.data(), 0, bss.size());
     kernel_end = std::max(kernel_end, header.paddr + header.memsz);
+    if (entry >= header.paddr && entry - header.paddr < header.filesz) entry_loaded = true;
   }
   if (kernel_end == 0) return fail(Errc::Corrupt, "ELF: no PT_LOAD segment");
-  if (entry < layout::kHighMemoryStart || entry >= kernel_end) {
-    return fail(Errc::Corrupt, fmt::format("ELF: PVH entry {:#x} is outside the kernel", entry));
+  if (!entry_loaded) {
+    return fail(Errc::Corrupt,
+                fmt::format("ELF: PVH entry {:#x} is not inside a loaded segment", entry));
   }
 
   TRY(write_cmdline(memory, images.cmdline, layout::kCmdlineMaxBytes));

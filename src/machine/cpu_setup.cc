@@ -77,8 +77,10 @@ kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index
         // Deterministic cache parameters; a null cache type ends the list.
         if ((entry.eax & 0x1f) == 0) break;
         uint32_t level = (entry.eax >> 5) & 0x7;
-        uint32_t sharing = level >= 3 ? count - 1 : 0;  // L3 is shared by the package
-        entry.eax = (entry.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+        // The fields are 12 and 6 bits wide: saturate rather than wrap.
+        uint32_t sharing = level >= 3 ? std::min(count - 1, 0xfffu) : 0;  // L3: the package
+        uint32_t cores = std::min(count - 1, 63u);
+        entry.eax = (entry.eax & 0x3fff) | (sharing << 14) | (cores << 26);
         break;
       }
       case 0x80000008:

@@ -169,9 +169,15 @@ StopStatus Machine::run() {
     stop_cv_.wait(lock, [this] { return stop_status_.has_value(); });
   }
   kick_vcpus();
+  {
+    // Forget the handles before joining: a late stop() must not signal a
+    // thread that has been joined. Every vCPU was kicked above and sees
+    // stopping_, so none needs another kick.
+    std::lock_guard lock(stop_mutex_);
+    vcpu_threads_.clear();
+  }
   for (std::thread& thread : threads) thread.join();
   std::lock_guard lock(stop_mutex_);
-  vcpu_threads_.clear();
   return *stop_status_;
 }
 

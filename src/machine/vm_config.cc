@@ -1,6 +1,9 @@
 #include "machine/vm_config.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -35,6 +38,24 @@ Result<uint64_t> whole_number(const json& value, const char* key, const std::str
   return fail(Errc::InvalidArgument,
               fmt::format("{}: \"{}\" must not be negative (got {})", source, key,
                           value.get<int64_t>()));
+}
+
+// Errors here are the user's to fix, so they carry no errno: main reports
+// them as configuration errors (exit status 2).
+Result<void> check_readable_file(const char* field, const std::string& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) {
+    return fail(Errc::NotFound, fmt::format("{}: cannot open '{}': {}", field, path,
+                                            std::strerror(errno)));
+  }
+  if (!S_ISREG(info.st_mode)) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: '{}' is not a regular file", field, path));
+  }
+  if (::access(path.c_str(), R_OK) != 0) {
+    return fail(Errc::PermissionDenied, fmt::format("{}: cannot read '{}': {}", field, path,
+                                                    std::strerror(errno)));
+  }
+  return ok();
 }
 
 }  // namespace
@@ -109,12 +130,8 @@ Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_
   if (config.kernel.empty()) {
     return fail(Errc::InvalidArgument, "kernel: no kernel given (--kernel PATH or \"kernel\")");
   }
-  if (::access(config.kernel.c_str(), R_OK) != 0) {
-    return fail_errno(fmt::format("kernel: cannot read '{}'", config.kernel));
-  }
-  if (!config.initrd.empty() && ::access(config.initrd.c_str(), R_OK) != 0) {
-    return fail_errno(fmt::format("initrd: cannot read '{}'", config.initrd));
-  }
+  TRY(check_readable_file("kernel", config.kernel));
+  if (!config.initrd.empty()) TRY(check_readable_file("initrd", config.initrd));
   if (config.cpus == 0) return fail(Errc::InvalidArgument, "cpus: must be at least 1 (got 0)");
   uint32_t limit = std::min<uint32_t>(max_vcpus, 254);  // xAPIC IDs in the MADT
   if (config.cpus > limit) {

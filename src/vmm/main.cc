@@ -26,6 +26,7 @@ constexpr int kExitPowerOff = 0;
 constexpr int kExitFailure = 1;
 constexpr int kExitBadConfig = 2;
 constexpr int kExitRebootRefused = 3;
+constexpr uint32_t kMaxXapicVcpus = 254;
 
 constexpr const char* kFooter = R"(
 Exit status:
@@ -75,7 +76,11 @@ uint64_t host_memory_bytes() {
 }
 
 // Runs the machine while serving console input and signals on this thread.
-machine::StopStatus run_machine(machine::Machine& machine, Console& console, const Fd& signals) {
+// host_stop is set when the host asked the VM to stop (a signal, Ctrl-A x):
+// the caller must not reboot then, even if the guest reset at the same time
+// and its reason reached the machine first.
+machine::StopStatus run_machine(machine::Machine& machine, Console& console, const Fd& signals,
+                                bool& host_stop) {
   machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
   std::thread runner([&] { status = machine.run(); });
   for (;;) {
@@ -95,6 +100,7 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console, con
       signalfd_siginfo info{};
       if (::read(signals.get(), &info, sizeof(info)) == sizeof(info)) {
         LOG_INFO("signal {} received: stopping the VM", info.ssi_signo);
+        host_stop = true;
         machine.stop(machine::StopReason::Stopped, fmt::format("signal {}", info.ssi_signo));
       }
     }
@@ -106,7 +112,10 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console, con
       } else if (!input->empty()) {
         machine.serial().enqueue_input(std::as_bytes(std::span(input->data(), input->size())));
       }
-      if (quit) machine.stop(machine::StopReason::Stopped, "Ctrl-A x on the console");
+      if (quit) {
+        host_stop = true;
+        machine.stop(machine::StopReason::Stopped, "Ctrl-A x on the console");
+      }
     }
   }
   runner.join();
@@ -180,6 +189,11 @@ int run(int argc, char** argv) {
     return 0;
   }
 
+  // Everything that does not need KVM is checked first, so a bad
+  // configuration is reported as such on any host.
+  if (Result<void> valid = machine::validate(config, kMaxXapicVcpus, host_memory_bytes()); !valid) {
+    return config_error(valid.error());
+  }
   Result<kvm::Kvm> kvm = kvm::Kvm::open();
   if (!kvm) {
     std::fprintf(stderr, "keel-vmm: %s\n", kvm.error().message().c_str());
@@ -205,9 +219,15 @@ int run(int argc, char** argv) {
     if (!machine) {
       console->reset();  // restore the terminal before printing
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
-      return machine.error().code() == Errc::Io ? kExitFailure : kExitBadConfig;
+      // A syscall that failed (KVM, memory) is the host's problem; an error
+      // without errno is about the input (a bad kernel image, sizes).
+      return machine.error().sys_errno() != 0 ? kExitFailure : kExitBadConfig;
     }
-    machine::StopStatus status = run_machine(**machine, **console, *signals);
+    bool host_stop = false;
+    machine::StopStatus status = run_machine(**machine, **console, *signals, host_stop);
+    if (host_stop && status.reason == machine::StopReason::Reset) {
+      status = {machine::StopReason::Stopped, 0, "stopped by the host during a guest reset"};
+    }
     LOG_INFO("VM stopped: {} {}", machine::stop_reason_name(status.reason), status.detail);
     switch (status.reason) {
       case machine::StopReason::PowerOff:

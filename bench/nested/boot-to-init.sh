@@ -1,0 +1,42 @@
+#!/bin/sh
+# keel-timeout: 900
+# Benchmark (not a test): wall time from starting the VMM to the guest's
+# KEEL-INIT-READY line, keel-vmm against QEMU microvm, same kernel, initrd,
+# command line, 1 vCPU and 256 MiB, alternating VMMs for BENCH_RUNS rounds.
+# Run through bench/boot-nested.sh, which parses the BENCH lines.
+set -euo pipefail
+. "$KEEL_SYSTEM_DIR/lib.sh"
+. "$KEEL_KIT/kit.env"
+
+runs=${BENCH_RUNS:-5}
+kernel=${BENCH_KERNEL:-$KIT_VMLINUZ}
+
+boot_once() {
+  local vmm=$1 run=$2 dir start end pid
+  dir="$KEEL_WORKDIR/$vmm-$run"
+  mkdir -p "$dir"
+  KEEL_L2_VMM=$vmm
+  _l2_parse_options --cpus 1 --mem 256 --kernel "$KEEL_KIT/$kernel"
+  mkfifo "$dir/in"
+  start=$(_now_cs)
+  ( "_l2_exec_$vmm" ) <>"$dir/in" >"$dir/console.log" 2>"$dir/vmm.err" &
+  pid=$!
+  echo "$pid" >> "$KEEL_WORKDIR/pids"
+  until grep -q '^KEEL-INIT-READY' "$dir/console.log"; do
+    _pid_alive "$pid" || { cat "$dir/vmm.err"; fail "$vmm exited before the guest's init"; }
+    [ $(( $(_now_cs) - start )) -lt 18000 ] || fail "$vmm: no init within 180 s"
+    sleep 0.05
+  done
+  end=$(_now_cs)
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  echo "BENCH vmm=$vmm run=$run boot_ms=$(( (end - start) * 10 ))"
+}
+
+run=1
+while [ "$run" -le "$runs" ]; do
+  boot_once keel "$run"
+  boot_once qemu "$run"
+  run=$((run + 1))
+done
+echo "KEEL-PASS"

@@ -1,0 +1,125 @@
+/* Tiny PVH guest: checks the PVH entry state keel-vmm hands over
+   (Xen docs/misc/pvh.pandoc), prints "pvh ok\n" on COM1 byte by byte, then
+   does what the command line asks. Entered in 32-bit protected mode at
+   pvh_start with ebx = hvm_start_info; linked by pvh_guest.ld with the entry
+   note from pvh_note.S.
+
+   The command line must start with "pvh-test"; the letter after "pvh-test "
+   picks the ending (anything else, or none: exit 0):
+     s  spin forever (for SIGTERM)       f  fault with no usable IDT
+     r  reset through the i8042 (0xfe)   p  ACPI S5 power off (port 0x3c0)
+     i  first check that module 0 (the initrd) starts with "keel", then exit 0
+     w  wait for a byte on COM1 (polling LSR), echo it, then exit 0
+   A failed check writes its own code to the debug-exit port 0xf4:
+     11 magic  12 version  13 command line  14 memmap  15 CR0.PG set
+     16 CR0.PE clear  17 initrd module
+   (codes above 10, so they never look like keel-vmm's own statuses 0-3).
+   Ring 0 is emulated slowly under PVM: every path is a few dozen instructions. */
+	.code32
+	.text
+	.globl pvh_start
+pvh_start:
+	mov $11, %al
+	cmpl $0x336ec578, (%ebx)        /* hvm_start_info.magic */
+	jne fail
+	mov $12, %al
+	cmpl $1, 4(%ebx)                /* version */
+	jb fail
+	mov $13, %al
+	mov 24(%ebx), %esi              /* cmdline_paddr */
+	cmpl $0x2d687670, (%esi)        /* "pvh-" */
+	jne fail
+	cmpl $0x74736574, 4(%esi)       /* "test" */
+	jne fail
+	mov $14, %al
+	cmpl $0, 48(%ebx)               /* memmap_entries */
+	je fail
+	mov %cr0, %ecx
+	mov $15, %al
+	test $0x80000000, %ecx          /* paging must be off */
+	jnz fail
+	mov $16, %al
+	test $1, %ecx                   /* protected mode must be on */
+	jz fail
+
+	xor %edi, %edi                  /* the action letter, 0 if none */
+	cmpb $' ', 8(%esi)
+	jne 1f
+	movzbl 9(%esi), %edi
+1:
+	cmp $'i', %edi
+	jne print
+	mov $17, %al
+	cmpl $1, 12(%ebx)               /* nr_modules */
+	jne fail
+	mov 16(%ebx), %ecx              /* modlist_paddr */
+	mov (%ecx), %ecx                /* modlist[0].paddr */
+	cmpl $0x6c65656b, (%ecx)        /* "keel" */
+	jne fail
+
+print:
+	mov $message, %esi
+	mov $0x3f8, %dx
+2:	lodsb
+	test %al, %al
+	jz 3f
+	out %al, %dx
+	jmp 2b
+3:
+	cmp $'s', %edi
+	je spin
+	cmp $'f', %edi
+	je fault
+	cmp $'r', %edi
+	je reset
+	cmp $'p', %edi
+	je power_off
+	cmp $'w', %edi
+	je echo
+	xor %eax, %eax                  /* every check passed */
+fail:
+	out %al, $0xf4
+halt:
+	hlt
+	jmp halt
+
+spin:
+	jmp spin
+
+fault:
+	lidt empty_idt                  /* limit 0: every vector faults */
+	ud2
+	jmp halt
+
+reset:
+	mov $0xfe, %al
+	out %al, $0x64
+	jmp halt
+
+echo:
+	mov $0x3fd, %dx                 /* LSR */
+4:	inb %dx, %al
+	test $1, %al                    /* data ready */
+	jz 4b
+	mov $0x3f8, %dx
+	inb %dx, %al
+	outb %al, %dx
+	xor %eax, %eax
+	out %al, $0xf4
+	jmp halt
+
+power_off:
+	mov $((5 << 2) | (1 << 5)), %al /* SLP_TYP = S5, SLP_EN */
+	mov $0x3c0, %dx
+	out %al, %dx
+	jmp halt
+
+	.section .rodata
+message:
+	.asciz "pvh ok\n"
+	.balign 8
+empty_idt:
+	.word 0
+	.long 0
+
+	.section .note.GNU-stack, "", @progbits

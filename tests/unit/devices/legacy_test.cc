@@ -1,0 +1,258 @@
+// The small legacy devices: the MC146818 RTC/CMOS, the i8042's reset line,
+// the ACPI hardware-reduced sleep/reset registers and the debug-exit port.
+#include <time.h>
+
+#include <array>
+#include <ctime>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "devices/acpi_pm.h"
+#include "devices/i8042.h"
+#include "devices/rtc.h"
+
+namespace keel::devices {
+namespace {
+
+uint8_t read_byte(IoHandler& device, uint64_t offset) {
+  std::byte value{0};
+  device.read(offset, std::span(&value, 1));
+  return static_cast<uint8_t>(value);
+}
+
+void write_byte(IoHandler& device, uint64_t offset, uint8_t value) {
+  std::byte byte{value};
+  device.write(offset, std::span<const std::byte>(&byte, 1));
+}
+
+// ---- RTC ----
+
+uint8_t cmos_read(Rtc& rtc, uint8_t index) {
+  write_byte(rtc, 0, index);
+  return read_byte(rtc, 1);
+}
+
+void cmos_write(Rtc& rtc, uint8_t index, uint8_t value) {
+  write_byte(rtc, 0, index);
+  write_byte(rtc, 1, value);
+}
+
+bool is_bcd(uint8_t value) { return (value & 0x0f) <= 9 && (value >> 4) <= 9; }
+int from_bcd(uint8_t value) { return (value >> 4) * 10 + (value & 0x0f); }
+
+// Reads the RTC's date and time as a time_t (UTC), like a guest would.
+time_t rtc_time(Rtc& rtc) {
+  std::tm tm{};
+  uint8_t seconds = cmos_read(rtc, 0x00);
+  uint8_t minutes = cmos_read(rtc, 0x02);
+  uint8_t hours = cmos_read(rtc, 0x04);
+  uint8_t day = cmos_read(rtc, 0x07);
+  uint8_t month = cmos_read(rtc, 0x08);
+  uint8_t year = cmos_read(rtc, 0x09);
+  uint8_t century = cmos_read(rtc, 0x32);
+  for (uint8_t value : {seconds, minutes, hours, day, month, year, century}) {
+    EXPECT_TRUE(is_bcd(value)) << std::hex << int(value);
+  }
+  tm.tm_sec = from_bcd(seconds);
+  tm.tm_min = from_bcd(minutes);
+  tm.tm_hour = from_bcd(hours);
+  tm.tm_mday = from_bcd(day);
+  tm.tm_mon = from_bcd(month) - 1;
+  tm.tm_year = from_bcd(century) * 100 + from_bcd(year) - 1900;
+  return timegm(&tm);
+}
+
+TEST(RtcTest, ReportsTheHostTimeInBcd) {
+  Rtc rtc;
+  // Reading seven registers can straddle a minute or hour boundary; a guest
+  // would re-read, and so do we.
+  bool close = false;
+  for (int attempt = 0; attempt < 3 && !close; ++attempt) {
+    time_t before = std::time(nullptr);
+    time_t reported = rtc_time(rtc);
+    time_t after = std::time(nullptr);
+    close = reported >= before - 2 && reported <= after + 2;
+  }
+  EXPECT_TRUE(close) << "the RTC should read the host's UTC time";
+}
+
+TEST(RtcTest, DayOfWeekMatches) {
+  Rtc rtc;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    time_t now = std::time(nullptr);
+    std::tm utc{};
+    gmtime_r(&now, &utc);
+    uint8_t weekday = cmos_read(rtc, 0x06);
+    if (std::time(nullptr) != now) continue;  // crossed a second: maybe midnight
+    EXPECT_EQ(weekday, utc.tm_wday + 1) << "1 = Sunday";
+    return;
+  }
+}
+
+TEST(RtcTest, StatusRegisters) {
+  Rtc rtc;
+  uint8_t a = cmos_read(rtc, 0x0a);
+  EXPECT_EQ(a & 0x80, 0) << "no update in progress";
+  EXPECT_EQ(a, 0x26);
+  uint8_t b = cmos_read(rtc, 0x0b);
+  EXPECT_EQ(b & 0x04, 0) << "BCD mode (DM clear)";
+  EXPECT_EQ(b & 0x02, 0x02) << "24-hour mode";
+  EXPECT_EQ(b & 0x70, 0) << "no interrupts enabled";
+  EXPECT_EQ(cmos_read(rtc, 0x0c), 0x00) << "no interrupt flags";
+  EXPECT_EQ(cmos_read(rtc, 0x0d), 0x80) << "valid RAM and time";
+}
+
+TEST(RtcTest, CmosRamIsWritable) {
+  Rtc rtc;
+  cmos_write(rtc, 0x0e, 0x11);
+  cmos_write(rtc, 0x40, 0x5a);
+  cmos_write(rtc, 0x7f, 0xa5);
+  EXPECT_EQ(cmos_read(rtc, 0x0e), 0x11);
+  EXPECT_EQ(cmos_read(rtc, 0x40), 0x5a);
+  EXPECT_EQ(cmos_read(rtc, 0x7f), 0xa5);
+  EXPECT_EQ(cmos_read(rtc, 0x41), 0x00);
+}
+
+TEST(RtcTest, IndexBit7IsTheNmiMaskNotPartOfTheIndex) {
+  Rtc rtc;
+  cmos_write(rtc, 0x40, 0x77);
+  EXPECT_EQ(cmos_read(rtc, 0x80 | 0x40), 0x77);
+  cmos_write(rtc, 0x80 | 0x41, 0x66);
+  EXPECT_EQ(cmos_read(rtc, 0x41), 0x66);
+}
+
+TEST(RtcTest, TimeAndStatusRegistersAreNotWritable) {
+  Rtc rtc;
+  cmos_write(rtc, 0x00, 0x99);  // not a valid BCD second
+  cmos_write(rtc, 0x04, 0x99);
+  cmos_write(rtc, 0x09, 0x99);
+  cmos_write(rtc, 0x32, 0x99);  // century
+  cmos_write(rtc, 0x0b, 0x06);  // binary mode
+  cmos_write(rtc, 0x0d, 0x00);
+  EXPECT_LE(from_bcd(cmos_read(rtc, 0x00)), 59);
+  EXPECT_LE(from_bcd(cmos_read(rtc, 0x04)), 23);
+  EXPECT_NE(cmos_read(rtc, 0x09), 0x99);
+  EXPECT_EQ(cmos_read(rtc, 0x32), 0x20) << "this century";
+  EXPECT_EQ(cmos_read(rtc, 0x0b), 0x02);
+  EXPECT_EQ(cmos_read(rtc, 0x0d), 0x80);
+}
+
+TEST(RtcTest, IndexPortReadsAllOnes) {
+  Rtc rtc;
+  EXPECT_EQ(read_byte(rtc, 0), 0xff);
+  std::array<std::byte, 2> empty{};
+  rtc.read(1, std::span(empty).first(0));  // no crash on an empty access
+  rtc.write(1, std::span<const std::byte>());
+}
+
+// ---- i8042 ----
+
+TEST(I8042Test, CommandFePulsesReset) {
+  int resets = 0;
+  I8042 i8042([&resets] { ++resets; });
+  write_byte(i8042, 4, 0xfe);
+  EXPECT_EQ(resets, 1);
+  write_byte(i8042, 4, 0xfe);
+  EXPECT_EQ(resets, 2);
+}
+
+TEST(I8042Test, OtherWritesDoNotReset) {
+  int resets = 0;
+  I8042 i8042([&resets] { ++resets; });
+  write_byte(i8042, 0, 0xfe);  // data port, not the command port
+  write_byte(i8042, 4, 0xd1);  // write output port
+  write_byte(i8042, 4, 0xff);
+  write_byte(i8042, 4, 0x00);
+  write_byte(i8042, 1, 0xfe);
+  i8042.write(4, std::span<const std::byte>());
+  EXPECT_EQ(resets, 0);
+}
+
+TEST(I8042Test, StatusShowsEmptyBuffers) {
+  I8042 i8042([] {});
+  uint8_t status = read_byte(i8042, 4);
+  EXPECT_EQ(status & 0x01, 0) << "output buffer empty";
+  EXPECT_EQ(status & 0x02, 0) << "input buffer empty: the guest may send a command";
+  std::array<std::byte, 4> wide;
+  wide.fill(std::byte{0xaa});
+  i8042.read(0, wide);
+  for (std::byte b : wide) EXPECT_EQ(b, std::byte{0});
+}
+
+// ---- ACPI PM ----
+
+struct PmCounts {
+  int power_offs = 0;
+  int resets = 0;
+};
+
+AcpiPm make_pm(PmCounts& counts) {
+  return AcpiPm(5, 0x1, [&counts] { ++counts.power_offs; }, [&counts] { ++counts.resets; });
+}
+
+TEST(AcpiPmTest, S5PowersOff) {
+  PmCounts counts;
+  AcpiPm pm = make_pm(counts);
+  write_byte(pm, 0, (5 << 2) | (1 << 5));  // SLP_TYP = 5, SLP_EN
+  EXPECT_EQ(counts.power_offs, 1);
+  EXPECT_EQ(counts.resets, 0);
+}
+
+TEST(AcpiPmTest, OtherSleepWritesDoNothing) {
+  PmCounts counts;
+  AcpiPm pm = make_pm(counts);
+  write_byte(pm, 0, 5 << 2);                   // S5 without SLP_EN
+  write_byte(pm, 0, (3 << 2) | (1 << 5));      // S3
+  write_byte(pm, 0, (0 << 2) | (1 << 5));      // S0
+  write_byte(pm, 0, (7 << 2) | (1 << 5));
+  write_byte(pm, 1, (5 << 2) | (1 << 5));      // the status register
+  write_byte(pm, 2, (5 << 2) | (1 << 5));      // the reset register, wrong value
+  pm.write(0, std::span<const std::byte>());
+  EXPECT_EQ(counts.power_offs, 0);
+  EXPECT_EQ(counts.resets, 0);
+}
+
+TEST(AcpiPmTest, S5WithOtherBitsStillPowersOff) {
+  PmCounts counts;
+  AcpiPm pm = make_pm(counts);
+  write_byte(pm, 0, (5 << 2) | (1 << 5) | 0xc3);  // reserved bits and WAK_STS set
+  EXPECT_EQ(counts.power_offs, 1);
+}
+
+TEST(AcpiPmTest, ResetValueOnTheResetRegisterResets) {
+  PmCounts counts;
+  AcpiPm pm = make_pm(counts);
+  write_byte(pm, 2, 0x1);
+  EXPECT_EQ(counts.resets, 1);
+  write_byte(pm, 2, 0x2);
+  write_byte(pm, 0, 0x1);
+  write_byte(pm, 1, 0x1);
+  EXPECT_EQ(counts.resets, 1);
+  EXPECT_EQ(counts.power_offs, 0);
+}
+
+TEST(AcpiPmTest, SleepStatusReadsZero) {
+  PmCounts counts;
+  AcpiPm pm = make_pm(counts);
+  EXPECT_EQ(read_byte(pm, 1), 0);
+  EXPECT_EQ(read_byte(pm, 0), 0);
+}
+
+// ---- DebugExit ----
+
+TEST(DebugExitTest, PassesTheByte) {
+  std::vector<uint8_t> codes;
+  DebugExit debug_exit([&codes](uint8_t code) { codes.push_back(code); });
+  write_byte(debug_exit, 0, 0x2a);
+  write_byte(debug_exit, 0, 0);
+  write_byte(debug_exit, 0, 0xff);
+  std::array<std::byte, 2> word{std::byte{7}, std::byte{9}};
+  debug_exit.write(0, word);
+  debug_exit.write(0, std::span<const std::byte>());
+  EXPECT_EQ(codes, (std::vector<uint8_t>{0x2a, 0, 0xff, 7}));
+  EXPECT_EQ(read_byte(debug_exit, 0), 0xff);
+}
+
+}  // namespace
+}  // namespace keel::devices

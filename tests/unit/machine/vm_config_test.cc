@@ -1,0 +1,328 @@
+// VmConfig: the --serial syntax, JSON merging (every key, every kind of bad
+// input naming the key), validation against host limits, and to_json
+// round-tripping through merge_json.
+#include "machine/vm_config.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace keel::machine {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kGiB = 1ull << 30;
+
+// ---- parse_serial ----
+
+TEST(ParseSerialTest, AcceptsEveryForm) {
+  Result<SerialConfig> stdio = parse_serial("stdio");
+  ASSERT_TRUE(stdio);
+  EXPECT_EQ(stdio->kind, SerialConfig::Kind::Stdio);
+  EXPECT_EQ(stdio->path, "");
+  Result<SerialConfig> none = parse_serial("none");
+  ASSERT_TRUE(none);
+  EXPECT_EQ(none->kind, SerialConfig::Kind::None);
+  Result<SerialConfig> file = parse_serial("file:/tmp/console.log");
+  ASSERT_TRUE(file);
+  EXPECT_EQ(file->kind, SerialConfig::Kind::File);
+  EXPECT_EQ(file->path, "/tmp/console.log");
+  Result<SerialConfig> unix_socket = parse_serial("unix:/run/vm.sock");
+  ASSERT_TRUE(unix_socket);
+  EXPECT_EQ(unix_socket->kind, SerialConfig::Kind::Unix);
+  EXPECT_EQ(unix_socket->path, "/run/vm.sock");
+  // Only the first colon separates the kind from the path.
+  Result<SerialConfig> colons = parse_serial("file:a:b");
+  ASSERT_TRUE(colons);
+  EXPECT_EQ(colons->path, "a:b");
+}
+
+TEST(ParseSerialTest, EmptyPathIsAnError) {
+  for (const char* text : {"file:", "unix:"}) {
+    Result<SerialConfig> serial = parse_serial(text);
+    ASSERT_FALSE(serial) << text;
+    EXPECT_EQ(serial.error().code(), Errc::InvalidArgument);
+    EXPECT_THAT(serial.error().message(), HasSubstr("path is empty"));
+  }
+}
+
+TEST(ParseSerialTest, JunkIsAnErrorListingTheForms) {
+  for (const char* text : {"", "bogus", "STDIO", "tcp:1234", "file", " stdio"}) {
+    Result<SerialConfig> serial = parse_serial(text);
+    ASSERT_FALSE(serial) << "'" << text << "'";
+    EXPECT_THAT(serial.error().message(),
+                AllOf(HasSubstr(std::string("'") + text + "'"), HasSubstr("file:PATH")));
+  }
+}
+
+// ---- merge_json ----
+
+TEST(MergeJsonTest, EveryKey) {
+  VmConfig config;
+  Result<void> merged = merge_json(R"({
+    "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "cmdline": "console=ttyS0 quiet",
+    "cpus": 4, "memory_mib": 2048, "serial": "unix:/tmp/s.sock",
+    "reboot": false, "debug_exit": true, "acpi": false
+  })", "vm.json", config);
+  ASSERT_TRUE(merged) << merged.error().message();
+  EXPECT_EQ(config.kernel, "/k/vmlinuz");
+  EXPECT_EQ(config.initrd, "/k/initrd.img");
+  EXPECT_EQ(config.cmdline, "console=ttyS0 quiet");
+  EXPECT_EQ(config.cpus, 4u);
+  EXPECT_EQ(config.memory_mib, 2048u);
+  EXPECT_EQ(config.serial.kind, SerialConfig::Kind::Unix);
+  EXPECT_EQ(config.serial.path, "/tmp/s.sock");
+  EXPECT_FALSE(config.reboot);
+  EXPECT_TRUE(config.debug_exit);
+  EXPECT_FALSE(config.acpi);
+}
+
+TEST(MergeJsonTest, EmptyObjectChangesNothing) {
+  VmConfig config;
+  ASSERT_TRUE(merge_json("{}", "vm.json", config));
+  VmConfig defaults;
+  EXPECT_EQ(to_json(config), to_json(defaults));
+}
+
+TEST(MergeJsonTest, LaterMergeOverridesOnlyPresentKeys) {
+  VmConfig config;
+  ASSERT_TRUE(merge_json(R"({"kernel": "a", "cpus": 2, "memory_mib": 256, "acpi": false})",
+                         "first.json", config));
+  ASSERT_TRUE(merge_json(R"({"cpus": 8, "cmdline": "x"})", "second.json", config));
+  EXPECT_EQ(config.kernel, "a");
+  EXPECT_EQ(config.cpus, 8u);
+  EXPECT_EQ(config.memory_mib, 256u);
+  EXPECT_EQ(config.cmdline, "x");
+  EXPECT_FALSE(config.acpi);
+  EXPECT_TRUE(config.reboot);
+}
+
+TEST(MergeJsonTest, UnknownKeyIsNamed) {
+  VmConfig config;
+  Result<void> merged = merge_json(R"({"kernel": "a", "memory": 512})", "vm.json", config);
+  ASSERT_FALSE(merged);
+  EXPECT_EQ(merged.error().code(), Errc::InvalidArgument);
+  EXPECT_THAT(merged.error().message(),
+              AllOf(HasSubstr("vm.json"), HasSubstr("unknown key \"memory\""),
+                    HasSubstr("memory_mib")));
+}
+
+struct BadJson {
+  const char* name;
+  const char* json;
+  const char* message;
+};
+
+// Names the case in test listings instead of dumping its bytes.
+void PrintTo(const BadJson& value, std::ostream* stream) { *stream << value.name; }
+
+class MergeJsonRejectionTest : public ::testing::TestWithParam<BadJson> {};
+
+TEST_P(MergeJsonRejectionTest, NamesTheKeyAndTheProblem) {
+  VmConfig config;
+  Result<void> merged = merge_json(GetParam().json, "vm.json", config);
+  ASSERT_FALSE(merged) << GetParam().json;
+  EXPECT_EQ(merged.error().code(), Errc::InvalidArgument);
+  EXPECT_THAT(merged.error().message(), AllOf(HasSubstr("vm.json"), HasSubstr(GetParam().message)));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Inputs, MergeJsonRejectionTest,
+    ::testing::Values(
+        BadJson{"kernel_number", R"({"kernel": 5})", "\"kernel\" must be a string, not number"},
+        BadJson{"initrd_null", R"({"initrd": null})", "\"initrd\" must be a string, not null"},
+        BadJson{"cmdline_array", R"({"cmdline": ["a"]})", "\"cmdline\" must be a string, not array"},
+        BadJson{"cpus_string", R"({"cpus": "4"})", "\"cpus\" must be a whole number, not string"},
+        BadJson{"cpus_fraction", R"({"cpus": 1.5})", "\"cpus\" must be a whole number, not number"},
+        BadJson{"cpus_negative", R"({"cpus": -1})", "\"cpus\" must not be negative (got -1)"},
+        BadJson{"cpus_absurd", R"({"cpus": 5000})", "\"cpus\" 5000"},
+        BadJson{"memory_negative", R"({"memory_mib": -512})",
+                "\"memory_mib\" must not be negative (got -512)"},
+        BadJson{"memory_bool", R"({"memory_mib": true})",
+                "\"memory_mib\" must be a whole number, not boolean"},
+        BadJson{"serial_number", R"({"serial": 1})", "\"serial\" must be a string"},
+        BadJson{"serial_junk", R"({"serial": "bogus"})", "serial 'bogus'"},
+        BadJson{"reboot_string", R"({"reboot": "no"})", "\"reboot\" must be true or false, not string"},
+        BadJson{"debug_exit_number", R"({"debug_exit": 1})", "\"debug_exit\" must be true or false"},
+        BadJson{"acpi_null", R"({"acpi": null})", "\"acpi\" must be true or false"},
+        BadJson{"array_top_level", R"([1, 2])", "top level must be an object"},
+        BadJson{"string_top_level", R"("kernel")", "top level must be an object"},
+        BadJson{"syntax_error", "{\"cpus\": 2,\n \"memory_mib\": }", "line 2, column"},
+        BadJson{"truncated", R"({"cpus": 2)", "not valid JSON"},
+        BadJson{"empty", "", "not valid JSON"}),
+    [](const auto& test_info) { return std::string(test_info.param.name); });
+
+TEST(MergeJsonTest, HugeMemoryParsesAndIsLeftToValidate) {
+  VmConfig config;
+  ASSERT_TRUE(merge_json(R"({"memory_mib": 18446744073709551615})", "vm.json", config));
+  EXPECT_EQ(config.memory_mib, ~uint64_t{0});  // validate() refuses it (MemoryTooLarge)
+}
+
+TEST(MergeJsonTest, NumberTooLargeForUint64IsAnError) {
+  VmConfig config;
+  Result<void> merged = merge_json(R"({"memory_mib": 18446744073709551616})", "vm.json", config);
+  ASSERT_FALSE(merged);
+  EXPECT_THAT(merged.error().message(), HasSubstr("\"memory_mib\" must be a whole number"));
+}
+
+// ---- validate ----
+
+class ValidateTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string pattern = ::testing::TempDir() + "keel-vm-config-XXXXXX";
+    std::vector<char> path(pattern.begin(), pattern.end());
+    path.push_back('\0');
+    int fd = ::mkstemp(path.data());
+    ASSERT_GE(fd, 0);
+    ::close(fd);
+    kernel_ = path.data();
+    config_.kernel = kernel_;
+  }
+  void TearDown() override {
+    if (!kernel_.empty()) ::unlink(kernel_.c_str());
+  }
+  std::string kernel_;
+  VmConfig config_;
+};
+
+TEST_F(ValidateTest, AcceptsAReasonableConfig) {
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  EXPECT_TRUE(valid) << valid.error().message();
+}
+
+TEST_F(ValidateTest, NoKernel) {
+  config_.kernel.clear();
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("kernel: no kernel given"));
+}
+
+TEST_F(ValidateTest, UnreadableKernelIsNamed) {
+  config_.kernel = "/nonexistent/keel/vmlinuz";
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_EQ(valid.error().code(), Errc::NotFound);
+  EXPECT_THAT(valid.error().message(), HasSubstr("kernel: cannot open '/nonexistent/keel/vmlinuz'"));
+}
+
+TEST_F(ValidateTest, UnreadableInitrdIsNamed) {
+  config_.initrd = "/nonexistent/keel/initrd.img";
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(),
+              HasSubstr("initrd: cannot open '/nonexistent/keel/initrd.img'"));
+}
+
+TEST_F(ValidateTest, ZeroCpus) {
+  config_.cpus = 0;
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("cpus: must be at least 1 (got 0)"));
+}
+
+TEST_F(ValidateTest, CpusAboveTheHostLimit) {
+  config_.cpus = 9;
+  Result<void> valid = validate(config_, 8, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("cpus: 9 is more than this host's KVM allows (8)"));
+  config_.cpus = 8;
+  EXPECT_TRUE(validate(config_, 8, 16 * kGiB));
+}
+
+TEST_F(ValidateTest, CpusCappedAt254ForXapicIds) {
+  config_.cpus = 254;
+  EXPECT_TRUE(validate(config_, 1024, 16 * kGiB));
+  config_.cpus = 255;
+  Result<void> valid = validate(config_, 1024, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("cpus: 255"));
+}
+
+TEST_F(ValidateTest, MemoryTooSmall) {
+  config_.memory_mib = 16;
+  EXPECT_TRUE(validate(config_, 8, 16 * kGiB));
+  config_.memory_mib = 15;
+  Result<void> valid = validate(config_, 8, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("memory: 15 MiB is too little"));
+  config_.memory_mib = 0;
+  EXPECT_FALSE(validate(config_, 8, 16 * kGiB));
+}
+
+TEST_F(ValidateTest, MemoryTooLarge) {
+  config_.memory_mib = 4096;
+  EXPECT_TRUE(validate(config_, 8, 4 * kGiB));
+  config_.memory_mib = 4097;
+  Result<void> valid = validate(config_, 8, 4 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(),
+              HasSubstr("memory: 4097 MiB is more than this host has (4096 MiB)"));
+  config_.memory_mib = ~uint64_t{0};
+  EXPECT_FALSE(validate(config_, 8, 4 * kGiB));
+}
+
+// ---- to_json ----
+
+TEST(ToJsonTest, RoundTripsThroughMergeJson) {
+  VmConfig original;
+  original.kernel = "/boot/vmlinuz \"quoted\"";
+  original.initrd = "/boot/initrd";
+  original.cmdline = "console=ttyS0 init=/bin/sh\tx";
+  original.cpus = 3;
+  original.memory_mib = 12345;
+  original.serial = SerialConfig{SerialConfig::Kind::File, "/var/log/vm console.log"};
+  original.reboot = false;
+  original.debug_exit = true;
+  original.acpi = false;
+  std::string text = to_json(original);
+
+  VmConfig copy;
+  Result<void> merged = merge_json(text, "to_json", copy);
+  ASSERT_TRUE(merged) << merged.error().message() << "\n" << text;
+  EXPECT_EQ(copy.kernel, original.kernel);
+  EXPECT_EQ(copy.initrd, original.initrd);
+  EXPECT_EQ(copy.cmdline, original.cmdline);
+  EXPECT_EQ(copy.cpus, original.cpus);
+  EXPECT_EQ(copy.memory_mib, original.memory_mib);
+  EXPECT_EQ(copy.serial.kind, original.serial.kind);
+  EXPECT_EQ(copy.serial.path, original.serial.path);
+  EXPECT_EQ(copy.reboot, original.reboot);
+  EXPECT_EQ(copy.debug_exit, original.debug_exit);
+  EXPECT_EQ(copy.acpi, original.acpi);
+  EXPECT_EQ(to_json(copy), text);
+}
+
+TEST(ToJsonTest, EverySerialKindRoundTrips) {
+  for (SerialConfig serial : {SerialConfig{SerialConfig::Kind::Stdio, ""},
+                              SerialConfig{SerialConfig::Kind::None, ""},
+                              SerialConfig{SerialConfig::Kind::File, "/f"},
+                              SerialConfig{SerialConfig::Kind::Unix, "/u.sock"}}) {
+    VmConfig original;
+    original.serial = serial;
+    VmConfig copy;
+    copy.serial = SerialConfig{SerialConfig::Kind::File, "/other"};
+    ASSERT_TRUE(merge_json(to_json(original), "to_json", copy));
+    EXPECT_EQ(copy.serial.kind, serial.kind);
+    EXPECT_EQ(copy.serial.path, serial.path);
+  }
+}
+
+TEST(ToJsonTest, DefaultsAreListed) {
+  std::string text = to_json(VmConfig{});
+  for (const char* key : {"\"kernel\"", "\"initrd\"", "\"cmdline\"", "\"cpus\": 1",
+                          "\"memory_mib\": 512", "\"serial\": \"stdio\"", "\"reboot\": true",
+                          "\"debug_exit\": false", "\"acpi\": true"}) {
+    EXPECT_THAT(text, HasSubstr(key));
+  }
+}
+
+}  // namespace
+}  // namespace keel::machine
