@@ -31,7 +31,9 @@ import time
 SYSTEM_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(SYSTEM_DIR))
 KIT_SCRIPTS = os.path.join(REPO_ROOT, "scripts", "kit")
-SCENARIO_DIR = os.path.join(SYSTEM_DIR, "scenarios")
+# KEEL_SCENARIO_DIR runs scenarios from elsewhere (bench/nested uses it).
+SCENARIO_DIR = os.path.abspath(os.environ.get("KEEL_SCENARIO_DIR") or
+                               os.path.join(SYSTEM_DIR, "scenarios"))
 L1_INIT = os.path.join(SYSTEM_DIR, "l1", "init")
 BUSYBOX = "/bin/busybox"
 SKIP_RC = 77

@@ -77,9 +77,12 @@ Bytes build_fadt(const AcpiConfig& config, uint64_t dsdt_address) {
   w.u8(0);                 // DAY_ALRM: no alarm day register
   w.u8(0);                 // MON_ALRM: no alarm month register
   w.u8(kRtcCenturyIndex);  // CENTURY
-  // IA-PC boot architecture (section 5.2.9.3): an 8042 at 0x60/0x64, no VGA;
-  // CMOS RTC Not Present stays clear because the RTC is at 0x70.
-  w.u16(kBootArch8042 | kBootArchVgaNotPresent);
+  // IA-PC boot architecture (section 5.2.9.3): no VGA, and no 8042: Keel's
+  // i8042 only takes the reset command, and announcing a controller makes
+  // Linux probe it and wait out its timeouts (over a second of boot). The
+  // keyboard-controller reboot path writes port 0x64 regardless. CMOS RTC
+  // Not Present stays clear because the RTC is at 0x70.
+  w.u16(kBootArchVgaNotPresent);
   w.u8(0);  // reserved
   // Hardware-reduced ACPI (section 4.1): power and sleep buttons, if any,
   // are devices in the namespace, not fixed hardware, so both "button is a

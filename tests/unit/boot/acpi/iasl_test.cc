@@ -228,7 +228,7 @@ TEST_F(AcpiIaslTest, FadtShowsHardwareReducedSleepAndReset) {
                                "Reset Register Supported (V2) : 1",
                                "Control Method Power Button (V1) : 1",
                                "Control Method Sleep Button (V1) : 1",
-                               "8042 Present on ports 60/64 (V2) : 1",
+                               "8042 Present on ports 60/64 (V2) : 0",
                                "VGA Not Present (V4) : 1",
                                "CMOS RTC Not Present (V5) : 0",
                                "MSI Not Supported (V4) : 0",
