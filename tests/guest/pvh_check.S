@@ -10,9 +10,11 @@
      r  reset through the i8042 (0xfe)   p  ACPI S5 power off (port 0x3c0)
      i  first check that module 0 (the initrd) starts with "keel", then exit 0
      w  wait for a byte on COM1 (polling LSR), echo it, then exit 0
+     m  read the PCI host bridge's ID through ECAM (MMIO) and through
+        ports 0xcf8/0xcfc, then exit 0
    A failed check writes its own code to the debug-exit port 0xf4:
      11 magic  12 version  13 command line  14 memmap  15 CR0.PG set
-     16 CR0.PE clear  17 initrd module
+     16 CR0.PE clear  17 initrd module  18 ECAM ID  19 port 0xcf8 ID
    (codes above 10, so they never look like keel-vmm's own statuses 0-3).
    Ring 0 is emulated slowly under PVM: every path is a few dozen instructions. */
 	.code32
@@ -76,6 +78,8 @@ print:
 	je power_off
 	cmp $'w', %edi
 	je echo
+	cmp $'m', %edi
+	je pci_ids
 	xor %eax, %eax                  /* every check passed */
 fail:
 	out %al, $0xf4
@@ -104,6 +108,27 @@ echo:
 	mov $0x3f8, %dx
 	inb %dx, %al
 	outb %al, %dx
+	xor %eax, %eax
+	out %al, $0xf4
+	jmp halt
+
+pci_ids:
+	/* The host bridge's vendor/device ID, once through ECAM (an MMIO exit
+	   dispatched on the MMIO bus) and once through configuration mechanism
+	   #1 (port exits): both must read 1b36:0008. */
+	mov $18, %al
+	cmpl $0x00081b36, 0xe0000000    /* ECAM bus 0, device 0, function 0, offset 0 */
+	jne fail
+	mov $19, %al
+	mov %eax, %ecx
+	mov $0x80000000, %eax           /* enable, bus 0, device 0, register 0 */
+	mov $0xcf8, %dx
+	out %eax, %dx
+	mov $0xcfc, %dx
+	in %dx, %eax
+	cmp $0x00081b36, %eax
+	mov %ecx, %eax
+	jne fail
 	xor %eax, %eax
 	out %al, $0xf4
 	jmp halt

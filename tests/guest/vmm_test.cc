@@ -407,6 +407,13 @@ TEST_F(VmmGuestTest, PvhEntryStateIsRight) {
   EXPECT_EQ(outcome.out, "") << "with --serial file: nothing goes to stdout";
 }
 
+// MMIO and port exits both reach the PCI host bridge: the guest reads its
+// vendor/device ID through ECAM (codes 18) and through 0xcf8/0xcfc (19).
+TEST_F(VmmGuestTest, PciHostBridgeAnswersOverEcamAndPorts) {
+  Outcome outcome = run_vmm(guest_args("pvh-test m"));
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+}
+
 TEST_F(VmmGuestTest, SerialOnStdio) {
   Outcome outcome = run_vmm(with(guest_args("pvh-test"), {"--serial", "stdio"}));
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
