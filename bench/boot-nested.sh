@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Linux boot-to-init, keel-vmm vs QEMU microvm, side by side in one L1 of the
 # nested harness (bench/nested/boot-to-init.sh). Prints each run and the
-# medians. Usage: bench/boot-nested.sh [RUNS]   (default 5 rounds)
+# medians. Usage: [BENCH_CMDLINE="kernel params"] bench/boot-nested.sh [RUNS]
+# (default 5 rounds; BENCH_CMDLINE is added to both VMMs' command line)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 runs=${1:-5}
@@ -12,7 +13,8 @@ out="$root/build/bench/boot-nested"
 rm -rf "$out"
 KEEL_SCENARIO_DIR="$root/bench/nested" python3 "$root/tests/system/harness.py" run \
   --kit "$root/build/kit" --binary "$root/build/src/vmm/keel-vmm" --scenario boot-to-init \
-  --env "BENCH_RUNS=$runs" --out "$out" --timeout 1500 >&2
+  --env "BENCH_RUNS=$runs" --env "BENCH_CMDLINE=${BENCH_CMDLINE:-}" --out "$out" \
+  --timeout 1500 >&2
 python3 - "$out/boot-to-init.log" <<'PY'
 import re, statistics, sys
 times = {}

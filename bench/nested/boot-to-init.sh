@@ -3,6 +3,7 @@
 # Benchmark (not a test): wall time from starting the VMM to the guest's
 # KEEL-INIT-READY line, keel-vmm against QEMU microvm, same kernel, initrd,
 # command line, 1 vCPU and 256 MiB, alternating VMMs for BENCH_RUNS rounds.
+# BENCH_CMDLINE adds kernel parameters to both (for experiments).
 # Run through bench/boot-nested.sh, which parses the BENCH lines.
 set -euo pipefail
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -16,7 +17,9 @@ boot_once() {
   dir="$KEEL_WORKDIR/$vmm-$run"
   mkdir -p "$dir"
   KEEL_L2_VMM=$vmm
-  _l2_parse_options --cpus 1 --mem 256 --kernel "$KEEL_KIT/$kernel"
+  # shellcheck disable=SC2086  # BENCH_CMDLINE is a list of kernel parameters
+  _l2_parse_options --cpus 1 --mem 256 --kernel "$KEEL_KIT/$kernel" \
+    ${BENCH_CMDLINE:+--cmdline "$BENCH_CMDLINE"}
   mkfifo "$dir/in"
   start=$(_now_cs)
   ( "_l2_exec_$vmm" ) <>"$dir/in" >"$dir/console.log" 2>"$dir/vmm.err" &
