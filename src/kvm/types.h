@@ -45,6 +45,21 @@ enum class Capability : int {
 
 std::string_view capability_name(Capability cap);
 
+// A flat (base 0, 4 GiB, present, DPL 0) segment register for entry states.
+enum class FlatSegment { Code64, Code32, Data };
+inline Segment flat_segment(uint16_t selector, FlatSegment kind) {
+  Segment segment{};
+  segment.limit = 0xffffffff;
+  segment.selector = selector;
+  segment.type = kind == FlatSegment::Data ? 0x3 : 0xb;  // read/write data, or execute/read code
+  segment.present = 1;
+  segment.s = 1;
+  segment.l = kind == FlatSegment::Code64 ? 1 : 0;
+  segment.db = kind == FlatSegment::Code64 ? 0 : 1;
+  segment.g = 1;
+  return segment;
+}
+
 enum class IoSpace { Pio, Mmio };
 
 struct MsrEntry {

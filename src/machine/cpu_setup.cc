@@ -140,18 +140,8 @@ Result<void> configure_vcpu(kvm::Vcpu& vcpu, const kvm::CpuidEntries& cpuid) {
 
 Result<void> set_boot_entry_state(kvm::Vcpu& vcpu, const boot::EntryPoint& entry) {
   kvm::Sregs sregs = TRY(vcpu.sregs());
-  auto flat = [](uint16_t selector, uint8_t type, bool code64, bool big) {
-    kvm::Segment segment{};
-    segment.limit = 0xffffffff;
-    segment.selector = selector;
-    segment.type = type;
-    segment.present = 1;
-    segment.s = 1;
-    segment.l = code64 ? 1 : 0;
-    segment.db = big ? 1 : 0;
-    segment.g = 1;
-    return segment;
-  };
+  using kvm::FlatSegment;
+  using kvm::flat_segment;
   kvm::Regs regs{};
   regs.rflags = 0x2;
   regs.rip = entry.rip;
@@ -161,8 +151,8 @@ Result<void> set_boot_entry_state(kvm::Vcpu& vcpu, const boot::EntryPoint& entry
     // __BOOT_CS = 0x10 and __BOOT_DS = 0x18, rsi = boot_params.
     sregs.gdt.base = layout::kGdtStart;
     sregs.gdt.limit = 4 * 8 - 1;
-    sregs.cs = flat(0x10, 0xb, true, false);
-    kvm::Segment data = flat(0x18, 0x3, false, true);
+    sregs.cs = flat_segment(0x10, FlatSegment::Code64);
+    kvm::Segment data = flat_segment(0x18, FlatSegment::Data);
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
     sregs.cr3 = layout::kPageTablesStart;
     sregs.cr4 = 1 << 5;  // PAE
@@ -171,8 +161,8 @@ Result<void> set_boot_entry_state(kvm::Vcpu& vcpu, const boot::EntryPoint& entry
     regs.rsi = entry.boot_info_address;
   } else {
     // PVH: 32-bit flat protected mode, paging off, ebx = hvm_start_info.
-    sregs.cs = flat(0x08, 0xb, false, true);
-    kvm::Segment data = flat(0x10, 0x3, false, true);
+    sregs.cs = flat_segment(0x08, FlatSegment::Code32);
+    kvm::Segment data = flat_segment(0x10, FlatSegment::Data);
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
     sregs.cr0 = kCr0Pe | kCr0Et;
     sregs.cr3 = 0;

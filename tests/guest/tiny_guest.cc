@@ -29,19 +29,6 @@ constexpr uint64_t kStackTop = 0x8000;
 // The kick signal only has to interrupt KVM_RUN; its handler does nothing.
 void ignore_signal(int) {}
 
-kvm::Segment flat_segment(uint16_t selector, uint8_t type, bool long_mode) {
-  kvm::Segment segment{};
-  segment.base = 0;
-  segment.limit = 0xffffffff;
-  segment.selector = selector;
-  segment.type = type;
-  segment.present = 1;
-  segment.s = 1;
-  segment.l = long_mode ? 1 : 0;
-  segment.db = long_mode ? 0 : 1;
-  segment.g = 1;
-  return segment;
-}
 
 // 1 GiB identity map of 2 MiB pages, present|writable|user, so that ring-3
 // code can touch everything without a fault (the ring-0 part stays tiny).
@@ -67,8 +54,8 @@ Result<void> enter_long_mode(kvm::Vcpu& vcpu) {
   kvm::Sregs sregs = TRY(vcpu.sregs());
   sregs.gdt.base = kGdt;
   sregs.gdt.limit = 3 * 8 - 1;
-  sregs.cs = flat_segment(0x08, 0xb, true);
-  kvm::Segment data = flat_segment(0x10, 0x3, false);
+  sregs.cs = kvm::flat_segment(0x08, kvm::FlatSegment::Code64);
+  kvm::Segment data = kvm::flat_segment(0x10, kvm::FlatSegment::Data);
   sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
   sregs.cr3 = kPml4;
   sregs.cr4 = 1 << 5;                     // PAE
