@@ -105,6 +105,7 @@ std::string_view capability_name(Capability cap) {
     case Capability::NrVcpus: return "KVM_CAP_NR_VCPUS";
     case Capability::MaxVcpus: return "KVM_CAP_MAX_VCPUS";
     case Capability::TscControl: return "KVM_CAP_TSC_CONTROL";
+    case Capability::TscDeadlineTimer: return "KVM_CAP_TSC_DEADLINE_TIMER";
     case Capability::Xsave: return "KVM_CAP_XSAVE";
     case Capability::Xcrs: return "KVM_CAP_XCRS";
     case Capability::DirtyLogRing: return "KVM_CAP_DIRTY_LOG_RING";

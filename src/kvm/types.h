@@ -36,6 +36,7 @@ enum class Capability : int {
   NrVcpus = KVM_CAP_NR_VCPUS,
   MaxVcpus = KVM_CAP_MAX_VCPUS,
   TscControl = KVM_CAP_TSC_CONTROL,
+  TscDeadlineTimer = KVM_CAP_TSC_DEADLINE_TIMER,
   Xsave = KVM_CAP_XSAVE,
   Xcrs = KVM_CAP_XCRS,
   DirtyLogRing = KVM_CAP_DIRTY_LOG_RING,

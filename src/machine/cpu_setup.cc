@@ -60,7 +60,8 @@ void add_extended_topology(kvm::CpuidEntries& entries, uint32_t leaf, uint32_t i
 
 }  // namespace
 
-kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index, uint32_t count) {
+kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index, uint32_t count,
+                              CpuidHostFeatures host) {
   kvm::CpuidEntries entries = supported;
   uint32_t max_basic = 0;
   for (const kvm::CpuidEntry& entry : entries) {
@@ -72,6 +73,9 @@ kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index
         entry.ebx = (entry.ebx & 0xffff) | (std::min<uint32_t>(count, 255) << 16) | (index << 24);
         entry.ecx |= 1u << 31;  // running under a hypervisor
         if (count > 1) entry.edx |= 1u << 28;  // HTT: EBX[23:16] is valid
+        // Without TSC-deadline the guest programs the LAPIC timer in one-shot
+        // mode, which it must first calibrate.
+        if (host.tsc_deadline_timer) entry.ecx |= 1u << 24;
         break;
       case 0x4: {
         // Deterministic cache parameters; a null cache type ends the list.

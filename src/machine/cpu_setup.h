@@ -15,9 +15,17 @@
 
 namespace keel::machine {
 
+// What the host's KVM can do beyond what KVM_GET_SUPPORTED_CPUID reports:
+// KVM emulates the LAPIC's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER)
+// but leaves advertising it to the VMM.
+struct CpuidHostFeatures {
+  bool tsc_deadline_timer = false;
+};
+
 // Adjusts KVM's supported CPUID for vCPU `index` of `count`: APIC IDs equal
 // the vCPU index, one thread per core, all cores in one package.
-kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index, uint32_t count);
+kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index, uint32_t count,
+                              CpuidHostFeatures host = {});
 
 // CPUID, MSRs, LAPIC and FPU for every vCPU.
 Result<void> configure_vcpu(kvm::Vcpu& vcpu, const kvm::CpuidEntries& cpuid);

@@ -99,9 +99,12 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
                                        fmt::format("kernel '{}'", config.kernel));
 
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
+  CpuidHostFeatures host{
+      .tsc_deadline_timer = kvm.check_extension(kvm::Capability::TscDeadlineTimer).value_or(0) > 0,
+  };
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
-    TRY_CONTEXT(configure_vcpu(*vcpu, build_cpuid(supported, index, config.cpus)),
+    TRY_CONTEXT(configure_vcpu(*vcpu, build_cpuid(supported, index, config.cpus, host)),
                 fmt::format("vcpu {}", index));
     machine->vcpus_.push_back(std::move(vcpu));
   }

@@ -83,6 +83,16 @@ TEST(BuildCpuidTest, Leaf1CarriesApicIdCountAndHypervisorBits) {
   EXPECT_EQ(leaf1->eax, 0x000906eau);
 }
 
+TEST(BuildCpuidTest, TscDeadlineFollowsTheHostCapability) {
+  constexpr uint32_t kTscDeadline = 1u << 24;
+  auto without = find(build_cpuid(supported_list(), 0, 1), 0x1, 0);
+  ASSERT_TRUE(without.has_value());
+  EXPECT_EQ(without->ecx & kTscDeadline, 0u) << "not advertised unless KVM can emulate it";
+  auto with = find(build_cpuid(supported_list(), 0, 1, {.tsc_deadline_timer = true}), 0x1, 0);
+  ASSERT_TRUE(with.has_value());
+  EXPECT_NE(with->ecx & kTscDeadline, 0u);
+}
+
 TEST(BuildCpuidTest, SingleVcpuHasNoHtt) {
   kvm::CpuidEntries cpuid = build_cpuid(supported_list(), 0, 1);
   std::optional<kvm::CpuidEntry> leaf1 = find(cpuid, 0x1);
