@@ -98,6 +98,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   boot::EntryPoint entry = TRY_CONTEXT(boot::load_linux(machine->memory_, images),
                                        fmt::format("kernel '{}'", config.kernel));
 
+  machine->exit_counts_ = std::vector<std::array<std::atomic<uint64_t>, kExitKinds>>(config.cpus);
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   CpuidHostFeatures host{
       .tsc_deadline_timer = kvm.check_extension(kvm::Capability::TscDeadlineTimer).value_or(0) > 0,
@@ -217,8 +218,23 @@ void Machine::vcpu_loop(kvm::Vcpu& vcpu) {
   }
 }
 
+std::string Machine::exit_summary() const {
+  std::string summary;
+  for (size_t kind = 0; kind < kExitKinds; ++kind) {
+    uint64_t total = 0;
+    for (const auto& row : exit_counts_) total += row[kind].load(std::memory_order_relaxed);
+    if (total == 0) continue;
+    if (!summary.empty()) summary += ", ";
+    summary += fmt::format("{} {}", kvm::exit_kind_name(static_cast<kvm::VcpuExit::Kind>(kind)),
+                           total);
+  }
+  return summary.empty() ? "none" : summary;
+}
+
 bool Machine::handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit) {
   using Kind = kvm::VcpuExit::Kind;
+  exit_counts_[vcpu.index()][static_cast<size_t>(exit.kind)].fetch_add(1,
+                                                                      std::memory_order_relaxed);
   switch (exit.kind) {
     case Kind::IoIn:
     case Kind::IoOut: {

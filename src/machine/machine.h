@@ -7,6 +7,7 @@
 
 #include <pthread.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -60,6 +61,8 @@ class Machine {
   const EventFd& stopped_event() const { return stopped_event_; }
 
   devices::Serial& serial() { return *serial_; }
+  // "io-out 1234, mmio-read 56, ..." summed over vCPUs, for logs.
+  std::string exit_summary() const;
   const memory::GuestMemory& memory() const { return memory_; }
 
  private:
@@ -80,6 +83,10 @@ class Machine {
   std::shared_ptr<devices::Serial> serial_;
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
+  // Userspace exits by kind, one row per vCPU: each row is written only by
+  // its own vCPU thread (relaxed), read by anyone for a summary.
+  static constexpr size_t kExitKinds = static_cast<size_t>(kvm::VcpuExit::Kind::Unknown) + 1;
+  std::vector<std::array<std::atomic<uint64_t>, kExitKinds>> exit_counts_;
   std::vector<pthread_t> vcpu_threads_;
 
   std::mutex stop_mutex_;  // guards stop_status_ and vcpu_threads_ during kicks

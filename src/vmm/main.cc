@@ -229,6 +229,7 @@ int run(int argc, char** argv) {
       status = {machine::StopReason::Stopped, 0, "stopped by the host during a guest reset"};
     }
     LOG_INFO("VM stopped: {} {}", machine::stop_reason_name(status.reason), status.detail);
+    LOG_INFO("userspace exits: {}", (*machine)->exit_summary());
     switch (status.reason) {
       case machine::StopReason::PowerOff:
       case machine::StopReason::Stopped: return kExitPowerOff;

@@ -105,7 +105,7 @@ AcpiConfig default_config(uint32_t cpu_count, uint64_t mmio64_base, uint64_t mmi
       .ioapic_id = 0,
       .lapic_address = layout::kLapicStart,
       .pci = {.ecam_base = layout::kPciEcamStart,
-              .bus_end = static_cast<uint8_t>(layout::kPciEcamSize / kEcamAlignment - 1),
+              .bus_end = layout::kPciLastBus,
               .mmio32_base = layout::kPciMmio32Start,
               .mmio32_size = layout::kPciMmio32Size,
               .mmio64_base = mmio64_base,
