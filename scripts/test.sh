@@ -7,28 +7,33 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'USAGE'
-Usage: scripts/test.sh [--no-system] [--no-sanitize]
+Usage: scripts/test.sh [--no-system] [--no-sanitize] [--no-fuzz]
 
 Runs all of Keel's tests on a Debian 12 machine, installing what is missing:
   1. scripts/setup.sh (Debian packages)
   2. build/ : unit tests, tiny guests on /dev/kvm, system tests that boot a
      real Linux guest inside a nested L1 (QEMU TCG + kvm-amd)
   3. build-asan/ : unit and tiny-guest tests under ASan + UBSan
+  4. build-fuzz/ : every libFuzzer target for a bounded time (KEEL_FUZZ_SECONDS,
+     default 30), corpora kept in ~/.cache/keel/fuzz
 Logs of the system tests are in build/system/. The last line sums up
 "N passed, N failed, N skipped" across all runs.
 
   --no-system     skip the nested system tests (they take a few minutes)
   --no-sanitize   skip the sanitizer build
+  --no-fuzz       skip the fuzzers
 USAGE
 }
 
 run_system=1
 run_sanitize=1
+run_fuzz=1
 for arg in "$@"; do
   case "$arg" in
     -h|--help) usage; exit 0 ;;
     --no-system) run_system=0 ;;
     --no-sanitize) run_sanitize=0 ;;
+    --no-fuzz) run_fuzz=0 ;;
     *) echo "test.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,6 +59,21 @@ if [[ $run_sanitize -eq 1 ]]; then
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build-asan -L 'unit|guest' --output-on-failure --no-tests=error \
     --output-junit "$results_dir/asan.xml" || status=1
+fi
+
+if [[ $run_fuzz -eq 1 ]]; then
+  fuzz_seconds=${KEEL_FUZZ_SECONDS:-30}
+  echo "== fuzzers (build-fuzz/, clang + libFuzzer): ${fuzz_seconds}s each"
+  fuzz_status=0
+  "$KEEL_ROOT/scripts/fuzz.sh" "$fuzz_seconds" || fuzz_status=1
+  [[ $fuzz_status -eq 0 ]] || status=1
+  # Reported like a test, so the closing line counts it.
+  if [[ $fuzz_status -eq 0 ]]; then
+    echo '<testsuite><testcase name="fuzzers" status="run"/></testsuite>' > "$results_dir/fuzz.xml"
+  else
+    echo '<testsuite><testcase name="fuzzers" status="fail"><failure/></testcase></testsuite>' \
+      > "$results_dir/fuzz.xml"
+  fi
 fi
 
 # One closing line over every run, counted from ctest's JUnit reports.
