@@ -216,7 +216,8 @@ Result<EntryPoint> load_bzimage(const GuestMemory& memory, const LinuxImages& im
                  static_cast<uint8_t>(load<uint8_t>(kernel, kLoadflagsOffset) | kCanUseHeap));
   store<uint16_t>(zero_page, kHeapEndPtrOffset, 0xfe00);
 
-  uint64_t cmdline_max = std::min<uint64_t>(load<uint32_t>(kernel, kCmdlineSizeOffset) + 1,
+  // 64-bit sum: a cmdline_size of 0xffffffff must not wrap to 0.
+  uint64_t cmdline_max = std::min<uint64_t>(uint64_t{load<uint32_t>(kernel, kCmdlineSizeOffset)} + 1,
                                             layout::kCmdlineMaxBytes);
   TRY(write_cmdline(memory, images.cmdline, cmdline_max));
   store<uint32_t>(zero_page, kCmdLinePtrOffset, static_cast<uint32_t>(layout::kCmdlineStart));

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <gmock/gmock.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "machine/layout.h"
@@ -159,6 +160,22 @@ TEST(BzImageLoaderTest, ReturnsThe64BitEntryAndZeroPage) {
   EXPECT_EQ(entry->rip, 0x100200u);
   EXPECT_EQ(entry->boot_info_address, 0x7000u);
   EXPECT_EQ(entry->boot_info_address, layout::kBootParamsStart);
+}
+
+// cmdline_size comes from the image: its maximum must not wrap the limit to
+// zero (which refused every command line); Keel's own limit applies instead.
+TEST(BzImageLoaderTest, HugeCmdlineSizeIsCappedNotWrapped) {
+  GuestMemory memory = make_memory(256 * kMiB);
+  BzImageSpec spec;
+  spec.cmdline_size = 0xffffffff;
+  std::vector<std::byte> kernel = make_bzimage(spec);
+  Result<EntryPoint> entry = load_linux(memory, images_of(kernel, {}, "console=ttyS0"));
+  ASSERT_TRUE(entry) << entry.error().message();
+  std::string too_long(layout::kCmdlineMaxBytes, 'x');
+  Result<EntryPoint> refused = load_linux(memory, images_of(kernel, {}, too_long));
+  ASSERT_FALSE(refused);
+  EXPECT_THAT(refused.error().message(),
+              HasSubstr(fmt::format("at most {}", layout::kCmdlineMaxBytes - 1)));
 }
 
 TEST(BzImageLoaderTest, CopiesThePayloadTo1MiB) {
