@@ -1,6 +1,11 @@
 #include "base/log.h"
 
+#include <algorithm>
+#include <memory>
+#include <sstream>
 #include <thread>
+
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <gtest/gtest.h>
 
@@ -39,9 +44,23 @@ TEST(RateLimiterTest, NewWindowAllowsAgain) {
   EXPECT_TRUE(limiter.allow());
 }
 
-TEST(RateLimiterTest, MacroCompilesAndLimits) {
-  init(Level::Off, "keel-test");
+TEST(RateLimiterTest, MacroLetsOnlyTheBurstThrough) {
+  // Capture what the macro really logs through an in-memory sink.
+  std::ostringstream captured;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(captured);
+  auto logger = std::make_shared<spdlog::logger>("capture", sink);
+  logger->set_pattern("%v");
+  logger->set_level(spdlog::level::warn);
+  spdlog::set_default_logger(logger);
   for (int i = 0; i < 100; ++i) LOG_RATELIMITED(warn, "guest did a bad thing {}", i);
+  init(Level::Off, "keel-test");  // restore a stderr logger
+
+  std::string text = captured.str();
+  size_t lines = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
+  EXPECT_EQ(lines, 10u) << text;  // the default burst, all in one window
+  EXPECT_NE(text.find("guest did a bad thing 0\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("guest did a bad thing 9\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find("guest did a bad thing 10\n"), std::string::npos) << text;
 }
 
 }  // namespace
