@@ -5,6 +5,8 @@ KEEL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export KEEL_CACHE_DIR=${KEEL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keel}
 export CCACHE_DIR=${CCACHE_DIR:-$KEEL_CACHE_DIR/ccache}
 export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+# Hash paths relative to the clone, so worktrees and fresh clones hit the cache.
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$KEEL_ROOT}
 mkdir -p "$KEEL_CACHE_DIR" "$CCACHE_DIR"
 
 # keel_build DIR [cmake args...]: configure (once) and build with Ninja.
