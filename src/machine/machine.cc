@@ -68,7 +68,23 @@ Machine::Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory,
     : config_(config), vm_(std::move(vm)), memory_(std::move(memory)),
       stopped_event_(std::move(stopped_event)) {}
 
-Machine::~Machine() = default;
+Machine::~Machine() {
+  // Devices stop their I/O (and drop their event-loop watches) before the
+  // loop goes away; a guest reset ends the Machine the same way.
+  for (auto& device : virtio_devices_) device->reset();
+  stop_io_thread();
+}
+
+void Machine::start_io_thread() {
+  if (io_thread_.joinable()) return;
+  io_thread_ = std::thread([this] { io_loop_->run(); });
+}
+
+void Machine::stop_io_thread() {
+  if (!io_thread_.joinable()) return;
+  io_loop_->stop();
+  io_thread_.join();
+}
 
 Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output) {
@@ -145,6 +161,8 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
                    std::make_shared<devices::PciConfigIo>(pci_bus_)));
   TRY(mmio_bus_.map(layout::kPciEcamStart, layout::kPciEcamSize,
                     std::make_shared<devices::PciEcam>(pci_bus_)));
+  io_loop_ = TRY(EventLoop::create());
+  TRY(build_virtio_devices());
   TRY(pci_bus_->assign_bars());
   if (config_.debug_exit) {
     TRY(pio_bus_.map(layout::kDebugExitPort, 1,
@@ -159,7 +177,23 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
   return ok();
 }
 
+Result<void> Machine::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device) {
+  const std::string name(device->name());
+  auto pci = TRY_CONTEXT(
+      devices::virtio::VirtioPci::create(std::move(device), memory_, interrupt_fabric_, *io_loop_),
+      name);
+  uint8_t slot = TRY_CONTEXT(pci_bus_->add_device(pci), name);
+  LOG_DEBUG("{} at PCI 00:{:02x}.0", name, slot);
+  virtio_devices_.push_back(std::move(pci));
+  return ok();
+}
+
+Result<void> Machine::build_virtio_devices() {
+  return ok();
+}
+
 StopStatus Machine::run() {
+  start_io_thread();
   std::vector<std::thread> threads;
   {
     std::lock_guard lock(stop_mutex_);

@@ -19,11 +19,15 @@
 #include <vector>
 
 #include "base/event_fd.h"
+#include "base/event_loop.h"
 #include "base/result.h"
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
 #include "devices/serial.h"
+#include "devices/virtio/device.h"
+#include "devices/virtio/pci_transport.h"
 #include "kvm/kvm.h"
+#include "machine/kvm_interrupts.h"
 #include "machine/vm_config.h"
 #include "memory/guest_memory.h"
 
@@ -61,6 +65,10 @@ class Machine {
   const EventFd& stopped_event() const { return stopped_event_; }
 
   devices::Serial& serial() { return *serial_; }
+  // The virtio devices on the PCI bus, in the order they were plugged.
+  const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
+    return virtio_devices_;
+  }
   // "io-out 1234, mmio-read 56, ..." summed over vCPUs, for logs.
   std::string exit_summary() const;
   const memory::GuestMemory& memory() const { return memory_; }
@@ -69,6 +77,10 @@ class Machine {
   Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory, EventFd stopped_event);
 
   Result<void> build_devices(devices::Serial::Output serial_output);
+  Result<void> build_virtio_devices();
+  Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
+  void start_io_thread();
+  void stop_io_thread();
   void vcpu_loop(kvm::Vcpu& vcpu);
   // Handles one exit; false when the vCPU must stop.
   bool handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit);
@@ -78,10 +90,16 @@ class Machine {
   VmConfig config_;
   kvm::Vm vm_;
   memory::GuestMemory memory_;
+  // Declared before the buses and devices that use them, so they are
+  // destroyed after them.
+  KvmInterruptFabric interrupt_fabric_{vm_};
+  std::unique_ptr<EventLoop> io_loop_;  // device I/O: doorbells, completions, sockets
+  std::thread io_thread_;
   devices::IoBus pio_bus_{"pio"};
   devices::IoBus mmio_bus_{"mmio"};
   std::shared_ptr<devices::Serial> serial_;
   std::shared_ptr<devices::PciBus> pci_bus_;
+  std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.

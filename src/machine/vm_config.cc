@@ -25,6 +25,7 @@ Result<const json*> member(const json& object, const char* key, json::value_t ty
     return fail(Errc::InvalidArgument,
                 fmt::format("{}: \"{}\" must be {}, not {}", source, key,
                             type == json::value_t::string           ? "a string"
+                            : type == json::value_t::array          ? "an array"
                             : type == json::value_t::boolean        ? "true or false"
                             : type == json::value_t::number_unsigned ? "a whole number"
                                                                      : "an object",
@@ -58,6 +59,184 @@ Result<void> check_readable_file(const char* field, const std::string& path) {
   return ok();
 }
 
+// key=value pairs in order, from "a=1,b=2" or from a JSON object.
+using KeyValues = std::vector<std::pair<std::string, std::string>>;
+
+Result<KeyValues> split_key_values(const std::string& text, const std::string& what) {
+  KeyValues pairs;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    std::string item = text.substr(start, end - start);
+    start = end + 1;
+    if (item.empty()) continue;
+    size_t equals = item.find('=');
+    if (equals == std::string::npos || equals == 0) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("{}: '{}' is not key=value (in '{}')", what, item, text));
+    }
+    pairs.emplace_back(item.substr(0, equals), item.substr(equals + 1));
+  }
+  return pairs;
+}
+
+Result<KeyValues> key_values_from_json(const json& object, const std::string& what) {
+  if (!object.is_object()) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: must be an object", what));
+  }
+  KeyValues pairs;
+  for (const auto& [key, value] : object.items()) {
+    if (value.is_string()) {
+      pairs.emplace_back(key, value.get<std::string>());
+    } else if (value.is_boolean()) {
+      pairs.emplace_back(key, value.get<bool>() ? "on" : "off");
+    } else if (value.is_number_unsigned()) {
+      pairs.emplace_back(key, std::to_string(value.get<uint64_t>()));
+    } else {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("{}: \"{}\" must be a string, a boolean or a whole number, not {}",
+                              what, key, value.type_name()));
+    }
+  }
+  return pairs;
+}
+
+Result<bool> parse_switch(const std::string& value, const std::string& what, const std::string& key) {
+  if (value == "on" || value == "true" || value == "yes" || value == "1") return true;
+  if (value == "off" || value == "false" || value == "no" || value == "0") return false;
+  return fail(Errc::InvalidArgument,
+              fmt::format("{}: {}='{}' must be on or off", what, key, value));
+}
+
+Result<uint64_t> parse_number(const std::string& value, const std::string& what,
+                              const std::string& key, uint64_t max) {
+  uint64_t number = 0;
+  if (value.empty() || value.size() > 19 ||
+      value.find_first_not_of("0123456789") != std::string::npos) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: {}='{}' must be a whole number", what, key, value));
+  }
+  number = std::stoull(value);
+  if (number > max) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: {}={} is more than {}", what, key, number, max));
+  }
+  return number;
+}
+
+Failure unknown_key(const std::string& what, const std::string& key, const char* known) {
+  return fail(Errc::InvalidArgument,
+              fmt::format("{}: unknown key '{}' (known: {})", what, key, known));
+}
+
+Result<DiskConfig> disk_from(const KeyValues& pairs, const std::string& what) {
+  DiskConfig disk;
+  for (const auto& [key, value] : pairs) {
+    if (key == "path") {
+      disk.path = value;
+    } else if (key == "readonly") {
+      disk.read_only = TRY(parse_switch(value, what, key));
+    } else if (key == "serial") {
+      if (value.size() > 20) {
+        return fail(Errc::InvalidArgument,
+                    fmt::format("{}: serial='{}' is longer than 20 bytes", what, value));
+      }
+      disk.serial = value;
+    } else if (key == "format") {
+      if (value != "auto" && value != "raw" && value != "qcow2") {
+        return fail(Errc::InvalidArgument,
+                    fmt::format("{}: format='{}' must be auto, raw or qcow2", what, value));
+      }
+      disk.format = value;
+    } else {
+      return unknown_key(what, key, "path, readonly, serial, format");
+    }
+  }
+  if (disk.path.empty()) return fail(Errc::InvalidArgument, fmt::format("{}: path= is missing", what));
+  return disk;
+}
+
+Result<NetConfig> net_from(const KeyValues& pairs, const std::string& what) {
+  NetConfig net;
+  for (const auto& [key, value] : pairs) {
+    if (key == "tap") {
+      // IFNAMSIZ is 16 with the terminating NUL.
+      if (value.empty() || value.size() > 15 || value.find('/') != std::string::npos) {
+        return fail(Errc::InvalidArgument,
+                    fmt::format("{}: tap='{}' is not a valid interface name (1-15 bytes)", what,
+                                value));
+      }
+      net.tap = value;
+    } else if (key == "mac") {
+      net.mac = value;
+    } else if (key == "mtu") {
+      net.mtu = static_cast<uint32_t>(TRY(parse_number(value, what, key, 65535)));
+      if (net.mtu < 68) {
+        return fail(Errc::InvalidArgument, fmt::format("{}: mtu={} is below 68", what, net.mtu));
+      }
+    } else if (key == "bridge") {
+      net.bridge = value;
+    } else {
+      return unknown_key(what, key, "tap, mac, mtu, bridge");
+    }
+  }
+  if (net.tap.empty()) return fail(Errc::InvalidArgument, fmt::format("{}: tap= is missing", what));
+  return net;
+}
+
+Result<BalloonConfig> balloon_from(const KeyValues& pairs, const std::string& what) {
+  BalloonConfig balloon;
+  for (const auto& [key, value] : pairs) {
+    if (key == "target-mib" || key == "target_mib") {
+      balloon.target_mib = TRY(parse_number(value, what, key, uint64_t{1} << 40));
+    } else if (key == "deflate-on-oom" || key == "deflate_on_oom") {
+      balloon.deflate_on_oom = TRY(parse_switch(value, what, key));
+    } else if (key == "free-page-reporting" || key == "free_page_reporting") {
+      balloon.free_page_reporting = TRY(parse_switch(value, what, key));
+    } else if (key == "stats-period" || key == "stats_period_s") {
+      balloon.stats_period_s = static_cast<uint32_t>(TRY(parse_number(value, what, key, 86400)));
+    } else {
+      return unknown_key(what, key, "target-mib, deflate-on-oom, free-page-reporting, stats-period");
+    }
+  }
+  return balloon;
+}
+
+Result<VsockConfig> vsock_from(const KeyValues& pairs, const std::string& what) {
+  VsockConfig vsock;
+  bool have_cid = false;
+  for (const auto& [key, value] : pairs) {
+    if (key == "cid") {
+      vsock.cid = TRY(parse_number(value, what, key, 0xffffffffull - 1));
+      have_cid = true;
+    } else if (key == "socket") {
+      vsock.socket = value;
+    } else {
+      return unknown_key(what, key, "cid, socket");
+    }
+  }
+  // CIDs 0-2 are the hypervisor, local and host (virtio 1.2 §5.10.4).
+  if (have_cid && vsock.cid < 3) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: cid={} is reserved (use 3 or more)", what,
+                                                   vsock.cid));
+  }
+  if (vsock.socket.empty()) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: socket= is missing", what));
+  }
+  return vsock;
+}
+
+std::string serial_text(const SerialConfig& serial) {
+  switch (serial.kind) {
+    case SerialConfig::Kind::Stdio: return "stdio";
+    case SerialConfig::Kind::None: return "none";
+    case SerialConfig::Kind::File: return "file:" + serial.path;
+    case SerialConfig::Kind::Unix: return "unix:" + serial.path;
+  }
+  return "none";
+}
+
 }  // namespace
 
 Result<SerialConfig> parse_serial(const std::string& text) {
@@ -76,6 +255,19 @@ Result<SerialConfig> parse_serial(const std::string& text) {
               fmt::format("serial '{}': expected stdio, none, file:PATH or unix:PATH", text));
 }
 
+Result<DiskConfig> parse_disk(const std::string& text) {
+  return disk_from(TRY(split_key_values(text, "--disk")), "--disk");
+}
+Result<NetConfig> parse_net(const std::string& text) {
+  return net_from(TRY(split_key_values(text, "--net")), "--net");
+}
+Result<BalloonConfig> parse_balloon(const std::string& text) {
+  return balloon_from(TRY(split_key_values(text == "on" ? "" : text, "--balloon")), "--balloon");
+}
+Result<VsockConfig> parse_vsock(const std::string& text) {
+  return vsock_from(TRY(split_key_values(text, "--vsock")), "--vsock");
+}
+
 Result<void> merge_json(const std::string& json_text, const std::string& source,
                         VmConfig& config) {
   json document = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
@@ -92,14 +284,16 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
   if (!document.is_object()) {
     return fail(Errc::InvalidArgument, fmt::format("{}: the top level must be an object", source));
   }
-  static const char* const kKnownKeys[] = {"kernel", "initrd",     "cmdline", "cpus", "memory_mib",
-                                           "serial", "reboot",     "debug_exit", "acpi"};
+  static const char* const kKnownKeys[] = {
+      "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial", "reboot",  "debug_exit",
+      "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
   for (const auto& [key, value] : document.items()) {
     if (std::find_if(std::begin(kKnownKeys), std::end(kKnownKeys),
                      [&key](const char* known) { return key == known; }) == std::end(kKnownKeys)) {
       return fail(Errc::InvalidArgument,
                   fmt::format("{}: unknown key \"{}\" (known: kernel, initrd, cmdline, cpus, "
-                              "memory_mib, serial, reboot, debug_exit, acpi)",
+                              "memory_mib, serial, reboot, debug_exit, acpi, disks, nets, rng, virtio_console, "
+                              "balloon, vsock)",
                               source, key));
     }
   }
@@ -123,6 +317,32 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
   if (auto v = TRY(member(document, "reboot", T::boolean, source))) config.reboot = v->get<bool>();
   if (auto v = TRY(member(document, "debug_exit", T::boolean, source))) config.debug_exit = v->get<bool>();
   if (auto v = TRY(member(document, "acpi", T::boolean, source))) config.acpi = v->get<bool>();
+  if (auto v = TRY(member(document, "disks", T::array, source))) {
+    config.disks.clear();
+    for (size_t i = 0; i < v->size(); ++i) {
+      const std::string what = fmt::format("{}: disks[{}]", source, i);
+      config.disks.push_back(TRY(disk_from(TRY(key_values_from_json((*v)[i], what)), what)));
+    }
+  }
+  if (auto v = TRY(member(document, "nets", T::array, source))) {
+    config.nets.clear();
+    for (size_t i = 0; i < v->size(); ++i) {
+      const std::string what = fmt::format("{}: nets[{}]", source, i);
+      config.nets.push_back(TRY(net_from(TRY(key_values_from_json((*v)[i], what)), what)));
+    }
+  }
+  if (auto v = TRY(member(document, "rng", T::boolean, source))) config.rng = v->get<bool>();
+  if (auto v = TRY(member(document, "virtio_console", T::string, source))) {
+    config.virtio_console = TRY_CONTEXT(parse_serial(v->get<std::string>()), source);
+  }
+  if (auto v = TRY(member(document, "balloon", T::object, source))) {
+    const std::string what = source + ": balloon";
+    config.balloon = TRY(balloon_from(TRY(key_values_from_json(*v, what)), what));
+  }
+  if (auto v = TRY(member(document, "vsock", T::object, source))) {
+    const std::string what = source + ": vsock";
+    config.vsock = TRY(vsock_from(TRY(key_values_from_json(*v, what)), what));
+  }
   return ok();
 }
 
@@ -137,6 +357,20 @@ Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_
   if (config.cpus > limit) {
     return fail(Errc::InvalidArgument,
                 fmt::format("cpus: {} is more than this host's KVM allows ({})", config.cpus, limit));
+  }
+  for (size_t i = 0; i < config.disks.size(); ++i) {
+    const std::string field = fmt::format("disk {} ({})", i, config.disks[i].path);
+    if (::access(config.disks[i].path.c_str(), config.disks[i].read_only ? R_OK : R_OK | W_OK) != 0) {
+      return fail(Errc::NotFound, fmt::format("{}: cannot open for {}: {}", field,
+                                              config.disks[i].read_only ? "reading" : "writing",
+                                              std::strerror(errno)));
+    }
+  }
+  int stdio_users = (config.serial.kind == SerialConfig::Kind::Stdio) +
+                    (config.virtio_console && config.virtio_console->kind == SerialConfig::Kind::Stdio);
+  if (stdio_users > 1) {
+    return fail(Errc::InvalidArgument,
+                "virtio-console: stdio is already the serial console (use --serial none)");
   }
   if (config.memory_mib < kMinimumMemoryMib) {
     return fail(Errc::InvalidArgument,
@@ -158,15 +392,33 @@ std::string to_json(const VmConfig& config) {
   document["cmdline"] = config.cmdline;
   document["cpus"] = config.cpus;
   document["memory_mib"] = config.memory_mib;
-  switch (config.serial.kind) {
-    case SerialConfig::Kind::Stdio: document["serial"] = "stdio"; break;
-    case SerialConfig::Kind::None: document["serial"] = "none"; break;
-    case SerialConfig::Kind::File: document["serial"] = "file:" + config.serial.path; break;
-    case SerialConfig::Kind::Unix: document["serial"] = "unix:" + config.serial.path; break;
-  }
+  document["serial"] = serial_text(config.serial);
   document["reboot"] = config.reboot;
   document["debug_exit"] = config.debug_exit;
   document["acpi"] = config.acpi;
+  document["disks"] = json::array();
+  for (const DiskConfig& disk : config.disks) {
+    document["disks"].push_back({{"path", disk.path},
+                                 {"readonly", disk.read_only},
+                                 {"serial", disk.serial},
+                                 {"format", disk.format}});
+  }
+  document["nets"] = json::array();
+  for (const NetConfig& net : config.nets) {
+    document["nets"].push_back(
+        {{"tap", net.tap}, {"mac", net.mac}, {"mtu", net.mtu}, {"bridge", net.bridge}});
+  }
+  document["rng"] = config.rng;
+  if (config.virtio_console) document["virtio_console"] = serial_text(*config.virtio_console);
+  if (config.balloon) {
+    document["balloon"] = {{"target_mib", config.balloon->target_mib},
+                           {"deflate_on_oom", config.balloon->deflate_on_oom},
+                           {"free_page_reporting", config.balloon->free_page_reporting},
+                           {"stats_period_s", config.balloon->stats_period_s}};
+  }
+  if (config.vsock) {
+    document["vsock"] = {{"cid", config.vsock->cid}, {"socket", config.vsock->socket}};
+  }
   return document.dump(2);
 }
 

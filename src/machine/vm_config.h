@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "base/result.h"
 
@@ -15,6 +16,40 @@ struct SerialConfig {
   enum class Kind { Stdio, File, Unix, None };
   Kind kind = Kind::Stdio;
   std::string path;  // File and Unix
+};
+
+// --disk path=P[,readonly=on][,serial=S][,format=auto|raw|qcow2]
+struct DiskConfig {
+  std::string path;
+  bool read_only = false;
+  std::string serial;  // the virtio-blk ID, at most 20 bytes
+  std::string format = "auto";
+  bool operator==(const DiskConfig&) const = default;
+};
+
+// --net tap=NAME[,mac=52:54:00:12:34:56][,mtu=1500][,bridge=BR]
+struct NetConfig {
+  std::string tap;     // opened if it exists, created otherwise
+  std::string mac;     // empty: a random locally administered address
+  uint32_t mtu = 1500;
+  std::string bridge;  // an existing Linux bridge to attach the tap to
+  bool operator==(const NetConfig&) const = default;
+};
+
+// --balloon [target-mib=N][,deflate-on-oom=on][,free-page-reporting=on][,stats-period=S]
+struct BalloonConfig {
+  uint64_t target_mib = 0;  // memory the guest should give back
+  bool deflate_on_oom = true;
+  bool free_page_reporting = true;
+  uint32_t stats_period_s = 0;  // 0: the host never asks for statistics
+  bool operator==(const BalloonConfig&) const = default;
+};
+
+// --vsock cid=N,socket=PATH (Firecracker-style hybrid vsock, docs/vsock.md)
+struct VsockConfig {
+  uint64_t cid = 3;
+  std::string socket;
+  bool operator==(const VsockConfig&) const = default;
 };
 
 struct VmConfig {
@@ -27,10 +62,24 @@ struct VmConfig {
   bool reboot = true;        // false: a guest reboot ends keel-vmm (exit status 3)
   bool debug_exit = false;   // map the test-exit port 0xf4
   bool acpi = true;
+  // Virtio devices, each a PCI function on bus 0.
+  std::vector<DiskConfig> disks;
+  std::vector<NetConfig> nets;
+  bool rng = false;
+  std::optional<SerialConfig> virtio_console;  // hvc0
+  std::optional<BalloonConfig> balloon;
+  std::optional<VsockConfig> vsock;
 };
 
 // "stdio", "none", "file:PATH" or "unix:PATH".
 Result<SerialConfig> parse_serial(const std::string& text);
+
+// The comma-separated key=value forms of --disk, --net, --balloon and
+// --vsock; errors name the flag, the key and the value.
+Result<DiskConfig> parse_disk(const std::string& text);
+Result<NetConfig> parse_net(const std::string& text);
+Result<BalloonConfig> parse_balloon(const std::string& text);
+Result<VsockConfig> parse_vsock(const std::string& text);
 
 // Parses a JSON document into config, overriding only the keys present.
 // Unknown keys, wrong types and impossible values are errors naming the key.

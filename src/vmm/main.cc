@@ -125,7 +125,8 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console, con
 int run(int argc, char** argv) {
   CLI::App app{
       "keel-vmm: runs one virtual machine on /dev/kvm. Boots a Linux kernel (bzImage or an ELF "
-      "vmlinux with a PVH entry) with an optional initrd, a serial console, ACPI and SMP.",
+      "vmlinux with a PVH entry) with an optional initrd, a serial console, ACPI, SMP and "
+      "virtio devices on PCI (disks, NICs, console, rng, balloon, vsock).",
       "keel-vmm"};
   app.footer(kFooter);
   machine::VmConfig config;
@@ -133,7 +134,9 @@ int run(int argc, char** argv) {
   std::optional<uint32_t> cpus;
   std::optional<uint64_t> memory_mib;
   std::optional<std::string> kernel, initrd, cmdline;
-  bool no_reboot = false, debug_exit = false, no_acpi = false, print_config = false;
+  bool no_reboot = false, debug_exit = false, no_acpi = false, print_config = false, rng = false;
+  std::vector<std::string> disk_texts, net_texts;
+  std::string virtio_console_text, balloon_text, vsock_text;
   app.add_option("--config", config_file, "VM configuration as JSON (docs/vm-config.md); flags given too override it");
   app.add_option("--kernel", kernel, "Linux kernel: a bzImage, or an ELF vmlinux with a PVH entry note");
   app.add_option("--initrd", initrd, "Initial ramdisk (cpio archive, compressed or not)");
@@ -141,6 +144,22 @@ int run(int argc, char** argv) {
   app.add_option("--cpus", cpus, "Number of vCPUs (default 1)");
   app.add_option("--memory", memory_mib, "Guest memory in MiB (default 512)");
   app.add_option("--serial", serial_text, "Serial console: stdio (default), none, file:PATH or unix:PATH");
+  app.add_option("--disk", disk_texts,
+                 "A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=auto|raw|qcow2]; "
+                 "repeat for more disks");
+  app.add_option("--net", net_texts,
+                 "A virtio-net NIC on a tap device: tap=NAME[,mac=52:54:00:..][,mtu=1500]"
+                 "[,bridge=BR]; the tap is created if missing; repeat for more NICs");
+  app.add_flag("--rng", rng, "Add a virtio-rng device fed by getrandom() (the guest's /dev/hwrng)");
+  app.add_option("--virtio-console", virtio_console_text,
+                 "Add a virtio console (the guest's hvc0): stdio, none, file:PATH or unix:PATH; "
+                 "stdio needs --serial none");
+  app.add_option("--balloon", balloon_text,
+                 "Add a virtio-balloon: on, or target-mib=N[,deflate-on-oom=on]"
+                 "[,free-page-reporting=on][,stats-period=SECONDS]");
+  app.add_option("--vsock", vsock_text,
+                 "Add a virtio-vsock device: cid=N,socket=PATH (host side is a unix socket proxy, "
+                 "see docs/vsock.md)");
   app.add_flag("--no-reboot", no_reboot, "Exit with status 3 when the guest reboots, instead of rebooting it");
   app.add_flag("--no-acpi", no_acpi, "Do not give the guest ACPI tables");
   app.add_flag("--debug-exit", debug_exit, "Map the test-exit port 0xf4: a byte written there ends the VM with it as exit status");
@@ -180,6 +199,32 @@ int run(int argc, char** argv) {
     Result<machine::SerialConfig> serial = machine::parse_serial(serial_text);
     if (!serial) return config_error(Error(serial.error()).wrap("--serial"));
     config.serial = *serial;
+  }
+  for (const std::string& text : disk_texts) {
+    Result<machine::DiskConfig> disk = machine::parse_disk(text);
+    if (!disk) return config_error(disk.error());
+    config.disks.push_back(*disk);
+  }
+  for (const std::string& text : net_texts) {
+    Result<machine::NetConfig> net = machine::parse_net(text);
+    if (!net) return config_error(net.error());
+    config.nets.push_back(*net);
+  }
+  if (rng) config.rng = true;
+  if (!virtio_console_text.empty()) {
+    Result<machine::SerialConfig> console = machine::parse_serial(virtio_console_text);
+    if (!console) return config_error(Error(console.error()).wrap("--virtio-console"));
+    config.virtio_console = *console;
+  }
+  if (!balloon_text.empty()) {
+    Result<machine::BalloonConfig> balloon = machine::parse_balloon(balloon_text);
+    if (!balloon) return config_error(balloon.error());
+    config.balloon = *balloon;
+  }
+  if (!vsock_text.empty()) {
+    Result<machine::VsockConfig> vsock = machine::parse_vsock(vsock_text);
+    if (!vsock) return config_error(vsock.error());
+    config.vsock = *vsock;
   }
   if (no_reboot) config.reboot = false;
   if (debug_exit) config.debug_exit = true;

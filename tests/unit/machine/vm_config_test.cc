@@ -326,3 +326,106 @@ TEST(ToJsonTest, DefaultsAreListed) {
 
 }  // namespace
 }  // namespace keel::machine
+
+namespace keel::machine {
+namespace {
+
+// ---- virtio device flags and JSON ----
+
+TEST(DeviceFlagsTest, DiskTakesEveryKey) {
+  Result<DiskConfig> disk = parse_disk("path=/var/a.img,readonly=on,serial=ABC,format=qcow2");
+  ASSERT_TRUE(disk) << disk.error().message();
+  EXPECT_EQ(*disk, (DiskConfig{"/var/a.img", true, "ABC", "qcow2"}));
+  EXPECT_EQ(parse_disk("path=/x")->format, "auto");
+}
+
+TEST(DeviceFlagsTest, DiskErrorsNameKeyAndValue) {
+  EXPECT_THAT(parse_disk("readonly=on").error().message(), HasSubstr("path= is missing"));
+  EXPECT_THAT(parse_disk("path=/x,format=vmdk").error().message(),
+              AllOf(HasSubstr("--disk"), HasSubstr("format='vmdk'")));
+  EXPECT_THAT(parse_disk("path=/x,serial=123456789012345678901").error().message(),
+              HasSubstr("longer than 20"));
+  EXPECT_THAT(parse_disk("path=/x,colour=red").error().message(), HasSubstr("unknown key 'colour'"));
+  EXPECT_THAT(parse_disk("path=/x,junk").error().message(), HasSubstr("'junk' is not key=value"));
+}
+
+TEST(DeviceFlagsTest, NetChecksNameAndMtu) {
+  Result<NetConfig> net = parse_net("tap=tap0,mac=52:54:00:00:00:01,mtu=9000,bridge=br0");
+  ASSERT_TRUE(net) << net.error().message();
+  EXPECT_EQ(*net, (NetConfig{"tap0", "52:54:00:00:00:01", 9000, "br0"}));
+  EXPECT_THAT(parse_net("tap=averyveryverylongname").error().message(), HasSubstr("interface name"));
+  EXPECT_THAT(parse_net("tap=t,mtu=12").error().message(), HasSubstr("below 68"));
+  EXPECT_THAT(parse_net("tap=t,mtu=70000").error().message(), HasSubstr("more than 65535"));
+  EXPECT_THAT(parse_net("tap=t,mtu=-1").error().message(), HasSubstr("whole number"));
+  EXPECT_THAT(parse_net("mac=52:54:00:00:00:01").error().message(), HasSubstr("tap= is missing"));
+}
+
+TEST(DeviceFlagsTest, BalloonAndVsock) {
+  EXPECT_EQ(*parse_balloon("on"), BalloonConfig{});
+  Result<BalloonConfig> balloon = parse_balloon("target-mib=128,deflate-on-oom=off,stats-period=5");
+  ASSERT_TRUE(balloon);
+  EXPECT_EQ(balloon->target_mib, 128u);
+  EXPECT_FALSE(balloon->deflate_on_oom);
+  EXPECT_EQ(balloon->stats_period_s, 5u);
+  EXPECT_EQ(*parse_vsock("cid=7,socket=/run/v.sock"), (VsockConfig{7, "/run/v.sock"}));
+  EXPECT_THAT(parse_vsock("cid=2,socket=/s").error().message(), HasSubstr("reserved"));
+  EXPECT_THAT(parse_vsock("cid=9").error().message(), HasSubstr("socket= is missing"));
+}
+
+TEST(DeviceJsonTest, DevicesRoundTrip) {
+  VmConfig original;
+  original.disks = {DiskConfig{"/a.img", false, "", "auto"}, DiskConfig{"/b.qcow2", true, "S1", "qcow2"}};
+  original.nets = {NetConfig{"tap3", "", 1500, "br9"}};
+  original.rng = true;
+  original.virtio_console = SerialConfig{SerialConfig::Kind::Unix, "/run/hvc.sock"};
+  original.balloon = BalloonConfig{64, false, true, 2};
+  original.vsock = VsockConfig{5, "/run/vsock"};
+  const std::string text = to_json(original);
+  VmConfig copy;
+  Result<void> merged = merge_json(text, "to_json", copy);
+  ASSERT_TRUE(merged) << merged.error().message() << "\n" << text;
+  EXPECT_EQ(copy.disks, original.disks);
+  EXPECT_EQ(copy.nets, original.nets);
+  EXPECT_TRUE(copy.rng);
+  EXPECT_EQ(copy.virtio_console->path, "/run/hvc.sock");
+  EXPECT_EQ(copy.balloon, original.balloon);
+  EXPECT_EQ(copy.vsock, original.vsock);
+  EXPECT_EQ(to_json(copy), text);
+}
+
+TEST(DeviceJsonTest, BadDeviceEntriesNameTheirPlace) {
+  VmConfig config;
+  EXPECT_THAT(merge_json(R"({"disks": [{"path": "/a"}, {"readonly": true}]})", "vm.json", config)
+                  .error().message(),
+              AllOf(HasSubstr("vm.json: disks[1]"), HasSubstr("path= is missing")));
+  EXPECT_THAT(merge_json(R"({"disks": {"path": "/a"}})", "vm.json", config).error().message(),
+              HasSubstr("\"disks\" must be an array"));
+  EXPECT_THAT(merge_json(R"({"nets": [{"tap": "t", "mtu": [1]}]})", "vm.json", config)
+                  .error().message(),
+              HasSubstr("nets[0]: \"mtu\" must be"));
+  EXPECT_THAT(merge_json(R"({"vsock": {"cid": 1, "socket": "/s"}})", "vm.json", config)
+                  .error().message(),
+              HasSubstr("vm.json: vsock: cid=1 is reserved"));
+}
+
+TEST(DeviceValidateTest, StdioOnlyOnce) {
+  VmConfig config;
+  config.kernel = "/proc/self/exe";
+  config.virtio_console = SerialConfig{SerialConfig::Kind::Stdio, ""};
+  Result<void> valid = validate(config, 8, 64 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("--serial none"));
+}
+
+TEST(DeviceValidateTest, MissingDiskIsNamed) {
+  VmConfig config;
+  config.kernel = "/proc/self/exe";
+  config.serial.kind = SerialConfig::Kind::None;
+  config.disks = {DiskConfig{"/nonexistent/disk.img", false, "", "auto"}};
+  Result<void> valid = validate(config, 8, 64 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), AllOf(HasSubstr("disk 0"), HasSubstr("/nonexistent/disk.img")));
+}
+
+}  // namespace
+}  // namespace keel::machine
