@@ -39,7 +39,6 @@ constexpr uint64_t kMemBarMinBytes = 16;
 constexpr uint64_t kMem32BarMaxBytes = uint64_t{1} << 31;
 constexpr uint64_t kMem64BarMaxBytes = uint64_t{1} << 63;
 
-constexpr uint16_t kFirstCapabilityOffset = 0x40;
 constexpr uint16_t kCapabilitiesEnd = 0x100;
 
 uint16_t bar_offset(int index) {
