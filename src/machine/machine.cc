@@ -87,7 +87,8 @@ void Machine::stop_io_thread() {
 }
 
 Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
-                                                 devices::Serial::Output serial_output) {
+                                                 devices::Serial::Output serial_output,
+                                                 ConsoleOutput virtio_console_output) {
   memory::GuestMemory memory = TRY(memory::GuestMemory::create(
       config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
   kvm::Vm vm = TRY(kvm.create_vm());
@@ -102,7 +103,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   EventFd stopped_event = TRY(EventFd::create());
   std::unique_ptr<Machine> machine(
       new Machine(config, std::move(vm), std::move(memory), std::move(stopped_event)));
-  TRY(machine->build_devices(std::move(serial_output)));
+  TRY(machine->build_devices(std::move(serial_output), std::move(virtio_console_output)));
 
   std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
   std::vector<std::byte> initrd;
@@ -129,7 +130,8 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   return machine;
 }
 
-Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
+Result<void> Machine::build_devices(devices::Serial::Output serial_output,
+                                    ConsoleOutput virtio_console_output) {
   serial_ = std::make_shared<devices::Serial>(std::move(serial_output), [this] {
     // An edge on ISA IRQ 4 (IOAPIC pin 4 / PIC line 4).
     if (!vm_.set_irq_line(layout::kCom1Irq, true) || !vm_.set_irq_line(layout::kCom1Irq, false)) {
@@ -162,7 +164,7 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output) {
   TRY(mmio_bus_.map(layout::kPciEcamStart, layout::kPciEcamSize,
                     std::make_shared<devices::PciEcam>(pci_bus_)));
   io_loop_ = TRY(EventLoop::create());
-  TRY(build_virtio_devices());
+  TRY(build_virtio_devices(std::move(virtio_console_output)));
   TRY(pci_bus_->assign_bars());
   if (config_.debug_exit) {
     TRY(pio_bus_.map(layout::kDebugExitPort, 1,
@@ -188,8 +190,13 @@ Result<void> Machine::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> 
   return ok();
 }
 
-Result<void> Machine::build_virtio_devices() {
+Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) {
+  (void)virtio_console_output;
   return ok();
+}
+
+void Machine::virtio_console_input(std::span<const std::byte> bytes) {
+  (void)bytes;
 }
 
 StopStatus Machine::run() {

@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -53,8 +54,12 @@ std::string_view stop_reason_name(StopReason reason);
 class Machine {
  public:
   // Serial output goes to serial_output (called on vCPU threads).
+  // virtio_console_output takes the guest's hvc0 output (device I/O thread)
+  // when the config has a virtio console.
+  using ConsoleOutput = std::function<void(std::span<const std::byte>)>;
   static Result<std::unique_ptr<Machine>> create(const VmConfig& config, const kvm::Kvm& kvm,
-                                                 devices::Serial::Output serial_output);
+                                                 devices::Serial::Output serial_output,
+                                                 ConsoleOutput virtio_console_output = {});
   ~Machine();
 
   // Runs the vCPUs until the machine stops; returns why.
@@ -65,6 +70,8 @@ class Machine {
   const EventFd& stopped_event() const { return stopped_event_; }
 
   devices::Serial& serial() { return *serial_; }
+  // Host input for the virtio console; dropped if there is none.
+  void virtio_console_input(std::span<const std::byte> bytes);
   // The virtio devices on the PCI bus, in the order they were plugged.
   const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
     return virtio_devices_;
@@ -76,8 +83,9 @@ class Machine {
  private:
   Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory, EventFd stopped_event);
 
-  Result<void> build_devices(devices::Serial::Output serial_output);
-  Result<void> build_virtio_devices();
+  Result<void> build_devices(devices::Serial::Output serial_output,
+                             ConsoleOutput virtio_console_output);
+  Result<void> build_virtio_devices(ConsoleOutput virtio_console_output);
   Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
   void start_io_thread();
   void stop_io_thread();

@@ -79,18 +79,19 @@ uint64_t host_memory_bytes() {
 // host_stop is set when the host asked the VM to stop (a signal, Ctrl-A x):
 // the caller must not reboot then, even if the guest reset at the same time
 // and its reason reached the machine first.
-machine::StopStatus run_machine(machine::Machine& machine, Console& console, const Fd& signals,
-                                bool& host_stop) {
+machine::StopStatus run_machine(machine::Machine& machine, Console& console,
+                                Console* virtio_console, const Fd& signals, bool& host_stop) {
   machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
   std::thread runner([&] { status = machine.run(); });
   for (;;) {
-    pollfd fds[3] = {
+    // A negative fd is ignored by poll().
+    pollfd fds[4] = {
         {machine.stopped_event().get(), POLLIN, 0},
         {signals.get(), POLLIN, 0},
         {console.input_fd(), POLLIN, 0},
+        {virtio_console != nullptr ? virtio_console->input_fd() : -1, POLLIN, 0},
     };
-    int count = console.input_fd() >= 0 ? 3 : 2;
-    if (::poll(fds, static_cast<nfds_t>(count), -1) < 0) {
+    if (::poll(fds, 4, -1) < 0) {
       if (errno == EINTR) continue;
       machine.stop(machine::StopReason::Error, fmt::format("poll: {}", std::strerror(errno)));
       break;
@@ -104,13 +105,20 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console, con
         machine.stop(machine::StopReason::Stopped, fmt::format("signal {}", info.ssi_signo));
       }
     }
-    if (count == 3 && fds[2].revents) {
+    for (int index : {2, 3}) {
+      if (fds[index].fd < 0 || fds[index].revents == 0) continue;
+      Console& source = index == 2 ? console : *virtio_console;
       bool quit = false;
-      Result<std::string> input = console.read_input(quit);
+      Result<std::string> input = source.read_input(quit);
       if (!input) {
         LOG_WARN("{}", input.error().message());
       } else if (!input->empty()) {
-        machine.serial().enqueue_input(std::as_bytes(std::span(input->data(), input->size())));
+        auto bytes = std::as_bytes(std::span(input->data(), input->size()));
+        if (index == 2) {
+          machine.serial().enqueue_input(bytes);
+        } else {
+          machine.virtio_console_input(bytes);
+        }
       }
       if (quit) {
         host_stop = true;
@@ -256,11 +264,21 @@ int run(int argc, char** argv) {
   }
   Result<std::unique_ptr<Console>> console = Console::open(config.serial);
   if (!console) return config_error(console.error());
+  std::unique_ptr<Console> virtio_console;
+  if (config.virtio_console) {
+    Result<std::unique_ptr<Console>> opened = Console::open(*config.virtio_console);
+    if (!opened) return config_error(Error(opened.error()).wrap("--virtio-console"));
+    virtio_console = std::move(*opened);
+  }
 
   for (uint64_t boot = 1;; ++boot) {
     Console* sink = console->get();
+    Console* virtio_sink = virtio_console.get();
     Result<std::unique_ptr<machine::Machine>> machine = machine::Machine::create(
-        config, *kvm, [sink](std::span<const std::byte> bytes) { sink->write(bytes); });
+        config, *kvm, [sink](std::span<const std::byte> bytes) { sink->write(bytes); },
+        [virtio_sink](std::span<const std::byte> bytes) {
+          if (virtio_sink != nullptr) virtio_sink->write(bytes);
+        });
     if (!machine) {
       console->reset();  // restore the terminal before printing
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
@@ -269,7 +287,8 @@ int run(int argc, char** argv) {
       return machine.error().sys_errno() != 0 ? kExitFailure : kExitBadConfig;
     }
     bool host_stop = false;
-    machine::StopStatus status = run_machine(**machine, **console, *signals, host_stop);
+    machine::StopStatus status =
+        run_machine(**machine, **console, virtio_console.get(), *signals, host_stop);
     if (host_stop && status.reason == machine::StopReason::Reset) {
       status = {machine::StopReason::Stopped, 0, "stopped by the host during a guest reset"};
     }
