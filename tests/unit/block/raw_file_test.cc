@@ -13,39 +13,12 @@
 
 #include "base/fd.h"
 #include "block/image.h"
+#include "temp_image.h"
 
 namespace keel::block {
 namespace {
 
-// A temporary file of size_bytes, filled with a pattern; removed at scope end.
-class TempImage {
- public:
-  explicit TempImage(uint64_t size_bytes, uint8_t seed = 3) {
-    char name[] = "/tmp/keel-raw-test-XXXXXX";
-    int fd = ::mkstemp(name);
-    EXPECT_GE(fd, 0);
-    Fd file(fd);
-    path_ = name;
-    std::vector<std::byte> data(size_bytes);
-    for (size_t i = 0; i < data.size(); ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i));
-    EXPECT_TRUE(file.pwrite_all(data, 0).has_value());
-    contents_ = std::move(data);
-  }
-  ~TempImage() { ::unlink(path_.c_str()); }
-  const std::string& path() const { return path_; }
-  const std::vector<std::byte>& contents() const { return contents_; }
-
-  std::vector<std::byte> read_back(uint64_t offset, size_t length) const {
-    Fd file = std::move(*Fd::open(path_, O_RDONLY));
-    std::vector<std::byte> out(length);
-    EXPECT_TRUE(file.pread_all(out, offset).has_value());
-    return out;
-  }
-
- private:
-  std::string path_;
-  std::vector<std::byte> contents_;
-};
+using testing::TempImage;
 
 std::unique_ptr<RawFile> open_raw(const std::string& path, Access access = Access::ReadWrite) {
   auto raw = RawFile::open(path, access);
