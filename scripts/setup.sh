@@ -26,6 +26,8 @@ PACKAGES=(
   clang libclang-rt-14-dev
   # ACPI table checks in tests
   acpica-tools
+  # bench/blk.sh's comparison
+  fio
   # Guest kit and the nested system-test harness
   qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd python3 coreutils util-linux
 )

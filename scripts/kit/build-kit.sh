@@ -162,7 +162,7 @@ l2_modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
   virtio_console virtio_balloon virtio-rng vsock
   vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
 l1_modules=(irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_legacy_dev
-  virtio_pci_modern_dev virtio_pci virtio_blk)
+  virtio_pci_modern_dev virtio_pci virtio_blk tun llc stp bridge)
 
 make_data_tree() {
   local dir=$1
@@ -222,6 +222,11 @@ build_kit() {
     ln -s /bin/busybox "$ird/$applet"
   done
   install -m 0755 "$kit_dir/init" "$ird/init"
+  # The vsock test tool (guest and host sides); static, so it runs in this
+  # initramfs and in L1 alike.
+  gcc -static -Os -Wall -o "$dest/keel-vsock" "$kit_dir/keel-vsock.c" ||
+    die "compiling keel-vsock.c failed (gcc and libc6-dev are needed)"
+  install -m 0755 "$dest/keel-vsock" "$ird/bin/keel-vsock"
   mkdir -p "$ird/lib/modules/$kernel_version"
   local -a l2_paths
   mapfile -t l2_paths <<< "$l2_order"
@@ -258,6 +263,7 @@ KERNEL_PVH_ENTRY=$pvh_entry
 KIT_VMLINUZ=vmlinuz
 KIT_VMLINUX=vmlinux
 KIT_INITRAMFS=initramfs.cpio.gz
+KIT_VSOCK_TOOL=keel-vsock
 KIT_DATA_DISK=data.ext4
 KIT_DATA_SHA256SUMS=data.SHA256SUMS
 KIT_KERNEL_CONFIG=kernel.config
@@ -281,7 +287,7 @@ fi
 
 # --- install into OUTDIR ----------------------------------------------------
 kit_files=(vmlinuz vmlinux initramfs.cpio.gz data.ext4 data.SHA256SUMS
-  kernel.config kit.env)
+  kernel.config kit.env keel-vsock)
 current_id=$( (grep -s '^KEEL_KIT_ID=' "$outdir/kit.env" || true) | cut -d= -f2)
 if [[ "$current_id" == "$kit_id" && $force -eq 0 ]] &&
    cmp -s "$cached_kit/data.ext4" "$outdir/data.ext4"; then

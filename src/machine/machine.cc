@@ -6,12 +6,14 @@
 
 #include "base/fd.h"
 #include "base/log.h"
+#include "block/image.h"
 #include "boot/linux_loader.h"
 #include "devices/acpi_pm.h"
 #include "devices/i8042.h"
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
+#include "devices/virtio/blk.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
@@ -192,6 +194,18 @@ Result<void> Machine::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> 
 
 Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) {
   (void)virtio_console_output;
+  for (size_t index = 0; index < config_.disks.size(); ++index) {
+    const DiskConfig& disk = config_.disks[index];
+    const std::string what = fmt::format("disk {} '{}'", index, disk.path);
+    const block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(disk.format), what);
+    const block::Access access = disk.read_only ? block::Access::ReadOnly : block::Access::ReadWrite;
+    auto backend = TRY_CONTEXT(block::open_image(disk.path, format, access), what);
+    auto blk = TRY_CONTEXT(devices::virtio::Blk::create(
+                               std::move(backend),
+                               devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
+                           what);
+    TRY(add_virtio(std::move(blk)));
+  }
   return ok();
 }
 

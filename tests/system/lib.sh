@@ -20,6 +20,7 @@
 #   l2_boot NAME [--cpus N] [--mem MIB] [--cmdline STR] [--disk FILE]...
 #           [--kernel F] [--initrd F] [--serial-agent] [--timeout S]
 #           [--no-wait] [--verbose] [--allow-reboot]
+#           [--vmm-arg ARG]... [--console ttyS0|hvc0]   (the last two: keel only)
 #       Starts the VMM in the background and waits for KEEL-INIT-READY (sets
 #       L2_CPUS, L2_MEM_KB, L2_KERNEL). A guest that does not reach userspace
 #       is retried once (KEEL_L2_BOOT_RETRIES), keeping both consoles.
@@ -165,12 +166,30 @@ EOF
 }
 
 _l2_exec_keel() {
+  local disk mode readonly_opt arg
   # --no-reboot: a guest that panics (panic=-1 reboots) ends the run.
-  # FIXME: pass _l2_disks once keel-vmm has a disk option (l2 options
-  # refuse disks for this backend until then).
   set -- keel-vmm --kernel "$_l2_kernel" --initrd "$_l2_initrd" --cmdline "$_l2_cmdline" \
-    --cpus "$_l2_cpus" --memory "$_l2_mem_mib" --serial stdio --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
+    --cpus "$_l2_cpus" --memory "$_l2_mem_mib" --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
+  if [ "$_l2_console" = hvc0 ]; then
+    set -- "$@" --serial none --virtio-console stdio
+  else
+    set -- "$@" --serial stdio
+  fi
   [ "$_l2_allow_reboot" = 1 ] || set -- "$@" --no-reboot
+  while read -r disk mode; do
+    [ -n "$disk" ] || continue
+    readonly_opt=on
+    [ "$mode" = rw ] && readonly_opt=off
+    set -- "$@" --disk "path=$disk,readonly=$readonly_opt"
+  done <<EOF
+$_l2_disks
+EOF
+  # One extra keel-vmm argument per line (values may contain spaces).
+  while IFS= read -r arg; do
+    [ -n "$arg" ] && set -- "$@" "$arg"
+  done <<EOF
+$_l2_vmm_args
+EOF
   exec "$@"
 }
 
@@ -178,7 +197,7 @@ _l2_exec_keel() {
 _l2_parse_options() {
   _l2_cpus=1 _l2_mem_mib=256 _l2_extra='' _l2_disks='' _l2_timeout=${KEEL_L2_BOOT_TIMEOUT:-180}
   _l2_kernel=$KEEL_KIT/vmlinuz _l2_initrd=$KEEL_KIT/initramfs.cpio.gz
-  _l2_wait=1 _l2_quiet=quiet _l2_serial_agent=0 _l2_allow_reboot=0
+  _l2_wait=1 _l2_quiet=quiet _l2_serial_agent=0 _l2_allow_reboot=0 _l2_vmm_args='' _l2_console=ttyS0
   while [ $# -gt 0 ]; do
     case "$1" in
       --cpus) _l2_cpus=$2; shift 2 ;;
@@ -193,6 +212,9 @@ $2 rw"; shift 2 ;;
       --timeout) _l2_timeout=$2; shift 2 ;;
       --no-wait) _l2_wait=0; shift ;;
       --allow-reboot) _l2_allow_reboot=1; shift ;;  # keel: reboot in place
+      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
+$2"; shift 2 ;;  # keel only: passed to keel-vmm as is
+      --console) _l2_console=$2; shift 2 ;;  # ttyS0 (default) or hvc0 (keel: virtio console)
       --verbose) _l2_quiet=; shift ;;
       --serial-agent) _l2_serial_agent=1; _l2_extra="$_l2_extra keel.serial=1"; shift ;;
       *) fail "l2 option '$1' is unknown" ;;
@@ -207,7 +229,7 @@ $2 rw"; shift 2 ;;
 $_l2_disks
 EOF
   [ "${KEEL_L2_VERBOSE:-0}" = 1 ] && _l2_quiet=
-  _l2_cmdline="console=ttyS0 panic=-1${_l2_quiet:+ $_l2_quiet}$_l2_extra"
+  _l2_cmdline="console=$_l2_console panic=-1${_l2_quiet:+ $_l2_quiet}$_l2_extra"
   case "$KEEL_L2_VMM" in
     qemu)
       command -v "${KEEL_QEMU:-qemu-system-x86_64}" >/dev/null 2>&1 ||
@@ -215,10 +237,13 @@ EOF
     keel)
       command -v keel-vmm >/dev/null 2>&1 ||
         skip "KEEL_L2_VMM=keel but keel-vmm was not given to the harness (--binary)"
-      [ -z "$(printf '%s' "$_l2_disks" | tr -d '[:space:]')" ] ||
-        fail "keel-vmm has no disk option yet; this scenario's disks need KEEL_L2_VMM=qemu" ;;
+      ;;
     *) fail "KEEL_L2_VMM=$KEEL_L2_VMM is not a known VMM (qemu, keel)" ;;
   esac
+  if [ "$KEEL_L2_VMM" != keel ]; then
+    [ -z "$_l2_vmm_args" ] || fail "--vmm-arg is for KEEL_L2_VMM=keel only"
+    [ "$_l2_console" = ttyS0 ] || fail "--console $_l2_console is for KEEL_L2_VMM=keel only"
+  fi
 }
 
 _l2_start() {
