@@ -1,5 +1,7 @@
 #include "machine/cpu_setup.h"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <bit>
 #include <cstring>
@@ -96,12 +98,34 @@ kvm::CpuidEntries build_cpuid(const kvm::CpuidEntries& supported, uint32_t index
         entry.ebx = index;  // core ID, one thread per core
         entry.ecx = 0;      // node 0
         break;
+      case 0x80000002:
+      case 0x80000003:
+      case 0x80000004: {
+        // Only fill leaves KVM left empty: a brand KVM does report wins.
+        if (entry.eax != 0 || entry.ebx != 0 || entry.ecx != 0 || entry.edx != 0) break;
+        const size_t base = 4 * (entry.function - 0x80000002);
+        entry.eax = host.brand[base];
+        entry.ebx = host.brand[base + 1];
+        entry.ecx = host.brand[base + 2];
+        entry.edx = host.brand[base + 3];
+        break;
+      }
       default: break;
     }
   }
   if (max_basic >= 0xb) add_extended_topology(entries, 0xb, index, count);
   if (max_basic >= 0x1f) add_extended_topology(entries, 0x1f, index, count);
   return entries;
+}
+
+std::array<uint32_t, 12> host_cpu_brand() {
+  std::array<uint32_t, 12> brand{};
+  if (__get_cpuid_max(0x80000000, nullptr) < 0x80000004) return brand;
+  for (uint32_t leaf = 0; leaf < 3; ++leaf) {
+    __get_cpuid(0x80000002 + leaf, &brand[4 * leaf], &brand[4 * leaf + 1], &brand[4 * leaf + 2],
+                &brand[4 * leaf + 3]);
+  }
+  return brand;
 }
 
 Result<void> configure_vcpu(kvm::Vcpu& vcpu, const kvm::CpuidEntries& cpuid) {

@@ -7,6 +7,7 @@
 // boot protocol), Xen docs/misc/pvh.pandoc (PVH entry state).
 #pragma once
 
+#include <array>
 #include <cstdint>
 
 #include "base/result.h"
@@ -17,10 +18,18 @@ namespace keel::machine {
 
 // What the host's KVM can do beyond what KVM_GET_SUPPORTED_CPUID reports:
 // KVM emulates the LAPIC's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER)
-// but leaves advertising it to the VMM.
+// but leaves advertising it to the VMM. KVM also reports the processor
+// brand string leaves (8000_0002h-8000_0004h) as zeroes, so guests would
+// show "AMD 17/01" or an empty model name; the VMM passes the host's on.
 struct CpuidHostFeatures {
   bool tsc_deadline_timer = false;
+  // EAX, EBX, ECX, EDX of leaves 8000_0002h, 8000_0003h, 8000_0004h, as the
+  // host CPU reports them (48 bytes of brand string); all zero: none.
+  std::array<uint32_t, 12> brand{};
 };
+
+// The host CPU's brand string leaves, read with the CPUID instruction.
+std::array<uint32_t, 12> host_cpu_brand();
 
 // Adjusts KVM's supported CPUID for vCPU `index` of `count`: APIC IDs equal
 // the vCPU index, one thread per core, all cores in one package.

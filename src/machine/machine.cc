@@ -121,6 +121,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   CpuidHostFeatures host{
       .tsc_deadline_timer = kvm.check_extension(kvm::Capability::TscDeadlineTimer).value_or(0) > 0,
+      .brand = host_cpu_brand(),
   };
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));

@@ -21,6 +21,14 @@ l2_cmd vm 'echo kept > /tmp/state'
 l2_cmd vm 'cat /tmp/state; grep -c ^processor /proc/cpuinfo'
 assert_eq "$(printf '%s' "$L2_OUTPUT" | tr '\n' ' ')" "kept 1" "state kept between commands"
 
+# The guest sees the host CPU's model name (KVM leaves the brand string
+# leaves empty; keel-vmm passes the host's on, as QEMU's -cpu host does).
+if [ "$KEEL_L2_VMM" = keel ]; then
+  l2_cmd vm 'sed -n "s/^model name[[:space:]]*: //p" /proc/cpuinfo | head -n 1'
+  assert_eq "$L2_OUTPUT" "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" \
+    "guest CPU model name"
+fi
+
 l2_send vm keel-exit
 l2_wait vm 'KEEL-RESULT rc=' 60 || fail "no KEEL-RESULT after keel-exit"
 assert_eq "$L2_LINE" "KEEL-RESULT rc=0" "serial session result"

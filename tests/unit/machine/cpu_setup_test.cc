@@ -4,6 +4,9 @@
 #include "machine/cpu_setup.h"
 
 #include <algorithm>
+#include <array>
+#include <cstring>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -242,6 +245,43 @@ TEST(BuildCpuidTest, Leaf4CoreCountSaturatesAbove64Vcpus) {
     ASSERT_TRUE(l3);
     EXPECT_EQ((l3->eax >> 14) & 0xfff, count - 1);
   }
+}
+
+// KVM reports the brand string leaves as zeroes; the host's brand fills
+// them so the guest's model name is the real one. A brand KVM does report
+// is kept.
+TEST(BuildCpuidTest, BrandStringLeavesComeFromTheHostWhenKvmLeavesThemEmpty) {
+  kvm::CpuidEntries supported = supported_list();
+  supported.push_back(leaf(0x80000002, 0, 0, 0, 0, 0));
+  supported.push_back(leaf(0x80000003, 0, 0, 0, 0, 0));
+  supported.push_back(leaf(0x80000004, 0, 0x11, 0x22, 0x33, 0x44));
+  CpuidHostFeatures host;
+  std::string text = "AMD EPYC Processor (with IBPB)";
+  text.resize(48, ' ');
+  std::memcpy(host.brand.data(), text.data(), 48);
+  kvm::CpuidEntries cpuid = build_cpuid(supported, 0, 1, host);
+  std::string brand;
+  for (uint32_t function : {0x80000002u, 0x80000003u}) {
+    std::optional<kvm::CpuidEntry> entry = find(cpuid, function);
+    ASSERT_TRUE(entry);
+    for (uint32_t reg : {entry->eax, entry->ebx, entry->ecx, entry->edx}) {
+      brand.append(reinterpret_cast<const char*>(&reg), 4);
+    }
+  }
+  EXPECT_EQ(brand, text.substr(0, 32));
+  std::optional<kvm::CpuidEntry> kept = find(cpuid, 0x80000004);
+  ASSERT_TRUE(kept);
+  EXPECT_EQ(kept->eax, 0x11u) << "a brand leaf KVM filled in is not overwritten";
+  EXPECT_EQ(kept->edx, 0x44u);
+}
+
+TEST(BuildCpuidTest, HostBrandIsReadFromTheCpu) {
+  std::array<uint32_t, 12> brand = host_cpu_brand();
+  const std::string text(reinterpret_cast<const char*>(brand.data()), 48);
+  // Every x86-64 CPU this runs on has a brand string; it is printable ASCII
+  // padded with spaces or NULs.
+  EXPECT_NE(text.find_first_not_of(std::string(" \0", 2)), std::string::npos);
+  for (char c : text) EXPECT_TRUE(c == 0 || (c >= 0x20 && c < 0x7f)) << int(c);
 }
 
 }  // namespace
