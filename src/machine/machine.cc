@@ -14,6 +14,8 @@
 #include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
 #include "devices/virtio/blk.h"
+#include "devices/virtio/console.h"
+#include "devices/virtio/rng.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
@@ -194,7 +196,6 @@ Result<void> Machine::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> 
 }
 
 Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) {
-  (void)virtio_console_output;
   for (size_t index = 0; index < config_.disks.size(); ++index) {
     const DiskConfig& disk = config_.disks[index];
     const std::string what = fmt::format("disk {} '{}'", index, disk.path);
@@ -207,11 +208,22 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                            what);
     TRY(add_virtio(std::move(blk)));
   }
+  if (config_.rng) {
+    std::shared_ptr<devices::virtio::Rng> rng = TRY(devices::virtio::Rng::create());
+    TRY(add_virtio(std::move(rng)));
+  }
+  if (config_.virtio_console) {
+    auto output = virtio_console_output ? std::move(virtio_console_output)
+                                        : ConsoleOutput([](std::span<const std::byte>) {});
+    virtio_console_ = TRY(devices::virtio::VirtioConsole::create(std::move(output)));
+    TRY(add_virtio(virtio_console_));
+  }
   return ok();
 }
 
 void Machine::virtio_console_input(std::span<const std::byte> bytes) {
-  (void)bytes;
+  // Buffered in the device and delivered on the device I/O thread.
+  if (virtio_console_) virtio_console_->enqueue_input(bytes);
 }
 
 StopStatus Machine::run() {

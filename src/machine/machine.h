@@ -25,6 +25,7 @@
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
 #include "devices/serial.h"
+#include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/pci_transport.h"
 #include "kvm/kvm.h"
@@ -54,8 +55,9 @@ std::string_view stop_reason_name(StopReason reason);
 class Machine {
  public:
   // Serial output goes to serial_output (called on vCPU threads).
-  // virtio_console_output takes the guest's hvc0 output (device I/O thread)
-  // when the config has a virtio console.
+  // virtio_console_output takes the guest's hvc0 output (device I/O thread;
+  // an emerg_wr write comes on a vCPU thread, never at the same time) when
+  // the config has a virtio console.
   using ConsoleOutput = std::function<void(std::span<const std::byte>)>;
   static Result<std::unique_ptr<Machine>> create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output,
@@ -108,6 +110,7 @@ class Machine {
   std::shared_ptr<devices::Serial> serial_;
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
+  std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.

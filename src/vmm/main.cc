@@ -281,6 +281,7 @@ int run(int argc, char** argv) {
         });
     if (!machine) {
       console->reset();  // restore the terminal before printing
+      virtio_console.reset();  // whichever of the two holds the terminal
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
       // A syscall that failed (KVM, memory) is the host's problem; an error
       // without errno is about the input (a bad kernel image, sizes).
