@@ -29,6 +29,11 @@ for n in 1 2; do
 done
 l2_cmd vm1 'cat /sys/class/net/eth0/operstate'
 assert_eq "$L2_OUTPUT" up "vm1 link state"
+# What the guest negotiated, one character per feature bit from bit 0
+# (virtio 1.2 §5.1.3): CSUM, GUEST_CSUM, MTU, MAC, GUEST_TSO4/6/ECN,
+# HOST_TSO4/6/ECN, MRG_RXBUF, STATUS.
+l2_cmd vm1 'cut -c1,2,4,6,8,9,10,12,13,14,16,17 /sys/class/net/eth0/device/features'
+assert_eq "$L2_OUTPUT" 111111111111 "vm1 negotiated checksum and TSO offloads, MRG_RXBUF, STATUS"
 
 ping -c 3 -W 5 10.77.0.11 >/dev/null || fail "L1 cannot ping vm1"
 log "ok: L1 pings vm1"
