@@ -210,7 +210,9 @@ void Net::process_rx() {
 }
 
 bool Net::hold_rx_chain() {
-  while (!broken_) {
+  // Bounded: a driver publishing bad chains as fast as they are returned
+  // must not keep the loop here; the backend stays watched, so it returns.
+  for (uint32_t tries = 0; tries < kQueueSize && !broken_; ++tries) {
     if (rx_held_ == rx_chains_.size()) rx_chains_.emplace_back();
     DescriptorChain& chain = rx_chains_[rx_held_];
     Result<bool> popped = rx_queue_->pop_into(chain);
