@@ -14,14 +14,26 @@
 #include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
 #include "devices/virtio/blk.h"
+#include "devices/virtio/net.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/rng.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
+#include "net/mac_address.h"
+#include "net/tap.h"
 
 namespace keel::machine {
 namespace {
+
+// The MAC of NIC index when the config leaves it out: random, but chosen
+// once per process, so a guest keeps its address across reboots (each a new
+// Machine).
+net::MacAddress default_mac(size_t index) {
+  static std::vector<net::MacAddress> chosen;
+  while (chosen.size() <= index) chosen.push_back(net::MacAddress::random_local());
+  return chosen[index];
+}
 
 Result<std::vector<std::byte>> read_file(const std::string& path, const char* what) {
   Fd fd = TRY_CONTEXT(Fd::open(path, O_RDONLY), what);
@@ -207,6 +219,23 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
                            what);
     TRY(add_virtio(std::move(blk)));
+  }
+  for (size_t index = 0; index < config_.nets.size(); ++index) {
+    const NetConfig& nic = config_.nets[index];
+    const std::string what = fmt::format("net {} (tap '{}')", index, nic.tap);
+    const net::MacAddress mac = nic.mac.empty() ? default_mac(index)
+                                                : TRY_CONTEXT(net::MacAddress::parse(nic.mac), what);
+    auto tap = TRY_CONTEXT(
+        net::Tap::open({.name = nic.tap, .mtu = nic.mtu, .bridge = nic.bridge}), what);
+    LOG_INFO("{}: {} {}, MAC {}, MTU {}{}", what, tap->created() ? "created" : "attached to",
+             tap->name(), mac.to_string(), nic.mtu,
+             nic.bridge.empty() ? "" : fmt::format(", bridge {}", nic.bridge));
+    auto device = TRY_CONTEXT(
+        devices::virtio::Net::create(
+            std::move(tap), devices::virtio::NetDeviceConfig{
+                                .mac = mac.bytes, .mtu = static_cast<uint16_t>(nic.mtu)}),
+        what);
+    TRY(add_virtio(std::move(device)));
   }
   if (config_.rng) {
     std::shared_ptr<devices::virtio::Rng> rng = TRY(devices::virtio::Rng::create());
