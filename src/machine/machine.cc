@@ -13,6 +13,7 @@
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
+#include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
 #include "devices/virtio/net.h"
 #include "devices/virtio/console.h"
@@ -246,6 +247,17 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                         : ConsoleOutput([](std::span<const std::byte>) {});
     virtio_console_ = TRY(devices::virtio::VirtioConsole::create(std::move(output)));
     TRY(add_virtio(virtio_console_));
+  }
+  if (config_.balloon) {
+    const BalloonConfig& balloon = *config_.balloon;
+    auto device = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
+                                  .target_mib = balloon.target_mib,
+                                  .deflate_on_oom = balloon.deflate_on_oom,
+                                  .free_page_reporting = balloon.free_page_reporting,
+                                  .stats_period_s = balloon.stats_period_s,
+                                  .guest_memory_bytes = config_.memory_mib << 20}),
+                              "balloon");
+    TRY(add_virtio(std::move(device)));
   }
   return ok();
 }

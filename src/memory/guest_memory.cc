@@ -1,5 +1,6 @@
 #include "memory/guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -49,6 +50,35 @@ Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t 
 
 bool GuestMemory::contains(GuestAddr address, uint64_t length) const {
   return host_span(address, length).has_value();
+}
+
+Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const {
+  if (address.value % kPageBytes != 0 || size_bytes % kPageBytes != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("discard {:#x}+{:#x}: not 4 KiB aligned", address.value, size_bytes));
+  }
+  if (size_bytes == 0) return ok();
+  for (const MemoryRegion& region : regions_) {
+    if (address.value < region.start.value ||
+        address.value - region.start.value >= region.size_bytes) {
+      continue;
+    }
+    const uint64_t offset = address.value - region.start.value;
+    if (size_bytes > region.size_bytes - offset) break;
+    // The mapping is MAP_SHARED on a memfd, so MADV_DONTNEED would only drop
+    // our page table entries and leave the shmem pages allocated; punching
+    // a hole in the file frees them (and zeroes every mapping of them,
+    // including KVM's, through the MMU notifiers).
+    if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(region.file_offset + offset),
+                    static_cast<off_t>(size_bytes)) < 0) {
+      return fail_errno(
+          fmt::format("punch a hole at guest {:#x}+{:#x}", address.value, size_bytes));
+    }
+    return ok();
+  }
+  return fail(Errc::OutOfRange,
+              fmt::format("discard {:#x}+{:#x}: not RAM", address.value, size_bytes));
 }
 
 Result<void> GuestMemory::read(GuestAddr address, std::span<std::byte> data) const {

@@ -65,6 +65,15 @@ class GuestMemory {
   // True if [address, address + length) is RAM (in one region).
   bool contains(GuestAddr address, uint64_t length) const;
 
+  // Gives the host memory behind [address, address + size_bytes) back: the
+  // memfd's pages are freed (a hole punched) and the range reads as zero on
+  // the next touch, by the guest or by us. For the balloon and free page
+  // reporting. address and size_bytes must be multiples of kPageBytes and
+  // the range wholly inside one region; zero bytes is a no-op.
+  Result<void> discard(GuestAddr address, uint64_t size_bytes) const;
+
+  static constexpr uint64_t kPageBytes = 4096;
+
  private:
   GuestMemory(Fd fd, Mmap mapping, std::vector<MemoryRegion> regions, uint64_t size_bytes)
       : fd_(std::move(fd)), mapping_(std::move(mapping)), regions_(std::move(regions)),

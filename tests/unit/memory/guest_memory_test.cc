@@ -1,6 +1,9 @@
 #include "memory/guest_memory.h"
 
+#include <sys/stat.h>
+
 #include <array>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -51,6 +54,64 @@ TEST(GuestMemoryTest, OutOfRangeAccessesAreErrors) {
 TEST(GuestMemoryTest, BadSizesAreRejected) {
   EXPECT_FALSE(GuestMemory::create(0, kHoleStart, kHoleEnd));
   EXPECT_FALSE(GuestMemory::create(4097, kHoleStart, kHoleEnd));
+}
+
+// Bytes of the memfd that hold pages (st_blocks counts 512-byte units).
+uint64_t allocated_bytes(const GuestMemory& memory) {
+  struct stat st {};
+  EXPECT_EQ(::fstat(memory.fd().get(), &st), 0);
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+bool all_zero(const GuestMemory& memory, GuestAddr address, uint64_t length) {
+  std::vector<std::byte> data(length, std::byte{0xee});
+  EXPECT_TRUE(memory.read(address, data));
+  for (std::byte b : data) {
+    if (b != std::byte{0}) return false;
+  }
+  return true;
+}
+
+TEST(GuestMemoryTest, DiscardZeroesAndFreesPages) {
+  GuestMemory memory = *GuestMemory::create(0x300000, kHoleStart, kHoleEnd);
+  std::vector<std::byte> ones(0x40000, std::byte{0x5a});
+  ASSERT_TRUE(memory.write(GuestAddr(0x80000), ones));       // low region
+  ASSERT_TRUE(memory.write(GuestAddr(kHoleEnd + 0x10000), ones));  // high region
+  const uint64_t before = allocated_bytes(memory);
+  ASSERT_GE(before, 2 * ones.size());
+
+  // The middle of the low block, and the high block whole.
+  ASSERT_TRUE(memory.discard(GuestAddr(0x90000), 0x20000));
+  ASSERT_TRUE(memory.discard(GuestAddr(kHoleEnd + 0x10000), 0x40000));
+  // Measured before reading the holes back: a read fault on shmem
+  // allocates the page again.
+  EXPECT_LE(allocated_bytes(memory), before - 0x60000);
+  EXPECT_TRUE(all_zero(memory, GuestAddr(0x90000), 0x20000));
+  EXPECT_TRUE(all_zero(memory, GuestAddr(kHoleEnd + 0x10000), 0x40000));
+  // Neighbours keep their bytes: the high region's file offset was used.
+  EXPECT_EQ(*memory.read_obj<uint8_t>(GuestAddr(0x8ffff)), 0x5a);
+  EXPECT_EQ(*memory.read_obj<uint8_t>(GuestAddr(0xb0000)), 0x5a);
+  EXPECT_EQ(*memory.read_obj<uint8_t>(GuestAddr(0xbffff)), 0x5a);
+  // The memory stays usable after a discard.
+  ASSERT_TRUE(memory.write_obj(GuestAddr(0x90000), uint32_t{0x12345678}));
+  EXPECT_EQ(*memory.read_obj<uint32_t>(GuestAddr(0x90000)), 0x12345678u);
+}
+
+TEST(GuestMemoryTest, DiscardChecksItsRange) {
+  GuestMemory memory = *GuestMemory::create(0x300000, kHoleStart, kHoleEnd);
+  EXPECT_TRUE(memory.discard(GuestAddr(0x1000), 0));
+  Result<void> unaligned = memory.discard(GuestAddr(0x1001), 0x1000);
+  ASSERT_FALSE(unaligned);
+  EXPECT_EQ(unaligned.error().code(), Errc::InvalidArgument);
+  EXPECT_FALSE(memory.discard(GuestAddr(0x1000), 0x800));
+  // Straddling low RAM and the hole, inside the hole, past the end, wrapping.
+  Result<void> straddle = memory.discard(GuestAddr(kHoleStart - 0x1000), 0x2000);
+  ASSERT_FALSE(straddle);
+  EXPECT_EQ(straddle.error().code(), Errc::OutOfRange);
+  EXPECT_FALSE(memory.discard(GuestAddr(kHoleStart), 0x1000));
+  EXPECT_FALSE(memory.discard(GuestAddr(kHoleEnd + 0x1ff000), 0x2000));
+  EXPECT_FALSE(memory.discard(GuestAddr(0x1000), ~uint64_t{0xfff}));
+  EXPECT_FALSE(memory.discard(GuestAddr(~uint64_t{0xfff}), 0x1000));
 }
 
 }  // namespace
