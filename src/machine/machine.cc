@@ -14,6 +14,7 @@
 #include "devices/pci/pci_ecam.h"
 #include "devices/rtc.h"
 #include "devices/virtio/blk.h"
+#include "devices/virtio/vsock.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
@@ -205,6 +206,13 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
                            what);
     TRY(add_virtio(std::move(blk)));
+  }
+  if (config_.vsock) {
+    devices::virtio::VsockDeviceConfig vsock_config;
+    vsock_config.guest_cid = config_.vsock->cid;
+    vsock_config.socket_path = config_.vsock->socket;
+    auto vsock = TRY_CONTEXT(devices::virtio::Vsock::create(std::move(vsock_config)), "--vsock");
+    TRY(add_virtio(std::move(vsock)));
   }
   return ok();
 }
