@@ -18,6 +18,7 @@
 #include "devices/virtio/net.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/rng.h"
+#include "devices/virtio/vsock.h"
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
@@ -258,6 +259,12 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                   .guest_memory_bytes = config_.memory_mib << 20}),
                               "balloon");
     TRY(add_virtio(std::move(device)));
+  if (config_.vsock) {
+    devices::virtio::VsockDeviceConfig vsock_config;
+    vsock_config.guest_cid = config_.vsock->cid;
+    vsock_config.socket_path = config_.vsock->socket;
+    auto vsock = TRY_CONTEXT(devices::virtio::Vsock::create(std::move(vsock_config)), "--vsock");
+    TRY(add_virtio(std::move(vsock)));
   }
   return ok();
 }

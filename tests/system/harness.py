@@ -43,6 +43,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 QEMU_DATA_DIRS = ["/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu"]
 KIT_PAYLOAD_FILES = ["vmlinuz", "vmlinux", "initramfs.cpio.gz", "data.ext4",
                      "data.SHA256SUMS", "kit.env", "kernel.config"]
+# Kit tools that scenarios also run in L1 (host side), so executable there.
+KIT_PAYLOAD_TOOLS = ["keel-vsock"]
 
 # The kit scripts are imported from the source tree; keep it free of caches.
 sys.dont_write_bytecode = True
@@ -260,6 +262,9 @@ def plan_payload(kit, binaries, qemu_for_l2):
     plan = PayloadPlan()
     for name in KIT_PAYLOAD_FILES:
         plan.add_file(f"kit/{name}", os.path.join(kit["dir"], name), 0o644)
+    for name in KIT_PAYLOAD_TOOLS:
+        if os.path.isfile(os.path.join(kit["dir"], name)):
+            plan.add_file(f"kit/{name}", os.path.join(kit["dir"], name), 0o755)
     plan.add_file("system/lib.sh", os.path.join(SYSTEM_DIR, "lib.sh"))
     plan.add_tree("system/scenarios", SCENARIO_DIR)
     plan.add_tree("system/common", os.path.join(SYSTEM_DIR, "common"))
