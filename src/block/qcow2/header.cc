@@ -197,6 +197,9 @@ Result<Header> parse_header(std::span<const std::byte> bytes, uint64_t file_size
             h.feature_names.push_back(std::move(feature));
           }
           break;
+        case kExtBitmaps:
+          h.has_bitmaps = true;
+          break;
         case kExtEncryption:
           return unsupported(what, "encryption (an encryption header extension is present)");
         default:

@@ -91,6 +91,7 @@ struct Header {
   std::string backing_file;    // empty: no backing file
   std::string backing_format;  // empty: not recorded (probe)
   std::vector<FeatureName> feature_names;
+  bool has_bitmaps = false;  // a bitmaps extension is present
 
   uint64_t cluster_size() const { return uint64_t{1} << cluster_bits; }
   uint64_t l2_entries() const { return cluster_size() / 8; }

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "block/image.h"
+#include "block/qcow2/check.h"
 #include "block/qcow2/create.h"
 #include "qcow2_support.h"
 
@@ -62,12 +63,22 @@ class Qcow2InteropTest : public ::testing::Test {
       at += piece;
     }
     EXPECT_TRUE(got == expected) << image << " differs from qemu-img convert";
+    // Keel's check agrees with QEMU that QEMU's own images are clean.
+    if (std::string((*disk)->format_name()) == "qcow2") expect_keel_check_clean(image);
   }
 
-  // qemu-img check must find nothing wrong (no corruption, no leaks).
+  // qemu-img check must find nothing wrong (no corruption, no leaks), and
+  // neither must Keel's own check.
   void expect_clean(const std::string& image) {
     const std::string command = "qemu-img check " + image;
     EXPECT_EQ(run(command), 0) << output_of(command + " 2>&1");
+    expect_keel_check_clean(image);
+  }
+  static void expect_keel_check_clean(const std::string& image) {
+    auto report = qcow2::check_image(image);
+    ASSERT_TRUE(report.has_value()) << report.error().message();
+    EXPECT_EQ(report->corruptions, 0u) << (report->messages.empty() ? "" : report->messages[0]);
+    EXPECT_EQ(report->leaks, 0u) << (report->messages.empty() ? "" : report->messages[0]);
   }
   void expect_equal_to_raw(const std::string& image, const std::vector<std::byte>& contents) {
     const std::string raw = dir_.file("compare.raw");
