@@ -98,7 +98,14 @@ class Checker {
                                 offset, entries));
       return ok();
     }
+    // One table reached twice is damage; walking it again could repeat
+    // without end in a hostile image.
+    if (!l1_tables_.insert(offset).second) {
+      problem(true, fmt::format("ERROR {} at {:#x} is used twice", what, offset));
+      return ok();
+    }
     if (!reference(offset, entries * 8, what)) return ok();
+    std::unordered_set<uint64_t> seen_l2;
     std::vector<std::byte> raw(entries * 8);
     TRY(file_.read(offset, raw));
     std::vector<std::byte> table(cluster_size_);
@@ -111,6 +118,10 @@ class Checker {
         continue;
       }
       if (!reference(l2, cluster_size_, fmt::format("the L2 table of {} entry {}", what, i))) {
+        continue;
+      }
+      if (!seen_l2.insert(l2).second) {
+        problem(true, fmt::format("ERROR {} entry {}: L2 table {:#x} appears twice", what, i, l2));
         continue;
       }
       if (active && (entry & kEntryCopied) != 0) copied_.insert(l2 / cluster_size_);
@@ -187,6 +198,7 @@ class Checker {
   uint64_t file_clusters_;
   std::vector<uint32_t> references_;
   std::unordered_set<uint64_t> copied_;  // clusters the active tables mark bit 63
+  std::unordered_set<uint64_t> l1_tables_;  // L1 tables walked
   CheckReport report_;
 };
 

@@ -240,7 +240,11 @@ Result<uint64_t> Refcounts::allocate(uint64_t count) {
                                                 file_->path()));
     }
     TRY(ensure_block(cluster / entries_per_block_, UINT64_MAX));
-    if (TRY(get(cluster)) == 0) {
+    // Past the end of the file nothing is in use whatever a (damaged)
+    // refcount says, which also bounds the scan by the file's size.
+    const uint64_t file_clusters =
+        (file_->size_bytes() + (uint64_t{1} << cluster_bits_) - 1) >> cluster_bits_;
+    if (cluster >= file_clusters || TRY(get(cluster)) == 0) {
       if (run == 0) start = cluster;
       first_free = std::min(first_free, cluster);
       ++run;
