@@ -21,6 +21,7 @@ PACKAGES=(
   build-essential g++ cmake ninja-build ccache pkg-config git
   # Libraries
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev liburing-dev
+  zlib1g-dev libzstd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   # Sanitizers and fuzzers (clang's libFuzzer runtime)
   clang libclang-rt-14-dev

@@ -10,6 +10,7 @@
 
 #include "base/fd.h"
 #include "base/log.h"
+#include "block/qcow2/qcow2.h"
 #include "block/raw/raw_file.h"
 
 namespace keel::block {
@@ -18,9 +19,43 @@ namespace {
 // qcow2 header magic (QEMU docs/interop/qcow2.txt): 'Q' 'F' 'I' 0xfb.
 constexpr std::array<uint8_t, 4> kQcow2Magic = {'Q', 'F', 'I', 0xfb};
 
-Result<std::unique_ptr<BlockBackend>> open_qcow2(const std::string& path, Access /*access*/) {
-  // The qcow2 backend plugs in here.
-  return fail(Errc::Unsupported, fmt::format("image {}: qcow2 support is not built yet", path));
+// Backing chains deeper than this are refused: a chain that loops back on
+// itself would otherwise open files until the process runs out.
+constexpr int kMaxChainDepth = 64;
+
+Result<std::unique_ptr<BlockBackend>> open_at_depth(const std::string& path, ImageFormat format,
+                                                    Access access, int depth);
+
+Result<std::unique_ptr<BlockBackend>> open_qcow2(const std::string& path, Access access,
+                                                 int depth) {
+  auto open_backing = [depth](const std::string& backing_path,
+                              ImageFormat backing_format) -> Result<std::unique_ptr<BlockBackend>> {
+    if (depth + 1 >= kMaxChainDepth) {
+      return fail(Errc::Unsupported,
+                  fmt::format("image {}: the backing chain is deeper than {} images (a loop?)",
+                              backing_path, kMaxChainDepth));
+    }
+    // Backing images are never written: the overlay takes every write.
+    return open_at_depth(backing_path, backing_format, Access::ReadOnly, depth + 1);
+  };
+  std::unique_ptr<qcow2::Qcow2Image> image = TRY(qcow2::Qcow2Image::open(path, access, open_backing));
+  return std::unique_ptr<BlockBackend>(std::move(image));
+}
+
+Result<std::unique_ptr<BlockBackend>> open_at_depth(const std::string& path, ImageFormat format,
+                                                    Access access, int depth) {
+  if (format == ImageFormat::Auto) format = TRY(probe_image_format(path));
+  switch (format) {
+    case ImageFormat::Qcow2:
+      return open_qcow2(path, access, depth);
+    case ImageFormat::Raw: {
+      std::unique_ptr<RawFile> raw = TRY(RawFile::open(path, access));
+      return std::unique_ptr<BlockBackend>(std::move(raw));
+    }
+    case ImageFormat::Auto:
+      break;
+  }
+  return fail(Errc::InvalidArgument, fmt::format("image {}: no format", path));
 }
 
 }  // namespace
@@ -56,18 +91,7 @@ Result<ImageFormat> probe_image_format(const std::string& path) {
 
 Result<std::unique_ptr<BlockBackend>> open_image(const std::string& path, ImageFormat format,
                                                  Access access) {
-  if (format == ImageFormat::Auto) format = TRY(probe_image_format(path));
-  switch (format) {
-    case ImageFormat::Qcow2:
-      return open_qcow2(path, access);
-    case ImageFormat::Raw: {
-      std::unique_ptr<RawFile> raw = TRY(RawFile::open(path, access));
-      return std::unique_ptr<BlockBackend>(std::move(raw));
-    }
-    case ImageFormat::Auto:
-      break;
-  }
-  return fail(Errc::InvalidArgument, fmt::format("image {}: no format", path));
+  return open_at_depth(path, format, access, 0);
 }
 
 }  // namespace keel::block

@@ -1,6 +1,7 @@
 // Opening a disk image by format: the one place that maps a path and a
-// format name to a BlockBackend. Formats: raw (src/block/raw); qcow2
-// (QEMU docs/interop/qcow2.txt) is recognised by its magic but not built yet.
+// format name to a BlockBackend. Formats: raw (src/block/raw) and qcow2
+// (src/block/qcow2, QEMU docs/interop/qcow2.txt), whose backing images are
+// opened through here too (read-only, at most 64 deep).
 #pragma once
 
 #include <cstdint>

@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "base/log.h"
+#include "block/iov.h"
 
 namespace keel::block {
 namespace {
@@ -22,12 +23,6 @@ namespace {
 constexpr uint64_t kSectorBytes = 512;
 // Zero-buffer fallback for write-zeroes: written in chunks of this size.
 constexpr size_t kZeroChunkBytes = 64 << 10;
-
-uint64_t iov_bytes(std::span<const iovec> iov) {
-  uint64_t total = 0;
-  for (const iovec& v : iov) total += v.iov_len;
-  return total;
-}
 
 bool is_transfer(BlockOp op) { return op == BlockOp::Read || op == BlockOp::Write; }
 

@@ -1,0 +1,91 @@
+// libFuzzer target: an arbitrary file opened as a qcow2 image, read, and
+// (opened again writable) written, discarded, zeroed and flushed. Whatever
+// the bytes, Keel must return errors, never crash, hang or read out of bounds.
+// Exercises the header and extension parser, L1/L2 lookups, compressed
+// cluster decoding, refcount tables and blocks, and allocation.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/fd.h"
+#include "base/log.h"
+#include "block/qcow2/check.h"
+#include "block/qcow2/qcow2.h"
+#include "block/raw/raw_file.h"
+
+namespace {
+
+using keel::Fd;
+using keel::Result;
+namespace block = keel::block;
+
+Fd memfd_with(const uint8_t* data, size_t size) {
+  Fd fd(::memfd_create("qcow2-fuzz", MFD_CLOEXEC));
+  if (!fd.valid()) return fd;
+  if (size > 0 && !fd.pwrite_all(std::as_bytes(std::span(data, size)), 0)) return Fd();
+  return fd;
+}
+
+std::string path_of(const Fd& fd) { return "/proc/self/fd/" + std::to_string(fd.get()); }
+
+void read_some(block::BlockBackend& disk, std::vector<std::byte>& buffer) {
+  const uint64_t size = disk.size_bytes();
+  // The start, a spread of places, and the end: bounded work whatever the
+  // virtual size claims.
+  for (uint64_t i = 0; i < 8; ++i) {
+    const uint64_t at = (size / 8 * i) & ~uint64_t{511};
+    const uint64_t length = std::min<uint64_t>(buffer.size(), size - at);
+    iovec v{buffer.data(), length};
+    (void)disk.read_at(at, std::span(&v, 1));
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  keel::log::init(keel::log::Level::Off, "qcow2_header_fuzz");
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size > (4 << 20)) return 0;
+  Fd image = memfd_with(data, size);
+  Fd backing = memfd_with(nullptr, 0);
+  if (!image.valid() || !backing.valid() || ::ftruncate(backing.get(), 1 << 20) < 0) return 0;
+  const std::string backing_path = path_of(backing);
+  // Every backing name leads to one small raw file.
+  block::qcow2::BackingOpener open_backing =
+      [&](const std::string&, block::ImageFormat) -> Result<std::unique_ptr<block::BlockBackend>> {
+    auto raw = TRY(block::RawFile::open(backing_path, block::Access::ReadOnly));
+    return std::unique_ptr<block::BlockBackend>(std::move(raw));
+  };
+  std::vector<std::byte> buffer(256 << 10);
+
+  if (auto disk = block::qcow2::Qcow2Image::open(path_of(image), block::Access::ReadOnly,
+                                                 open_backing)) {
+    read_some(**disk, buffer);
+  }
+  (void)block::qcow2::check_image(path_of(image));
+
+  if (auto disk = block::qcow2::Qcow2Image::open(path_of(image), block::Access::ReadWrite,
+                                                 open_backing)) {
+    const uint64_t disk_size = (*disk)->size_bytes();
+    for (uint64_t i = 0; i < 4 && disk_size >= 512; ++i) {
+      const uint64_t at = (disk_size / 4 * i) & ~uint64_t{511};
+      const uint64_t length = std::min<uint64_t>(70000, disk_size - at);
+      iovec v{buffer.data(), length};
+      (void)(*disk)->write_at(at, std::span(&v, 1));
+    }
+    if (disk_size >= (1 << 20)) {
+      (void)(*disk)->write_zeroes(1000, 300000, block::Unmap::Yes);
+      (void)(*disk)->discard(0, 1 << 20);
+    }
+    (void)(*disk)->flush();
+    read_some(**disk, buffer);
+  }
+  return 0;
+}

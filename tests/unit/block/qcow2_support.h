@@ -1,0 +1,107 @@
+// Test support for qcow2: a temporary directory, file helpers, and running
+// qemu-img when it is installed.
+#pragma once
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "base/fd.h"
+#include "block/block_backend.h"
+
+namespace keel::block::testing {
+
+class TempDir {
+ public:
+  TempDir() {
+    char name[] = "/tmp/keel-qcow2-test-XXXXXX";
+    EXPECT_NE(::mkdtemp(name), nullptr);
+    path_ = name;
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// A deterministic pattern: byte i of a stream seeded with seed.
+inline std::vector<std::byte> pattern(size_t length, uint8_t seed) {
+  std::vector<std::byte> out(length);
+  uint32_t x = 0x9e3779b9u * (seed + 1u);
+  for (size_t i = 0; i < length; ++i) {
+    x = x * 1664525u + 1013904223u;
+    out[i] = std::byte(static_cast<uint8_t>(x >> 24));
+  }
+  return out;
+}
+
+inline void write_file(const std::string& path, const std::vector<std::byte>& data) {
+  auto fd = Fd::open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ASSERT_TRUE(fd.has_value()) << fd.error().message();
+  ASSERT_TRUE(fd->pwrite_all(data, 0).has_value());
+}
+
+inline std::vector<std::byte> read_file(const std::string& path) {
+  auto fd = Fd::open(path, O_RDONLY);
+  EXPECT_TRUE(fd.has_value());
+  if (!fd) return {};
+  auto size = fd->size_bytes();
+  std::vector<std::byte> out(size.value_or(0));
+  EXPECT_TRUE(fd->pread_all(out, 0).has_value());
+  return out;
+}
+
+inline Result<void> write_bytes(BlockBackend& disk, uint64_t offset,
+                                const std::vector<std::byte>& data) {
+  iovec v{const_cast<std::byte*>(data.data()), data.size()};
+  auto result = disk.write_at(offset, std::span(&v, 1));
+  if (!result) return fail(std::move(result).error());
+  return ok();
+}
+
+inline std::vector<std::byte> read_bytes(BlockBackend& disk, uint64_t offset, size_t length) {
+  std::vector<std::byte> out(length, std::byte{0xee});
+  iovec v{out.data(), out.size()};
+  auto result = disk.read_at(offset, std::span(&v, 1));
+  EXPECT_TRUE(result.has_value()) << result.error().message();
+  return out;
+}
+
+// Runs a shell command; returns its exit status (-1 if it did not run).
+inline int run(const std::string& command) {
+  int status = std::system((command + " >/dev/null 2>&1").c_str());
+  if (status == -1 || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+// Runs a command and returns its standard output.
+inline std::string output_of(const std::string& command) {
+  std::string out;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) return out;
+  char buffer[4096];
+  size_t n = 0;
+  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) out.append(buffer, n);
+  ::pclose(pipe);
+  return out;
+}
+
+inline bool have_program(const std::string& name) {
+  return run("command -v " + name) == 0;
+}
+
+}  // namespace keel::block::testing
