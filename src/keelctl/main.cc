@@ -67,7 +67,7 @@ std::string time_text(int64_t timestamp_ms) {
 }
 
 void print_info(const Json& vm) {
-  const Json& config = vm.value("config", Json::object());
+  const Json config = vm.value("config", Json::object());
   Table rows = {
       {"state", text(vm.value("state", Json()))},
       {"boot", text(vm.value("boot", Json()))},
@@ -83,9 +83,12 @@ void print_info(const Json& vm) {
 
 void print_devices(const Json& reply) {
   Table rows = {{"TYPE", "BUS", "ADDRESS", "PROPERTIES"}};
-  for (const Json& device : reply.value("devices", Json::array())) {
+  const Json devices = reply.value("devices", Json::array());
+  for (const Json& device : devices) {
     std::string properties;
-    for (const auto& [key, value] : device.value("properties", Json::object()).items()) {
+    // items() refers to its object: keep it alive for the loop.
+    const Json fields = device.value("properties", Json::object());
+    for (const auto& [key, value] : fields.items()) {
       if (!properties.empty()) properties += ' ';
       properties += key + "=" + text(value);
     }
@@ -98,9 +101,10 @@ void print_devices(const Json& reply) {
 void print_metrics(const Json& metrics) {
   // Only the exit kinds some vCPU saw, in the order the API lists them.
   std::vector<std::string> kinds;
-  const Json& vcpus = metrics.value("vcpus", Json::array());
+  const Json vcpus = metrics.value("vcpus", Json::array());
   for (const Json& vcpu : vcpus) {
-    for (const auto& [kind, count] : vcpu.value("exits", Json::object()).items()) {
+    const Json exits = vcpu.value("exits", Json::object());
+    for (const auto& [kind, count] : exits.items()) {
       if (count.is_number() && count.get<uint64_t>() > 0 &&
           std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) {
         kinds.push_back(kind);
@@ -109,7 +113,7 @@ void print_metrics(const Json& metrics) {
   }
   std::printf("state %s, boot %s, uptime %.1f s\n", text(metrics.value("state", Json())).c_str(),
               text(metrics.value("boot", Json())).c_str(), metrics.value("uptime_seconds", 0.0));
-  const Json& memory = metrics.value("memory", Json::object());
+  const Json memory = metrics.value("memory", Json::object());
   std::printf("memory: guest %llu MiB, keel-vmm resident %llu MiB\n",
               static_cast<unsigned long long>(memory.value("guest_bytes", uint64_t{0}) >> 20),
               static_cast<unsigned long long>(memory.value("resident_bytes", uint64_t{0}) >> 20));
@@ -117,8 +121,8 @@ void print_metrics(const Json& metrics) {
   for (const std::string& kind : kinds) rows[0].push_back(kind);
   for (const Json& vcpu : vcpus) {
     std::vector<std::string> row = {text(vcpu.value("index", Json()))};
-    const Json& exits = vcpu.value("exits", Json::object());
-    for (const std::string& kind : kinds) row.push_back(text(exits.value(kind, Json(0))));
+    const Json row_exits = vcpu.value("exits", Json::object());
+    for (const std::string& kind : kinds) row.push_back(text(row_exits.value(kind, Json(0))));
     rows.push_back(row);
   }
   print_table(rows);

@@ -20,6 +20,7 @@
 
 #include "api/client.h"
 #include "api/command_queue.h"
+#include "api/routes.h"
 
 namespace keel::api {
 namespace {
