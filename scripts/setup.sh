@@ -20,7 +20,7 @@ PACKAGES=(
   # Build
   build-essential g++ cmake ninja-build ccache pkg-config git
   # Libraries
-  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev liburing-dev
+  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev liburing-dev libboost-dev
   zlib1g-dev libzstd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   # Sanitizers and fuzzers (clang's libFuzzer runtime)

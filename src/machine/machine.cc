@@ -2,6 +2,8 @@
 
 #include <signal.h>
 
+#include <chrono>
+
 #include <fmt/format.h>
 
 #include "base/fd.h"
@@ -12,6 +14,7 @@
 #include "devices/i8042.h"
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
+#include "devices/pci/pci_host_bridge.h"
 #include "devices/rtc.h"
 #include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
@@ -259,6 +262,7 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                   .guest_memory_bytes = config_.memory_mib << 20}),
                               "balloon");
     TRY(add_virtio(std::move(device)));
+  }
   if (config_.vsock) {
     devices::virtio::VsockDeviceConfig vsock_config;
     vsock_config.guest_cid = config_.vsock->cid;
@@ -308,6 +312,7 @@ void Machine::stop(StopReason reason, std::string detail) {
     stopping_.store(true);
   }
   stop_cv_.notify_all();
+  pause_cv_.notify_all();  // a held vCPU leaves to stop
   (void)stopped_event_.signal();
   kick_vcpus();
 }
@@ -325,6 +330,10 @@ void Machine::kick_vcpus() {
 
 void Machine::vcpu_loop(kvm::Vcpu& vcpu) {
   while (!stopping_.load()) {
+    if (pause_requested_.load()) {
+      hold_while_paused(vcpu);
+      continue;
+    }
     Result<kvm::VcpuExit> exit = vcpu.run();
     if (!exit) {
       stop(StopReason::Error, fmt::format("vcpu {}: {}", vcpu.index(), exit.error().message()));
@@ -430,6 +439,115 @@ std::string Machine::register_dump(kvm::Vcpu& vcpu) {
       r.r11, r.r12, r.r13, r.r14, r.r15, s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.cs.dpl,
       s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base,
       s.idt.limit);
+}
+
+// ---- Control: pause, introspection (the API's commands run these) ----
+
+std::optional<StopStatus> Machine::stop_status() const {
+  std::lock_guard lock(stop_mutex_);
+  return stop_status_;
+}
+
+Result<void> Machine::pause() {
+  {
+    std::lock_guard lock(stop_mutex_);
+    if (stopping_.load()) return fail(Errc::Busy, "the VM is stopping");
+    if (pause_requested_.load()) return fail(Errc::Busy, "the VM is already paused");
+    pause_requested_.store(true);
+  }
+  // A vCPU inside KVM_RUN comes out on the kick; one about to enter sees
+  // immediate_exit; one not yet started sees pause_requested_ first.
+  kick_vcpus();
+  constexpr auto kPauseTimeout = std::chrono::seconds(5);
+  std::unique_lock lock(stop_mutex_);
+  bool held = pause_cv_.wait_for(lock, kPauseTimeout, [this] {
+    return held_vcpus_ == vcpus_.size() || stopping_.load();
+  });
+  if (stopping_.load()) return fail(Errc::Busy, "the VM stopped while pausing");
+  if (!held) {
+    pause_requested_.store(false);
+    pause_cv_.notify_all();
+    return fail(Errc::Timeout, fmt::format("only {} of {} vCPUs left KVM_RUN within {} s",
+                                           held_vcpus_, vcpus_.size(), kPauseTimeout.count()));
+  }
+  return ok();
+}
+
+Result<void> Machine::resume() {
+  {
+    std::lock_guard lock(stop_mutex_);
+    if (stopping_.load()) return fail(Errc::Busy, "the VM is stopping");
+    if (!pause_requested_.load()) return fail(Errc::Busy, "the VM is not paused");
+    pause_requested_.store(false);
+  }
+  pause_cv_.notify_all();
+  return ok();
+}
+
+void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
+  std::unique_lock lock(stop_mutex_);
+  ++held_vcpus_;
+  pause_cv_.notify_all();
+  pause_cv_.wait(lock, [this] { return !pause_requested_.load() || stopping_.load(); });
+  --held_vcpus_;
+  // The pause's kick set immediate_exit; clear it under the lock kicks take,
+  // so a stop() racing with this resume still gets through (it sets
+  // stopping_ under the same lock, and the loop checks it first).
+  vcpu.set_immediate_exit(false);
+}
+
+std::vector<DeviceInfo> Machine::devices() const {
+  std::vector<DeviceInfo> list;
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    std::shared_ptr<devices::PciDevice> device = pci_bus_->device(static_cast<uint8_t>(slot));
+    if (device == nullptr) continue;
+    DeviceInfo info{.type = "pci-device", .bus = "pci",
+                    .address = fmt::format("0000:00:{:02x}.0", slot), .properties = {}};
+    if (slot == devices::PciBus::kHostBridgeSlot) {
+      info.type = "pci-host-bridge";
+      info.properties = {
+          {"vendor_id", fmt::format("{:#06x}", devices::PciHostBridge::kVendorId)},
+          {"device_id", fmt::format("{:#06x}", devices::PciHostBridge::kDeviceId)},
+          {"ecam", fmt::format("{:#x}", layout::kPciEcamStart)},
+      };
+    } else if (auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(device)) {
+      devices::virtio::VirtioDevice& inner = virtio->device();
+      info.type = std::string(inner.name());
+      info.properties = {
+          {"virtio_device_id", std::to_string(static_cast<uint16_t>(inner.type()))},
+          {"queues", std::to_string(inner.queue_max_sizes().size())},
+          {"device_features", fmt::format("{:#x}", inner.features())},
+          {"driver_status", fmt::format("{:#04x}", virtio->status())},
+      };
+      if (auto bar = pci_bus_->mapped_bar_address(static_cast<uint8_t>(slot), 0)) {
+        info.properties.emplace_back("bar0", fmt::format("{:#x}", *bar));
+      }
+    }
+    list.push_back(std::move(info));
+  }
+  auto port = [](uint16_t value) { return fmt::format("{:#x}", value); };
+  list.push_back({"serial-16550a", "io", port(layout::kCom1Port),
+                     {{"irq", std::to_string(layout::kCom1Irq)},
+                      {"console", std::string(config_.serial.kind == SerialConfig::Kind::None
+                                                  ? "none" : "host")}}});
+  list.push_back({"i8042", "io", port(layout::kI8042Port), {{"role", "reset only"}}});
+  list.push_back({"rtc-cmos", "io", port(layout::kRtcPort), {}});
+  list.push_back({"acpi-pm", "io", port(layout::kAcpiSleepControlPort),
+                     {{"acpi_tables", config_.acpi ? "on" : "off"}}});
+  if (config_.debug_exit) list.push_back({"debug-exit", "io", port(layout::kDebugExitPort), {}});
+  return list;
+}
+
+std::vector<std::vector<std::pair<std::string_view, uint64_t>>> Machine::exit_counts() const {
+  std::vector<std::vector<std::pair<std::string_view, uint64_t>>> counts;
+  for (const auto& row : exit_counts_) {
+    auto& out = counts.emplace_back();
+    for (size_t kind = 0; kind < kExitKinds; ++kind) {
+      out.emplace_back(kvm::exit_kind_name(static_cast<kvm::VcpuExit::Kind>(kind)),
+                       row[kind].load(std::memory_order_relaxed));
+    }
+  }
+  return counts;
 }
 
 }  // namespace keel::machine

@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "base/event_fd.h"
@@ -52,6 +53,15 @@ struct StopStatus {
 
 std::string_view stop_reason_name(StopReason reason);
 
+// One entry of the device tree the control API shows: a bus ("pci", "io"),
+// an address on it ("0000:00:01.0", "0x3f8") and read-only properties.
+struct DeviceInfo {
+  std::string type;
+  std::string bus;
+  std::string address;
+  std::vector<std::pair<std::string, std::string>> properties;
+};
+
 class Machine {
  public:
   // Serial output goes to serial_output (called on vCPU threads).
@@ -70,6 +80,22 @@ class Machine {
   void stop(StopReason reason, std::string detail = "");
   // Becomes readable once the machine has stopped (for an event loop).
   const EventFd& stopped_event() const { return stopped_event_; }
+  // Why the machine stops, once stop() was called.
+  std::optional<StopStatus> stop_status() const;
+
+  // Holds every vCPU outside KVM_RUN (kicked as stop() does) and returns
+  // once all are held; resume() lets them continue. Busy when the machine
+  // is already paused, not paused (resume) or stopping; Timeout if a vCPU
+  // does not come out. stop() ends a paused machine too.
+  Result<void> pause();
+  Result<void> resume();
+  bool paused() const { return pause_requested_.load(); }
+
+  const VmConfig& config() const { return config_; }
+  // Every device the guest can see, PCI functions first.
+  std::vector<DeviceInfo> devices() const;
+  // Userspace exits of each vCPU, (kind name, count) for every kind.
+  std::vector<std::vector<std::pair<std::string_view, uint64_t>>> exit_counts() const;
 
   devices::Serial& serial() { return *serial_; }
   // Host input for the virtio console; dropped if there is none.
@@ -96,6 +122,8 @@ class Machine {
   bool handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit);
   std::string register_dump(kvm::Vcpu& vcpu);
   void kick_vcpus();
+  // Parks the calling vCPU thread while a pause is requested.
+  void hold_while_paused(kvm::Vcpu& vcpu);
 
   VmConfig config_;
   kvm::Vm vm_;
@@ -118,8 +146,13 @@ class Machine {
   std::vector<std::array<std::atomic<uint64_t>, kExitKinds>> exit_counts_;
   std::vector<pthread_t> vcpu_threads_;
 
-  std::mutex stop_mutex_;  // guards stop_status_ and vcpu_threads_ during kicks
+  // Guards stop_status_, vcpu_threads_ during kicks, and the pause state
+  // (pause_requested_ changes, held_vcpus_).
+  mutable std::mutex stop_mutex_;
   std::condition_variable stop_cv_;
+  std::condition_variable pause_cv_;  // held_vcpus_ or pause_requested_ changed, or stopping
+  std::atomic<bool> pause_requested_{false};
+  size_t held_vcpus_ = 0;
   std::optional<StopStatus> stop_status_;
   std::atomic<bool> stopping_{false};
   EventFd stopped_event_;

@@ -14,10 +14,14 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "api/command_queue.h"
+#include "api/event_log.h"
+#include "api/server.h"
 #include "base/log.h"
 #include "kvm/kvm.h"
 #include "machine/machine.h"
 #include "vmm/console.h"
+#include "vmm/control.h"
 
 namespace keel::vmm {
 namespace {
@@ -80,23 +84,30 @@ uint64_t host_memory_bytes() {
 // the caller must not reboot then, even if the guest reset at the same time
 // and its reason reached the machine first.
 machine::StopStatus run_machine(machine::Machine& machine, Console& console,
-                                Console* virtio_console, const Fd& signals, bool& host_stop) {
+                                Console* virtio_console, const Fd& signals, ApiControl& control,
+                                bool& host_stop) {
   machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
   std::thread runner([&] { status = machine.run(); });
+  control.running();
   for (;;) {
     // A negative fd is ignored by poll().
-    pollfd fds[4] = {
+    pollfd fds[5] = {
         {machine.stopped_event().get(), POLLIN, 0},
         {signals.get(), POLLIN, 0},
         {console.input_fd(), POLLIN, 0},
         {virtio_console != nullptr ? virtio_console->input_fd() : -1, POLLIN, 0},
+        {control.fd(), POLLIN, 0},
     };
-    if (::poll(fds, 4, -1) < 0) {
+    if (::poll(fds, 5, -1) < 0) {
       if (errno == EINTR) continue;
       machine.stop(machine::StopReason::Error, fmt::format("poll: {}", std::strerror(errno)));
       break;
     }
-    if (fds[0].revents) break;
+    if (fds[0].revents) {
+      control.stopping(machine);
+      break;
+    }
+    if (fds[4].revents) control.serve(machine, host_stop);
     if (fds[1].revents) {
       signalfd_siginfo info{};
       if (::read(signals.get(), &info, sizeof(info)) == sizeof(info)) {
@@ -144,7 +155,7 @@ int run(int argc, char** argv) {
   std::optional<std::string> kernel, initrd, cmdline;
   bool no_reboot = false, debug_exit = false, no_acpi = false, print_config = false, rng = false;
   std::vector<std::string> disk_texts, net_texts;
-  std::string virtio_console_text, balloon_text, vsock_text;
+  std::string virtio_console_text, balloon_text, vsock_text, api_socket;
   app.add_option("--config", config_file, "VM configuration as JSON (docs/vm-config.md); flags given too override it");
   app.add_option("--kernel", kernel, "Linux kernel: a bzImage, or an ELF vmlinux with a PVH entry note");
   app.add_option("--initrd", initrd, "Initial ramdisk (cpio archive, compressed or not)");
@@ -168,6 +179,9 @@ int run(int argc, char** argv) {
   app.add_option("--vsock", vsock_text,
                  "Add a virtio-vsock device: cid=N,socket=PATH (host side is a unix socket proxy, "
                  "see docs/vsock.md)");
+  app.add_option("--api-socket", api_socket,
+                 "Serve the control API (HTTP/1.1 + JSON, docs/api/openapi.json) on this unix "
+                 "socket; keelctl talks to it");
   app.add_flag("--no-reboot", no_reboot, "Exit with status 3 when the guest reboots, instead of rebooting it");
   app.add_flag("--no-acpi", no_acpi, "Do not give the guest ACPI tables");
   app.add_flag("--debug-exit", debug_exit, "Map the test-exit port 0xf4: a byte written there ends the VM with it as exit status");
@@ -271,6 +285,21 @@ int run(int argc, char** argv) {
     virtio_console = std::move(*opened);
   }
 
+  api::EventLog events;
+  Result<api::CommandQueue> commands = api::CommandQueue::create();
+  if (!commands) {
+    std::fprintf(stderr, "keel-vmm: %s\n", commands.error().message().c_str());
+    return kExitFailure;
+  }
+  ApiControl control(*commands, events);
+  std::unique_ptr<api::ApiServer> api_server;
+  if (!api_socket.empty()) {
+    Result<std::unique_ptr<api::ApiServer>> server =
+        api::ApiServer::start(api_socket, *commands, events);
+    if (!server) return config_error(Error(server.error()).wrap("--api-socket"));
+    api_server = std::move(*server);
+  }
+
   for (uint64_t boot = 1;; ++boot) {
     Console* sink = console->get();
     Console* virtio_sink = virtio_console.get();
@@ -287,14 +316,16 @@ int run(int argc, char** argv) {
       // without errno is about the input (a bad kernel image, sizes).
       return machine.error().sys_errno() != 0 ? kExitFailure : kExitBadConfig;
     }
+    control.created(boot);
     bool host_stop = false;
     machine::StopStatus status =
-        run_machine(**machine, **console, virtio_console.get(), *signals, host_stop);
+        run_machine(**machine, **console, virtio_console.get(), *signals, control, host_stop);
     if (host_stop && status.reason == machine::StopReason::Reset) {
       status = {machine::StopReason::Stopped, 0, "stopped by the host during a guest reset"};
     }
     LOG_INFO("VM stopped: {} {}", machine::stop_reason_name(status.reason), status.detail);
     LOG_INFO("userspace exits: {}", (*machine)->exit_summary());
+    control.stopped(status, status.reason == machine::StopReason::Reset && config.reboot);
     switch (status.reason) {
       case machine::StopReason::PowerOff:
       case machine::StopReason::Stopped: return kExitPowerOff;

@@ -1,0 +1,50 @@
+// The seam between the API thread and the machine side. The API thread
+// turns each request into a Command, hands it to a CommandHandler and sends
+// the reply when it comes back; it never touches machine state itself
+// (../shared/STYLE.md, Threads). keel-vmm's handler is a CommandQueue its
+// main thread serves; tests use a fake.
+#pragma once
+
+#include <functional>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "base/result.h"
+
+namespace keel::api {
+
+enum class CommandKind {
+  GetVm,       // {state, boot, config}
+  GetDevices,  // {devices: [{type, bus, address, properties}]}
+  GetMetrics,  // {state, vcpus: [{index, exits: {kind: n}}], memory: {...}}
+  Pause,
+  Resume,
+  Reset,
+  Stop,
+};
+
+std::string_view command_name(CommandKind kind);
+
+struct Command {
+  CommandKind kind;
+};
+
+// A JSON body on success; on failure an Error whose code picks the HTTP
+// status (see http_status_for): Busy is a state conflict (409).
+using Reply = Result<nlohmann::json>;
+using ReplyCallback = std::function<void(Reply)>;
+
+class CommandHandler {
+ public:
+  virtual ~CommandHandler() = default;
+  // Takes the command and calls done exactly once, on any thread, possibly
+  // before submit returns. Must not block.
+  virtual void submit(Command command, ReplyCallback done) = 0;
+};
+
+// 400 InvalidArgument/OutOfRange, 404 NotFound, 409 Busy, 501 Unsupported,
+// 503 Timeout, 403 PermissionDenied, 500 otherwise.
+unsigned http_status_for(Errc code);
+
+}  // namespace keel::api

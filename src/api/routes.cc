@@ -1,0 +1,157 @@
+#include "api/routes.h"
+
+#include <array>
+#include <charconv>
+
+#include <fmt/format.h>
+
+namespace keel::api {
+namespace {
+
+constexpr std::string_view kEventsParameters[] = {"after", "follow"};
+
+const std::array kRoutes = {
+    Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}},
+    Route{"GET", "/api/v1/vm", RouteId::GetVm, CommandKind::GetVm, {}},
+    Route{"GET", "/api/v1/vm/devices", RouteId::GetDevices, CommandKind::GetDevices, {}},
+    Route{"GET", "/api/v1/vm/metrics", RouteId::GetMetrics, CommandKind::GetMetrics, {}},
+    Route{"GET", "/metrics", RouteId::PrometheusMetrics, CommandKind::GetMetrics, {}},
+    Route{"PUT", "/api/v1/vm/pause", RouteId::Pause, CommandKind::Pause, {}},
+    Route{"PUT", "/api/v1/vm/resume", RouteId::Resume, CommandKind::Resume, {}},
+    Route{"PUT", "/api/v1/vm/reset", RouteId::Reset, CommandKind::Reset, {}},
+    Route{"PUT", "/api/v1/vm/stop", RouteId::Stop, CommandKind::Stop, {}},
+    Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters},
+};
+
+// Query values here are numbers and words; anything needing escapes is
+// refused rather than decoded.
+bool plain(std::string_view text) {
+  for (char c : text) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::span<const Route> routes() { return kRoutes; }
+
+std::string_view status_code_name(unsigned status) {
+  switch (status) {
+    case 400: return "BadRequest";
+    case 403: return "Forbidden";
+    case 404: return "NotFound";
+    case 405: return "MethodNotAllowed";
+    case 408: return "RequestTimeout";
+    case 409: return "Conflict";
+    case 413: return "PayloadTooLarge";
+    case 431: return "HeaderTooLarge";
+    case 500: return "Internal";
+    case 501: return "NotImplemented";
+    case 503: return "Unavailable";
+    case 504: return "GatewayTimeout";
+  }
+  return "Error";
+}
+
+nlohmann::json ApiError::to_json() const {
+  nlohmann::json error = {
+      {"status", status}, {"code", status_code_name(status)}, {"message", message}};
+  if (!field.empty()) error["field"] = field;
+  return {{"error", error}};
+}
+
+ApiError error_from(const Error& error) {
+  return ApiError{http_status_for(error.code()), error.context(), ""};
+}
+
+Routed route_request(std::string_view method, std::string_view target) {
+  Routed routed;
+  size_t question = target.find('?');
+  std::string_view path = target.substr(0, question);
+  std::string_view query_text =
+      question == std::string_view::npos ? std::string_view() : target.substr(question + 1);
+  std::string allow;
+  const Route* match = nullptr;
+  for (const Route& route : kRoutes) {
+    if (route.path != path) continue;
+    if (route.method == method) {
+      match = &route;
+    } else {
+      if (!allow.empty()) allow += ", ";
+      allow += route.method;
+    }
+  }
+  if (match == nullptr) {
+    if (!allow.empty()) {
+      routed.allow = allow;
+      routed.error = ApiError{405, fmt::format("{} takes {}, not {}", path, allow, method), ""};
+    } else {
+      routed.error = ApiError{404, fmt::format("no route {}", path), ""};
+    }
+    return routed;
+  }
+  while (!query_text.empty()) {
+    size_t amp = query_text.find('&');
+    std::string_view pair = query_text.substr(0, amp);
+    query_text = amp == std::string_view::npos ? std::string_view() : query_text.substr(amp + 1);
+    if (pair.empty()) continue;
+    size_t equals = pair.find('=');
+    std::string_view key = pair.substr(0, equals);
+    std::string_view value =
+        equals == std::string_view::npos ? std::string_view() : pair.substr(equals + 1);
+    if (!plain(key) || !plain(value)) {
+      routed.error = ApiError{400, "query parameters must be plain words or numbers",
+                              plain(key) ? std::string(key) : std::string("query")};
+      return routed;
+    }
+    bool known = false;
+    for (std::string_view name : match->query_parameters) known = known || name == key;
+    if (!known) {
+      routed.error = ApiError{400, fmt::format("{} takes no query parameter '{}'", path, key),
+                              std::string(key)};
+      return routed;
+    }
+    routed.query.emplace_back(key, value);
+  }
+  routed.route = match;
+  return routed;
+}
+
+std::optional<ApiError> check_empty_body(std::string_view body) {
+  if (body.find_first_not_of(" \t\r\n") == std::string_view::npos) return std::nullopt;
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
+  if (!json.empty()) {
+    std::string field = json.begin().key();
+    return ApiError{400, fmt::format("unknown field '{}': this action takes none", field), field};
+  }
+  return std::nullopt;
+}
+
+Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {
+  EventsQuery parsed;
+  for (const auto& [key, value] : query) {
+    bad_field = key;
+    if (key == "after") {
+      const char* end = value.data() + value.size();
+      auto [pointer, error] = std::from_chars(value.data(), end, parsed.after);
+      if (value.empty() || error != std::errc() || pointer != end) {
+        return fail(Errc::InvalidArgument,
+                    fmt::format("after: '{}' is not a sequence number (0 or more)", value));
+      }
+    } else if (key == "follow") {
+      if (value != "true" && value != "false") {
+        return fail(Errc::InvalidArgument, fmt::format("follow: '{}' is not true or false", value));
+      }
+      parsed.follow = value == "true";
+    }
+  }
+  bad_field.clear();
+  return parsed;
+}
+
+}  // namespace keel::api

@@ -1,0 +1,83 @@
+// The control API's route table, the one list of what the server serves
+// (the OpenAPI test checks docs/api/openapi.json against it), and the
+// request checks that need no machine: target and query parsing, bodies,
+// and the JSON error every 4xx/5xx carries.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "api/command.h"
+
+namespace keel::api {
+
+enum class RouteId {
+  Version,
+  GetVm,
+  GetDevices,
+  GetMetrics,
+  PrometheusMetrics,
+  Pause,
+  Resume,
+  Reset,
+  Stop,
+  Events,
+};
+
+struct Route {
+  std::string_view method;  // "GET", "PUT"
+  std::string_view path;    // exact, no parameters in the path
+  RouteId id;
+  // The command the machine side answers, if any (Version and Events are
+  // served by the API thread alone).
+  std::optional<CommandKind> command;
+  // Query parameters the route accepts; any other is a 400 naming it.
+  std::span<const std::string_view> query_parameters;
+};
+
+std::span<const Route> routes();
+
+// {"error": {"status": 400, "code": "BadRequest", "message": ..., "field": ...}}
+struct ApiError {
+  unsigned status = 400;
+  std::string message;
+  std::string field;  // the request field at fault, if one is
+  nlohmann::json to_json() const;
+};
+
+// "BadRequest", "NotFound", "MethodNotAllowed", "Conflict", ... for a status.
+std::string_view status_code_name(unsigned status);
+ApiError error_from(const Error& error);
+
+using Query = std::vector<std::pair<std::string, std::string>>;
+
+struct Routed {
+  const Route* route = nullptr;  // set on success
+  Query query;
+  std::optional<ApiError> error;  // 400, 404 or 405 otherwise
+  std::string allow;              // for a 405: the methods the path takes
+};
+
+// Matches the method and request target ("/api/v1/events?after=3").
+Routed route_request(std::string_view method, std::string_view target);
+
+// The action routes (PUT pause/resume/reset/stop) take no parameters: an
+// empty body or an empty JSON object. Anything else is a 400 naming the
+// first unexpected field.
+std::optional<ApiError> check_empty_body(std::string_view body);
+
+struct EventsQuery {
+  uint64_t after = 0;  // send events with seq > after
+  bool follow = true;  // keep the stream open for new events
+};
+// after: a decimal sequence number; follow: true or false.
+Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field);
+
+}  // namespace keel::api

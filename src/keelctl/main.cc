@@ -1,0 +1,285 @@
+// keelctl: the command line for Keel. `keelctl vm ...` drives one
+// keel-vmm through its control API socket (--api-socket): human tables by
+// default, the API's JSON with --json.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "api/client.h"
+#include "base/check.h"
+
+namespace keel::keelctl {
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitRefused = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitUnreachable = 3;
+
+constexpr const char* kFooter = R"(
+Exit status:
+  0  done
+  1  keel-vmm refused the request (the message says why, e.g. resume of a running VM)
+  2  bad usage
+  3  keel-vmm could not be reached on the socket (not running, or no --api-socket)
+
+The socket defaults to $KEEL_API_SOCKET. The API is described in docs/api/openapi.json.)";
+
+using Json = nlohmann::json;
+using Table = std::vector<std::vector<std::string>>;
+
+void print_table(const Table& rows) {
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    if (widths.size() < row.size()) widths.resize(row.size(), 0);
+    for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      line += row[i];
+      if (i + 1 < row.size()) line += std::string(widths[i] - row[i].size() + 2, ' ');
+    }
+    std::printf("%s\n", line.c_str());
+  }
+}
+
+std::string text(const Json& value) {
+  if (value.is_string()) return value.get<std::string>();
+  if (value.is_null()) return "-";
+  return value.dump();
+}
+
+std::string time_text(int64_t timestamp_ms) {
+  std::time_t seconds = static_cast<std::time_t>(timestamp_ms / 1000);
+  std::tm utc{};
+  ::gmtime_r(&seconds, &utc);
+  char buffer[32];
+  std::strftime(buffer, sizeof(buffer), "%H:%M:%S", &utc);
+  return fmt::format("{}.{:03}", buffer, timestamp_ms % 1000);
+}
+
+void print_info(const Json& vm) {
+  const Json config = vm.value("config", Json::object());
+  Table rows = {
+      {"state", text(vm.value("state", Json()))},
+      {"boot", text(vm.value("boot", Json()))},
+      {"uptime", fmt::format("{:.1f} s", vm.value("uptime_seconds", 0.0))},
+      {"cpus", text(config.value("cpus", Json()))},
+      {"memory", fmt::format("{} MiB", text(config.value("memory_mib", Json())))},
+      {"kernel", text(config.value("kernel", Json()))},
+      {"initrd", text(config.value("initrd", Json()))},
+      {"cmdline", text(config.value("cmdline", Json()))},
+  };
+  print_table(rows);
+}
+
+void print_devices(const Json& reply) {
+  Table rows = {{"TYPE", "BUS", "ADDRESS", "PROPERTIES"}};
+  const Json devices = reply.value("devices", Json::array());
+  for (const Json& device : devices) {
+    std::string properties;
+    // items() refers to its object: keep it alive for the loop.
+    const Json fields = device.value("properties", Json::object());
+    for (const auto& [key, value] : fields.items()) {
+      if (!properties.empty()) properties += ' ';
+      properties += key + "=" + text(value);
+    }
+    rows.push_back({text(device.value("type", Json())), text(device.value("bus", Json())),
+                    text(device.value("address", Json())), properties});
+  }
+  print_table(rows);
+}
+
+void print_metrics(const Json& metrics) {
+  // Only the exit kinds some vCPU saw, in the order the API lists them.
+  std::vector<std::string> kinds;
+  const Json vcpus = metrics.value("vcpus", Json::array());
+  for (const Json& vcpu : vcpus) {
+    const Json exits = vcpu.value("exits", Json::object());
+    for (const auto& [kind, count] : exits.items()) {
+      if (count.is_number() && count.get<uint64_t>() > 0 &&
+          std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) {
+        kinds.push_back(kind);
+      }
+    }
+  }
+  std::printf("state %s, boot %s, uptime %.1f s\n", text(metrics.value("state", Json())).c_str(),
+              text(metrics.value("boot", Json())).c_str(), metrics.value("uptime_seconds", 0.0));
+  const Json memory = metrics.value("memory", Json::object());
+  std::printf("memory: guest %llu MiB, keel-vmm resident %llu MiB\n",
+              static_cast<unsigned long long>(memory.value("guest_bytes", uint64_t{0}) >> 20),
+              static_cast<unsigned long long>(memory.value("resident_bytes", uint64_t{0}) >> 20));
+  Table rows = {{"VCPU"}};
+  for (const std::string& kind : kinds) rows[0].push_back(kind);
+  for (const Json& vcpu : vcpus) {
+    std::vector<std::string> row = {text(vcpu.value("index", Json()))};
+    const Json row_exits = vcpu.value("exits", Json::object());
+    for (const std::string& kind : kinds) row.push_back(text(row_exits.value(kind, Json(0))));
+    rows.push_back(row);
+  }
+  print_table(rows);
+}
+
+void print_event(const Json& event) {
+  std::string type = text(event.value("type", Json()));
+  if (type == "missed") {
+    std::printf("-- %s --\n", text(event.value("message", Json())).c_str());
+    return;
+  }
+  std::string details;
+  for (const auto& [key, value] : event.items()) {
+    if (key == "seq" || key == "type" || key == "timestamp_ms") continue;
+    if (!details.empty()) details += ' ';
+    details += key + "=" + text(value);
+  }
+  std::printf("%-6s %s  %-9s %s\n", text(event.value("seq", Json())).c_str(),
+              time_text(event.value("timestamp_ms", int64_t{0})).c_str(), type.c_str(),
+              details.c_str());
+  std::fflush(stdout);
+}
+
+// The JSON error body's message, or the raw body.
+std::string error_message(const api::HttpReply& reply) {
+  Json body = Json::parse(reply.body, nullptr, false);
+  if (body.is_object() && body.contains("error") && body["error"].is_object()) {
+    const Json& error = body["error"];
+    std::string message = text(error.value("message", Json()));
+    if (error.contains("field")) message += fmt::format(" (field '{}')", text(error["field"]));
+    return message;
+  }
+  return reply.body;
+}
+
+int unreachable(const api::Client& client, const Error& error) {
+  std::fprintf(stderr, "keelctl: cannot reach keel-vmm on '%s': %s\n",
+               client.socket_path().c_str(), error.message().c_str());
+  if (error.code() == Errc::NotFound) {
+    std::fprintf(stderr, "keelctl: is keel-vmm running with --api-socket %s?\n",
+                 client.socket_path().c_str());
+  }
+  return kExitUnreachable;
+}
+
+int refused(const std::string& what, const api::HttpReply& reply) {
+  std::fprintf(stderr, "keelctl: vm %s: refused (HTTP %u): %s\n", what.c_str(), reply.status,
+               error_message(reply).c_str());
+  return kExitRefused;
+}
+
+struct VmCommand {
+  const char* name;
+  const char* method;
+  const char* path;
+  const char* help;
+  void (*print)(const Json&);
+};
+
+void print_state(const Json& reply) {
+  std::string line = text(reply.value("state", Json()));
+  if (reply.contains("reason")) line += " (" + text(reply["reason"]) + ")";
+  std::printf("%s\n", line.c_str());
+}
+
+const VmCommand kVmCommands[] = {
+    {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
+    {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
+     print_devices},
+    {"metrics", "GET", "/api/v1/vm/metrics", "Show exit counts per vCPU and memory",
+     print_metrics},
+    {"pause", "PUT", "/api/v1/vm/pause", "Pause the vCPUs", print_state},
+    {"resume", "PUT", "/api/v1/vm/resume", "Resume a paused VM", print_state},
+    {"reset", "PUT", "/api/v1/vm/reset", "Reset the VM (it reboots unless --no-reboot)",
+     print_state},
+    {"stop", "PUT", "/api/v1/vm/stop", "Stop the VM now (keel-vmm exits)", print_state},
+};
+
+int run(int argc, char** argv) {
+  CLI::App app{"keelctl: drives Keel. `keelctl vm ...` talks to one keel-vmm's control API.",
+               "keelctl"};
+  app.footer(kFooter);
+  app.require_subcommand(1);
+  std::string socket;
+  if (const char* from_env = std::getenv("KEEL_API_SOCKET")) socket = from_env;
+  bool json = false;
+  double timeout_seconds = 30;
+  app.add_option("--socket", socket, "keel-vmm's --api-socket path (default $KEEL_API_SOCKET)");
+  app.add_flag("--json", json, "Print the API's JSON instead of tables");
+  app.add_option("--timeout", timeout_seconds, "Seconds to wait for keel-vmm (default 30)");
+  CLI::App* vm = app.add_subcommand("vm", "Drive the VM behind --socket");
+  vm->require_subcommand(1);
+  const VmCommand* chosen = nullptr;
+  for (const VmCommand& command : kVmCommands) {
+    vm->add_subcommand(command.name, command.help)->callback([&chosen, &command] {
+      chosen = &command;
+    });
+  }
+  uint64_t after = 0;
+  bool follow = false;
+  bool events_chosen = false;
+  CLI::App* events = vm->add_subcommand(
+      "events", "Print lifecycle events (seq, time, type, details), oldest first");
+  events->add_option("--after", after, "Only events after this sequence number (default 0: all kept)");
+  events->add_flag("--follow,-f", follow, "Keep printing new events until keel-vmm exits");
+  events->callback([&events_chosen] { events_chosen = true; });
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    int code = app.exit(error);
+    return code == 0 ? kExitOk : kExitUsage;
+  }
+  if (socket.empty()) {
+    std::fprintf(stderr, "keelctl: no socket: give --socket PATH or set KEEL_API_SOCKET\n");
+    return kExitUsage;
+  }
+  if (!(timeout_seconds > 0)) {
+    std::fprintf(stderr, "keelctl: --timeout must be more than 0 seconds\n");
+    return kExitUsage;
+  }
+  api::Client client(socket, std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+
+  if (events_chosen) {
+    std::string target =
+        fmt::format("/api/v1/events?after={}&follow={}", after, follow ? "true" : "false");
+    Result<api::HttpReply> reply = client.stream_lines(target, [json](std::string_view line) {
+      if (json) {
+        std::printf("%.*s\n", static_cast<int>(line.size()), line.data());
+        std::fflush(stdout);
+        return true;
+      }
+      Json event = Json::parse(line, nullptr, false);
+      if (event.is_object()) print_event(event);
+      return true;
+    });
+    if (!reply) return unreachable(client, reply.error());
+    if (reply->status != 200) return refused("events", *reply);
+    return kExitOk;
+  }
+  CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");
+  Result<api::HttpReply> reply = client.request(chosen->method, chosen->path);
+  if (!reply) return unreachable(client, reply.error());
+  if (reply->status != 200) return refused(chosen->name, *reply);
+  Json body = Json::parse(reply->body, nullptr, false);
+  if (body.is_discarded()) {
+    std::fprintf(stderr, "keelctl: vm %s: the reply is not JSON\n", chosen->name);
+    return kExitRefused;
+  }
+  if (json) {
+    std::printf("%s\n", body.dump(2).c_str());
+  } else {
+    chosen->print(body);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+}  // namespace keel::keelctl
+
+int main(int argc, char** argv) { return keel::keelctl::run(argc, argv); }

@@ -1,0 +1,137 @@
+#include "vmm/control.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+
+#include <fmt/format.h>
+
+#include "base/log.h"
+
+namespace keel::vmm {
+namespace {
+
+std::string_view state_name(const machine::Machine& machine) {
+  if (machine.stop_status()) return "stopping";
+  return machine.paused() ? "paused" : "running";
+}
+
+uint64_t resident_bytes() {
+  std::FILE* file = std::fopen("/proc/self/statm", "r");
+  if (file == nullptr) return 0;
+  unsigned long long size_pages = 0, resident_pages = 0;
+  int fields = std::fscanf(file, "%llu %llu", &size_pages, &resident_pages);
+  std::fclose(file);
+  long page_size = ::sysconf(_SC_PAGESIZE);
+  return fields == 2 && page_size > 0 ? resident_pages * static_cast<uint64_t>(page_size) : 0;
+}
+
+// The first line: a failure's detail carries a register dump after it.
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+void ApiControl::created(uint64_t boot) {
+  boot_ = boot;
+  events_.publish("created", {{"boot", boot}});
+}
+
+void ApiControl::running() {
+  started_ = std::chrono::steady_clock::now();
+  events_.publish("running", {{"boot", boot_}});
+}
+
+void ApiControl::stopping(const machine::Machine& machine) {
+  std::optional<machine::StopStatus> status = machine.stop_status();
+  nlohmann::json data = {{"boot", boot_}};
+  if (status) {
+    data["reason"] = machine::stop_reason_name(status->reason);
+    data["detail"] = first_line(status->detail);
+  }
+  events_.publish("stopping", data);
+}
+
+void ApiControl::stopped(const machine::StopStatus& status, bool rebooting) {
+  events_.publish("stopped", {{"boot", boot_},
+                              {"reason", machine::stop_reason_name(status.reason)},
+                              {"detail", first_line(status.detail)}});
+  if (rebooting) events_.publish("reset", {{"boot", boot_}, {"next_boot", boot_ + 1}});
+}
+
+double ApiControl::uptime_seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+}
+
+void ApiControl::serve(machine::Machine& machine, bool& host_stop) {
+  for (api::CommandQueue::Pending& pending : queue_.take()) {
+    api::Reply reply = execute(pending.command, machine, host_stop);
+    if (!reply) {
+      LOG_INFO("api: {} refused: {}", api::command_name(pending.command.kind),
+               reply.error().message());
+    }
+    pending.done(std::move(reply));
+  }
+}
+
+api::Reply ApiControl::execute(const api::Command& command, machine::Machine& machine,
+                               bool& host_stop) {
+  using api::CommandKind;
+  switch (command.kind) {
+    case CommandKind::GetVm: {
+      nlohmann::json config =
+          nlohmann::json::parse(machine::to_json(machine.config()), nullptr, false);
+      return nlohmann::json{{"state", state_name(machine)},
+                            {"boot", boot_},
+                            {"uptime_seconds", uptime_seconds()},
+                            {"config", config}};
+    }
+    case CommandKind::GetDevices: {
+      nlohmann::json devices = nlohmann::json::array();
+      for (const machine::DeviceInfo& device : machine.devices()) {
+        nlohmann::json properties = nlohmann::json::object();
+        for (const auto& [key, value] : device.properties) properties[key] = value;
+        devices.push_back({{"type", device.type},
+                           {"bus", device.bus},
+                           {"address", device.address},
+                           {"properties", properties}});
+      }
+      return nlohmann::json{{"devices", devices}};
+    }
+    case CommandKind::GetMetrics: {
+      nlohmann::json vcpus = nlohmann::json::array();
+      auto counts = machine.exit_counts();
+      for (size_t index = 0; index < counts.size(); ++index) {
+        nlohmann::json exits = nlohmann::json::object();
+        for (const auto& [kind, count] : counts[index]) exits[std::string(kind)] = count;
+        vcpus.push_back({{"index", index}, {"exits", exits}});
+      }
+      return nlohmann::json{
+          {"state", state_name(machine)},
+          {"boot", boot_},
+          {"uptime_seconds", uptime_seconds()},
+          {"vcpus", vcpus},
+          {"memory",
+           {{"guest_bytes", machine.config().memory_mib << 20}, {"resident_bytes", resident_bytes()}}},
+      };
+    }
+    case CommandKind::Pause:
+      TRY(machine.pause());
+      events_.publish("paused", {{"boot", boot_}});
+      return nlohmann::json{{"state", "paused"}};
+    case CommandKind::Resume:
+      TRY(machine.resume());
+      events_.publish("resumed", {{"boot", boot_}});
+      return nlohmann::json{{"state", "running"}};
+    case CommandKind::Reset:
+      if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
+      machine.stop(machine::StopReason::Reset, "reset through the API");
+      return nlohmann::json{{"state", "stopping"}, {"reason", "reset"}};
+    case CommandKind::Stop:
+      host_stop = true;
+      machine.stop(machine::StopReason::Stopped, "stopped through the API");
+      return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};
+  }
+  return fail(Errc::Unsupported, "unknown command");
+}
+
+}  // namespace keel::vmm

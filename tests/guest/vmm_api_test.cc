@@ -1,0 +1,293 @@
+// keel-vmm's control API end to end: the real binary with --api-socket on
+// a tiny guest on the host's /dev/kvm, driven through the socket (api::Client)
+// and through keelctl. pvh_check's `w` ending polls COM1's line status
+// register forever (nothing arrives on /dev/null), so the guest makes a
+// steady stream of io-in exits: they stop while paused and go on after a
+// resume, which is how these tests see that a pause really holds the vCPUs.
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "api/client.h"
+#include "tiny_guest.h"
+#include "vmm_process.h"
+
+namespace keel::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+
+constexpr auto kGuestTimeout = 20s;
+
+std::vector<std::string> polling_guest(const std::string& socket, int cpus = 1) {
+  return {"--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf",
+          "--cmdline",  "pvh-test w",
+          "--memory",   "64",
+          "--cpus",     std::to_string(cpus),
+          "--debug-exit", "--no-acpi",
+          "--api-socket", socket};
+}
+
+Outcome keelctl(const std::vector<std::string>& args) {
+  VmmProcess process(args, std::nullopt, -1, KEEL_KEELCTL_BINARY);
+  return process.wait(kGuestTimeout);
+}
+
+class VmmApiTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (auto reason = tiny_guest_unavailable_reason()) {
+      GTEST_SKIP() << "keel-vmm needs a usable /dev/kvm: " << *reason;
+    }
+    socket_ = dir_.file("api.sock");
+  }
+
+  // Starts keel-vmm and waits until its guest printed and the API answers.
+  void start(std::vector<std::string> args) {
+    vmm_ = std::make_unique<VmmProcess>(args);
+    ASSERT_TRUE(vmm_->wait_for_stdout("pvh ok\n", kGuestTimeout)) << vmm_->wait(1s);
+    Clock::time_point deadline = Clock::now() + kGuestTimeout;
+    while (Clock::now() < deadline) {
+      Result<api::HttpReply> reply = client().request("GET", "/api/v1/version");
+      if (reply && reply->status == 200) return;
+      std::this_thread::sleep_for(20ms);
+    }
+    FAIL() << "the API never answered on " << socket_;
+  }
+
+  api::Client client() const { return api::Client(socket_, 10s); }
+
+  Json call(std::string_view method, std::string_view target, unsigned expected_status = 200) {
+    Result<api::HttpReply> reply = client().request(method, target);
+    EXPECT_TRUE(reply) << reply.error().message();
+    if (!reply) return Json();
+    EXPECT_EQ(reply->status, expected_status) << method << " " << target << ": " << reply->body;
+    return Json::parse(reply->body, nullptr, false);
+  }
+
+  uint64_t io_in_exits() {
+    Json metrics = call("GET", "/api/v1/vm/metrics");
+    uint64_t total = 0;
+    for (const Json& vcpu : metrics["vcpus"]) total += vcpu["exits"].value("io-in", uint64_t{0});
+    return total;
+  }
+
+  std::vector<std::string> ctl(std::initializer_list<std::string> args) {
+    std::vector<std::string> all = {"--socket", socket_};
+    all.insert(all.end(), args);
+    return all;
+  }
+
+  TempDir dir_;
+  std::string socket_;
+  std::unique_ptr<VmmProcess> vmm_;
+};
+
+TEST_F(VmmApiTest, PauseHoldsTheGuestAndResumeLetsItGo) {
+  start(polling_guest(socket_));
+  EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "running");
+  uint64_t before = io_in_exits();
+  std::this_thread::sleep_for(100ms);
+  EXPECT_GT(io_in_exits(), before) << "the guest polls COM1 while running";
+
+  EXPECT_EQ(call("PUT", "/api/v1/vm/pause")["state"], "paused");
+  EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "paused");
+  uint64_t paused = io_in_exits();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(io_in_exits(), paused) << "no vCPU ran while paused";
+  Json conflict = call("PUT", "/api/v1/vm/pause", 409);
+  EXPECT_EQ(conflict["error"]["code"], "Conflict");
+
+  EXPECT_EQ(call("PUT", "/api/v1/vm/resume")["state"], "running");
+  std::this_thread::sleep_for(100ms);
+  EXPECT_GT(io_in_exits(), paused) << "the guest runs again after resume";
+  EXPECT_EQ(call("PUT", "/api/v1/vm/resume", 409)["error"]["message"], "the VM is not paused");
+
+  EXPECT_EQ(call("PUT", "/api/v1/vm/stop")["state"], "stopping");
+  Outcome outcome = vmm_->wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  EXPECT_NE(::access(socket_.c_str(), F_OK), 0) << "keel-vmm removes its API socket";
+}
+
+TEST_F(VmmApiTest, APausedVmWithSeveralVcpusCanBeStopped) {
+  start(polling_guest(socket_, 2));
+  call("PUT", "/api/v1/vm/pause");
+  Json metrics = call("GET", "/api/v1/vm/metrics");
+  EXPECT_EQ(metrics["state"], "paused");
+  EXPECT_EQ(metrics["vcpus"].size(), 2u);
+  call("PUT", "/api/v1/vm/stop");
+  Outcome outcome = vmm_->wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+}
+
+TEST_F(VmmApiTest, DevicesMetricsAndConfig) {
+  start(polling_guest(socket_));
+  Json vm = call("GET", "/api/v1/vm");
+  EXPECT_EQ(vm["config"]["memory_mib"], 64);
+  EXPECT_EQ(vm["config"]["cmdline"], "pvh-test w");
+  EXPECT_EQ(vm["boot"], 1);
+  Json devices = call("GET", "/api/v1/vm/devices")["devices"];
+  ASSERT_TRUE(devices.is_array());
+  ASSERT_FALSE(devices.empty());
+  EXPECT_EQ(devices[0]["type"], "pci-host-bridge");
+  EXPECT_EQ(devices[0]["address"], "0000:00:00.0");
+  bool serial = false, debug_exit = false;
+  for (const Json& device : devices) {
+    serial = serial || (device["type"] == "serial-16550a" && device["address"] == "0x3f8");
+    debug_exit = debug_exit || device["type"] == "debug-exit";
+  }
+  EXPECT_TRUE(serial) << devices.dump();
+  EXPECT_TRUE(debug_exit) << devices.dump();
+
+  Result<api::HttpReply> prometheus = client().request("GET", "/metrics");
+  ASSERT_TRUE(prometheus);
+  EXPECT_EQ(prometheus->status, 200u);
+  EXPECT_THAT(prometheus->body, HasSubstr("keel_vcpu_exits_total{vcpu=\"0\",reason=\"io-in\"} "));
+  EXPECT_THAT(prometheus->body, HasSubstr("keel_guest_memory_bytes 67108864\n"));
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmApiTest, EventsTellTheLifecycleInOrder) {
+  start(polling_guest(socket_));
+  std::vector<Json> followed;
+  std::thread follower([&] {
+    // Follows from the start until keel-vmm exits and closes the stream.
+    Result<api::HttpReply> reply = api::Client(socket_, 10s).stream_lines(
+        "/api/v1/events?after=0", [&](std::string_view line) {
+          followed.push_back(Json::parse(line, nullptr, false));
+          return true;
+        });
+    EXPECT_TRUE(reply);
+  });
+  call("PUT", "/api/v1/vm/pause");
+  call("PUT", "/api/v1/vm/resume");
+  call("PUT", "/api/v1/vm/stop");
+  Outcome outcome = vmm_->wait(kGuestTimeout);
+  follower.join();
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  std::vector<std::string> types;
+  for (const Json& event : followed) types.push_back(event.value("type", "?"));
+  EXPECT_EQ(types, (std::vector<std::string>{"created", "running", "paused", "resumed",
+                                             "stopping", "stopped"}))
+      << outcome;
+  for (size_t i = 0; i < followed.size(); ++i) EXPECT_EQ(followed[i]["seq"], i + 1);
+  if (followed.size() == 6) {
+    EXPECT_EQ(followed[4]["reason"], "stopped");
+    EXPECT_EQ(followed[5]["reason"], "stopped");
+    EXPECT_EQ(followed[5]["detail"], "stopped through the API");
+  }
+}
+
+TEST_F(VmmApiTest, ResetThroughTheApiRebootsTheGuest) {
+  start(polling_guest(socket_));
+  EXPECT_EQ(call("PUT", "/api/v1/vm/reset")["reason"], "reset");
+  ASSERT_TRUE(vmm_->wait_for_stdout("pvh ok\npvh ok\n", kGuestTimeout)) << vmm_->wait(1s);
+  // The next boot's commands are served by the new machine.
+  Clock::time_point deadline = Clock::now() + kGuestTimeout;
+  Json vm;
+  while (Clock::now() < deadline) {
+    vm = call("GET", "/api/v1/vm");
+    if (vm.value("boot", 0) == 2) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(vm["boot"], 2);
+  Result<api::HttpReply> events = client().request("GET", "/api/v1/events?follow=false");
+  ASSERT_TRUE(events);
+  EXPECT_THAT(events->body, HasSubstr("\"type\":\"reset\""));
+  EXPECT_THAT(events->body, HasSubstr("\"reason\":\"reset\""));
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmApiTest, KeelctlDrivesTheVm) {
+  start(polling_guest(socket_));
+  Outcome info = keelctl(ctl({"vm", "info"}));
+  EXPECT_EQ(info.exit_status, 0) << info;
+  EXPECT_THAT(info.out, HasSubstr("running"));
+  EXPECT_THAT(info.out, HasSubstr("64 MiB"));
+
+  Outcome paused = keelctl(ctl({"vm", "pause"}));
+  EXPECT_EQ(paused.exit_status, 0) << paused;
+  EXPECT_EQ(paused.out, "paused\n");
+  Outcome again = keelctl(ctl({"vm", "pause"}));
+  EXPECT_EQ(again.exit_status, 1) << again;
+  EXPECT_THAT(again.err, HasSubstr("already paused"));
+  EXPECT_THAT(again.err, HasSubstr("409"));
+
+  Outcome json = keelctl(ctl({"--json", "vm", "info"}));
+  EXPECT_EQ(json.exit_status, 0) << json;
+  EXPECT_EQ(Json::parse(json.out, nullptr, false)["state"], "paused");
+
+  Outcome resumed = keelctl(ctl({"vm", "resume"}));
+  EXPECT_EQ(resumed.exit_status, 0) << resumed;
+  EXPECT_EQ(resumed.out, "running\n");
+
+  Outcome devices = keelctl(ctl({"vm", "devices"}));
+  EXPECT_EQ(devices.exit_status, 0) << devices;
+  EXPECT_THAT(devices.out, HasSubstr("TYPE"));
+  EXPECT_THAT(devices.out, HasSubstr("pci-host-bridge"));
+  EXPECT_THAT(devices.out, HasSubstr("serial-16550a"));
+
+  Outcome metrics = keelctl(ctl({"vm", "metrics"}));
+  EXPECT_EQ(metrics.exit_status, 0) << metrics;
+  EXPECT_THAT(metrics.out, HasSubstr("VCPU"));
+  EXPECT_THAT(metrics.out, HasSubstr("io-in"));
+
+  Outcome events = keelctl(ctl({"vm", "events"}));
+  EXPECT_EQ(events.exit_status, 0) << events;
+  EXPECT_THAT(events.out, HasSubstr("created"));
+  EXPECT_THAT(events.out, HasSubstr("resumed"));
+  Outcome later = keelctl(ctl({"--json", "vm", "events", "--after", "3"}));
+  EXPECT_EQ(later.exit_status, 0) << later;
+  EXPECT_THAT(later.out, ::testing::StartsWith("{\"seq\":4,"));
+
+  Outcome stopped = keelctl(ctl({"vm", "stop"}));
+  EXPECT_EQ(stopped.exit_status, 0) << stopped;
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+// ---- keelctl without a VM: no /dev/kvm needed ----
+
+TEST(KeelctlTest, HelpListsTheVmCommands) {
+  Outcome outcome = keelctl({"vm", "--help"});
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  for (const char* command : {"info", "devices", "pause", "resume", "reset", "stop", "metrics",
+                              "events"}) {
+    EXPECT_THAT(outcome.out, HasSubstr(command));
+  }
+}
+
+TEST(KeelctlTest, MissingSocketIsAClearErrorWithStatusThree) {
+  Outcome outcome = keelctl({"--socket", "/nonexistent/keel-api.sock", "vm", "info"});
+  EXPECT_EQ(outcome.exit_status, 3) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("/nonexistent/keel-api.sock"));
+  EXPECT_THAT(outcome.err, HasSubstr("--api-socket"));
+}
+
+TEST(KeelctlTest, NoSocketOrCommandIsUsageError) {
+  EXPECT_EQ(keelctl({"vm", "info"}).exit_status, 2);
+  EXPECT_EQ(keelctl({"--socket", "/x"}).exit_status, 2);
+  EXPECT_EQ(keelctl({"--socket", "/x", "vm", "bogus"}).exit_status, 2);
+}
+
+TEST(VmmApiFlagTest, BadApiSocketPathExitsTwoNamingTheFlag) {
+  if (auto reason = tiny_guest_unavailable_reason()) {
+    GTEST_SKIP() << "keel-vmm opens /dev/kvm first: " << *reason;
+  }
+  VmmProcess process({"--kernel", std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf",
+                      "--memory", "64", "--api-socket", "/nonexistent-dir/api.sock"});
+  Outcome outcome = process.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 2) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("--api-socket"));
+}
+
+}  // namespace
+}  // namespace keel::testing

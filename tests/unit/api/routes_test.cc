@@ -1,0 +1,142 @@
+// The route table and the request checks that need no server.
+#include "api/routes.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "api/prometheus.h"
+
+namespace keel::api {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(RoutesTest, MatchesEveryRouteByMethodAndPath) {
+  for (const Route& route : routes()) {
+    Routed routed = route_request(route.method, route.path);
+    ASSERT_EQ(routed.route, &route) << route.method << " " << route.path;
+    EXPECT_FALSE(routed.error);
+  }
+}
+
+TEST(RoutesTest, UnknownPathIs404) {
+  for (const char* path : {"/", "/api/v1", "/api/v1/vm/", "/api/v1/vm/pausex", "/API/V1/VM"}) {
+    Routed routed = route_request("GET", path);
+    ASSERT_TRUE(routed.error) << path;
+    EXPECT_EQ(routed.error->status, 404u) << path;
+    EXPECT_THAT(routed.error->message, HasSubstr(path));
+  }
+}
+
+TEST(RoutesTest, WrongMethodIs405WithAllow) {
+  Routed routed = route_request("GET", "/api/v1/vm/pause");
+  ASSERT_TRUE(routed.error);
+  EXPECT_EQ(routed.error->status, 405u);
+  EXPECT_EQ(routed.allow, "PUT");
+  routed = route_request("DELETE", "/api/v1/vm");
+  ASSERT_TRUE(routed.error);
+  EXPECT_EQ(routed.error->status, 405u);
+  EXPECT_EQ(routed.allow, "GET");
+}
+
+TEST(RoutesTest, QueryParametersAreCheckedPerRoute) {
+  Routed routed = route_request("GET", "/api/v1/events?after=5&follow=false");
+  ASSERT_FALSE(routed.error);
+  ASSERT_EQ(routed.query.size(), 2u);
+  EXPECT_EQ(routed.query[0], (std::pair<std::string, std::string>{"after", "5"}));
+
+  routed = route_request("GET", "/api/v1/events?since=5");
+  ASSERT_TRUE(routed.error);
+  EXPECT_EQ(routed.error->status, 400u);
+  EXPECT_EQ(routed.error->field, "since");
+
+  routed = route_request("GET", "/api/v1/vm?verbose=1");
+  ASSERT_TRUE(routed.error);
+  EXPECT_EQ(routed.error->field, "verbose");
+
+  routed = route_request("GET", "/api/v1/events?after=%35");
+  ASSERT_TRUE(routed.error);
+  EXPECT_EQ(routed.error->status, 400u);
+}
+
+TEST(RoutesTest, EventsQueryValues) {
+  std::string field;
+  Result<EventsQuery> parsed = parse_events_query({}, field);
+  ASSERT_TRUE(parsed);
+  EXPECT_EQ(parsed->after, 0u);
+  EXPECT_TRUE(parsed->follow);
+  parsed = parse_events_query({{"after", "18446744073709551615"}, {"follow", "false"}}, field);
+  ASSERT_TRUE(parsed);
+  EXPECT_EQ(parsed->after, UINT64_MAX);
+  EXPECT_FALSE(parsed->follow);
+  for (const char* bad : {"", "-1", "1x", "18446744073709551616", "0x10"}) {
+    parsed = parse_events_query({{"after", bad}}, field);
+    EXPECT_FALSE(parsed) << bad;
+    EXPECT_EQ(field, "after") << bad;
+  }
+  parsed = parse_events_query({{"follow", "yes"}}, field);
+  EXPECT_FALSE(parsed);
+  EXPECT_EQ(field, "follow");
+}
+
+TEST(RoutesTest, ActionBodiesMustBeEmpty) {
+  EXPECT_FALSE(check_empty_body(""));
+  EXPECT_FALSE(check_empty_body(" \r\n"));
+  EXPECT_FALSE(check_empty_body("{}"));
+  std::optional<ApiError> error = check_empty_body(R"({"force": true})");
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->status, 400u);
+  EXPECT_EQ(error->field, "force");
+  EXPECT_THAT(error->message, HasSubstr("'force'"));
+  error = check_empty_body("{not json");
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->field, "body");
+  error = check_empty_body("[1]");
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->field, "body");
+}
+
+TEST(RoutesTest, ErrorJsonShape) {
+  nlohmann::json json = ApiError{409, "the VM is not paused", ""}.to_json();
+  EXPECT_EQ(json["error"]["status"], 409);
+  EXPECT_EQ(json["error"]["code"], "Conflict");
+  EXPECT_EQ(json["error"]["message"], "the VM is not paused");
+  EXPECT_FALSE(json["error"].contains("field"));
+  json = ApiError{400, "bad", "after"}.to_json();
+  EXPECT_EQ(json["error"]["field"], "after");
+}
+
+TEST(RoutesTest, MachineErrorsMapToStatuses) {
+  EXPECT_EQ(error_from(Error(Errc::Busy, "paused")).status, 409u);
+  EXPECT_EQ(error_from(Error(Errc::InvalidArgument, "x")).status, 400u);
+  EXPECT_EQ(error_from(Error(Errc::NotFound, "x")).status, 404u);
+  EXPECT_EQ(error_from(Error(Errc::Timeout, "x")).status, 503u);
+  EXPECT_EQ(error_from(Error(Errc::Io, "x")).status, 500u);
+  EXPECT_EQ(error_from(Error(Errc::Unsupported, "x")).status, 501u);
+}
+
+TEST(PrometheusTest, RendersExitsMemoryAndState) {
+  nlohmann::json metrics = {
+      {"state", "paused"},
+      {"boot", 2},
+      {"uptime_seconds", 1.5},
+      {"vcpus", {{{"index", 0}, {"exits", {{"io-out", 7}, {"hlt", 0}}}},
+                 {{"index", 1}, {"exits", {{"io-out", 3}}}}}},
+      {"memory", {{"guest_bytes", 67108864}, {"resident_bytes", 4096}}},
+  };
+  std::string text = prometheus_text(metrics);
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_vcpu_exits_total counter\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vcpu_exits_total{vcpu=\"0\",reason=\"io-out\"} 7\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vcpu_exits_total{vcpu=\"0\",reason=\"hlt\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vcpu_exits_total{vcpu=\"1\",reason=\"io-out\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("keel_guest_memory_bytes 67108864\n"));
+  EXPECT_THAT(text, HasSubstr("keel_process_resident_memory_bytes 4096\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vm_state{state=\"paused\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vm_state{state=\"running\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("keel_vm_boots_total 2\n"));
+  // Every sample line belongs to a family announced before it.
+  EXPECT_EQ(text.back(), '\n');
+}
+
+}  // namespace
+}  // namespace keel::api
