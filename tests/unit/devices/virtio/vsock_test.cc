@@ -168,8 +168,10 @@ class VsockTest : public ::testing::Test {
       auto header_bytes = rx_->bytes(buffers[0], kVsockHeaderBytes);
       std::memcpy(&packet.header, header_bytes.data(), kVsockHeaderBytes);
       EXPECT_EQ(used.len, kVsockHeaderBytes + packet.header.len);
-      auto data = rx_->bytes(buffers[1], packet.header.len);
-      packet.data.assign(reinterpret_cast<const char*>(data.data()), data.size());
+      if (packet.header.len > 0) {  // (GuestMemory::read of nothing would memcpy a null pointer)
+        auto data = rx_->bytes(buffers[1], packet.header.len);
+        packet.data.assign(reinterpret_cast<const char*>(data.data()), data.size());
+      }
       out.push_back(std::move(packet));
     }
     return out;
