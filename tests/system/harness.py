@@ -177,7 +177,7 @@ def load_kit(kit_dir):
                            f"scripts/kit/build-kit.sh {kit_dir}")
     kit = read_env_file(env_file)
     kit["dir"] = kit_dir
-    for name in KIT_PAYLOAD_FILES:
+    for name in KIT_PAYLOAD_FILES + KIT_PAYLOAD_TOOLS:
         if not os.path.isfile(os.path.join(kit_dir, name)):
             raise HarnessError(f"kit file {os.path.join(kit_dir, name)} is missing; "
                                "rebuild the kit")
@@ -263,8 +263,7 @@ def plan_payload(kit, binaries, qemu_for_l2):
     for name in KIT_PAYLOAD_FILES:
         plan.add_file(f"kit/{name}", os.path.join(kit["dir"], name), 0o644)
     for name in KIT_PAYLOAD_TOOLS:
-        if os.path.isfile(os.path.join(kit["dir"], name)):
-            plan.add_file(f"kit/{name}", os.path.join(kit["dir"], name), 0o755)
+        plan.add_file(f"kit/{name}", os.path.join(kit["dir"], name), 0o755)
     plan.add_file("system/lib.sh", os.path.join(SYSTEM_DIR, "lib.sh"))
     plan.add_tree("system/scenarios", SCENARIO_DIR)
     plan.add_tree("system/common", os.path.join(SYSTEM_DIR, "common"))
