@@ -83,13 +83,15 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
 
 Result<void> GuestMemory::read(GuestAddr address, std::span<std::byte> data) const {
   std::span<std::byte> source = TRY(host_span(address, data.size()));
-  std::memcpy(data.data(), source.data(), data.size());
+  // An empty span may have a null data(); memcpy with it is undefined even
+  // for 0 bytes.
+  if (!data.empty()) std::memcpy(data.data(), source.data(), data.size());
   return ok();
 }
 
 Result<void> GuestMemory::write(GuestAddr address, std::span<const std::byte> data) const {
   std::span<std::byte> target = TRY(host_span(address, data.size()));
-  std::memcpy(target.data(), data.data(), data.size());
+  if (!data.empty()) std::memcpy(target.data(), data.data(), data.size());
   return ok();
 }
 

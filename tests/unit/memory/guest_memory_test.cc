@@ -51,6 +51,20 @@ TEST(GuestMemoryTest, OutOfRangeAccessesAreErrors) {
   EXPECT_FALSE(memory.read_obj<uint64_t>(GuestAddr(0xffffffff00000000)));
 }
 
+// Zero-length accesses (a zero-length descriptor's buffer) inside RAM
+// succeed and touch nothing; outside RAM they are still errors. Under UBSan
+// this also checks that no memcpy is made with an empty span's null data().
+TEST(GuestMemoryTest, EmptyAccessesTouchNothing) {
+  GuestMemory memory = *GuestMemory::create(0x300000, kHoleStart, kHoleEnd);
+  ASSERT_TRUE(memory.write_obj<uint32_t>(GuestAddr(0x1000), 0xa5a5a5a5));
+  std::span<std::byte> empty;
+  EXPECT_TRUE(memory.read(GuestAddr(0x1000), empty));
+  EXPECT_TRUE(memory.write(GuestAddr(0x1000), std::span<const std::byte>()));
+  EXPECT_EQ(*memory.read_obj<uint32_t>(GuestAddr(0x1000)), 0xa5a5a5a5u);
+  EXPECT_FALSE(memory.read(GuestAddr(kHoleStart + 0x1000), empty));
+  EXPECT_FALSE(memory.write(GuestAddr(kHoleStart + 0x1000), std::span<const std::byte>()));
+}
+
 TEST(GuestMemoryTest, BadSizesAreRejected) {
   EXPECT_FALSE(GuestMemory::create(0, kHoleStart, kHoleEnd));
   EXPECT_FALSE(GuestMemory::create(4097, kHoleStart, kHoleEnd));
