@@ -213,10 +213,10 @@ Result<std::span<const std::byte>> Qcow2Image::decompressed(const Mapping& m) {
   // lookup() bounded the stream by the field widths (at most 2 clusters'
   // worth) and the file's end.
   const uint64_t available = std::min(m.compressed_bytes, file_.size_bytes() - m.host_offset);
-  std::vector<std::byte> input(available);
-  TRY(file_.read(m.host_offset, input));
+  compressed_input_.resize(available);
+  TRY(file_.read(m.host_offset, compressed_input_));
   decompressed_.resize(cluster_size_);
-  TRY(decompress_cluster(header_.compression_type, input, decompressed_,
+  TRY(decompress_cluster(header_.compression_type, compressed_input_, decompressed_,
                          fmt::format("{} at {:#x}", file_.path(), m.host_offset)));
   decompressed_host_ = m.host_offset;
   return std::span<const std::byte>(decompressed_);
@@ -264,7 +264,7 @@ Result<size_t> Qcow2Image::read_at(uint64_t offset, std::span<const iovec> iov) 
   const uint64_t total = iov_bytes(iov);
   TRY(check_range(offset, total));
   IovCursor cursor(iov);
-  std::vector<iovec> piece;
+  std::vector<iovec>& piece = piece_;
   std::optional<Mapping> next;
   uint64_t pos = offset;
   const uint64_t end = offset + total;
@@ -421,8 +421,9 @@ Result<size_t> Qcow2Image::write_at(uint64_t offset, std::span<const iovec> iov)
   const uint64_t total = iov_bytes(iov);
   TRY(check_range(offset, total));
   IovCursor cursor(iov);
-  std::vector<iovec> piece;
-  std::vector<Mapping> to_free;
+  std::vector<iovec>& piece = piece_;
+  std::vector<Mapping>& to_free = to_free_;
+  to_free.clear();
   uint64_t pos = offset;
   const uint64_t end = offset + total;
   Result<void> result = ok();

@@ -146,6 +146,12 @@ class Qcow2Image final : public SyncBlockBackend {
   // The last compressed cluster decompressed (sequential reads hit it).
   uint64_t decompressed_host_ = UINT64_MAX;
   std::vector<std::byte> decompressed_;
+  // Reused by every request, so the guest's I/O path allocates nothing once
+  // they have grown: the compressed stream of a cluster, one cluster's
+  // share of a request's iovecs, the clusters a write replaced.
+  std::vector<std::byte> compressed_input_;
+  std::vector<iovec> piece_;
+  std::vector<Mapping> to_free_;
   std::vector<std::byte> scratch_;  // one cluster, for copy-on-write
   std::vector<Mapping> pending_free_;
 };
