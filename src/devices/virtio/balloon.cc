@@ -117,6 +117,11 @@ uint64_t Balloon::ballooned_pages() const {
   return ballooned_pages_;
 }
 
+uint64_t Balloon::discarded_ranges() const {
+  std::lock_guard lock(mutex_);
+  return discarded_ranges_;
+}
+
 BalloonStats Balloon::stats() const {
   std::lock_guard lock(mutex_);
   return stats_;
@@ -369,6 +374,7 @@ void Balloon::handle_pfns(Role role) {
 }
 
 void Balloon::discard_range(uint64_t address, uint64_t size_bytes) {
+  ++discarded_ranges_;
   if (Result<void> discarded = memory_->discard(memory::GuestAddr(address), size_bytes);
       !discarded) {
     LOG_RATELIMITED(warn, "virtio-balloon: {}", discarded.error().message());

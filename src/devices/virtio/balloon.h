@@ -142,6 +142,9 @@ class Balloon final : public VirtioDevice {
   uint32_t actual_pages() const;
   // 4 KiB pages the driver inflated and has not deflated (RAM only).
   uint64_t ballooned_pages() const;
+  // Ranges handed to GuestMemory::discard (one hole punch each) since
+  // creation: contiguous PFNs must cost one, not one per page.
+  uint64_t discarded_ranges() const;
   BalloonStats stats() const;
   // Gives the statistics buffer back so the driver refills it (what the
   // timer does every stats_period_s). False if the device holds none.
@@ -195,6 +198,7 @@ class Balloon final : public VirtioDevice {
   // One bit per 4 KiB page of each RAM region: in the balloon.
   std::vector<std::vector<uint64_t>> ballooned_bits_;
   uint64_t ballooned_pages_ = 0;
+  uint64_t discarded_ranges_ = 0;
   std::optional<uint16_t> stats_head_;  // the statistics buffer the device holds
   BalloonStats stats_;
   Fd timer_;

@@ -252,9 +252,15 @@ TEST_F(BalloonTest, LargeInflationIsCoalesced) {
   std::vector<uint32_t> pfns;
   for (uint32_t i = 0; i < 256; ++i) pfns.push_back(kHighPfn + 255 - i);
   for (uint32_t pfn : pfns) fill_page(pfn, 0x11);
+  const uint64_t ranges_before = balloon_->discarded_ranges();
   send_pfns(0, pfns);
   EXPECT_EQ(balloon_->ballooned_pages(), 256u);
+  EXPECT_EQ(balloon_->discarded_ranges() - ranges_before, 1u)
+      << "256 contiguous pages, sent in descending order, are one hole punch";
   for (uint32_t pfn : pfns) ASSERT_TRUE(page_is(pfn, 0)) << pfn;
+  // Two runs with a gap between them are two.
+  send_pfns(0, {0x10, 0x11, 0x12, 0x20, 0x21});
+  EXPECT_EQ(balloon_->discarded_ranges() - ranges_before, 3u);
 }
 
 TEST_F(BalloonTest, DeflateKeepsTheCountConsistent) {
