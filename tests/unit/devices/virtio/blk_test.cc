@@ -14,6 +14,7 @@
 #include "base/event_loop.h"
 #include "block/raw/raw_file.h"
 #include "block/temp_image.h"
+#include "fake_interrupt.h"
 #include "fake_virtqueue.h"
 
 namespace keel::devices::virtio {
@@ -22,6 +23,7 @@ namespace {
 using block::Access;
 using block::testing::TempImage;
 using testing::ChainBuilder;
+using testing::FakeInterrupt;
 using testing::FakeVirtqueue;
 using testing::make_test_memory;
 using testing::pattern;
@@ -29,19 +31,6 @@ using testing::pattern;
 constexpr uint64_t kDiskBytes = 1 << 20;
 constexpr uint64_t kAllBlkFeatures = kBlkFeatureSegMax | kBlkFeatureBlkSize | kBlkFeatureFlush |
                                      kBlkFeatureDiscard | kBlkFeatureWriteZeroes;
-
-class FakeInterrupt : public Interrupt {
- public:
-  void notify_queue(uint16_t queue) override {
-    EXPECT_EQ(queue, 0);
-    ++queue_notifications;
-  }
-  void notify_config() override { ++config_notifications; }
-  void needs_reset() override { ++resets; }
-  int queue_notifications = 0;
-  int config_notifications = 0;
-  int resets = 0;
-};
 
 std::vector<std::byte> header_bytes(uint32_t type, uint64_t sector) {
   BlkRequestHeader header{type, 0, sector};
@@ -60,6 +49,8 @@ class BlkTest : public ::testing::Test {
   void SetUp() override { loop_ = std::move(*EventLoop::create()); }
   void TearDown() override {
     if (blk_) blk_->reset();
+    // virtio-blk has one queue: every used buffer notification is for it.
+    EXPECT_EQ(interrupt_->all_queue_notifications(), interrupt_->queue_notifications(0));
   }
 
   void start(Access access = Access::ReadWrite, uint64_t features = kAllBlkFeatures,
@@ -175,8 +166,8 @@ TEST_F(BlkTest, Read) {
   EXPECT_EQ(fake_->used_elem(0).len, 4096u + 1);
   auto data = fake_->bytes(built.buffers[1], 4096);
   EXPECT_EQ(0, std::memcmp(data.data(), image_.contents().data() + 8 * 512, 4096));
-  EXPECT_EQ(interrupt_->queue_notifications, 1);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->queue_notifications(0), 1);
+  EXPECT_EQ(interrupt_->resets(), 0);
   EXPECT_EQ(blk_->in_flight(), 0u);
 }
 
@@ -287,7 +278,7 @@ TEST_F(BlkTest, ReadOnly) {
   ChainBuilder flush(*fake_);
   flush.readable(header_bytes(kBlkTypeFlush, 0)).writable(1);
   EXPECT_EQ(run_one(flush), kBlkStatusOk);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 TEST_F(BlkTest, RequestsOutsideTheDisk) {
@@ -309,7 +300,7 @@ TEST_F(BlkTest, RequestsOutsideTheDisk) {
   EXPECT_EQ(run_one(discard_past), kBlkStatusIoErr);
   auto zeroes_overflow = range_chain(kBlkTypeWriteZeroes, UINT64_MAX - 2, 8, 0);
   EXPECT_EQ(run_one(zeroes_overflow), kBlkStatusIoErr);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 TEST_F(BlkTest, MalformedRequestsGetAnErrorStatus) {
@@ -335,7 +326,7 @@ TEST_F(BlkTest, MalformedRequestsGetAnErrorStatus) {
     unknown.readable(header_bytes(type, 0)).writable(1);
     EXPECT_EQ(run_one(unknown), kBlkStatusUnsupp) << type;
   }
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 TEST_F(BlkTest, MalformedDiscardAndWriteZeroes) {
@@ -363,7 +354,7 @@ TEST_F(BlkTest, MalformedDiscardAndWriteZeroes) {
   partial.readable(header_bytes(kBlkTypeWriteZeroes, 0)).readable(pattern(8)).writable(1);
   EXPECT_EQ(run_one(partial), kBlkStatusIoErr);
   EXPECT_EQ(image_.read_back(0, 512)[0], image_.contents()[0]);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 TEST_F(BlkTest, TooManySegments) {
@@ -397,14 +388,14 @@ TEST_F(BlkTest, NoStatusByteNeedsReset) {
   chain.readable(header_bytes(kBlkTypeIn, 0)).readable(512);
   chain.build();
   blk_->notify(0);
-  EXPECT_EQ(interrupt_->resets, 1);
+  EXPECT_EQ(interrupt_->resets(), 1);
   EXPECT_EQ(fake_->used_idx(), 0);
   // The device ignores the queue until reset.
   auto read = read_chain(0, 512);
   read.build();
   blk_->notify(0);
   EXPECT_EQ(fake_->used_idx(), 0);
-  EXPECT_EQ(interrupt_->resets, 1);
+  EXPECT_EQ(interrupt_->resets(), 1);
 }
 
 TEST_F(BlkTest, BufferOutsideRamNeedsReset) {
@@ -413,7 +404,7 @@ TEST_F(BlkTest, BufferOutsideRamNeedsReset) {
   chain.readable(header_bytes(kBlkTypeIn, 0)).raw(memory_.size_bytes() - 256, 512, true).writable(1);
   chain.build();
   blk_->notify(0);
-  EXPECT_EQ(interrupt_->resets, 1);
+  EXPECT_EQ(interrupt_->resets(), 1);
   EXPECT_EQ(fake_->used_idx(), 0);
 }
 
@@ -439,8 +430,8 @@ TEST_F(BlkTest, SixtyFourInFlight) {
     EXPECT_EQ(0, std::memcmp(data.data(), image_.contents().data() + i * 4096, 4096)) << i;
   }
   // One notification per batch of completions, not one per request.
-  EXPECT_GE(interrupt_->queue_notifications, 1);
-  EXPECT_LT(interrupt_->queue_notifications, kRequests);
+  EXPECT_GE(interrupt_->queue_notifications(0), 1);
+  EXPECT_LT(interrupt_->queue_notifications(0), kRequests);
 }
 
 // A driver that makes one chain available over and over fills every slot;
@@ -458,7 +449,7 @@ TEST_F(BlkTest, StallsWhenEverySlotIsBusyAndResumes) {
   EXPECT_EQ(blk_->in_flight(), Blk::kQueueSize);
   run_until_used(static_cast<uint16_t>(Blk::kQueueSize + 10));
   EXPECT_EQ(blk_->in_flight(), 0u);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 TEST_F(BlkTest, ResetWaitsForInFlightRequests) {
@@ -466,11 +457,11 @@ TEST_F(BlkTest, ResetWaitsForInFlightRequests) {
   for (int i = 0; i < 32; ++i) read_chain(i, 512).build();
   blk_->notify(0);
   EXPECT_EQ(blk_->in_flight(), 32u);
-  int notifications = interrupt_->queue_notifications;
+  int notifications = interrupt_->queue_notifications(0);
   blk_->reset();
   EXPECT_EQ(blk_->in_flight(), 0u);
   EXPECT_EQ(fake_->used_idx(), 0);  // nothing pushed after reset
-  EXPECT_EQ(interrupt_->queue_notifications, notifications);
+  EXPECT_EQ(interrupt_->queue_notifications(0), notifications);
   // The loop has no watch left for the device.
   EXPECT_EQ(*loop_->run_once(0), 0);
 
@@ -498,7 +489,7 @@ TEST_F(BlkTest, DisabledQueueIsIgnored) {
   ASSERT_TRUE(blk_->activate(std::move(context)).has_value());
   blk_->notify(0);
   blk_->notify(1);
-  EXPECT_EQ(interrupt_->resets, 0);
+  EXPECT_EQ(interrupt_->resets(), 0);
 }
 
 }  // namespace
