@@ -265,6 +265,16 @@ bool Net::deliver_frame() {
     // §5.1.6.4: as many buffers as the frame needs, num_buffers of them.
     size_t room = 0;
     for (chains = 0; room < frame_bytes; ++chains) {
+      if (chains == rx_held_ && rx_held_ >= rx_queue_->size()) {
+        // Every buffer the ring can hold is ours and the frame still does
+        // not fit: waiting would stall the NIC for good. Drop the frame and
+        // keep the buffers for the next ones.
+        ++stats_.rx_dropped;
+        LOG_RATELIMITED(warn, "virtio-net: dropped a {}-byte frame: all {} rx buffers hold {} "
+                        "bytes", frame_bytes, rx_held_, room);
+        rx_frame_bytes_ = 0;
+        return true;
+      }
       if (chains == rx_held_ && !hold_rx_chain()) return false;  // the frame waits
       room += rx_chains_[chains].writable_bytes;
     }

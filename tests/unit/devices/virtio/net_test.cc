@@ -589,6 +589,26 @@ TEST_F(NetTest, RxAMergedFrameWaitsForEnoughBuffers) {
   EXPECT_EQ(net_->stats().rx_frames, 1u);
 }
 
+// A driver that fills the whole ring with buffers too small for a frame
+// even together: waiting for more would stall the NIC for good (none can
+// come), so the frame is dropped and the buffers serve the next ones.
+TEST_F(NetTest, RxAMergedFrameLargerThanTheWholeRingIsDropped) {
+  start(kAllNetFeatures);
+  std::vector<ChainBuilder::Built> posted;
+  for (uint32_t i = 0; i < Net::kQueueSize; ++i) posted.push_back(post_rx(kHdr + 16));
+  host_send_frame(ethernet_frame(60000));
+  auto small = ethernet_frame(50);
+  host_send_frame(small);
+  run_loop();
+  EXPECT_EQ(net_->stats().rx_dropped, 1u);
+  EXPECT_EQ(net_->stats().rx_frames, 1u);
+  // kHdr + 50 bytes over buffers of kHdr + 16: three of them, in order.
+  ASSERT_EQ(rx_->used_idx(), 3);
+  for (uint16_t i = 0; i < 3; ++i) EXPECT_EQ(rx_->used_elem(i).id, posted[i].head);
+  EXPECT_EQ(header_at(rx_->bytes(posted[0].buffers[0], kHdr)).num_buffers, 3);
+  EXPECT_EQ(net_->stats().rx_bad_buffers, 0u);
+}
+
 TEST_F(NetTest, RxFrameTooBigForAnUnmergedBufferIsDroppedAndCounted) {
   start(kNoMerge);
   auto built = post_rx(kHdr + 100);
