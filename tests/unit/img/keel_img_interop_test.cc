@@ -1,0 +1,206 @@
+// keel-img convert, map, resize, rebase, commit and check --repair, run as a
+// program on images Debian's qemu-img and qemu-io made, with qemu-img
+// judging the results (compare, check, map, convert -O raw). Skips, saying
+// why, without qemu-img and qemu-io (Debian qemu-utils).
+#include <sys/stat.h>
+
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "../block/qcow2_support.h"
+
+namespace keel::block {
+namespace {
+
+using testing::have_program;
+using testing::output_of;
+using testing::pattern;
+using testing::read_file;
+using testing::run;
+using testing::TempDir;
+using testing::write_file;
+
+const std::string kImg = KEEL_IMG_PATH;
+
+class KeelImgInteropTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_program("qemu-img") || !have_program("qemu-io")) {
+      GTEST_SKIP() << "qemu-img and qemu-io are not installed (Debian qemu-utils)";
+    }
+  }
+
+  std::string file(const std::string& name) const { return dir_.file(name); }
+
+  // Runs a command in the test's directory; it must succeed.
+  void sh(const std::string& command) {
+    const std::string line = "cd " + dir_.path() + " && " + command;
+    ASSERT_EQ(run(line), 0) << command << "\n" << output_of(line + " 2>&1");
+  }
+  // Runs keel-img in the test's directory; returns its exit status and
+  // fills out with stdout+stderr.
+  int keel_img(const std::string& args, std::string* out = nullptr) {
+    const std::string line = "cd " + dir_.path() + " && " + kImg + " " + args;
+    if (out != nullptr) *out = output_of(line + " 2>&1");
+    return run(line);
+  }
+  void qemu_io(const std::string& image, const std::vector<std::string>& commands) {
+    std::string line = "qemu-io";
+    for (const std::string& c : commands) line += " -c '" + c + "'";
+    sh(line + " " + image);
+  }
+  // qemu-img compare: both images read the same (a larger one only zeroes past the other).
+  void expect_same(const std::string& a, const std::string& b) {
+    const std::string line = "cd " + dir_.path() + " && qemu-img compare " + a + " " + b;
+    EXPECT_EQ(run(line), 0) << a << " vs " << b << ": " << output_of(line + " 2>&1");
+  }
+  void expect_qemu_check_clean(const std::string& image) {
+    const std::string line = "cd " + dir_.path() + " && qemu-img check " + image;
+    EXPECT_EQ(run(line), 0) << output_of(line + " 2>&1");
+  }
+  // What qemu-img reads from image, as raw bytes.
+  std::vector<std::byte> qemu_raw(const std::string& image) {
+    const std::string raw = image + ".qemu.raw";
+    sh("qemu-img convert -O raw " + image + " " + raw);
+    return read_file(file(raw));
+  }
+
+  // A chain QEMU wrote, with what Keel must read through: a raw base, a
+  // qcow2 middle with compressed and zero clusters and an internal
+  // snapshot, and a qcow2 top with 4 KiB clusters.
+  void make_qemu_chain() {
+    auto base = pattern(3 << 20, 7);
+    for (size_t i = 1 << 20; i < (2u << 20); ++i) base[i] = std::byte{0};  // a zero run
+    write_file(file("base.raw"), base);
+    sh("qemu-img create -f qcow2 -b base.raw -F raw mid.qcow2 4M");
+    qemu_io("mid.qcow2", {"write -c -P 0x21 0 64k", "write -c -P 0x22 64k 64k",
+                          "write -z 512k 128k", "write -P 0x23 2560k 100k"});
+    sh("qemu-img snapshot -c snap mid.qcow2");
+    qemu_io("mid.qcow2", {"write -P 0x24 3M 64k"});
+    sh("qemu-img create -f qcow2 -o cluster_size=4096 -b mid.qcow2 -F qcow2 top.qcow2");
+    qemu_io("top.qcow2", {"write -P 0x31 3000 5000", "write -z 2600k 8k", "write -P 0x32 3900k 4k"});
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(KeelImgInteropTest, ConvertFlattensQemuChainsByteForByte) {
+  make_qemu_chain();
+  const auto expected = qemu_raw("top.qcow2");
+  std::string out;
+  struct Case {
+    std::string args;
+    std::string output;
+  };
+  for (const Case& c : std::vector<Case>{{"-O raw", "flat.raw"},
+                                         {"-O qcow2", "flat.qcow2"},
+                                         {"-O qcow2 -c", "packed.qcow2"},
+                                         {"-O qcow2 -c -o cluster_size=4k,compat=0.10", "v2.qcow2"},
+                                         {"-O qcow2 -o cluster_size=512 -p", "small.qcow2"}}) {
+    SCOPED_TRACE(c.args);
+    ASSERT_EQ(keel_img("convert " + c.args + " top.qcow2 " + c.output, &out), 0) << out;
+    expect_same("top.qcow2", c.output);
+    EXPECT_TRUE(qemu_raw(c.output) == expected);
+    if (c.output.ends_with(".qcow2")) {
+      expect_qemu_check_clean(c.output);
+      // The copy stands alone.
+      auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file(c.output)));
+      EXPECT_FALSE(info.contains("backing-filename")) << info.dump();
+      // Keel reads back what it wrote, compressed clusters included.
+      ASSERT_EQ(keel_img("convert " + c.output + " back.raw", &out), 0) << out;
+      EXPECT_TRUE(read_file(file("back.raw")) == expected);
+    }
+  }
+  // -c really compressed: qemu-img counts the compressed clusters, and the
+  // compressible pattern takes less room.
+  auto check = output_of("qemu-img check --output=json " + file("packed.qcow2"));
+  EXPECT_GT(nlohmann::json::parse(check)["compressed-clusters"].get<uint64_t>(), 0u) << check;
+  struct stat plain {};
+  struct stat packed {};
+  ASSERT_EQ(::stat(file("flat.qcow2").c_str(), &plain), 0);
+  ASSERT_EQ(::stat(file("packed.qcow2").c_str(), &packed), 0);
+  EXPECT_LT(packed.st_size, plain.st_size);
+}
+
+TEST_F(KeelImgInteropTest, ConvertLeavesZeroesOut) {
+  sh("qemu-img create -f qcow2 sparse.qcow2 64M");
+  qemu_io("sparse.qcow2", {"write -P 0x41 1M 64k", "write -P 0 8M 1M", "write -P 0x42 60M 4k"});
+  std::string out;
+  ASSERT_EQ(keel_img("convert sparse.qcow2 sparse.raw", &out), 0) << out;
+  expect_same("sparse.qcow2", "sparse.raw");
+  struct stat st {};
+  ASSERT_EQ(::stat(file("sparse.raw").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 64 << 20);
+  EXPECT_LT(st.st_blocks * 512, 1 << 20) << "the raw copy is not sparse";
+  // In qcow2: only the two clusters with data are allocated, the
+  // megabyte of written zeroes is not.
+  ASSERT_EQ(keel_img("convert -O qcow2 sparse.raw sparse2.qcow2", &out), 0) << out;
+  expect_same("sparse.qcow2", "sparse2.qcow2");
+  auto check = nlohmann::json::parse(output_of("qemu-img check --output=json " +
+                                               file("sparse2.qcow2")));
+  EXPECT_EQ(check["allocated-clusters"], 2) << check.dump();
+}
+
+TEST_F(KeelImgInteropTest, ConvertRefusesToOverwriteWhatItReads) {
+  make_qemu_chain();
+  const auto before = read_file(file("mid.qcow2"));
+  std::string out;
+  EXPECT_EQ(keel_img("convert -O qcow2 top.qcow2 top.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("top.qcow2"), std::string::npos) << out;
+  EXPECT_EQ(keel_img("convert -O qcow2 top.qcow2 mid.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("backing chain"), std::string::npos) << out;
+  EXPECT_TRUE(read_file(file("mid.qcow2")) == before);
+  EXPECT_EQ(keel_img("convert -c -O raw top.qcow2 x.raw", &out), 1) << out;
+  EXPECT_NE(out.find("-c"), std::string::npos) << out;
+  EXPECT_EQ(keel_img("convert missing.qcow2 x.raw", &out), 1) << out;
+  EXPECT_NE(out.find("missing.qcow2"), std::string::npos) << out;
+
+  // A source that fails half-way leaves an existing destination untouched
+  // and no partial file behind. The L1 entry for the second gigabyte points
+  // past the end of the file.
+  sh("qemu-img create -f qcow2 bad.qcow2 2G");
+  qemu_io("bad.qcow2", {"write -P 0x51 0 64k", "write -P 0x52 1G 64k"});
+  {
+    auto fd = Fd::open(file("bad.qcow2"), O_WRONLY);
+    ASSERT_TRUE(fd.has_value());
+    std::byte entry[8] = {std::byte{0x80}, {}, {}, {}, std::byte{0x7f}, {}, {}, {}};
+    // L1 at 0x30000 (after header, refcount table and block), entry 2 (1 GiB / 512 MiB).
+    ASSERT_TRUE(fd->pwrite_all(entry, 0x30000 + 16).has_value());
+  }
+  write_file(file("keep.raw"), pattern(4096, 9));
+  EXPECT_EQ(keel_img("convert bad.qcow2 keep.raw", &out), 1) << out;
+  EXPECT_NE(out.find("bad.qcow2"), std::string::npos) << out;
+  EXPECT_TRUE(read_file(file("keep.raw")) == pattern(4096, 9));
+  EXPECT_NE(::access(file("keep.raw.keel-img-partial").c_str(), F_OK), 0);
+}
+
+TEST_F(KeelImgInteropTest, MapMatchesQemuImg) {
+  make_qemu_chain();
+  sh("qemu-img create -f qcow2 plain.qcow2 1M");
+  qemu_io("plain.qcow2", {"write -P 1 0 64k", "write -P 2 192k 128k", "write -z 512k 64k"});
+  write_file(file("holes.raw"), pattern(1 << 20, 3));
+  sh("fallocate -p -o 256k -l 512k holes.raw");
+  for (const std::string image : {"top.qcow2", "mid.qcow2", "base.raw", "plain.qcow2",
+                                  "holes.raw"}) {
+    SCOPED_TRACE(image);
+    std::string out;
+    ASSERT_EQ(keel_img("map --output json " + image, &out), 0) << out;
+    EXPECT_EQ(out, output_of("cd " + dir_.path() + " && qemu-img map --output=json " + image));
+    EXPECT_TRUE(nlohmann::json::accept(out)) << out;
+  }
+  // The human table too, where it has no compressed clusters to refuse.
+  for (const std::string image : {"plain.qcow2", "holes.raw"}) {
+    std::string out;
+    ASSERT_EQ(keel_img("map " + image, &out), 0) << out;
+    EXPECT_EQ(out, output_of("cd " + dir_.path() + " && qemu-img map " + image));
+  }
+  std::string out;
+  EXPECT_EQ(keel_img("map mid.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("compressed"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace keel::block
