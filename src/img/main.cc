@@ -351,6 +351,20 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
   map->add_option("FILE", map_args.file, "The image")->required();
 
+  img::ResizeArgs resize_args;
+  CLI::App* resize = app.add_subcommand(
+      "resize", "Change an image's virtual size (grown space reads as zeroes; shrinking needs "
+                "--shrink and drops the data past the new end)");
+  resize->add_option("-f,--format", resize_args.format, "FILE's format: auto, raw or qcow2")
+      ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
+  resize->add_flag("--shrink", resize_args.shrink, "Allow making the image smaller");
+  resize->add_option("FILE", resize_args.file, "The image (changed in place)")->required();
+  resize->add_option("SIZE", resize_args.size,
+                     "The new size, or +SIZE / -SIZE relative to the current one; suffixes k, M, "
+                     "G, T")
+      ->required()
+      ->allow_extra_args(false);
+
   std::string check_file;
   CLI::App* check = app.add_subcommand(
       "check", "Check a qcow2 image's refcounts and tables (exit 0 clean, 2 corrupt, 3 leaks)");
@@ -372,6 +386,10 @@ int main(int argc, char** argv) {
   }
   if (*convert) {
     Result<void> done = img::convert(convert_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*resize) {
+    Result<void> done = img::resize(resize_args);
     return done ? 0 : img::fail_with(done.error());
   }
   if (*map) {

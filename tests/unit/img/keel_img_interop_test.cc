@@ -42,10 +42,16 @@ class KeelImgInteropTest : public ::testing::Test {
   }
   // Runs keel-img in the test's directory; returns its exit status and
   // fills out with stdout+stderr.
+  // Runs it once: resize, rebase and commit change the image.
   int keel_img(const std::string& args, std::string* out = nullptr) {
     const std::string line = "cd " + dir_.path() + " && " + kImg + " " + args;
-    if (out != nullptr) *out = output_of(line + " 2>&1");
-    return run(line);
+    std::string text = output_of("(" + line + ") 2>&1; echo \"exit=$?\"");
+    const size_t marker = text.rfind("exit=");
+    if (marker == std::string::npos) return -1;
+    const int status = std::stoi(text.substr(marker + 5));
+    text.resize(marker);
+    if (out != nullptr) *out = std::move(text);
+    return status;
   }
   void qemu_io(const std::string& image, const std::vector<std::string>& commands) {
     std::string line = "qemu-io";
@@ -200,6 +206,78 @@ TEST_F(KeelImgInteropTest, MapMatchesQemuImg) {
   std::string out;
   EXPECT_EQ(keel_img("map mid.qcow2", &out), 1) << out;
   EXPECT_NE(out.find("compressed"), std::string::npos) << out;
+}
+
+TEST_F(KeelImgInteropTest, ResizeGrowsAndShrinksQcow2) {
+  // 4 KiB clusters: an L1 entry covers 2 MiB, so growing to 3 GiB needs a
+  // new, larger L1 table.
+  sh("qemu-img create -f qcow2 -o cluster_size=4096 g.qcow2 1M");
+  qemu_io("g.qcow2", {"write -P 0x61 0 100k", "write -P 0x62 900k 100k"});
+  sh("qemu-img convert -O raw g.qcow2 before.raw");
+  std::string out;
+  ASSERT_EQ(keel_img("resize g.qcow2 +3G", &out), 0) << out;
+  expect_qemu_check_clean("g.qcow2");
+  auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file("g.qcow2")));
+  EXPECT_EQ(info["virtual-size"], (3ull << 30) + (1 << 20));
+  expect_same("before.raw", "g.qcow2");  // the grown part reads as zeroes
+  // QEMU writes through the new L1 table.
+  qemu_io("g.qcow2", {"write -P 0x63 3G 64k"});
+  expect_qemu_check_clean("g.qcow2");
+
+  // Shrinking needs --shrink; refused, the image is untouched.
+  const auto grown = read_file(file("g.qcow2"));
+  EXPECT_EQ(keel_img("resize g.qcow2 512k", &out), 1) << out;
+  EXPECT_NE(out.find("--shrink"), std::string::npos) << out;
+  EXPECT_NE(out.find("g.qcow2"), std::string::npos) << out;
+  EXPECT_TRUE(read_file(file("g.qcow2")) == grown);
+  // With it, the clusters past the end are freed (no leaks), and growing
+  // again shows zeroes where the dropped data was.
+  ASSERT_EQ(keel_img("resize --shrink g.qcow2 512k", &out), 0) << out;
+  expect_qemu_check_clean("g.qcow2");
+  info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file("g.qcow2")));
+  EXPECT_EQ(info["virtual-size"], 512 << 10);
+  ASSERT_EQ(keel_img("resize g.qcow2 2M", &out), 0) << out;
+  expect_qemu_check_clean("g.qcow2");
+  auto expected = read_file(file("before.raw"));
+  expected.resize(512 << 10);
+  expected.resize(2 << 20, std::byte{0});
+  EXPECT_TRUE(qemu_raw("g.qcow2") == expected);
+}
+
+TEST_F(KeelImgInteropTest, ResizeOverALargerBackingReadsZeroes) {
+  write_file(file("base.raw"), pattern(4 << 20, 5));
+  sh("qemu-img create -f qcow2 -b base.raw -F raw ov.qcow2 1M");
+  std::string out;
+  ASSERT_EQ(keel_img("resize ov.qcow2 4M", &out), 0) << out;
+  expect_qemu_check_clean("ov.qcow2");
+  auto expected = pattern(4 << 20, 5);
+  std::fill(expected.begin() + (1 << 20), expected.end(), std::byte{0});
+  EXPECT_TRUE(qemu_raw("ov.qcow2") == expected);
+}
+
+TEST_F(KeelImgInteropTest, ResizeRawAndRefusals) {
+  write_file(file("disk.raw"), pattern(1 << 20, 6));
+  std::string out;
+  ASSERT_EQ(keel_img("resize disk.raw +1M", &out), 0) << out;
+  struct stat st {};
+  ASSERT_EQ(::stat(file("disk.raw").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 2 << 20);
+  EXPECT_EQ(keel_img("resize disk.raw -- -1536k", &out), 1) << out;
+  EXPECT_NE(out.find("--shrink"), std::string::npos) << out;
+  ASSERT_EQ(keel_img("resize --shrink disk.raw -- -1536k", &out), 0) << out;
+  ASSERT_EQ(::stat(file("disk.raw").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 512 << 10);
+  EXPECT_EQ(keel_img("resize --shrink disk.raw -- -1G", &out), 1) << out;
+  EXPECT_NE(out.find("more than the image's size"), std::string::npos) << out;
+
+  // Internal snapshots: Keel does not rewrite those images, and says so.
+  sh("qemu-img create -f qcow2 snap.qcow2 1M");
+  sh("qemu-img snapshot -c one snap.qcow2");
+  EXPECT_EQ(keel_img("resize snap.qcow2 2M", &out), 1) << out;
+  EXPECT_NE(out.find("snapshots"), std::string::npos) << out;
+  sh("qemu-img create -f qcow2 odd.qcow2 1M");
+  EXPECT_EQ(keel_img("resize odd.qcow2 1000000", &out), 1) << out;
+  EXPECT_NE(out.find("multiple of 512"), std::string::npos) << out;
 }
 
 }  // namespace
