@@ -365,6 +365,24 @@ int main(int argc, char** argv) {
       ->required()
       ->allow_extra_args(false);
 
+  img::RebaseArgs rebase_args;
+  CLI::App* rebase = app.add_subcommand(
+      "rebase",
+      "Point a qcow2 image at another backing file; by default copies in the clusters that "
+      "differ between the old and the new backing so the image reads the same");
+  rebase->add_flag("-u,--unsafe", rebase_args.unsafe,
+                   "Rewrite the backing file name only (the new file must hold the same data)");
+  rebase->add_option("-b,--backing", rebase_args.backing,
+                     "The new backing file (relative names are relative to FILE's directory); "
+                     "\"\" for none, which copies the whole old chain into FILE")
+      ->required();
+  rebase->add_option("-F,--backing-format", rebase_args.backing_format,
+                     "The new backing file's format: raw or qcow2 (probed and recorded if not "
+                     "given)")
+      ->check(CLI::IsMember({"qcow2", "raw"}));
+  rebase->add_flag("-p,--progress", rebase_args.progress, "Show progress on stderr");
+  rebase->add_option("FILE", rebase_args.file, "The qcow2 image (changed in place)")->required();
+
   std::string check_file;
   CLI::App* check = app.add_subcommand(
       "check", "Check a qcow2 image's refcounts and tables (exit 0 clean, 2 corrupt, 3 leaks)");
@@ -390,6 +408,10 @@ int main(int argc, char** argv) {
   }
   if (*resize) {
     Result<void> done = img::resize(resize_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*rebase) {
+    Result<void> done = img::rebase(rebase_args);
     return done ? 0 : img::fail_with(done.error());
   }
   if (*map) {

@@ -4,6 +4,7 @@
 // why, without qemu-img and qemu-io (Debian qemu-utils).
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -278,6 +279,73 @@ TEST_F(KeelImgInteropTest, ResizeRawAndRefusals) {
   sh("qemu-img create -f qcow2 odd.qcow2 1M");
   EXPECT_EQ(keel_img("resize odd.qcow2 1000000", &out), 1) << out;
   EXPECT_NE(out.find("multiple of 512"), std::string::npos) << out;
+}
+
+TEST_F(KeelImgInteropTest, RebaseKeepsWhatTheImageReads) {
+  make_qemu_chain();
+  // The new backing file: the old chain's content with some changes, and
+  // shorter than the image (past its end the image must keep its data).
+  sh("qemu-img convert -O qcow2 mid.qcow2 new.qcow2");
+  qemu_io("new.qcow2", {"write -P 0x71 0 8k", "write -z 2M 64k", "write -P 0x72 3M 64k"});
+  sh("qemu-img resize --shrink new.qcow2 3584k");
+  sh("qemu-img convert -O raw top.qcow2 saved.raw");
+  std::string out;
+  ASSERT_EQ(keel_img("rebase -b new.qcow2 top.qcow2", &out), 0) << out;
+  expect_same("saved.raw", "top.qcow2");
+  expect_qemu_check_clean("top.qcow2");
+  auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file("top.qcow2")));
+  EXPECT_EQ(info["backing-filename"], "new.qcow2");
+  EXPECT_EQ(info["backing-filename-format"], "qcow2");
+  // Clusters both backing files agree on stay with the backing file.
+  auto map = nlohmann::json::parse(output_of("cd " + dir_.path() +
+                                             " && qemu-img map --output=json top.qcow2"));
+  bool from_backing = false;
+  for (const auto& entry : map) from_backing |= entry["depth"] == 1 && entry["data"] == true;
+  EXPECT_TRUE(from_backing) << map.dump();
+
+  // Onto nothing: the whole chain is copied in.
+  ASSERT_EQ(keel_img("rebase -b '' top.qcow2", &out), 0) << out;
+  expect_same("saved.raw", "top.qcow2");
+  expect_qemu_check_clean("top.qcow2");
+  info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file("top.qcow2")));
+  EXPECT_FALSE(info.contains("backing-filename")) << info.dump();
+}
+
+TEST_F(KeelImgInteropTest, RebaseUnsafeRewritesTheNameOnly) {
+  make_qemu_chain();
+  sh("cp mid.qcow2 moved.qcow2");
+  sh("qemu-img convert -O raw top.qcow2 saved.raw");
+  const auto before = read_file(file("top.qcow2"));
+  std::string out;
+  ASSERT_EQ(keel_img("rebase -u -b moved.qcow2 -F qcow2 top.qcow2", &out), 0) << out;
+  auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file("top.qcow2")));
+  EXPECT_EQ(info["backing-filename"], "moved.qcow2");
+  EXPECT_EQ(info["backing-filename-format"], "qcow2");
+  expect_qemu_check_clean("top.qcow2");
+  // Everything past the header cluster (4 KiB here) is as it was, and QEMU
+  // still finds its feature name table in the header.
+  const auto after = read_file(file("top.qcow2"));
+  ASSERT_EQ(after.size(), before.size());
+  EXPECT_TRUE(std::equal(after.begin() + 4096, after.end(), before.begin() + 4096));
+  EXPECT_NE(output_of("qemu-img info " + file("top.qcow2")).find("compat: 1.1"),
+            std::string::npos);
+  // The old middle is gone; the image reads the same through the copy.
+  sh("rm mid.qcow2");
+  expect_same("saved.raw", "top.qcow2");
+}
+
+TEST_F(KeelImgInteropTest, RebaseRefusals) {
+  make_qemu_chain();
+  const auto before = read_file(file("top.qcow2"));
+  std::string out;
+  EXPECT_EQ(keel_img("rebase -b nothere.qcow2 top.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("nothere.qcow2"), std::string::npos) << out;
+  sh("qemu-img create -f qcow2 -b top.qcow2 -F qcow2 above.qcow2");
+  EXPECT_EQ(keel_img("rebase -b above.qcow2 top.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("loop"), std::string::npos) << out;
+  EXPECT_EQ(keel_img("rebase -b top.qcow2 base.raw", &out), 1) << out;
+  EXPECT_NE(out.find("not a qcow2 image"), std::string::npos) << out;
+  EXPECT_TRUE(read_file(file("top.qcow2")) == before);
 }
 
 }  // namespace
