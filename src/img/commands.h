@@ -9,6 +9,7 @@
 
 #include "base/result.h"
 #include "block/block_backend.h"
+#include "block/image.h"
 #include "block/qcow2/create.h"
 #include "block/qcow2/qcow2.h"
 
@@ -55,6 +56,9 @@ struct ResizeArgs {
   std::string size;  // SIZE, +SIZE or -SIZE
 };
 Result<void> resize(const ResizeArgs& args);
+// The work of resize, without its message (commit grows a backing file).
+Result<void> resize_image(const std::string& path, block::ImageFormat format, uint64_t size_bytes,
+                          bool allow_shrink);
 
 struct RebaseArgs {
   bool unsafe = false;
@@ -66,6 +70,7 @@ struct RebaseArgs {
 Result<void> rebase(const RebaseArgs& args);
 
 struct CommitArgs {
+  bool keep_overlay = false;  // -d: leave the overlay's clusters in place
   bool progress = false;
   std::string file;
 };

@@ -383,6 +383,16 @@ int main(int argc, char** argv) {
   rebase->add_flag("-p,--progress", rebase_args.progress, "Show progress on stderr");
   rebase->add_option("FILE", rebase_args.file, "The qcow2 image (changed in place)")->required();
 
+  img::CommitArgs commit_args;
+  CLI::App* commit = app.add_subcommand(
+      "commit",
+      "Write a qcow2 overlay's changes into its backing file (grown if smaller), then empty the "
+      "overlay");
+  commit->add_flag("-d", commit_args.keep_overlay,
+                   "Leave the overlay's clusters in place instead of emptying it");
+  commit->add_flag("-p,--progress", commit_args.progress, "Show progress on stderr");
+  commit->add_option("FILE", commit_args.file, "The overlay")->required();
+
   std::string check_file;
   CLI::App* check = app.add_subcommand(
       "check", "Check a qcow2 image's refcounts and tables (exit 0 clean, 2 corrupt, 3 leaks)");
@@ -412,6 +422,10 @@ int main(int argc, char** argv) {
   }
   if (*rebase) {
     Result<void> done = img::rebase(rebase_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*commit) {
+    Result<void> done = img::commit(commit_args);
     return done ? 0 : img::fail_with(done.error());
   }
   if (*map) {

@@ -44,34 +44,45 @@ Result<void> refuse_unasked_shrink(bool shrink, uint64_t current, uint64_t wante
                           what, current, wanted, wanted));
 }
 
-}  // namespace
-
-Result<void> resize(const ResizeArgs& args) {
-  const std::string what = fmt::format("resize {}", args.file);
-  block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(args.format), what);
-  if (format == block::ImageFormat::Auto) format = TRY(block::probe_image_format(args.file));
+Result<void> resize_to(const std::string& path, block::ImageFormat format, const std::string& size,
+                       bool allow_shrink) {
+  const std::string what = fmt::format("resize {}", path);
+  if (format == block::ImageFormat::Auto) format = TRY(block::probe_image_format(path));
   if (format == block::ImageFormat::Raw) {
-    Fd fd = TRY_CONTEXT(Fd::open(args.file, O_RDWR), what);
+    Fd fd = TRY_CONTEXT(Fd::open(path, O_RDWR), what);
     const uint64_t current = TRY_CONTEXT(fd.size_bytes(), what);
-    const uint64_t wanted = TRY(new_size(args.size, current, what));
-    TRY(refuse_unasked_shrink(args.shrink, current, wanted, what));
+    const uint64_t wanted = TRY(new_size(size, current, what));
+    TRY(refuse_unasked_shrink(allow_shrink, current, wanted, what));
     if (::ftruncate(fd.get(), static_cast<off_t>(wanted)) < 0) {
       return fail_errno(fmt::format("{}: ftruncate to {} bytes", what, wanted));
     }
     if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("{}: fsync", what));
-  } else {
-    auto image = TRY(open_qcow2(args.file, block::Access::ReadWrite));
-    const uint64_t current = image->size_bytes();
-    const uint64_t wanted = TRY(new_size(args.size, current, what));
-    if (wanted % 512 != 0) {
-      return fail(Errc::InvalidArgument,
-                  fmt::format("{}: {} bytes is not a multiple of 512 (qcow2 sizes are whole "
-                              "sectors)",
-                              what, wanted));
-    }
-    TRY(refuse_unasked_shrink(args.shrink, current, wanted, what));
-    TRY(image->resize(wanted));
+    return ok();
   }
+  auto image = TRY(open_qcow2(path, block::Access::ReadWrite));
+  const uint64_t current = image->size_bytes();
+  const uint64_t wanted = TRY(new_size(size, current, what));
+  if (wanted % 512 != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: {} bytes is not a multiple of 512 (qcow2 sizes are whole "
+                            "sectors)",
+                            what, wanted));
+  }
+  TRY(refuse_unasked_shrink(allow_shrink, current, wanted, what));
+  return image->resize(wanted);
+}
+
+}  // namespace
+
+Result<void> resize_image(const std::string& path, block::ImageFormat format, uint64_t size_bytes,
+                          bool allow_shrink) {
+  return resize_to(path, format, std::to_string(size_bytes), allow_shrink);
+}
+
+Result<void> resize(const ResizeArgs& args) {
+  const block::ImageFormat format =
+      TRY_CONTEXT(block::parse_image_format(args.format), fmt::format("resize {}", args.file));
+  TRY(resize_to(args.file, format, args.size, args.shrink));
   std::printf("Image resized.\n");
   return ok();
 }

@@ -683,20 +683,17 @@ Result<void> Qcow2Image::grow(uint64_t new_size_bytes) {
   return flush();
 }
 
-Result<void> Qcow2Image::shrink(uint64_t new_size_bytes) {
-  // 1. The guest stops seeing the tail before anything in it is dropped.
-  TRY(write_size_and_l1(new_size_bytes, l1_.size(), header_.l1_table_offset));
-  // 2. Clusters wholly past the new end: their entries go, then their refcounts.
+Result<void> Qcow2Image::drop_clusters_from(uint64_t first_cluster) {
   const uint64_t l2_entries = header_.l2_entries();
-  const uint64_t first_dead = (new_size_bytes + cluster_size_ - 1) >> cluster_bits_;
   std::vector<Mapping> to_free;
   Result<void> result = ok();
-  for (uint64_t l1_index = first_dead / l2_entries; l1_index < l1_.size() && result; ++l1_index) {
+  for (uint64_t l1_index = first_cluster / l2_entries; l1_index < l1_.size() && result;
+       ++l1_index) {
     auto step = [&]() -> Result<void> {
       if (TRY(l2_offset(l1_index)) == 0) return ok();
       for (uint64_t j = 0; j < l2_entries; ++j) {
         const uint64_t cluster = l1_index * l2_entries + j;
-        if (cluster < first_dead) continue;
+        if (cluster < first_cluster) continue;
         const Mapping m = TRY(lookup(cluster));
         if (m.kind == Kind::Unallocated) continue;
         const uint64_t table = TRY(writable_l2(l1_index));
@@ -706,10 +703,25 @@ Result<void> Qcow2Image::shrink(uint64_t new_size_bytes) {
       return ok();
     };
     result = step();
+    // Dirty tables must not fill the cache (l2_cache.h).
+    release(to_free);
+    if (result) result = write_back_if_due();
   }
-  release(to_free);
   TRY(result);
-  TRY(write_back());
+  return write_back();
+}
+
+Result<void> Qcow2Image::make_empty() {
+  TRY(check_writable());
+  TRY(drop_clusters_from(0));
+  return flush();
+}
+
+Result<void> Qcow2Image::shrink(uint64_t new_size_bytes) {
+  // 1. The guest stops seeing the tail before anything in it is dropped.
+  TRY(write_size_and_l1(new_size_bytes, l1_.size(), header_.l1_table_offset));
+  // 2. Clusters wholly past the new end: their entries go, then their refcounts.
+  TRY(drop_clusters_from((new_size_bytes + cluster_size_ - 1) >> cluster_bits_));
   // 3. L2 tables wholly past the end: the L1 entries, synced, then the tables.
   const uint64_t l1_needed = l1_entries_for(new_size_bytes, cluster_bits_);
   std::vector<uint64_t> dead_tables;

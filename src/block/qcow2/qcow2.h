@@ -14,7 +14,7 @@
 // Compressed writes (write_compressed: zlib, into unallocated clusters only,
 // packed several to a host cluster as QEMU does), block_status (what each
 // range is: keel-img map, convert), resize (grow, with a larger L1 table if
-// needed; shrink, dropping the clusters past the new end).
+// needed; shrink, dropping the clusters past the new end), make_empty.
 // Missing: writing images with internal snapshots (opened read-only fine,
 // writable refused), zstd compressed writes, an asynchronous path of its own
 // (SyncBlockBackend serves virtio-blk one request at a time).
@@ -117,6 +117,10 @@ class Qcow2Image final : public SyncBlockBackend {
   // past the new end; callers ask the user first (keel-img resize --shrink).
   Result<void> resize(uint64_t new_size_bytes);
 
+  // Drops every cluster: the image reads its backing image (or zeroes)
+  // everywhere again (keel-img commit, after the backing image took the data).
+  Result<void> make_empty();
+
   const Header& header() const { return header_; }
   const std::string& path() const { return file_.path(); }
   // The backing image, or null; its path as resolved from the header.
@@ -164,6 +168,8 @@ class Qcow2Image final : public SyncBlockBackend {
   Result<bool> exclusively_owned(const Mapping& mapping);
   Result<void> grow(uint64_t new_size_bytes);
   Result<void> shrink(uint64_t new_size_bytes);
+  // Unmaps every guest cluster from first_cluster on (entries, then refcounts).
+  Result<void> drop_clusters_from(uint64_t first_cluster);
   // Writes the header's size, L1 size and L1 offset in one write, synced.
   Result<void> write_size_and_l1(uint64_t size_bytes, uint64_t l1_entries, uint64_t l1_offset);
 

@@ -348,5 +348,57 @@ TEST_F(KeelImgInteropTest, RebaseRefusals) {
   EXPECT_TRUE(read_file(file("top.qcow2")) == before);
 }
 
+TEST_F(KeelImgInteropTest, CommitWritesTheOverlayIntoItsBacking) {
+  make_qemu_chain();
+  // top.qcow2 over mid.qcow2 (compressed, zero and snapshot-bearing, so
+  // Keel refuses to write it) over base.raw: commit mid.qcow2's own overlay.
+  sh("qemu-img create -f qcow2 -b base.raw -F raw ov.qcow2");
+  qemu_io("ov.qcow2", {"write -P 0x81 100k 3k", "write -z 1536k 128k", "write -P 0x82 2M 1M"});
+  sh("qemu-img convert -O raw ov.qcow2 saved.raw");
+  std::string out;
+  ASSERT_EQ(keel_img("commit ov.qcow2", &out), 0) << out;
+  EXPECT_NE(out.find("Image committed."), std::string::npos) << out;
+  expect_same("saved.raw", "base.raw");
+  expect_same("saved.raw", "ov.qcow2");
+  // Emptied: everything is read from the backing file again.
+  expect_qemu_check_clean("ov.qcow2");
+  auto check = nlohmann::json::parse(output_of("qemu-img check --output=json " +
+                                               file("ov.qcow2")));
+  // (qemu-img leaves the count out when it is 0.)
+  EXPECT_EQ(check.value("allocated-clusters", 0), 0) << check.dump();
+
+  // Into a qcow2 backing file that is smaller than the overlay, keeping the
+  // overlay (-d).
+  sh("qemu-img create -f qcow2 small.qcow2 1M");
+  qemu_io("small.qcow2", {"write -P 0x91 0 1M"});
+  sh("qemu-img create -f qcow2 -b small.qcow2 -F qcow2 big.qcow2 3M");
+  qemu_io("big.qcow2", {"write -P 0x92 512k 1M", "write -z 0 4k", "write -P 0x93 2560k 64k"});
+  sh("qemu-img convert -O raw big.qcow2 big.raw");
+  const auto overlay_before = read_file(file("big.qcow2"));
+  ASSERT_EQ(keel_img("commit -d big.qcow2", &out), 0) << out;
+  expect_same("big.raw", "small.qcow2");
+  expect_qemu_check_clean("small.qcow2");
+  auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " +
+                                              file("small.qcow2")));
+  EXPECT_EQ(info["virtual-size"], 3 << 20);
+  EXPECT_TRUE(read_file(file("big.qcow2")) == overlay_before);
+}
+
+TEST_F(KeelImgInteropTest, CommitRefusals) {
+  make_qemu_chain();
+  std::string out;
+  // mid.qcow2 has an internal snapshot: Keel does not write such images.
+  const auto mid = read_file(file("mid.qcow2"));
+  EXPECT_EQ(keel_img("commit top.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("mid.qcow2"), std::string::npos) << out;
+  EXPECT_NE(out.find("snapshots"), std::string::npos) << out;
+  EXPECT_TRUE(read_file(file("mid.qcow2")) == mid);
+  sh("qemu-img create -f qcow2 alone.qcow2 1M");
+  EXPECT_EQ(keel_img("commit alone.qcow2", &out), 1) << out;
+  EXPECT_NE(out.find("no backing file"), std::string::npos) << out;
+  EXPECT_EQ(keel_img("commit base.raw", &out), 1) << out;
+  EXPECT_NE(out.find("not a qcow2 image"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace keel::block
