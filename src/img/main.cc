@@ -244,13 +244,7 @@ Result<void> info(const std::string& file, bool json, bool backing_chain) {
 
 // ---- check ----
 
-Result<int> check(const std::string& file) {
-  const ImageFormat format = TRY(block::probe_image_format(file));
-  if (format != ImageFormat::Qcow2) {
-    std::printf("This image format (raw) does not support checks\n");
-    return 0;
-  }
-  qcow2::CheckReport report = TRY(qcow2::check_image(file));
+void print_report(const qcow2::CheckReport& report) {
   for (const std::string& message : report.messages) std::printf("%s\n", message.c_str());
   if (report.corruptions == 0 && report.leaks == 0) {
     std::printf("No errors were found on the image.\n");
@@ -274,9 +268,45 @@ Result<int> check(const std::string& file) {
                     static_cast<double>(report.total_clusters));
   }
   std::printf("Image end offset: %llu\n", static_cast<unsigned long long>(report.image_end_offset));
+}
+
+int status_of(const qcow2::CheckReport& report) {
   if (report.corruptions > 0) return 2;
   if (report.leaks > 0) return 3;
   return 0;
+}
+
+// repair: "" (check only), "leaks" or "all" (qemu-img check -r).
+Result<int> check(const std::string& file, const std::string& repair) {
+  const ImageFormat format = TRY(block::probe_image_format(file));
+  if (format != ImageFormat::Qcow2) {
+    std::printf("This image format (raw) does not support checks\n");
+    return 0;
+  }
+  qcow2::CheckReport report = TRY(qcow2::check_image(file));
+  if (repair == "all" && report.corruptions > 0) {
+    return fail(Errc::Unsupported,
+                fmt::format("check {}: {} corruptions found; Keel repairs leaked clusters only "
+                            "(-r leaks); repair the rest with qemu-img check -r all",
+                            file, report.corruptions));
+  }
+  if (repair.empty() || report.leaks == 0) {
+    print_report(report);
+    return status_of(report);
+  }
+  for (const qcow2::CheckReport::Leak& leak : report.leaked) {
+    std::printf("Repairing cluster %llu refcount > reference=%llu\n",
+                static_cast<unsigned long long>(leak.cluster),
+                static_cast<unsigned long long>(leak.references));
+  }
+  const uint64_t fixed = TRY(qcow2::repair_leaks(file, report));
+  std::printf("The following inconsistencies were found and repaired:\n\n"
+              "    %llu leaked clusters\n    0 corruptions\n\n"
+              "Double checking the fixed image now...\n",
+              static_cast<unsigned long long>(fixed));
+  qcow2::CheckReport after = TRY(qcow2::check_image(file));
+  print_report(after);
+  return status_of(after);
 }
 
 int fail_with(const Error& error) {
@@ -396,6 +426,11 @@ int main(int argc, char** argv) {
   std::string check_file;
   CLI::App* check = app.add_subcommand(
       "check", "Check a qcow2 image's refcounts and tables (exit 0 clean, 2 corrupt, 3 leaks)");
+  std::string check_repair;
+  check->add_option("-r,--repair", check_repair,
+                    "Repair: leaks (lower leaked clusters' refcounts; the image must not be in "
+                    "use), or all (the same; refused if there are corruptions)")
+      ->check(CLI::IsMember({"leaks", "all"}));
   check->add_option("FILE", check_file, "The image")->required();
 
   try {
@@ -432,6 +467,6 @@ int main(int argc, char** argv) {
     Result<void> done = img::map(map_args);
     return done ? 0 : img::fail_with(done.error());
   }
-  Result<int> status = img::check(check_file);
+  Result<int> status = img::check(check_file, check_repair);
   return status ? *status : img::fail_with(status.error());
 }
