@@ -540,8 +540,12 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
                             "{}, {} bytes)",
                             file_.path(), offset, data.size()));
   }
-  const uint64_t valid = std::min(cluster_size_, size_bytes_ - std::min(offset, size_bytes_));
-  TRY(check_range(offset, valid));
+  if (offset >= size_bytes_) {
+    return fail(Errc::OutOfRange, fmt::format("qcow2 image {}: compressed write at {} is past its "
+                                              "size {}",
+                                              file_.path(), offset, size_bytes_));
+  }
+  const uint64_t valid = std::min(cluster_size_, size_bytes_ - offset);
   const iovec plain{const_cast<std::byte*>(data.data()), valid};
   const uint64_t cluster = offset >> cluster_bits_;
   const Mapping m = TRY(lookup(cluster));
