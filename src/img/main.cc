@@ -320,7 +320,9 @@ int fail_with(const Error& error) {
 int main(int argc, char** argv) {
   using namespace keel;
   log::init(log::Level::Warn, "keel-img");
-  CLI::App app{"keel-img: create, inspect and check disk images (raw, qcow2)"};
+  CLI::App app{
+      "keel-img: create, inspect, check, convert, map, resize, rebase and commit disk images "
+      "(raw, qcow2)"};
   app.require_subcommand(1);
 
   img::CreateArgs create_args;

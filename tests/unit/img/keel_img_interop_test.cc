@@ -446,5 +446,54 @@ TEST_F(KeelImgInteropTest, CheckRepairsLeaks) {
   EXPECT_EQ(out.find("Leaked"), std::string::npos) << out;
 }
 
+TEST_F(KeelImgInteropTest, EverySubcommandExplainsItself) {
+  std::string out;
+  ASSERT_EQ(keel_img("--help", &out), 0) << out;
+  for (const char* name : {"create", "info", "check", "convert", "map", "resize", "rebase",
+                           "commit"}) {
+    EXPECT_NE(out.find(name), std::string::npos) << name;
+  }
+  struct Help {
+    std::string command;
+    std::string mentions;
+  };
+  for (const Help& h : std::vector<Help>{{"convert", "backing chain"},
+                                         {"map", "qemu-img map"},
+                                         {"resize", "--shrink"},
+                                         {"rebase", "--unsafe"},
+                                         {"commit", "empty"},
+                                         {"check", "--repair"}}) {
+    ASSERT_EQ(keel_img(h.command + " --help", &out), 0) << out;
+    EXPECT_NE(out.find(h.mentions), std::string::npos) << h.command << ": " << out;
+    EXPECT_NE(keel_img(h.command, &out), 0) << h.command << " without FILE";
+  }
+}
+
+TEST_F(KeelImgInteropTest, UnsupportedFeaturesAreRefusedByEverySubcommand) {
+  sh("qemu-img create --object secret,id=sec0,data=123456 -f qcow2 "
+     "-o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 enc.qcow2 1M");
+  sh("qemu-img create -f qcow2 -o data_file=data.raw ext.qcow2 1M");
+  sh("qemu-img create -f qcow2 -o extended_l2=on sub.qcow2 1M");
+  struct Image {
+    std::string file;
+    std::string feature;
+  };
+  for (const Image& image : std::vector<Image>{{"enc.qcow2", "encryption"},
+                                               {"ext.qcow2", "external data file"},
+                                               {"sub.qcow2", "extended L2"}}) {
+    const auto before = read_file(file(image.file));
+    for (const std::string& command :
+         {"convert " + image.file + " out.raw", "map --output json " + image.file,
+          "resize " + image.file + " 2M", "rebase -u -b base.raw " + image.file,
+          "commit " + image.file, "check -r leaks " + image.file, "info " + image.file}) {
+      std::string out;
+      EXPECT_EQ(keel_img(command, &out), 1) << command << ": " << out;
+      EXPECT_NE(out.find(image.file), std::string::npos) << command << ": " << out;
+      EXPECT_NE(out.find(image.feature), std::string::npos) << command << ": " << out;
+    }
+    EXPECT_TRUE(read_file(file(image.file)) == before) << image.file;
+  }
+}
+
 }  // namespace
 }  // namespace keel::block
