@@ -295,8 +295,9 @@ Result<int> check(const std::string& file, const std::string& repair) {
     return status_of(report);
   }
   for (const qcow2::CheckReport::Leak& leak : report.leaked) {
-    std::printf("Repairing cluster %llu refcount > reference=%llu\n",
+    std::printf("Repairing cluster %llu refcount=%llu reference=%llu\n",
                 static_cast<unsigned long long>(leak.cluster),
+                static_cast<unsigned long long>(leak.refcount),
                 static_cast<unsigned long long>(leak.references));
   }
   const uint64_t fixed = TRY(qcow2::repair_leaks(file, report));

@@ -59,7 +59,7 @@ class Checker {
       } else if (*stored > expected) {
         problem(false, fmt::format("Leaked cluster {} refcount={} reference={}", c, *stored,
                                    expected));
-        report_.leaked.push_back({c, expected});
+        report_.leaked.push_back({c, *stored, expected});
       }
       if (copied_.contains(c) && *stored != 1) {
         problem(true, fmt::format("ERROR copied flag set on cluster {} with refcount={}", c,

@@ -27,6 +27,7 @@ struct CheckReport {
   std::vector<std::string> messages;  // one per problem found (the first few thousand)
   struct Leak {
     uint64_t cluster = 0;
+    uint64_t refcount = 0;    // stored
     uint64_t references = 0;  // what the refcount should be
   };
   std::vector<Leak> leaked;  // every leak (not capped like messages)

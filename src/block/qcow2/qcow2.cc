@@ -567,7 +567,8 @@ Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
   // host cluster a stream touches holds one reference for it).
   uint64_t host = compressed_next_;
   if (host != 0 && (host & (cluster_size_ - 1)) != 0 &&
-      (host & (cluster_size_ - 1)) + bytes <= cluster_size_) {
+      (host & (cluster_size_ - 1)) + bytes <= cluster_size_ &&
+      TRY(refcounts_->get(host >> cluster_bits_)) < refcounts_->max_refcount()) {
     TRY(refcounts_->increment(host >> cluster_bits_));
   } else {
     host = TRY(refcounts_->allocate(1));
