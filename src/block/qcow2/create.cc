@@ -133,9 +133,11 @@ Result<void> set_backing_file(const std::string& path, const std::string& backin
   // Keep every extension but the backing format. They run from the header's
   // end to an end marker, before the old backing file name if there is one
   // (a version 2 image may have its name right after the header).
-  const uint64_t limit = header.backing_file_offset != 0
-                             ? std::min<uint64_t>(header.backing_file_offset, cluster_size)
-                             : cluster_size;
+  // (A file shorter than its first cluster ends the walk at its end.)
+  const uint64_t limit = std::min<uint64_t>(
+      header.backing_file_offset != 0 ? std::min(header.backing_file_offset, cluster_size)
+                                      : cluster_size,
+      old.size());
   uint64_t from = header.header_length;
   uint64_t at = header.header_length;
   while (from + 8 <= limit) {

@@ -237,6 +237,23 @@ TEST(Qcow2ToolsTest, SetBackingFileKeepsTheRest) {
   EXPECT_FALSE(qcow2::set_backing_file(path, std::string(2000, 'x'), "raw").has_value());
 }
 
+TEST(Qcow2ToolsTest, SetBackingFileRefusesAHostileExtension) {
+  TempDir dir;
+  const std::string path = dir.file("v2.qcow2");
+  qcow2::CreateOptions options;
+  options.size_bytes = 1 * kMiB;
+  options.version = 2;
+  ASSERT_TRUE(qcow2::create_image(path, options).has_value());
+  // A version 2 header followed by an "extension" longer than the cluster.
+  write_be64(path, 72, 0x12345678ffffff00ull);
+  const auto before = testing::read_file(path);
+  auto result = qcow2::set_backing_file(path, "base.raw", "raw");
+  ASSERT_FALSE(result.has_value());
+  EXPECT_EQ(result.error().code(), Errc::Corrupt);
+  EXPECT_NE(result.error().message().find("v2.qcow2"), std::string::npos);
+  EXPECT_TRUE(testing::read_file(path) == before);
+}
+
 TEST(Qcow2ToolsTest, RepairLeaksLowersRefcountsOnly) {
   TempDir dir;
   const std::string path = dir.file("l.qcow2");

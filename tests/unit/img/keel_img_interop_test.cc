@@ -118,6 +118,10 @@ TEST_F(KeelImgInteropTest, ConvertFlattensQemuChainsByteForByte) {
       // The copy stands alone.
       auto info = nlohmann::json::parse(output_of("qemu-img info --output=json " + file(c.output)));
       EXPECT_FALSE(info.contains("backing-filename")) << info.dump();
+      // Keel and QEMU see the same clusters where.
+      std::string map;
+      ASSERT_EQ(keel_img("map --output json " + c.output, &map), 0) << map;
+      EXPECT_EQ(map, output_of("cd " + dir_.path() + " && qemu-img map --output=json " + c.output));
       // Keel reads back what it wrote, compressed clusters included.
       ASSERT_EQ(keel_img("convert " + c.output + " back.raw", &out), 0) << out;
       EXPECT_TRUE(read_file(file("back.raw")) == expected);
