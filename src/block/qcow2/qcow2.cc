@@ -606,7 +606,15 @@ Result<Qcow2Image::Extent> Qcow2Image::block_status(uint64_t offset, uint64_t ma
     extent.host_offset = m.host_offset == 0 ? 0 : m.host_offset + in_cluster;
   }
   uint64_t length = std::min(cluster_size_ - in_cluster, max_length);
+  const uint64_t l2_entries = header_.l2_entries();
   for (uint64_t cluster = first + 1; offset + length < end; ++cluster) {
+    // A run of unallocated clusters skips whole L2 ranges without tables.
+    if (m.kind == Kind::Unallocated && cluster % l2_entries == 0 &&
+        TRY(l2_offset(cluster / l2_entries)) == 0) {
+      length += std::min(l2_entries << cluster_bits_, end - offset - length);
+      cluster += l2_entries - 1;
+      continue;
+    }
     const Mapping n = TRY(lookup(cluster));
     if (n.kind != m.kind || m.kind == Kind::Compressed) break;
     // Allocated runs continue only where the host clusters do.
