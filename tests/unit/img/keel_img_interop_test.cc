@@ -111,6 +111,8 @@ TEST_F(KeelImgInteropTest, ConvertFlattensQemuChainsByteForByte) {
                                          {"-O qcow2 -o cluster_size=512 -p", "small.qcow2"}}) {
     SCOPED_TRACE(c.args);
     ASSERT_EQ(keel_img("convert " + c.args + " top.qcow2 " + c.output, &out), 0) << out;
+    // -p reports progress on stderr; without it convert prints nothing.
+    EXPECT_EQ(out.find("(100.00/100%)") != std::string::npos, c.args.ends_with("-p")) << out;
     expect_same("top.qcow2", c.output);
     EXPECT_TRUE(qemu_raw(c.output) == expected);
     if (c.output.ends_with(".qcow2")) {
