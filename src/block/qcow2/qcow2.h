@@ -6,7 +6,8 @@
 // shorter backing image; zero clusters (v3 bit 0); compressed clusters (zlib,
 // zstd). Writes: in place to clusters whose refcount is 1; otherwise a new
 // cluster (copy-on-write of the rest of a partial cluster from what the old
-// mapping or the backing image held), new L2 tables, refcount updates,
+// mapping or the backing image held; nothing for a new cluster past the
+// file's end whose rest reads as zeroes), new L2 tables, refcount updates,
 // discard (drops allocated clusters; in an overlay v3 marks them zero, v2
 // leaves them), write_zeroes (v3 zero clusters for whole clusters), flush.
 // The dirty bit is honoured by refusing to write an image that has it; Keel

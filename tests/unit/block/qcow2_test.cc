@@ -333,6 +333,19 @@ TEST(Qcow2Test, AsyncFaceServesManyRequests) {
   for (int i = 0; i < 64; ++i) {
     EXPECT_EQ(read_bytes(*disk, static_cast<uint64_t>(i) * 65536 + 512, 4096), buffers[i]);
   }
+  // Reaped, nothing is signalled; the next completion signals again (the
+  // eventfd is signalled once per batch, not per request).
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0);
+  BlockRequest flush;
+  flush.op = BlockOp::Flush;
+  flush.user_data = 99;
+  ASSERT_TRUE(disk->submit(flush).has_value());
+  ASSERT_EQ(::poll(&pfd, 1, 5000), 1);
+  done.clear();
+  ASSERT_EQ(disk->reap(done), 1u);
+  EXPECT_EQ(done[0].user_data, 99u);
+  EXPECT_EQ(done[0].result, 0);
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0);
 }
 
 // Hostile headers: each is refused with an error naming the problem.
