@@ -25,6 +25,7 @@
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
+#include "migration/snapshot.h"
 #include "net/mac_address.h"
 #include "net/tap.h"
 
@@ -482,6 +483,20 @@ Result<void> Machine::resume() {
   }
   pause_cv_.notify_all();
   return ok();
+}
+
+Result<void> Machine::save(const std::string& path) {
+  if (!paused()) return fail(Errc::Busy, "save: the VM is not paused");
+  migration::MachineState state;
+  state.config_json = to_json(config_);
+  // The held vCPU threads wait outside KVM_RUN until resume(), which only
+  // this thread calls, so their vCPUs can be read from here.
+  for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
+    TRY_CONTEXT(vcpu->complete_pending_io(), "save");
+    state.vcpus.push_back(TRY_CONTEXT(vcpu->save_state(), "save"));
+  }
+  state.vm = TRY_CONTEXT(vm_.save_state(), "save");
+  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 
 void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
