@@ -608,7 +608,15 @@ Result<void> Vcpu::complete_pending_io() {
   int result = ::ioctl(fd_.get(), KVM_RUN, 0);
   int saved_errno = errno;
   set_immediate_exit(false);
-  if (result == 0 || saved_errno == EINTR || saved_errno == EAGAIN) return ok();
+  if (result < 0 && (saved_errno == EINTR || saved_errno == EAGAIN)) return ok();
+  if (result == 0) {
+    // Completing the instruction needed userspace again (string I/O
+    // spanning several exits): this exit is not handled, so no state may be
+    // saved now. The caller lets the vCPU run on and tries again.
+    return fail(Errc::Busy,
+                fmt::format("vcpu {}: finishing the pending I/O made a new exit; retry later",
+                            index_));
+  }
   return fail_errno(fmt::format("KVM_RUN (immediate exit) vcpu {}", index_), saved_errno);
 }
 

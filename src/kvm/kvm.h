@@ -135,7 +135,8 @@ class Vcpu {
   // Finishes the instruction of the last I/O or MMIO exit without running
   // any further guest code (KVM_RUN with immediate_exit set). KVM keeps
   // such a half-done instruction where save_state() cannot see it, so call
-  // this before saving a vCPU that stopped at an exit.
+  // this before saving a vCPU that stopped at an exit. Busy if finishing it
+  // needs userspace again (string I/O over several exits): run on, retry.
   Result<void> complete_pending_io();
   // Everything KVM holds for this vCPU. Call it on a vCPU that is out of
   // KVM_RUN, after complete_pending_io(), while no other vCPU runs.

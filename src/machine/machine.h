@@ -92,7 +92,8 @@ class Machine {
   bool paused() const { return pause_requested_.load(); }
   // Writes a snapshot of the paused machine to path (docs/snapshot-format.md):
   // the config, every vCPU (pending I/O completed first), the VM's KVM state
-  // and guest RAM. Busy unless paused. Call from the thread that paused.
+  // and guest RAM. Busy unless paused, or if a vCPU's pending string I/O
+  // needs another exit (resume and retry). Call from the thread that paused.
   // FIXME: device state is not saved yet and the device I/O loop keeps
   // running (a virtio device may still write RAM), so the file is not yet a
   // consistent, restorable machine; see "Not done yet" in the format doc.

@@ -157,15 +157,12 @@ Result<uint64_t> SnapshotWriter::write_section_header(SectionType type, std::str
                 fmt::format("snapshot section name '{}': 1 to {} bytes", name,
                             kMaxSectionNameBytes));
   }
-  auto key = std::make_pair(type, std::string(name));
-  bool duplicate = std::any_of(written_.begin(), written_.end(), [&](const auto& entry) {
-    return entry == key || (entry.first == type && is_singleton(type));
-  });
-  if (duplicate) {
+  bool singleton_again = is_singleton(type) && written_types_.contains(type);
+  if (singleton_again || !written_.emplace(type, std::string(name)).second) {
     return fail(Errc::InvalidArgument,
                 fmt::format("snapshot: a second {} section '{}'", section_type_name(type), name));
   }
-  written_.push_back(std::move(key));
+  written_types_.insert(type);
 
   ByteWriter out;
   out.put(kSectionTag);
@@ -285,6 +282,8 @@ Result<void> SnapshotReader::parse() {
   }
 
   uint64_t offset = kHeaderBytes;
+  std::set<std::pair<SectionType, std::string>> seen;
+  std::set<SectionType> seen_types;
   while (true) {
     if (offset == file_bytes) {
       std::string after = sections_.empty() ? "the header" : sections_.back().label();
@@ -308,12 +307,14 @@ Result<void> SnapshotReader::parse() {
       }
       break;
     }
-    bool duplicate = std::any_of(sections_.begin(), sections_.end(), [&](const SectionInfo& s) {
-      return s.type == section.type && (s.name == section.name || is_singleton(s.type));
-    });
-    if (duplicate) {
+    bool singleton_again = is_singleton(section.type) && seen_types.contains(section.type);
+    if (singleton_again || !seen.emplace(section.type, section.name).second) {
       return error(Errc::Corrupt, fmt::format("duplicate {} at offset {}", section.label(),
                                               section.header_offset));
+    }
+    seen_types.insert(section.type);
+    if (sections_.size() == kMaxSections) {
+      return error(Errc::Corrupt, fmt::format("more than {} sections", kMaxSections));
     }
     sections_.push_back(std::move(section));
   }

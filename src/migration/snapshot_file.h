@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <set>
 #include <span>
 #include <string>
 #include <string_view>
@@ -21,6 +22,8 @@ inline constexpr size_t kMaxSectionNameBytes = 64;
 // Sections other than lazy ones are read whole into memory: bound them.
 inline constexpr uint64_t kMaxEagerPayloadBytes = 64ull << 20;
 inline constexpr uint32_t kPageBytes = 4096;
+// vCPUs plus devices stay far below this; it bounds a hostile file's work.
+inline constexpr size_t kMaxSections = 16384;
 
 enum class SectionType : uint16_t {
   MachineConfig = 1,  // the VM configuration, JSON (docs/vm-config.md)
@@ -94,7 +97,8 @@ class SnapshotWriter {
   std::string path_;
   uint64_t offset_;
   uint64_t sections_ = 0;
-  std::vector<std::pair<SectionType, std::string>> written_;
+  std::set<std::pair<SectionType, std::string>> written_;
+  std::set<SectionType> written_types_;
   bool finished_ = false;
 };
 

@@ -424,6 +424,16 @@ TEST_F(SnapshotTest, UnknownSectionsAreSkippedOnlyWhenOptional) {
   EXPECT_EQ(snapshot->machine.vcpus.size(), 1u);
 }
 
+TEST_F(SnapshotTest, TooManySectionsAreRejected) {
+  Result<SnapshotWriter> writer = SnapshotWriter::create(path_, HostCpuSummary::of_this_host());
+  ASSERT_TRUE(writer);
+  for (size_t i = 0; i <= kMaxSections; ++i) {
+    ASSERT_TRUE(writer->add(SectionType::Device, "d" + std::to_string(i), {}));
+  }
+  ASSERT_TRUE(writer->finish());
+  expect_rejected("more than 16384 sections");
+}
+
 TEST_F(SnapshotTest, BytesAfterTheEndAreRejected) {
   write_sample();
   std::vector<std::byte> file = read_file(path_);
