@@ -25,6 +25,7 @@
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
+#include "migration/device_state.h"
 #include "migration/snapshot.h"
 #include "net/mac_address.h"
 #include "net/tap.h"
@@ -496,6 +497,8 @@ Result<void> Machine::save(const std::string& path) {
     state.vcpus.push_back(TRY_CONTEXT(vcpu->save_state(), "save"));
   }
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
+  state.devices.push_back({std::string(migration::kSerialSectionName),
+                           migration::encode_serial_state(serial_->save())});
   return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 

@@ -94,9 +94,10 @@ class Machine {
   // the config, every vCPU (pending I/O completed first), the VM's KVM state
   // and guest RAM. Busy unless paused, or if a vCPU's pending string I/O
   // needs another exit (resume and retry). Call from the thread that paused.
-  // FIXME: device state is not saved yet and the device I/O loop keeps
-  // running (a virtio device may still write RAM), so the file is not yet a
-  // consistent, restorable machine; see "Not done yet" in the format doc.
+  // FIXME: of the devices only the serial port is saved yet, and the device
+  // I/O loop keeps running (a virtio device may still write RAM), so the
+  // file is not yet a consistent, restorable machine; see "Not done yet" in
+  // docs/snapshot-format.md.
   Result<void> save(const std::string& path);
 
   const VmConfig& config() const { return config_; }

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "machine/machine.h"
+#include "migration/device_state.h"
 #include "migration/snapshot.h"
 #include "tiny_guest.h"
 
@@ -80,6 +81,12 @@ TEST_F(MachineSnapshotTest, PausedMachineSavesItsConfigVcpusAndRam) {
     EXPECT_FALSE(vcpu.msrs.empty());
     EXPECT_TRUE(vcpu.lapic.has_value()) << "Machine has an in-kernel irqchip";
   }
+  ASSERT_EQ(snapshot->machine.devices.size(), 1u);
+  EXPECT_EQ(snapshot->machine.devices[0].name, "serial0");
+  Result<devices::SerialState> serial =
+      migration::decode_serial_state(snapshot->machine.devices[0].data, "serial0");
+  ASSERT_TRUE(serial) << serial.error().message();
+  EXPECT_EQ(*serial, (*machine)->serial().save());
   EXPECT_TRUE(snapshot->machine.vm.ioapic.has_value());
   EXPECT_TRUE(snapshot->machine.vm.pit.has_value());
   EXPECT_EQ(snapshot->memory.payload_bytes, config.memory_mib << 20);

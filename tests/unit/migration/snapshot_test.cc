@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "migration/device_state.h"
 #include "migration/kvm_state.h"
 
 namespace keel::migration {
@@ -525,6 +526,35 @@ TEST(KvmStateCodecTest, VmChipsComeTogether) {
   Result<kvm::VmState> empty = decode_vm_state({}, "vm");
   ASSERT_TRUE(empty);
   EXPECT_FALSE(empty->pic_master || empty->pit || empty->clock);
+}
+
+TEST(DeviceStateCodecTest, SerialStateRoundTripsAndHostileOnesAreRejected) {
+  devices::SerialState state{.ier = 1, .lcr = 3, .mcr = 8, .scr = 0x5a, .fcr = 0xc1, .dll = 1,
+                             .dlm = 0, .msr = 0xb0, .thr_empty_pending = true,
+                             .interrupt_asserted = false, .input = {'h', 'i'}};
+  Result<devices::SerialState> decoded =
+      decode_serial_state(encode_serial_state(state), "serial0");
+  ASSERT_TRUE(decoded) << decoded.error().message();
+  EXPECT_EQ(*decoded, state);
+
+  std::vector<std::byte> registers(8);
+  struct Case {
+    std::vector<std::byte> payload;
+    std::string message;
+  };
+  std::vector<Case> cases = {
+      {records({{1, registers}, {2, {std::byte{4}}}, {3, {}}}), "unknown flags 0x4"},
+      {records({{1, std::vector<std::byte>(7)}}), "registers is 7 bytes, expected 8"},
+      {records({{1, registers}, {2, {std::byte{0}}}}), "no input"},
+      {records({{1, registers}, {2, {std::byte{0}}}, {3, std::vector<std::byte>(65537)}}),
+       "input is 65537 bytes"},
+      {records({{4, {}}}), "unknown field 4"},
+  };
+  for (const Case& test : cases) {
+    Result<devices::SerialState> bad = decode_serial_state(test.payload, "serial0");
+    ASSERT_FALSE(bad) << test.message;
+    EXPECT_THAT(bad.error().message(), HasSubstr(test.message));
+  }
 }
 
 // ---- CPU compatibility ----
