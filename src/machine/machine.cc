@@ -499,6 +499,9 @@ Result<void> Machine::save(const std::string& path) {
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
   state.devices.push_back({std::string(migration::kSerialSectionName),
                            migration::encode_serial_state(serial_->save())});
+  for (const DiskConfig& disk : config_.disks) {
+    state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
+  }
   return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 

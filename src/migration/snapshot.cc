@@ -12,6 +12,7 @@ namespace {
 constexpr std::string_view kConfigName = "config";
 constexpr std::string_view kVmName = "vm";
 constexpr std::string_view kMemoryName = "ram";
+constexpr std::string_view kDisksName = "disks";
 
 std::string vcpu_name(size_t index) { return fmt::format("vcpu{}", index); }
 
@@ -72,6 +73,9 @@ Result<void> write_snapshot(const std::string& path, const MachineState& machine
   for (const DeviceState& device : machine.devices) {
     TRY(writer.add(SectionType::Device, device.name, device.data));
   }
+  if (!machine.disks.empty()) {
+    TRY(writer.add(SectionType::Disks, kDisksName, encode_disks(machine.disks)));
+  }
   TRY(writer.add_file_contents(SectionType::Memory, kMemoryName, memory, memory_bytes));
   return writer.finish();
 }
@@ -100,6 +104,11 @@ Result<Snapshot> read_snapshot(const std::string& path) {
   machine.vm = TRY(decode_vm_state(vm_bytes, fmt::format("snapshot {}: {}", path, vm->label())));
   for (const SectionInfo* device : reader.all(SectionType::Device)) {
     machine.devices.push_back({device->name, TRY(reader.payload(*device))});
+  }
+  for (const SectionInfo* disks : reader.all(SectionType::Disks)) {
+    std::vector<std::byte> payload = TRY(reader.payload(*disks));
+    machine.disks =
+        TRY(decode_disks(payload, fmt::format("snapshot {}: {}", path, disks->label())));
   }
   SectionInfo memory = *reader.all(SectionType::Memory).front();
   if (memory.payload_offset % kPageBytes != 0 || memory.payload_bytes % kPageBytes != 0) {

@@ -13,6 +13,7 @@
 #include "base/mmap.h"
 #include "base/result.h"
 #include "kvm/types.h"
+#include "migration/disks.h"
 #include "migration/snapshot_file.h"
 
 namespace keel::migration {
@@ -27,6 +28,7 @@ struct MachineState {
   std::vector<kvm::VcpuState> vcpus;  // index = vCPU id
   kvm::VmState vm;
   std::vector<DeviceState> devices;
+  std::vector<DiskIdentity> disks;  // written only when there are disks
 };
 
 // Writes the machine and memory_bytes of guest RAM from memory (a memfd),

@@ -36,7 +36,7 @@ uint64_t align_up(uint64_t value, uint64_t alignment) {
 
 bool is_singleton(SectionType type) {
   return type == SectionType::MachineConfig || type == SectionType::Vm ||
-         type == SectionType::Memory;
+         type == SectionType::Memory || type == SectionType::Disks;
 }
 
 bool is_known(uint16_t type) {
@@ -46,6 +46,7 @@ bool is_known(uint16_t type) {
     case SectionType::Vm:
     case SectionType::Device:
     case SectionType::Memory:
+    case SectionType::Disks:
     case SectionType::End: return true;
   }
   return false;
@@ -80,6 +81,7 @@ std::string_view section_type_name(SectionType type) {
     case SectionType::Vm: return "vm";
     case SectionType::Device: return "device";
     case SectionType::Memory: return "memory";
+    case SectionType::Disks: return "disks";
     case SectionType::End: return "end";
   }
   return "unknown";

@@ -31,6 +31,7 @@ enum class SectionType : uint16_t {
   Vm = 3,             // irqchip, PIT and clock
   Device = 4,         // one device's state, named by the device; opaque here
   Memory = 5,         // guest RAM: the memfd's bytes, page aligned, lazy
+  Disks = 6,          // the disk images' identities (migration/disks.h)
   End = 0xffff,       // the trailer
 };
 std::string_view section_type_name(SectionType type);

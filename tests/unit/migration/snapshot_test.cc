@@ -456,6 +456,60 @@ TEST_F(SnapshotTest, VcpuGapsAreRejected) {
   EXPECT_THAT(snapshot.error().message(), HasSubstr("1 vcpu sections but no 'vcpu0'"));
 }
 
+TEST_F(SnapshotTest, DiskIdentitiesRoundTripAndChangedDisksAreRefusedByName) {
+  std::string disk_path = dir_ + "/disk.img";
+  write_file(disk_path, std::vector<std::byte>(4096));
+  Result<DiskIdentity> disk = identify_disk(disk_path);
+  ASSERT_TRUE(disk) << disk.error().message();
+  EXPECT_EQ(disk->size_bytes, 4096u);
+  MachineState machine = sample_machine();
+  machine.disks = {*disk};
+  ASSERT_TRUE(write_snapshot(path_, machine, memory_, kMemoryBytes));
+  Result<Snapshot> snapshot = read_snapshot(path_);
+  ASSERT_TRUE(snapshot) << snapshot.error().message();
+  ASSERT_EQ(snapshot->machine.disks.size(), 1u);
+  EXPECT_EQ(snapshot->machine.disks[0], *disk);
+  EXPECT_TRUE(check_disks_unchanged(snapshot->machine.disks));
+
+  auto refused = [&](std::string_view change) {
+    Result<void> result = check_disks_unchanged(snapshot->machine.disks);
+    ASSERT_FALSE(result) << "accepted a disk that " << change;
+    EXPECT_THAT(result.error().message(), HasSubstr(disk_path));
+    EXPECT_THAT(result.error().message(), HasSubstr(change));
+  };
+  fs::resize_file(disk_path, 8192);
+  refused("changed size");
+  fs::resize_file(disk_path, 4096);
+  fs::last_write_time(disk_path, fs::last_write_time(disk_path) + std::chrono::seconds(5));
+  refused("was modified");
+  // Made while the original still exists, so it cannot reuse its inode.
+  write_file(dir_ + "/other.img", std::vector<std::byte>(4096));
+  fs::rename(dir_ + "/other.img", disk_path);
+  refused("was replaced by another file");
+  fs::remove(disk_path);
+  refused("the snapshot's disk is gone");
+}
+
+TEST(DisksCodecTest, HostileDiskListsAreRejected) {
+  DiskIdentity disk{.path = "/a.img", .size_bytes = 1, .device = 2, .inode = 3, .modified_ns = 4};
+  std::vector<DiskIdentity> disks = {disk, disk};
+  std::vector<std::byte> good = encode_disks(disks);
+  Result<std::vector<DiskIdentity>> decoded = decode_disks(good, "disks");
+  ASSERT_TRUE(decoded) << decoded.error().message();
+  EXPECT_EQ(*decoded, disks);
+  for (size_t length = 0; length < good.size(); ++length) {
+    ASSERT_FALSE(decode_disks(std::span(good).first(length), "disks")) << length;
+  }
+  std::vector<std::byte> longer = good;
+  longer.push_back(std::byte{0});
+  EXPECT_FALSE(decode_disks(longer, "disks"));
+  std::vector<std::byte> many = good;
+  put<uint32_t>(many, 0, 100000);
+  Result<std::vector<DiskIdentity>> too_many = decode_disks(many, "disks");
+  ASSERT_FALSE(too_many);
+  EXPECT_THAT(too_many.error().message(), HasSubstr("100000 disks"));
+}
+
 // ---- vCPU and VM payloads, below the checksums ----
 
 struct Record {
