@@ -1,6 +1,6 @@
 // libFuzzer target: arbitrary bytes opened as a snapshot file (header,
-// sections, end section, then the vcpu/vm payload decoders and a RAM
-// verify), and the same bytes decoded directly as vcpu and vm payloads,
+// sections, end section, then the payload decoders and a RAM verify), and
+// the same bytes decoded directly as vcpu, vm, serial and disks payloads,
 // which random input rarely reaches past the checksums. Whatever the bytes,
 // Keel must return errors, never crash, hang or read out of bounds.
 #include <sys/mman.h>
@@ -12,6 +12,8 @@
 
 #include "base/fd.h"
 #include "base/log.h"
+#include "migration/device_state.h"
+#include "migration/disks.h"
 #include "migration/kvm_state.h"
 #include "migration/snapshot.h"
 
@@ -37,6 +39,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto bytes = std::as_bytes(std::span(data, size));
   (void)migration::decode_vcpu_state(bytes, "fuzz vcpu");
   (void)migration::decode_vm_state(bytes, "fuzz vm");
+  (void)migration::decode_serial_state(bytes, "fuzz serial0");
+  (void)migration::decode_disks(bytes, "fuzz disks");
 
   keel::Fd fd = memfd_with(data, size);
   if (!fd.valid()) return 0;
