@@ -166,7 +166,8 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
   TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
                      stop(StopReason::Reset, "i8042 reset");
                    })));
-  TRY(pio_bus_.map(layout::kRtcPort, 2, std::make_shared<devices::Rtc>()));
+  rtc_ = std::make_shared<devices::Rtc>();
+  TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
   TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
                    std::make_shared<devices::AcpiPm>(
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
@@ -499,6 +500,8 @@ Result<void> Machine::save(const std::string& path) {
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
   state.devices.push_back({std::string(migration::kSerialSectionName),
                            migration::encode_serial_state(serial_->save())});
+  state.devices.push_back(
+      {std::string(migration::kRtcSectionName), migration::encode_rtc_state(rtc_->save())});
   for (const DiskConfig& disk : config_.disks) {
     state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
   }

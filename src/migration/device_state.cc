@@ -15,6 +15,11 @@ using SerialRegisters = std::array<uint8_t, 8>;
 constexpr uint8_t kThrEmptyPending = 1 << 0;
 constexpr uint8_t kInterruptAsserted = 1 << 1;
 
+// Record tags of the rtc section.
+enum class RtcField : uint16_t { Index = 1, Cmos = 2 };
+constexpr uint16_t kLastRtcField = 2;
+using Cmos = std::array<uint8_t, 128>;
+
 }  // namespace
 
 std::vector<std::byte> encode_serial_state(const devices::SerialState& state) {
@@ -48,6 +53,22 @@ Result<devices::SerialState> decode_serial_state(std::span<const std::byte> payl
                              .interrupt_asserted = (flags & kInterruptAsserted) != 0,
                              .input = {}};
   state.input = TRY(records.array<uint8_t>(SerialField::Input, "input", kMaxSerialInput));
+  return state;
+}
+
+std::vector<std::byte> encode_rtc_state(const devices::RtcState& state) {
+  RecordWriter out;
+  out.value(RtcField::Index, state.index);
+  out.value(RtcField::Cmos, state.cmos);
+  return out.take();
+}
+
+Result<devices::RtcState> decode_rtc_state(std::span<const std::byte> payload,
+                                           std::string_view label) {
+  Records records = TRY(Records::parse(payload, label, kLastRtcField));
+  devices::RtcState state;
+  state.index = TRY(records.required<uint8_t>(RtcField::Index, "register index"));
+  state.cmos = TRY(records.required<Cmos>(RtcField::Cmos, "CMOS RAM"));
   return state;
 }
 

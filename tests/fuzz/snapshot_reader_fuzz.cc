@@ -1,6 +1,6 @@
 // libFuzzer target: arbitrary bytes opened as a snapshot file (header,
 // sections, end section, then the payload decoders and a RAM verify), and
-// the same bytes decoded directly as vcpu, vm, serial and disks payloads,
+// the same bytes decoded directly as vcpu, vm, serial, rtc and disks payloads,
 // which random input rarely reaches past the checksums. Whatever the bytes,
 // Keel must return errors, never crash, hang or read out of bounds.
 #include <sys/mman.h>
@@ -40,6 +40,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)migration::decode_vcpu_state(bytes, "fuzz vcpu");
   (void)migration::decode_vm_state(bytes, "fuzz vm");
   (void)migration::decode_serial_state(bytes, "fuzz serial0");
+  (void)migration::decode_rtc_state(bytes, "fuzz rtc");
   (void)migration::decode_disks(bytes, "fuzz disks");
 
   keel::Fd fd = memfd_with(data, size);

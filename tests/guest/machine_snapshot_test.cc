@@ -81,7 +81,9 @@ TEST_F(MachineSnapshotTest, PausedMachineSavesItsConfigVcpusAndRam) {
     EXPECT_FALSE(vcpu.msrs.empty());
     EXPECT_TRUE(vcpu.lapic.has_value()) << "Machine has an in-kernel irqchip";
   }
-  ASSERT_EQ(snapshot->machine.devices.size(), 1u);
+  ASSERT_EQ(snapshot->machine.devices.size(), 2u);
+  EXPECT_EQ(snapshot->machine.devices[1].name, "rtc");
+  EXPECT_TRUE(migration::decode_rtc_state(snapshot->machine.devices[1].data, "rtc"));
   EXPECT_EQ(snapshot->machine.devices[0].name, "serial0");
   Result<devices::SerialState> serial =
       migration::decode_serial_state(snapshot->machine.devices[0].data, "serial0");

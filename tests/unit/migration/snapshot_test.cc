@@ -611,6 +611,20 @@ TEST(DeviceStateCodecTest, SerialStateRoundTripsAndHostileOnesAreRejected) {
   }
 }
 
+TEST(DeviceStateCodecTest, RtcStateRoundTripsAndHostileOnesAreRejected) {
+  devices::RtcState state;
+  state.index = 0x0b;
+  for (size_t i = 0; i < state.cmos.size(); ++i) state.cmos[i] = static_cast<uint8_t>(i * 3);
+  Result<devices::RtcState> decoded = decode_rtc_state(encode_rtc_state(state), "rtc");
+  ASSERT_TRUE(decoded) << decoded.error().message();
+  EXPECT_EQ(*decoded, state);
+  Result<devices::RtcState> short_cmos =
+      decode_rtc_state(records({{1, {std::byte{0}}}, {2, std::vector<std::byte>(127)}}), "rtc");
+  ASSERT_FALSE(short_cmos);
+  EXPECT_THAT(short_cmos.error().message(), HasSubstr("CMOS RAM is 127 bytes, expected 128"));
+  EXPECT_FALSE(decode_rtc_state(records({{2, std::vector<std::byte>(128)}}), "rtc"));
+}
+
 // ---- CPU compatibility ----
 
 kvm::CpuidEntry leaf(uint32_t function, uint32_t index, uint32_t ebx, uint32_t ecx) {
