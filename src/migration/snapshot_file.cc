@@ -30,6 +30,39 @@ using Vendor = std::array<char, 12>;
 using FeatureWords = std::array<uint32_t, 8>;
 using Tag = std::array<char, 4>;
 
+// The [begin, end) ranges of source below length that hold data, in order
+// (SEEK_DATA/SEEK_HOLE); all of it where the file cannot tell.
+Result<std::vector<std::pair<uint64_t, uint64_t>>> data_extents(const Fd& source,
+                                                                uint64_t length) {
+  std::vector<std::pair<uint64_t, uint64_t>> extents;
+  uint64_t position = 0;
+  while (position < length) {
+    off_t start = ::lseek(source.get(), static_cast<off_t>(position), SEEK_DATA);
+    if (start < 0 && errno == ENXIO) break;  // only a hole is left
+    if (start < 0) {
+      extents.emplace_back(position, length);
+      break;
+    }
+    off_t end = ::lseek(source.get(), start, SEEK_HOLE);
+    if (end < 0) return fail_errno("lseek SEEK_HOLE in guest memory");
+    auto begin = std::min<uint64_t>(static_cast<uint64_t>(start), length);
+    auto finish = std::min<uint64_t>(static_cast<uint64_t>(end), length);
+    if (finish > begin) extents.emplace_back(begin, finish);
+    position = std::max(finish, position + 1);
+  }
+  return extents;
+}
+
+// crc continued over count zero bytes, without reading any.
+uint32_t crc32_of_zeros(uint32_t crc, uint64_t count) {
+  static const std::vector<std::byte> zeros(kCrcChunkBytes);
+  static const uint32_t zeros_crc = snapshot_crc32(zeros);
+  for (; count >= zeros.size(); count -= zeros.size()) {
+    crc = static_cast<uint32_t>(crc32_combine(crc, zeros_crc, static_cast<z_off_t>(zeros.size())));
+  }
+  return snapshot_crc32(std::span(zeros).first(count), crc);
+}
+
 uint64_t align_up(uint64_t value, uint64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
@@ -200,18 +233,30 @@ Result<void> SnapshotWriter::add(SectionType type, std::string_view name,
   return ok();
 }
 
+// Guest RAM the guest never touched (or gave back through the balloon) is a
+// hole in the memfd. Only the data extents are read and written: reading a
+// hole through a shared mapping would allocate it (shmem fills holes on a
+// fault), and skipping holes keeps the snapshot as sparse as the guest's
+// memory, so a restore maps zero pages for the rest.
 Result<void> SnapshotWriter::add_file_contents(SectionType type, std::string_view name,
                                                const Fd& source, uint64_t length) {
   Mmap mapping;
+  if (length > 0) mapping = TRY(Mmap::file(source, length, 0, PROT_READ, MAP_SHARED));
+  std::vector<std::pair<uint64_t, uint64_t>> extents = TRY(data_extents(source, length));
   uint32_t crc = snapshot_crc32({});
-  if (length > 0) {
-    mapping = TRY(Mmap::file(source, length, 0, PROT_READ, MAP_SHARED));
-    crc = snapshot_crc32(mapping.bytes());
+  uint64_t position = 0;
+  for (auto [begin, end] : extents) {
+    crc = crc32_of_zeros(crc, begin - position);
+    crc = snapshot_crc32(mapping.bytes().subspan(begin, end - begin), crc);
+    position = end;
   }
+  crc = crc32_of_zeros(crc, length - position);
+
   uint64_t payload_offset =
       TRY(write_section_header(type, name, kSectionLazy, kPageBytes, length, crc));
-  if (length > 0) {
-    TRY_CONTEXT(fd_.pwrite_all(mapping.bytes(), payload_offset),
+  for (auto [begin, end] : extents) {
+    TRY_CONTEXT(fd_.pwrite_all(mapping.bytes().subspan(begin, end - begin),
+                               payload_offset + begin),
                 fmt::format("snapshot {}", path_));
   }
   offset_ = payload_offset + length;

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -224,6 +225,35 @@ TEST_F(SnapshotTest, RoundTripKeepsEveryPart) {
   Result<Snapshot> again = read_snapshot(path_);
   ASSERT_TRUE(again);
   EXPECT_TRUE(again->reader.verify(again->memory));
+}
+
+TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
+  // 64 MiB of guest RAM of which the guest wrote one page.
+  constexpr uint64_t kLargeRam = 64 << 20;
+  Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
+  ASSERT_TRUE(ram.valid());
+  ASSERT_EQ(::ftruncate(ram.get(), kLargeRam), 0);
+  std::vector<std::byte> page(kPageBytes, std::byte{0x5a});
+  ASSERT_TRUE(ram.pwrite_all(page, 40 << 20));
+  ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, kLargeRam));
+
+  struct stat info {};
+  ASSERT_EQ(::stat(path_.c_str(), &info), 0);
+  EXPECT_GE(static_cast<uint64_t>(info.st_size), kLargeRam);
+  EXPECT_LT(static_cast<uint64_t>(info.st_blocks) * 512, 4u << 20) << "RAM was written whole";
+  // Nor did saving fill the guest's own memory in (a read through a shared
+  // mapping of a memfd hole allocates the page).
+  struct stat ram_info {};
+  ASSERT_EQ(::fstat(ram.get(), &ram_info), 0);
+  EXPECT_LT(static_cast<uint64_t>(ram_info.st_blocks) * 512, 1u << 20) << "holes were filled";
+  Result<Snapshot> snapshot = read_snapshot(path_);
+  ASSERT_TRUE(snapshot) << snapshot.error().message();
+  EXPECT_TRUE(snapshot->reader.verify(snapshot->memory));
+  Result<Mmap> mapped = snapshot->map_memory();
+  ASSERT_TRUE(mapped) << mapped.error().message();
+  EXPECT_EQ(std::memcmp(mapped->data() + (40 << 20), page.data(), page.size()), 0);
+  EXPECT_EQ(mapped->data()[0], std::byte{0});
+  EXPECT_EQ(mapped->data()[kLargeRam - 1], std::byte{0});
 }
 
 TEST_F(SnapshotTest, VcpuWithFpuInsteadOfXsaveRoundTrips) {
