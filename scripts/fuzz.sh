@@ -49,10 +49,17 @@ failed=0
 for fuzzer in "${fuzzers[@]}"; do
   dir="$KEEL_CACHE_DIR/fuzz/$fuzzer"
   mkdir -p "$dir/corpus" "$dir/artifacts"
-  echo "== $fuzzer: ${seconds}s, corpus $dir/corpus"
-  if ! "$build/tests/fuzz/$fuzzer" -max_total_time="$seconds" -print_final_stats=1 \
-      -artifact_prefix="$dir/artifacts/" "$dir/corpus"; then
-    echo "== $fuzzer: FOUND A CRASH; reproducer in $dir/artifacts/" >&2
+  log="$build/$fuzzer.log"
+  echo "== $fuzzer: ${seconds}s, corpus $dir/corpus, log $log"
+  # libFuzzer prints a line per new input; keep that in the log and show
+  # the final statistics, or the crash report, here.
+  if "$build/tests/fuzz/$fuzzer" -max_total_time="$seconds" -print_final_stats=1 \
+      -artifact_prefix="$dir/artifacts/" "$dir/corpus" > "$log" 2>&1; then
+    grep -E '^(Done |stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb)' "$log" |
+      sed "s/^/   /"
+  else
+    tail -n 60 "$log" >&2
+    echo "== $fuzzer: FOUND A CRASH; reproducer in $dir/artifacts/ (whole output: $log)" >&2
     failed=1
   fi
 done

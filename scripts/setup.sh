@@ -30,7 +30,7 @@ PACKAGES=(
   # bench/blk.sh's comparison
   fio
   # Guest kit and the nested system-test harness
-  qemu-system-x86 qemu-utils busybox-static e2fsprogs lz4 zstd python3 coreutils util-linux
+  qemu-system-x86 qemu-utils busybox-static e2fsprogs e2fsck-static lz4 zstd python3 coreutils util-linux
 )
 
 check_only=0

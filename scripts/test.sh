@@ -77,18 +77,48 @@ if [[ $run_fuzz -eq 1 ]]; then
 fi
 
 # One closing line over every run, counted from ctest's JUnit reports.
-python3 - "$results_dir" <<'PY'
-import sys, glob, xml.etree.ElementTree as ET
+python3 - "$results_dir" "$KEEL_ROOT/build/tests/system/out" <<'PY'
+import json, os, sys, glob, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
+failures, skips = [], []
 for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
+    run = path.rsplit("/", 1)[-1].removesuffix(".xml")
     for case in ET.parse(path).getroot().iter("testcase"):
         status = case.get("status", "")
+        name = f"{run}: {case.get('name', '?')}"
         if case.find("skipped") is not None or status in ("notrun", "disabled") or status == "skipped":
             skipped += 1
+            skips.append(name)
         elif case.find("failure") is not None or case.find("error") is not None or status == "fail":
             failed += 1
+            failures.append(name)
         else:
             passed += 1
+# Named here, next to the closing line, because CI keeps only the tail of
+# the output and a long run's failure is otherwise far above it.
+for name in skips:
+    print(f"skipped: {name}")
+for name in failures:
+    print(f"FAILED: {name}")
+    # A failed system test: the harness's verdict and the scenario's last
+    # words (before the guest consoles it appends) say why.
+    scenario = name.split(": system.", 1)[1] if ": system." in name else ""
+    out = sys.argv[2]
+    try:
+        results = json.load(open(f"{out}/results.json"))
+    except (OSError, ValueError):
+        results = {}
+    for attempt in results.get("attempts", []):
+        if attempt.get("outcome") != "ok":
+            print(f"  L1 attempt {attempt.get('attempt')}: {attempt.get('outcome')} {attempt.get('reason', '')}")
+    verdict = results.get("scenarios", {}).get(scenario)
+    if verdict:
+        print(f"  {scenario}: {verdict.get('status')}: {verdict.get('reason', '')}")
+    if scenario and os.path.exists(f"{out}/{scenario}.log"):
+        with open(f"{out}/{scenario}.log", errors="replace") as f:
+            lines = f.read().split("\n----- ", 1)[0].splitlines()
+        for line in lines[-15:]:
+            print(f"  {scenario}| {line}")
 print(f"keel-tests: {passed} passed, {failed} failed, {skipped} skipped")
 PY
 exit $status

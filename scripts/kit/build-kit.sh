@@ -28,7 +28,7 @@ Environment:
                         linux-image-cloud-amd64 (e.g. linux-image-6.1.0-56-cloud-amd64)
   KEEL_KERNEL_DEB       use this already-downloaded .deb (no apt access needed)
 
-Needs: apt (apt-cache, apt-get), dpkg-deb, busybox-static, lz4, e2fsprogs,
+Needs: apt (apt-cache, apt-get), dpkg-deb, busybox-static, lz4, e2fsprogs, e2fsck-static,
 python3, coreutils.
 EOF
 }
@@ -63,6 +63,9 @@ for tool in apt-cache apt-get dpkg-deb lz4 python3 sha256sum; do
 done
 busybox_bin=/bin/busybox
 [[ -x $busybox_bin ]] || die "$busybox_bin not found (install busybox-static)"
+# busybox has mke2fs but no e2fsck; guests check file systems with this one.
+e2fsck_bin=/sbin/e2fsck.static
+[[ -x $e2fsck_bin ]] || die "$e2fsck_bin not found (install e2fsck-static)"
 python3 "$kit_dir/kit_tools.py" is-static "$busybox_bin" ||
   die "$busybox_bin is dynamically linked; install busybox-static (not busybox)"
 
@@ -103,6 +106,7 @@ inputs_hash=$(
     (cd "$kit_dir" && find . -type f ! -name '*.md' ! -name '*.pyc' ! -path '*/__pycache__/*' |
        LC_ALL=C sort | xargs sha256sum)
     sha256sum < "$busybox_bin"
+    sha256sum < "$e2fsck_bin"
   } | sha256sum | cut -c1-12)
 kit_id="${kernel_version}_${kernel_package_version}_${inputs_hash}"
 cached_kit="$cache/kits/$kit_id"
@@ -222,6 +226,7 @@ build_kit() {
     ln -s /bin/busybox "$ird/$applet"
   done
   install -m 0755 "$kit_dir/init" "$ird/init"
+  install -m 0755 "$e2fsck_bin" "$ird/sbin/e2fsck"
   # The vsock test tool (guest and host sides); static, so it runs in this
   # initramfs and in L1 alike.
   gcc -static -Os -Wall -o "$dest/keel-vsock" "$kit_dir/keel-vsock.c" ||

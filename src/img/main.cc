@@ -1,5 +1,6 @@
 // keel-img: creates, inspects and checks disk images (raw and qcow2), in the
-// spirit of qemu-img. Subcommands: create, info, check.
+// spirit of qemu-img. Subcommands: create, info, check, convert, map,
+// resize, rebase, commit (the last five in files of their own).
 // Exit statuses: 0 success; 1 an error (the message names the file and the
 // problem); 2 (usage) for bad arguments. check: 0 clean, 2 corruptions
 // found, 3 leaked clusters only, 1 the check could not run (as qemu-img).
@@ -22,6 +23,7 @@
 #include "block/qcow2/create.h"
 #include "block/qcow2/header.h"
 #include "block/qcow2/qcow2.h"
+#include "img/commands.h"
 
 namespace keel::img {
 namespace {
@@ -31,33 +33,6 @@ namespace qcow2 = block::qcow2;
 
 constexpr int kExitError = 1;
 constexpr int kMaxChain = 64;
-
-Result<uint64_t> parse_size(const std::string& text, std::string_view what) {
-  if (text.empty()) return fail(Errc::InvalidArgument, fmt::format("{}: empty", what));
-  size_t used = 0;
-  uint64_t value = 0;
-  try {
-    value = std::stoull(text, &used, 10);
-  } catch (const std::exception&) {
-    return fail(Errc::InvalidArgument, fmt::format("{} '{}': not a number", what, text));
-  }
-  const std::string suffix = text.substr(used);
-  uint32_t shift = 0;
-  if (suffix.empty() || suffix == "b" || suffix == "B") shift = 0;
-  else if (suffix == "k" || suffix == "K") shift = 10;
-  else if (suffix == "M") shift = 20;
-  else if (suffix == "G") shift = 30;
-  else if (suffix == "T") shift = 40;
-  else if (suffix == "P") shift = 50;
-  else {
-    return fail(Errc::InvalidArgument,
-                fmt::format("{} '{}': unknown suffix '{}' (k, M, G, T, P)", what, text, suffix));
-  }
-  if (shift > 0 && value > (UINT64_MAX >> shift)) {
-    return fail(Errc::InvalidArgument, fmt::format("{} '{}': too large", what, text));
-  }
-  return value << shift;
-}
 
 std::string human_size(uint64_t bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
@@ -89,36 +64,7 @@ Result<void> create(const CreateArgs& args) {
   if (have_size) size = TRY_CONTEXT(parse_size(args.size, "SIZE"), what);
 
   qcow2::CreateOptions options;
-  if (!args.options.empty()) {
-    std::string rest = args.options;
-    while (!rest.empty()) {
-      const size_t comma = rest.find(',');
-      const std::string item = rest.substr(0, comma);
-      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-      const size_t equals = item.find('=');
-      const std::string key = item.substr(0, equals);
-      const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
-      if (key == "cluster_size") {
-        const uint64_t bytes = TRY_CONTEXT(parse_size(value, "cluster_size"), what);
-        if (bytes < 512 || bytes > (2u << 20) || (bytes & (bytes - 1)) != 0) {
-          return fail(Errc::InvalidArgument,
-                      fmt::format("{}: cluster_size {} must be a power of two from 512 to 2M", what,
-                                  value));
-        }
-        options.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(bytes));
-      } else if (key == "compat") {
-        if (value == "0.10" || value == "v2") options.version = 2;
-        else if (value == "1.1" || value == "v3") options.version = 3;
-        else {
-          return fail(Errc::InvalidArgument,
-                      fmt::format("{}: compat '{}' (expected 0.10 or 1.1)", what, value));
-        }
-      } else {
-        return fail(Errc::InvalidArgument,
-                    fmt::format("{}: unknown option '{}' (cluster_size, compat)", what, key));
-      }
-    }
-  }
+  TRY(parse_qcow2_options(args.options, options, what));
 
   if (args.format == "raw") {
     if (!args.backing.empty() || !args.options.empty()) {
@@ -298,13 +244,7 @@ Result<void> info(const std::string& file, bool json, bool backing_chain) {
 
 // ---- check ----
 
-Result<int> check(const std::string& file) {
-  const ImageFormat format = TRY(block::probe_image_format(file));
-  if (format != ImageFormat::Qcow2) {
-    std::printf("This image format (raw) does not support checks\n");
-    return 0;
-  }
-  qcow2::CheckReport report = TRY(qcow2::check_image(file));
+void print_report(const qcow2::CheckReport& report) {
   for (const std::string& message : report.messages) std::printf("%s\n", message.c_str());
   if (report.corruptions == 0 && report.leaks == 0) {
     std::printf("No errors were found on the image.\n");
@@ -328,9 +268,46 @@ Result<int> check(const std::string& file) {
                     static_cast<double>(report.total_clusters));
   }
   std::printf("Image end offset: %llu\n", static_cast<unsigned long long>(report.image_end_offset));
+}
+
+int status_of(const qcow2::CheckReport& report) {
   if (report.corruptions > 0) return 2;
   if (report.leaks > 0) return 3;
   return 0;
+}
+
+// repair: "" (check only), "leaks" or "all" (qemu-img check -r).
+Result<int> check(const std::string& file, const std::string& repair) {
+  const ImageFormat format = TRY(block::probe_image_format(file));
+  if (format != ImageFormat::Qcow2) {
+    std::printf("This image format (raw) does not support checks\n");
+    return 0;
+  }
+  qcow2::CheckReport report = TRY(qcow2::check_image(file));
+  if (repair == "all" && report.corruptions > 0) {
+    return fail(Errc::Unsupported,
+                fmt::format("check {}: {} corruptions found; Keel repairs leaked clusters only "
+                            "(-r leaks); repair the rest with qemu-img check -r all",
+                            file, report.corruptions));
+  }
+  if (repair.empty() || report.leaks == 0) {
+    print_report(report);
+    return status_of(report);
+  }
+  for (const qcow2::CheckReport::Leak& leak : report.leaked) {
+    std::printf("Repairing cluster %llu refcount=%llu reference=%llu\n",
+                static_cast<unsigned long long>(leak.cluster),
+                static_cast<unsigned long long>(leak.refcount),
+                static_cast<unsigned long long>(leak.references));
+  }
+  const uint64_t fixed = TRY(qcow2::repair_leaks(file, report));
+  std::printf("The following inconsistencies were found and repaired:\n\n"
+              "    %llu leaked clusters\n    0 corruptions\n\n"
+              "Double checking the fixed image now...\n",
+              static_cast<unsigned long long>(fixed));
+  qcow2::CheckReport after = TRY(qcow2::check_image(file));
+  print_report(after);
+  return status_of(after);
 }
 
 int fail_with(const Error& error) {
@@ -344,7 +321,9 @@ int fail_with(const Error& error) {
 int main(int argc, char** argv) {
   using namespace keel;
   log::init(log::Level::Warn, "keel-img");
-  CLI::App app{"keel-img: create, inspect and check disk images (raw, qcow2)"};
+  CLI::App app{
+      "keel-img: create, inspect, check, convert, map, resize, rebase and commit disk images "
+      "(raw, qcow2)"};
   app.require_subcommand(1);
 
   img::CreateArgs create_args;
@@ -372,9 +351,89 @@ int main(int argc, char** argv) {
   info->add_flag("--backing-chain", info_chain, "Describe every image of the backing chain");
   info->add_option("FILE", info_file, "The image")->required();
 
+  img::ConvertArgs convert_args;
+  CLI::App* convert = app.add_subcommand(
+      "convert",
+      "Copy an image into a new raw or qcow2 file, reading through its whole backing chain (the "
+      "copy has no backing file); ranges of zeroes are left sparse or unallocated");
+  convert->add_option("-f,--format", convert_args.source_format,
+                      "SOURCE's format: auto (probed), raw or qcow2")
+      ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
+  convert->add_option("-O,--output-format", convert_args.output_format,
+                      "DESTINATION's format: raw (default) or qcow2")
+      ->check(CLI::IsMember({"qcow2", "raw"}));
+  convert->add_flag("-c,--compress", convert_args.compress,
+                    "Compress the qcow2 clusters (zlib, readable by qemu-img)");
+  convert->add_option("-o,--options", convert_args.options,
+                      "qcow2 options: cluster_size=N (512..2M, default 64k), compat=0.10|1.1");
+  convert->add_flag("-p,--progress", convert_args.progress, "Show progress on stderr");
+  convert->add_option("SOURCE", convert_args.source, "The image to copy")->required();
+  convert->add_option("DESTINATION", convert_args.destination,
+                      "The new image (replaced when the copy is complete; never SOURCE or a file "
+                      "of its backing chain)")
+      ->required();
+
+  img::MapArgs map_args;
+  CLI::App* map = app.add_subcommand(
+      "map", "Show which ranges hold data or zeroes, in which file of the chain and where");
+  map->add_option("--output", map_args.output,
+                  "human (the ranges with data) or json (every range, as qemu-img map "
+                  "--output=json)")
+      ->check(CLI::IsMember({"human", "json"}));
+  map->add_option("-f,--format", map_args.format, "FILE's format: auto, raw or qcow2")
+      ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
+  map->add_option("FILE", map_args.file, "The image")->required();
+
+  img::ResizeArgs resize_args;
+  CLI::App* resize = app.add_subcommand(
+      "resize", "Change an image's virtual size (grown space reads as zeroes; shrinking needs "
+                "--shrink and drops the data past the new end)");
+  resize->add_option("-f,--format", resize_args.format, "FILE's format: auto, raw or qcow2")
+      ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
+  resize->add_flag("--shrink", resize_args.shrink, "Allow making the image smaller");
+  resize->add_option("FILE", resize_args.file, "The image (changed in place)")->required();
+  resize->add_option("SIZE", resize_args.size,
+                     "The new size, or +SIZE / -SIZE relative to the current one; suffixes k, M, "
+                     "G, T")
+      ->required()
+      ->allow_extra_args(false);
+
+  img::RebaseArgs rebase_args;
+  CLI::App* rebase = app.add_subcommand(
+      "rebase",
+      "Point a qcow2 image at another backing file; by default copies in the clusters that "
+      "differ between the old and the new backing so the image reads the same");
+  rebase->add_flag("-u,--unsafe", rebase_args.unsafe,
+                   "Rewrite the backing file name only (the new file must hold the same data)");
+  rebase->add_option("-b,--backing", rebase_args.backing,
+                     "The new backing file (relative names are relative to FILE's directory); "
+                     "\"\" for none, which copies the whole old chain into FILE")
+      ->required();
+  rebase->add_option("-F,--backing-format", rebase_args.backing_format,
+                     "The new backing file's format: raw or qcow2 (probed and recorded if not "
+                     "given)")
+      ->check(CLI::IsMember({"qcow2", "raw"}));
+  rebase->add_flag("-p,--progress", rebase_args.progress, "Show progress on stderr");
+  rebase->add_option("FILE", rebase_args.file, "The qcow2 image (changed in place)")->required();
+
+  img::CommitArgs commit_args;
+  CLI::App* commit = app.add_subcommand(
+      "commit",
+      "Write a qcow2 overlay's changes into its backing file (grown if smaller), then empty the "
+      "overlay");
+  commit->add_flag("-d", commit_args.keep_overlay,
+                   "Leave the overlay's clusters in place instead of emptying it");
+  commit->add_flag("-p,--progress", commit_args.progress, "Show progress on stderr");
+  commit->add_option("FILE", commit_args.file, "The overlay")->required();
+
   std::string check_file;
   CLI::App* check = app.add_subcommand(
       "check", "Check a qcow2 image's refcounts and tables (exit 0 clean, 2 corrupt, 3 leaks)");
+  std::string check_repair;
+  check->add_option("-r,--repair", check_repair,
+                    "Repair: leaks (lower leaked clusters' refcounts; the image must not be in "
+                    "use), or all (the same; refused if there are corruptions)")
+      ->check(CLI::IsMember({"leaks", "all"}));
   check->add_option("FILE", check_file, "The image")->required();
 
   try {
@@ -391,6 +450,26 @@ int main(int argc, char** argv) {
     Result<void> done = img::info(info_file, info_json, info_chain);
     return done ? 0 : img::fail_with(done.error());
   }
-  Result<int> status = img::check(check_file);
+  if (*convert) {
+    Result<void> done = img::convert(convert_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*resize) {
+    Result<void> done = img::resize(resize_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*rebase) {
+    Result<void> done = img::rebase(rebase_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*commit) {
+    Result<void> done = img::commit(commit_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  if (*map) {
+    Result<void> done = img::map(map_args);
+    return done ? 0 : img::fail_with(done.error());
+  }
+  Result<int> status = img::check(check_file, check_repair);
   return status ? *status : img::fail_with(status.error());
 }

@@ -59,6 +59,7 @@ class Checker {
       } else if (*stored > expected) {
         problem(false, fmt::format("Leaked cluster {} refcount={} reference={}", c, *stored,
                                    expected));
+        report_.leaked.push_back({c, *stored, expected});
       }
       if (copied_.contains(c) && *stored != 1) {
         problem(true, fmt::format("ERROR copied flag set on cluster {} with refcount={}", c,
@@ -202,21 +203,51 @@ class Checker {
   CheckReport report_;
 };
 
-}  // namespace
+// The image file and its parsed header.
+struct OpenedImage {
+  ImageFile file;
+  Header header;
+};
 
-Result<CheckReport> check_image(const std::string& path) {
-  Fd fd = TRY_CONTEXT(Fd::open(path, O_RDONLY), fmt::format("qcow2 image {}", path));
+Result<OpenedImage> open_with_header(const std::string& path, int flags) {
+  Fd fd = TRY_CONTEXT(Fd::open(path, flags), fmt::format("qcow2 image {}", path));
   const uint64_t size = TRY(fd.size_bytes());
   ImageFile file(path, std::move(fd), size);
   std::vector<std::byte> leading(std::min<uint64_t>(size, kHeaderReadBytes));
   TRY(file.read(0, leading));
-  const Header header = TRY(parse_header(leading, size, path));
+  Header header = TRY(parse_header(leading, size, path));
+  return OpenedImage{std::move(file), std::move(header)};
+}
+
+}  // namespace
+
+Result<CheckReport> check_image(const std::string& path) {
+  OpenedImage opened = TRY(open_with_header(path, O_RDONLY));
+  ImageFile& file = opened.file;
+  const Header& header = opened.header;
   if (header.has_bitmaps) {
     return fail(Errc::Unsupported,
                 fmt::format("qcow2 image {}: checking images with bitmaps is not supported", path));
   }
   Checker checker(file, header);
   return checker.run();
+}
+
+Result<uint64_t> repair_leaks(const std::string& path, const CheckReport& report) {
+  if (report.leaked.empty()) return uint64_t{0};
+  OpenedImage opened = TRY(open_with_header(path, O_RDWR));
+  ImageFile& file = opened.file;
+  Refcounts refcounts = TRY(Refcounts::load(file, opened.header));
+  uint64_t fixed = 0;
+  for (const CheckReport::Leak& leak : report.leaked) {
+    // Only ever downwards: a refcount that is not above its references any
+    // more is not this report's leak.
+    if (TRY(refcounts.get(leak.cluster)) <= leak.references) continue;
+    TRY(refcounts.set(leak.cluster, leak.references));
+    ++fixed;
+  }
+  TRY(file.sync());
+  return fixed;
 }
 
 }  // namespace keel::block::qcow2

@@ -5,7 +5,8 @@
 // "Cluster mapping", "Snapshots".
 // Implemented: leaks (a refcount above the references), corruptions (below
 // them, references outside the file, unaligned entries, bit 63 "copied"
-// set on a cluster whose refcount is not 1). Missing: --repair, bitmaps
+// set on a cluster whose refcount is not 1); repairing leaks (refcounts
+// lowered to the references found). Missing: repairing corruptions, bitmaps
 // (images with a bitmaps extension are refused).
 #pragma once
 
@@ -24,10 +25,22 @@ struct CheckReport {
   uint64_t total_clusters = 0;      // guest clusters of the virtual disk
   uint64_t image_end_offset = 0;    // one past the last referenced cluster
   std::vector<std::string> messages;  // one per problem found (the first few thousand)
+  struct Leak {
+    uint64_t cluster = 0;
+    uint64_t refcount = 0;    // stored
+    uint64_t references = 0;  // what the refcount should be
+  };
+  std::vector<Leak> leaked;  // every leak (not capped like messages)
 };
 
 // An error means the check could not run (an unreadable or unparsable
 // header); problems found in the tables are in the report.
 Result<CheckReport> check_image(const std::string& path);
+
+// Lowers each leaked cluster's refcount (from report, a check of the same
+// unchanged image) to its references, then syncs. Leaks only: a lower
+// refcount than the references (corruption) is never touched, and no table
+// entry changes. The image must not be in use. Returns the leaks fixed.
+Result<uint64_t> repair_leaks(const std::string& path, const CheckReport& report);
 
 }  // namespace keel::block::qcow2

@@ -109,4 +109,73 @@ Result<void> create_image(const std::string& path, const CreateOptions& o) {
   return ok();
 }
 
+Result<void> set_backing_file(const std::string& path, const std::string& backing_file,
+                              const std::string& backing_format) {
+  const std::string what = fmt::format("qcow2 image {}", path);
+  if (backing_file.size() > kMaxBackingNameBytes) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: backing file name longer than {} bytes",
+                                                   what, kMaxBackingNameBytes));
+  }
+  if (backing_format.size() > 64) {
+    return fail(Errc::InvalidArgument, fmt::format("{}: backing format name too long", what));
+  }
+  Fd file = TRY_CONTEXT(Fd::open(path, O_RDWR), what);
+  const uint64_t file_size = TRY_CONTEXT(file.size_bytes(), what);
+  std::vector<std::byte> old(std::min<uint64_t>(file_size, kHeaderReadBytes));
+  TRY_CONTEXT(file.pread_all(old, 0), what);
+  const Header header = TRY(parse_header(old, file_size, path));
+  if (header.corrupt()) {
+    return fail(Errc::Corrupt, fmt::format("{}: marked corrupt; repair it first", what));
+  }
+  const uint64_t cluster_size = header.cluster_size();
+  std::vector<std::byte> cluster(cluster_size);
+  std::memcpy(cluster.data(), old.data(), header.header_length);
+  // Keep every extension but the backing format. They run from the header's
+  // end to an end marker, before the old backing file name if there is one
+  // (a version 2 image may have its name right after the header).
+  // (A file shorter than its first cluster ends the walk at its end.)
+  const uint64_t limit = std::min<uint64_t>(
+      header.backing_file_offset != 0 ? std::min(header.backing_file_offset, cluster_size)
+                                      : cluster_size,
+      old.size());
+  uint64_t from = header.header_length;
+  uint64_t at = header.header_length;
+  while (from + 8 <= limit) {
+    const uint32_t type = load_be32(old.data() + from);
+    const uint32_t length = load_be32(old.data() + from + 4);
+    if (type == kExtEnd) break;
+    const uint64_t padded = (uint64_t{length} + 7) & ~uint64_t{7};
+    if (padded > limit - from - 8) {
+      return fail(Errc::Corrupt, fmt::format("{}: header extension {:#x} at {} runs past the "
+                                             "header cluster",
+                                             what, type, from));
+    }
+    if (type != kExtBackingFormat) {
+      std::memcpy(cluster.data() + at, old.data() + from, 8 + padded);
+      at += 8 + padded;
+    }
+    from += 8 + padded;
+  }
+  const uint64_t needed = at + 8 + ((backing_format.size() + 7) & ~size_t{7}) + 8 +
+                          backing_file.size();
+  if (needed > cluster_size) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: the backing file name does not fit the header cluster", what));
+  }
+  std::byte* h = cluster.data();
+  if (!backing_file.empty() && !backing_format.empty()) {
+    store_be32(h + at, kExtBackingFormat);
+    store_be32(h + at + 4, static_cast<uint32_t>(backing_format.size()));
+    std::memcpy(h + at + 8, backing_format.data(), backing_format.size());
+    at += 8 + ((backing_format.size() + 7) & ~size_t{7});
+  }
+  at += 8;  // the end-of-extensions marker (zeroes)
+  store_be64(h + 8, backing_file.empty() ? 0 : at);
+  store_be32(h + 16, static_cast<uint32_t>(backing_file.size()));
+  std::memcpy(h + at, backing_file.data(), backing_file.size());
+  TRY_CONTEXT(file.pwrite_all(cluster, 0), what);
+  if (::fsync(file.get()) < 0) return fail_errno(fmt::format("{}: fsync", what));
+  return ok();
+}
+
 }  // namespace keel::block::qcow2

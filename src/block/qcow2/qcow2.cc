@@ -361,6 +361,9 @@ Result<void> Qcow2Image::write_back() {
   TRY(file_.sync());
   std::vector<Mapping> to_free = std::move(pending_free_);
   pending_free_.clear();
+  // A host cluster compressed data was being packed into may be freed (and
+  // reused) below: start the next compressed cluster afresh.
+  compressed_next_ = 0;
   for (const Mapping& m : to_free) {
     if (m.kind == Kind::Compressed) {
       // A compressed cluster holds a reference on every host cluster its
@@ -527,6 +530,229 @@ Result<void> Qcow2Image::write_zeroes(uint64_t offset, uint64_t length_bytes, Un
   release(to_free);
   if (!result) return result;
   return write_back_if_due();
+}
+
+Result<void> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::byte> data) {
+  TRY(check_writable());
+  if (offset % cluster_size_ != 0 || data.size() != cluster_size_) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("qcow2 image {}: a compressed write takes one whole cluster (offset "
+                            "{}, {} bytes)",
+                            file_.path(), offset, data.size()));
+  }
+  if (offset >= size_bytes_) {
+    return fail(Errc::OutOfRange, fmt::format("qcow2 image {}: compressed write at {} is past its "
+                                              "size {}",
+                                              file_.path(), offset, size_bytes_));
+  }
+  const uint64_t valid = std::min(cluster_size_, size_bytes_ - offset);
+  const iovec plain{const_cast<std::byte*>(data.data()), valid};
+  const uint64_t cluster = offset >> cluster_bits_;
+  const Mapping m = TRY(lookup(cluster));
+  const bool fresh = m.kind == Kind::Unallocated || (m.kind == Kind::Zero && m.host_offset == 0);
+  if (!fresh || header_.compression_type != CompressionType::Zlib) {
+    TRY(write_at(offset, std::span(&plain, 1)));
+    return ok();
+  }
+  // Data that does not shrink by a sector at least is stored as is.
+  compressed_output_.resize(cluster_size_ - kSectorBytes);
+  auto produced = deflate_raw(data, compressed_output_);
+  if (!produced) {
+    TRY(write_at(offset, std::span(&plain, 1)));
+    return ok();
+  }
+  const uint64_t bytes = *produced;
+  // Pack into the host cluster the previous compressed cluster ended in
+  // while it fits ("Compressed Clusters Descriptor": any byte offset; every
+  // host cluster a stream touches holds one reference for it).
+  uint64_t host = compressed_next_;
+  if (host != 0 && (host & (cluster_size_ - 1)) != 0 &&
+      (host & (cluster_size_ - 1)) + bytes <= cluster_size_ &&
+      TRY(refcounts_->get(host >> cluster_bits_)) < refcounts_->max_refcount()) {
+    TRY(refcounts_->increment(host >> cluster_bits_));
+  } else {
+    host = TRY(refcounts_->allocate(1));
+  }
+  TRY(file_.write(host, std::span(compressed_output_).first(bytes)));
+  compressed_next_ = host + bytes;
+  const uint32_t size_bits = cluster_bits_ - 8;
+  const uint32_t shift = 62 - size_bits;
+  const uint64_t extra_sectors = ((host + bytes - 1) / kSectorBytes) - host / kSectorBytes;
+  const uint64_t entry = kEntryCompressed | (extra_sectors << shift) | host;
+  const uint64_t table = TRY(writable_l2(cluster / header_.l2_entries()));
+  TRY(set_l2_entry(table, cluster % header_.l2_entries(), entry));
+  return write_back_if_due();
+}
+
+Result<Qcow2Image::Extent> Qcow2Image::block_status(uint64_t offset, uint64_t max_length) {
+  TRY(check_range(offset, max_length));
+  Extent extent;
+  if (max_length == 0) return extent;
+  const uint64_t end = offset + max_length;
+  const uint64_t first = offset >> cluster_bits_;
+  const Mapping m = TRY(lookup(first));
+  auto status_of = [](Kind kind) {
+    switch (kind) {
+      case Kind::Unallocated: return Status::Unallocated;
+      case Kind::Zero: return Status::Zero;
+      case Kind::Normal: return Status::Data;
+      case Kind::Compressed: return Status::Compressed;
+    }
+    return Status::Unallocated;
+  };
+  extent.status = status_of(m.kind);
+  const uint64_t in_cluster = offset & (cluster_size_ - 1);
+  if (m.kind == Kind::Normal || m.kind == Kind::Zero) {
+    extent.host_offset = m.host_offset == 0 ? 0 : m.host_offset + in_cluster;
+  }
+  uint64_t length = std::min(cluster_size_ - in_cluster, max_length);
+  const uint64_t l2_entries = header_.l2_entries();
+  for (uint64_t cluster = first + 1; offset + length < end; ++cluster) {
+    // A run of unallocated clusters skips whole L2 ranges without tables.
+    if (m.kind == Kind::Unallocated && cluster % l2_entries == 0 &&
+        TRY(l2_offset(cluster / l2_entries)) == 0) {
+      length += std::min(l2_entries << cluster_bits_, end - offset - length);
+      cluster += l2_entries - 1;
+      continue;
+    }
+    const Mapping n = TRY(lookup(cluster));
+    if (n.kind != m.kind || m.kind == Kind::Compressed) break;
+    // Allocated runs continue only where the host clusters do.
+    if ((n.host_offset == 0) != (m.host_offset == 0)) break;
+    if (m.host_offset != 0 && n.host_offset != m.host_offset + ((cluster - first) << cluster_bits_)) {
+      break;
+    }
+    length += std::min(cluster_size_, end - offset - length);
+  }
+  extent.length_bytes = length;
+  return extent;
+}
+
+Result<void> Qcow2Image::write_size_and_l1(uint64_t size_bytes, uint64_t l1_entries,
+                                           uint64_t l1_offset) {
+  // size (24), crypt_method (32), l1_size (36), l1_table_offset (40): one
+  // write inside the first sector, so the three change together.
+  std::byte fields[24];
+  store_be64(fields, size_bytes);
+  store_be32(fields + 8, header_.crypt_method);
+  store_be32(fields + 12, static_cast<uint32_t>(l1_entries));
+  store_be64(fields + 16, l1_offset);
+  TRY(file_.write(24, fields));
+  TRY(file_.sync());
+  header_.size_bytes = size_bytes;
+  header_.l1_size = static_cast<uint32_t>(l1_entries);
+  header_.l1_table_offset = l1_offset;
+  size_bytes_ = size_bytes;
+  return ok();
+}
+
+Result<void> Qcow2Image::resize(uint64_t new_size_bytes) {
+  TRY(check_writable());
+  if (new_size_bytes % kSectorBytes != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("qcow2 image {}: size {} is not a multiple of 512", file_.path(),
+                            new_size_bytes));
+  }
+  if (new_size_bytes == size_bytes_) return ok();
+  TRY(write_back());
+  if (new_size_bytes > size_bytes_) return grow(new_size_bytes);
+  return shrink(new_size_bytes);
+}
+
+Result<void> Qcow2Image::grow(uint64_t new_size_bytes) {
+  const uint64_t old_size = size_bytes_;
+  const uint64_t needed = l1_entries_for(new_size_bytes, cluster_bits_);
+  if (needed * 8 > kMaxL1Bytes) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("qcow2 image {}: size {} needs an L1 table over {} MiB (cluster size "
+                            "{})",
+                            file_.path(), new_size_bytes, kMaxL1Bytes >> 20, cluster_size_));
+  }
+  if (needed <= l1_.size()) {
+    TRY(write_size_and_l1(new_size_bytes, l1_.size(), header_.l1_table_offset));
+  } else {
+    // A new, larger table elsewhere, synced before the header points at it.
+    const uint64_t old_offset = header_.l1_table_offset;
+    const uint64_t old_clusters = (l1_.size() * 8 + cluster_size_ - 1) >> cluster_bits_;
+    const uint64_t clusters = (needed * 8 + cluster_size_ - 1) >> cluster_bits_;
+    const uint64_t table = TRY(refcounts_->allocate(clusters));
+    std::vector<std::byte> raw(clusters << cluster_bits_);
+    for (size_t i = 0; i < l1_.size(); ++i) store_be64(raw.data() + i * 8, l1_[i]);
+    TRY(file_.write(table, raw));
+    TRY(file_.sync());
+    TRY(write_size_and_l1(new_size_bytes, needed, table));
+    l1_.resize(needed, 0);
+    // The old table is unreferenced now; a crash before this only leaks it.
+    for (uint64_t i = 0; i < old_clusters; ++i) {
+      TRY(refcounts_->decrement((old_offset >> cluster_bits_) + i));
+    }
+  }
+  // The grown part reads as zeroes, even where a larger backing image has
+  // data (as QEMU does).
+  const uint64_t backing_size = backing_ ? backing_->size_bytes() : 0;
+  if (backing_size > old_size) {
+    TRY(write_zeroes(old_size, std::min(backing_size, new_size_bytes) - old_size, Unmap::Yes));
+  }
+  return flush();
+}
+
+Result<void> Qcow2Image::drop_clusters_from(uint64_t first_cluster) {
+  const uint64_t l2_entries = header_.l2_entries();
+  std::vector<Mapping> to_free;
+  Result<void> result = ok();
+  for (uint64_t l1_index = first_cluster / l2_entries; l1_index < l1_.size() && result;
+       ++l1_index) {
+    auto step = [&]() -> Result<void> {
+      if (TRY(l2_offset(l1_index)) == 0) return ok();
+      for (uint64_t j = 0; j < l2_entries; ++j) {
+        const uint64_t cluster = l1_index * l2_entries + j;
+        if (cluster < first_cluster) continue;
+        const Mapping m = TRY(lookup(cluster));
+        if (m.kind == Kind::Unallocated) continue;
+        const uint64_t table = TRY(writable_l2(l1_index));
+        TRY(set_l2_entry(table, j, 0));
+        if (m.kind == Kind::Compressed || m.host_offset != 0) to_free.push_back(m);
+      }
+      return ok();
+    };
+    result = step();
+    // Dirty tables must not fill the cache (l2_cache.h).
+    release(to_free);
+    if (result) result = write_back_if_due();
+  }
+  TRY(result);
+  return write_back();
+}
+
+Result<void> Qcow2Image::make_empty() {
+  TRY(check_writable());
+  TRY(drop_clusters_from(0));
+  return flush();
+}
+
+Result<void> Qcow2Image::shrink(uint64_t new_size_bytes) {
+  // 1. The guest stops seeing the tail before anything in it is dropped.
+  TRY(write_size_and_l1(new_size_bytes, l1_.size(), header_.l1_table_offset));
+  // 2. Clusters wholly past the new end: their entries go, then their refcounts.
+  TRY(drop_clusters_from((new_size_bytes + cluster_size_ - 1) >> cluster_bits_));
+  // 3. L2 tables wholly past the end: the L1 entries, synced, then the tables.
+  const uint64_t l1_needed = l1_entries_for(new_size_bytes, cluster_bits_);
+  std::vector<uint64_t> dead_tables;
+  for (uint64_t l1_index = l1_needed; l1_index < l1_.size(); ++l1_index) {
+    const uint64_t table = TRY(l2_offset(l1_index));
+    if (table == 0) continue;
+    std::byte zero[8] = {};
+    TRY(file_.write(header_.l1_table_offset + l1_index * 8, zero));
+    l1_[l1_index] = 0;
+    dead_tables.push_back(table);
+  }
+  if (dead_tables.empty()) return flush();
+  TRY(file_.sync());
+  for (uint64_t table : dead_tables) {
+    l2_cache_.erase(table);
+    TRY(refcounts_->decrement(table >> cluster_bits_));
+  }
+  return flush();
 }
 
 }  // namespace keel::block::qcow2

@@ -11,9 +11,13 @@
 // leaves them), write_zeroes (v3 zero clusters for whole clusters), flush.
 // The dirty bit is honoured by refusing to write an image that has it; Keel
 // never sets it (no lazy refcounts). A corrupt image opens read-only only.
+// Compressed writes (write_compressed: zlib, into unallocated clusters only,
+// packed several to a host cluster as QEMU does), block_status (what each
+// range is: keel-img map, convert), resize (grow, with a larger L1 table if
+// needed; shrink, dropping the clusters past the new end), make_empty.
 // Missing: writing images with internal snapshots (opened read-only fine,
-// writable refused), writing compressed clusters, resizing, an asynchronous
-// path of its own (SyncBlockBackend serves virtio-blk one request at a time).
+// writable refused), zstd compressed writes, an asynchronous path of its own
+// (SyncBlockBackend serves virtio-blk one request at a time).
 //
 // Crash safety (kill -9 at any point leaves no corruption, only leaks): a new
 // cluster's data and its refcount are written at once, while the L2 entry
@@ -23,6 +27,11 @@
 // before the cluster's refcount drops. New L2 tables are zeroed and synced
 // before the L1 entry is written. Like a disk's write cache, data written
 // since the last flush may be lost in a crash; metadata stays consistent.
+// Resizing: a grown L1 table is written and synced at its new place before
+// one header write switches the size, the L1 size and its offset together;
+// the old table is freed after. Shrinking writes the smaller size first, then
+// drops the clusters past it (in the order above), then the L2 tables wholly
+// past it (L1 entries synced before the tables' refcounts drop).
 //
 // Hostile images: every offset, size and index read from the file is checked
 // before use; a bad one is an Errc::Corrupt error naming the image and the
@@ -86,6 +95,32 @@ class Qcow2Image final : public SyncBlockBackend {
   Result<void> discard(uint64_t offset, uint64_t length_bytes) override;
   Result<void> write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap unmap) override;
 
+  // Writes one whole cluster compressed (zlib, raw deflate). offset is
+  // cluster-aligned and data is one cluster (zeroes past the disk's end).
+  // Only an unallocated cluster is compressed, as QEMU does; an allocated
+  // one, or data that does not shrink, is written as is.
+  Result<void> write_compressed(uint64_t offset, std::span<const std::byte> data);
+
+  // What the range from offset holds in this image alone, for at most
+  // max_length bytes: the returned extent covers a run of clusters that read
+  // the same way (Data: contiguous host clusters).
+  enum class Status : uint8_t { Unallocated, Zero, Data, Compressed };
+  struct Extent {
+    Status status = Status::Unallocated;
+    uint64_t length_bytes = 0;
+    // Data, and Zero clusters that keep their allocation; 0 for none.
+    uint64_t host_offset = 0;
+  };
+  Result<Extent> block_status(uint64_t offset, uint64_t max_length);
+
+  // Changes the virtual size (a multiple of 512). Shrinking drops the data
+  // past the new end; callers ask the user first (keel-img resize --shrink).
+  Result<void> resize(uint64_t new_size_bytes);
+
+  // Drops every cluster: the image reads its backing image (or zeroes)
+  // everywhere again (keel-img commit, after the backing image took the data).
+  Result<void> make_empty();
+
   const Header& header() const { return header_; }
   const std::string& path() const { return file_.path(); }
   // The backing image, or null; its path as resolved from the header.
@@ -131,6 +166,12 @@ class Qcow2Image final : public SyncBlockBackend {
   Result<void> write_back_if_due();
   // Whether writing in place is allowed (refcount 1).
   Result<bool> exclusively_owned(const Mapping& mapping);
+  Result<void> grow(uint64_t new_size_bytes);
+  Result<void> shrink(uint64_t new_size_bytes);
+  // Unmaps every guest cluster from first_cluster on (entries, then refcounts).
+  Result<void> drop_clusters_from(uint64_t first_cluster);
+  // Writes the header's size, L1 size and L1 offset in one write, synced.
+  Result<void> write_size_and_l1(uint64_t size_bytes, uint64_t l1_entries, uint64_t l1_offset);
 
   ImageFile file_;
   Access access_;
@@ -154,6 +195,10 @@ class Qcow2Image final : public SyncBlockBackend {
   std::vector<Mapping> to_free_;
   std::vector<std::byte> scratch_;  // one cluster, for copy-on-write
   std::vector<Mapping> pending_free_;
+  // Where the next compressed cluster may go: the end of the last one, in a
+  // host cluster compressed data shares (0: start a new host cluster).
+  uint64_t compressed_next_ = 0;
+  std::vector<std::byte> compressed_output_;
 };
 
 }  // namespace keel::block::qcow2

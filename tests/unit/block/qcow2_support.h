@@ -81,6 +81,22 @@ inline std::vector<std::byte> read_bytes(BlockBackend& disk, uint64_t offset, si
   return out;
 }
 
+// Big-endian 64-bit values in a file, for making damaged images.
+inline uint64_t read_be64(const std::string& path, uint64_t offset) {
+  auto bytes = read_file(path);
+  uint64_t value = 0;
+  for (uint64_t i = 0; i < 8; ++i) value = (value << 8) | static_cast<uint8_t>(bytes.at(offset + i));
+  return value;
+}
+
+inline void write_be64(const std::string& path, uint64_t offset, uint64_t value) {
+  auto fd = Fd::open(path, O_WRONLY);
+  ASSERT_TRUE(fd.has_value());
+  std::byte bytes[8];
+  for (int i = 7; i >= 0; --i, value >>= 8) bytes[i] = std::byte(static_cast<uint8_t>(value));
+  ASSERT_TRUE(fd->pwrite_all(bytes, offset).has_value());
+}
+
 // Runs a shell command; returns its exit status (-1 if it did not run).
 inline int run(const std::string& command) {
   int status = std::system((command + " >/dev/null 2>&1").c_str());

@@ -17,6 +17,7 @@ using testing::output_of;
 using testing::pattern;
 using testing::run;
 using testing::TempDir;
+using testing::write_be64;
 using testing::write_bytes;
 using testing::write_file;
 
@@ -27,17 +28,6 @@ int keel_img(const std::string& args, std::string* out = nullptr) {
   const std::string command = kImg + " " + args;
   if (out != nullptr) *out = output_of(command + " 2>&1");
   return run(command);
-}
-
-void patch64(const std::string& path, uint64_t offset, uint64_t value) {
-  auto fd = Fd::open(path, O_WRONLY);
-  ASSERT_TRUE(fd.has_value());
-  std::byte bytes[8];
-  for (int i = 7; i >= 0; --i) {
-    bytes[i] = std::byte(static_cast<uint8_t>(value));
-    value >>= 8;
-  }
-  ASSERT_TRUE(fd->pwrite_all(bytes, offset).has_value());
 }
 
 TEST(KeelImgTest, HelpAndUsageErrors) {
@@ -147,7 +137,7 @@ TEST(KeelImgTest, CheckFindsLeaksAndCorruptionLikeQemuImg) {
 
   // Layout: header, refcount table, block, L1, then the L2 table at
   // 0x40000 and data from 0x50000. Dropping an L2 entry leaks its cluster.
-  patch64(image, 0x40000 + 8, 0);
+  write_be64(image, 0x40000 + 8, 0);
   EXPECT_EQ(keel_img("check " + image, &out), 3) << out;
   EXPECT_NE(out.find("1 leaked clusters"), std::string::npos) << out;
   if (qemu) {
@@ -156,7 +146,7 @@ TEST(KeelImgTest, CheckFindsLeaksAndCorruptionLikeQemuImg) {
 
   // Pointing a second entry at a used cluster is corruption (refcount 1,
   // two references).
-  patch64(image, 0x40000 + 8, 0x50000 | (1ull << 63));
+  write_be64(image, 0x40000 + 8, 0x50000 | (1ull << 63));
   EXPECT_EQ(keel_img("check " + image, &out), 2) << out;
   EXPECT_NE(out.find("ERROR"), std::string::npos) << out;
   if (qemu) {
