@@ -25,6 +25,8 @@
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
+#include "migration/device_state.h"
+#include "migration/snapshot.h"
 #include "net/mac_address.h"
 #include "net/tap.h"
 
@@ -164,7 +166,8 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
   TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
                      stop(StopReason::Reset, "i8042 reset");
                    })));
-  TRY(pio_bus_.map(layout::kRtcPort, 2, std::make_shared<devices::Rtc>()));
+  rtc_ = std::make_shared<devices::Rtc>();
+  TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
   TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
                    std::make_shared<devices::AcpiPm>(
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
@@ -482,6 +485,27 @@ Result<void> Machine::resume() {
   }
   pause_cv_.notify_all();
   return ok();
+}
+
+Result<void> Machine::save(const std::string& path) {
+  if (!paused()) return fail(Errc::Busy, "save: the VM is not paused");
+  migration::MachineState state;
+  state.config_json = to_json(config_);
+  // The held vCPU threads wait outside KVM_RUN until resume(), which only
+  // this thread calls, so their vCPUs can be read from here.
+  for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
+    TRY_CONTEXT(vcpu->complete_pending_io(), "save");
+    state.vcpus.push_back(TRY_CONTEXT(vcpu->save_state(), "save"));
+  }
+  state.vm = TRY_CONTEXT(vm_.save_state(), "save");
+  state.devices.push_back({std::string(migration::kSerialSectionName),
+                           migration::encode_serial_state(serial_->save())});
+  state.devices.push_back(
+      {std::string(migration::kRtcSectionName), migration::encode_rtc_state(rtc_->save())});
+  for (const DiskConfig& disk : config_.disks) {
+    state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
+  }
+  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 
 void Machine::hold_while_paused(kvm::Vcpu& vcpu) {

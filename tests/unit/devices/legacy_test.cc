@@ -254,5 +254,28 @@ TEST(DebugExitTest, PassesTheByte) {
   EXPECT_EQ(read_byte(debug_exit, 0), 0xff);
 }
 
+// The shared snapshot shape: save, mutate, save differs; restore, the
+// restored RTC saves equal to the first save and reads the same CMOS RAM.
+TEST(RtcTest, SaveAndRestoreKeepCmosRamAndTheSelectedRegister) {
+  Rtc rtc;
+  cmos_write(rtc, 0x40, 0xab);
+  cmos_write(rtc, 0x41, 0xcd);
+  RtcState first = rtc.save();
+  cmos_write(rtc, 0x40, 0x00);
+  EXPECT_NE(rtc.save(), first);
+
+  Result<std::unique_ptr<Rtc>> restored = Rtc::restore(first);
+  ASSERT_TRUE(restored) << restored.error().message();
+  EXPECT_EQ((*restored)->save(), first);
+  EXPECT_EQ(cmos_read(**restored, 0x40), 0xab);
+  EXPECT_EQ(cmos_read(**restored, 0x41), 0xcd);
+
+  RtcState bad = first;
+  bad.index = 0x80;
+  Result<std::unique_ptr<Rtc>> refused = Rtc::restore(bad);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), Errc::Corrupt);
+}
+
 }  // namespace
 }  // namespace keel::devices
