@@ -188,6 +188,12 @@ void print_state(const Json& reply) {
   std::printf("%s\n", line.c_str());
 }
 
+void print_balloon(const Json& reply) {
+  std::printf("balloon target %s MiB (the driver reports %s MiB)\n",
+              text(reply.value("target_mib", Json())).c_str(),
+              text(reply.value("actual_mib", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
@@ -221,6 +227,17 @@ int run(int argc, char** argv) {
       chosen = &command;
     });
   }
+  uint64_t target_mib = 0;
+  CLI::App* balloon = vm->add_subcommand(
+      "balloon", "Set the balloon's target: the memory the guest should give back");
+  balloon->add_option("--target-mib", target_mib, "MiB the balloon should hold (0: none)")
+      ->required();
+  static const VmCommand kBalloon = {"balloon", "PUT", "/api/v1/vm/balloon", "", print_balloon};
+  std::string request_body;
+  balloon->callback([&chosen, &request_body, &target_mib] {
+    chosen = &kBalloon;
+    request_body = Json{{"target_mib", target_mib}}.dump();
+  });
   uint64_t after = 0;
   bool follow = false;
   bool events_chosen = false;
@@ -263,7 +280,7 @@ int run(int argc, char** argv) {
     return kExitOk;
   }
   CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");
-  Result<api::HttpReply> reply = client.request(chosen->method, chosen->path);
+  Result<api::HttpReply> reply = client.request(chosen->method, chosen->path, request_body);
   if (!reply) return unreachable(client, reply.error());
   if (reply->status != 200) return refused(chosen->name, *reply);
   Json body = Json::parse(reply->body, nullptr, false);

@@ -254,14 +254,14 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
   }
   if (config_.balloon) {
     const BalloonConfig& balloon = *config_.balloon;
-    auto device = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
-                                  .target_mib = balloon.target_mib,
-                                  .deflate_on_oom = balloon.deflate_on_oom,
-                                  .free_page_reporting = balloon.free_page_reporting,
-                                  .stats_period_s = balloon.stats_period_s,
-                                  .guest_memory_bytes = config_.memory_mib << 20}),
-                              "balloon");
-    TRY(add_virtio(std::move(device)));
+    balloon_ = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
+                               .target_mib = balloon.target_mib,
+                               .deflate_on_oom = balloon.deflate_on_oom,
+                               .free_page_reporting = balloon.free_page_reporting,
+                               .stats_period_s = balloon.stats_period_s,
+                               .guest_memory_bytes = config_.memory_mib << 20}),
+                           "balloon");
+    TRY(add_virtio(balloon_));
   }
   if (config_.vsock) {
     devices::virtio::VsockDeviceConfig vsock_config;
@@ -519,6 +519,13 @@ std::vector<DeviceInfo> Machine::devices() const {
           {"device_features", fmt::format("{:#x}", inner.features())},
           {"driver_status", fmt::format("{:#04x}", virtio->status())},
       };
+      if (auto* balloon = dynamic_cast<const devices::virtio::Balloon*>(&inner)) {
+        // The run-time target (PUT /api/v1/vm/balloon) and what the driver did.
+        info.properties.emplace_back("target_mib", std::to_string(balloon->target_mib()));
+        info.properties.emplace_back(
+            "actual_mib",
+            std::to_string(balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib));
+      }
       if (auto bar = pci_bus_->mapped_bar_address(static_cast<uint8_t>(slot), 0)) {
         info.properties.emplace_back("bar0", fmt::format("{:#x}", *bar));
       }

@@ -26,6 +26,7 @@
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
 #include "devices/serial.h"
+#include "devices/virtio/balloon.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/pci_transport.h"
@@ -104,6 +105,8 @@ class Machine {
   const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
     return virtio_devices_;
   }
+  // The balloon, if the config has one (also in virtio_devices()).
+  devices::virtio::Balloon* balloon() const { return balloon_.get(); }
   // "io-out 1234, mmio-read 56, ..." summed over vCPUs, for logs.
   std::string exit_summary() const;
   const memory::GuestMemory& memory() const { return memory_; }
@@ -139,6 +142,7 @@ class Machine {
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
+  std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.

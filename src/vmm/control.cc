@@ -126,6 +126,17 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
       machine.stop(machine::StopReason::Reset, "reset through the API");
       return nlohmann::json{{"state", "stopping"}, {"reason", "reset"}};
+    case CommandKind::SetBalloon: {
+      devices::virtio::Balloon* balloon = machine.balloon();
+      if (balloon == nullptr) {
+        return fail(Errc::Busy, "the VM has no balloon device (start keel-vmm with --balloon)");
+      }
+      TRY(balloon->set_target_mib(command.balloon_target_mib));
+      events_.publish("balloon", {{"boot", boot_}, {"target_mib", command.balloon_target_mib}});
+      return nlohmann::json{
+          {"target_mib", balloon->target_mib()},
+          {"actual_mib", balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib}};
+    }
     case CommandKind::Stop:
       host_stop = true;
       machine.stop(machine::StopReason::Stopped, "stopped through the API");

@@ -59,6 +59,33 @@ TEST(RoutesTest, QueryParametersAreCheckedPerRoute) {
   EXPECT_EQ(routed.error->status, 400u);
 }
 
+TEST(RoutesTest, BalloonBody) {
+  std::string field;
+  Result<uint64_t> target = parse_balloon_body(R"({"target_mib": 0})", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, 0u);
+  target = parse_balloon_body(R"( {"target_mib": 18446744073709551615} )", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, UINT64_MAX);
+  EXPECT_TRUE(field.empty());
+  const std::pair<const char*, const char*> bad[] = {
+      {"", "body"},
+      {"{", "body"},
+      {"256", "body"},
+      {R"({"target_mib": 18446744073709551616})", "target_mib"},
+      {R"({"target_mib": 1e3})", "target_mib"},
+      {R"({"target_mib": true})", "target_mib"},
+      {R"({"target_mib": [1]})", "target_mib"},
+      {R"({"target_mib": -0})", "target_mib"},
+      {R"({"target": 1})", "target"},
+  };
+  for (const auto& [body, name] : bad) {
+    target = parse_balloon_body(body, field);
+    EXPECT_FALSE(target) << body;
+    EXPECT_EQ(field, name) << body;
+  }
+}
+
 TEST(RoutesTest, EventsQueryValues) {
   std::string field;
   Result<EventsQuery> parsed = parse_events_query({}, field);
