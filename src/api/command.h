@@ -24,6 +24,7 @@ enum class CommandKind {
   Reset,
   Stop,
   SetBalloon,  // {target_mib, actual_mib}; Busy (409) without a balloon device
+  PowerButton,  // {state}; Busy (409) without ACPI or while stopping
 };
 
 std::string_view command_name(CommandKind kind);

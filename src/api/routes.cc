@@ -21,6 +21,8 @@ const std::array kRoutes = {
     Route{"PUT", "/api/v1/vm/resume", RouteId::Resume, CommandKind::Resume, {}, {}},
     Route{"PUT", "/api/v1/vm/reset", RouteId::Reset, CommandKind::Reset, {}, {}},
     Route{"PUT", "/api/v1/vm/stop", RouteId::Stop, CommandKind::Stop, {}, {}},
+    Route{"PUT", "/api/v1/vm/power-button", RouteId::PowerButton, CommandKind::PowerButton, {},
+          {}},
     Route{"PUT", "/api/v1/vm/balloon", RouteId::Balloon, CommandKind::SetBalloon, {},
           kBalloonFields},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},

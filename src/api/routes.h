@@ -29,6 +29,7 @@ enum class RouteId {
   Reset,
   Stop,
   Balloon,
+  PowerButton,
   Events,
 };
 
@@ -72,7 +73,7 @@ struct Routed {
 // Matches the method and request target ("/api/v1/events?after=3").
 Routed route_request(std::string_view method, std::string_view target);
 
-// The action routes (PUT pause/resume/reset/stop) take no parameters: an
+// The action routes (PUT pause/resume/reset/stop/power-button) take no parameters: an
 // empty body or an empty JSON object. Anything else is a 400 naming the
 // first unexpected field.
 std::optional<ApiError> check_empty_body(std::string_view body);

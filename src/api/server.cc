@@ -241,6 +241,7 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Resume:
       case RouteId::Reset:
       case RouteId::Stop:
+      case RouteId::PowerButton:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
       case RouteId::Balloon: {

@@ -194,6 +194,11 @@ void print_balloon(const Json& reply) {
               text(reply.value("actual_mib", Json())).c_str());
 }
 
+void print_power_button(const Json& reply) {
+  std::printf("power button pressed (the VM is %s; the guest decides what follows)\n",
+              text(reply.value("state", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
@@ -205,6 +210,8 @@ const VmCommand kVmCommands[] = {
     {"reset", "PUT", "/api/v1/vm/reset", "Reset the VM (it reboots unless --no-reboot)",
      print_state},
     {"stop", "PUT", "/api/v1/vm/stop", "Stop the VM now (keel-vmm exits)", print_state},
+    {"power-button", "PUT", "/api/v1/vm/power-button",
+     "Press the ACPI power button: ask the guest to shut down", print_power_button},
 };
 
 int run(int argc, char** argv) {

@@ -9,12 +9,14 @@
 #include "base/fd.h"
 #include "base/log.h"
 #include "block/image.h"
+#include "boot/acpi/acpi.h"
 #include "boot/linux_loader.h"
 #include "devices/acpi_pm.h"
 #include "devices/i8042.h"
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
 #include "devices/pci/pci_host_bridge.h"
+#include "devices/pvpanic.h"
 #include "devices/rtc.h"
 #include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
@@ -80,6 +82,7 @@ std::string_view stop_reason_name(StopReason reason) {
     case StopReason::Error: return "error";
     case StopReason::DebugExit: return "debug-exit";
     case StopReason::Stopped: return "stopped";
+    case StopReason::GuestPanic: return "guest-panic";
   }
   return "?";
 }
@@ -170,6 +173,25 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
                        [this] { stop(StopReason::PowerOff, "ACPI S5"); },
                        [this] { stop(StopReason::Reset, "ACPI reset register"); })));
+  // A panicking guest ends the VM: left running, Linux would reboot (panic=N)
+  // or hang, and the host would learn neither why nor when.
+  TRY(pio_bus_.map(layout::kPvpanicPort, 1,
+                   std::make_shared<devices::Pvpanic>([this](uint8_t events) {
+                     if (events & devices::Pvpanic::kPanicked) {
+                       stop(StopReason::GuestPanic, "the guest panicked (pvpanic)");
+                     } else {
+                       LOG_RATELIMITED(warn, "pvpanic: the guest panicked and runs its crash kernel");
+                     }
+                   })));
+  if (config_.acpi) {
+    ged_ = std::make_shared<devices::Ged>([this] {
+      // An edge on the GED's GSI, as its _CRS says.
+      if (!vm_.set_irq_line(layout::kGedGsi, true) || !vm_.set_irq_line(layout::kGedGsi, false)) {
+        LOG_RATELIMITED(warn, "GED: could not raise GSI {}", layout::kGedGsi);
+      }
+    });
+    TRY(mmio_bus_.map(layout::kGedStart, devices::Ged::kRegisterBytes, ged_));
+  }
   // PCI: the host bridge on bus 0, reachable through mechanism #1 and ECAM,
   // with the same windows the ACPI _CRS announces.
   devices::PciWindows windows{
@@ -496,6 +518,15 @@ void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
   vcpu.set_immediate_exit(false);
 }
 
+Result<void> Machine::press_power_button() {
+  if (ged_ == nullptr) {
+    return fail(Errc::Busy, "the VM has no ACPI (--no-acpi), hence no power button");
+  }
+  if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  ged_->trigger(boot::acpi::kGedEventPowerButton);
+  return ok();
+}
+
 std::vector<DeviceInfo> Machine::devices() const {
   std::vector<DeviceInfo> list;
   for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
@@ -541,6 +572,11 @@ std::vector<DeviceInfo> Machine::devices() const {
   list.push_back({"rtc-cmos", "io", port(layout::kRtcPort), {}});
   list.push_back({"acpi-pm", "io", port(layout::kAcpiSleepControlPort),
                      {{"acpi_tables", config_.acpi ? "on" : "off"}}});
+  list.push_back({"pvpanic", "io", port(layout::kPvpanicPort), {}});
+  if (ged_ != nullptr) {
+    list.push_back({"acpi-ged", "mmio", fmt::format("{:#x}", layout::kGedStart),
+                    {{"gsi", std::to_string(layout::kGedGsi)}, {"events", "power-button"}}});
+  }
   if (config_.debug_exit) list.push_back({"debug-exit", "io", port(layout::kDebugExitPort), {}});
   return list;
 }

@@ -23,6 +23,7 @@
 #include "base/event_fd.h"
 #include "base/event_loop.h"
 #include "base/result.h"
+#include "devices/ged.h"
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
 #include "devices/serial.h"
@@ -44,6 +45,7 @@ enum class StopReason {
   Error,       // internal error, failed entry, unhandled exit, KVM_RUN failure
   DebugExit,   // a test guest wrote to the debug-exit port
   Stopped,     // stop() from the host (signal, API)
+  GuestPanic,  // the guest reported a panic through pvpanic
 };
 
 struct StopStatus {
@@ -92,6 +94,11 @@ class Machine {
   Result<void> resume();
   bool paused() const { return pause_requested_.load(); }
 
+  // Presses the ACPI power button: the GED raises its interrupt and the
+  // guest's _EVT notifies \_SB.PWRB; what happens then is the guest's
+  // choice (Linux reports KEY_POWER to userspace). Busy without ACPI.
+  Result<void> press_power_button();
+
   const VmConfig& config() const { return config_; }
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
@@ -139,6 +146,7 @@ class Machine {
   devices::IoBus pio_bus_{"pio"};
   devices::IoBus mmio_bus_{"mmio"};
   std::shared_ptr<devices::Serial> serial_;
+  std::shared_ptr<devices::Ged> ged_;  // with ACPI only
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_

@@ -44,6 +44,11 @@ void ApiControl::running() {
 void ApiControl::stopping(const machine::Machine& machine) {
   std::optional<machine::StopStatus> status = machine.stop_status();
   nlohmann::json data = {{"boot", boot_}};
+  if (status && status->reason == machine::StopReason::GuestPanic) {
+    // Its own event, ahead of stopping: a consumer watching for panics
+    // need not parse stop reasons.
+    events_.publish("guest-panic", {{"boot", boot_}, {"detail", first_line(status->detail)}});
+  }
   if (status) {
     data["reason"] = machine::stop_reason_name(status->reason);
     data["detail"] = first_line(status->detail);
@@ -137,6 +142,10 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
           {"target_mib", balloon->target_mib()},
           {"actual_mib", balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib}};
     }
+    case CommandKind::PowerButton:
+      TRY(machine.press_power_button());
+      events_.publish("power-button", {{"boot", boot_}});
+      return nlohmann::json{{"state", state_name(machine)}, {"power_button", "pressed"}};
     case CommandKind::Stop:
       host_stop = true;
       machine.stop(machine::StopReason::Stopped, "stopped through the API");

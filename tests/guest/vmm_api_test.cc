@@ -243,13 +243,36 @@ TEST_F(VmmApiTest, BalloonTargetIsSetWithinTheGuestsRam) {
   EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
 }
 
-TEST_F(VmmApiTest, BalloonTargetWithoutABalloonIsAConflict) {
-  start(polling_guest(socket_));
+TEST_F(VmmApiTest, BalloonAndPowerButtonAreConflictsWithoutTheirDevice) {
+  start(polling_guest(socket_));  // no --balloon, --no-acpi
   Result<api::HttpReply> reply =
       client().request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 16})");
   ASSERT_TRUE(reply);
   EXPECT_EQ(reply->status, 409u) << reply->body;
   EXPECT_THAT(reply->body, HasSubstr("--balloon"));
+  reply = client().request("PUT", "/api/v1/vm/power-button");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 409u) << reply->body;
+  EXPECT_THAT(reply->body, HasSubstr("--no-acpi"));
+  EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "running");
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmApiTest, PowerButtonIsPressedAndPublished) {
+  // With ACPI tables: the tiny guest ignores them, and the GED's interrupt.
+  std::vector<std::string> args = polling_guest(socket_);
+  std::erase(args, "--no-acpi");
+  start(args);
+  const Json devices = call("GET", "/api/v1/vm/devices")["devices"];
+  bool ged = false;
+  for (const Json& device : devices) ged = ged || device["type"] == "acpi-ged";
+  EXPECT_TRUE(ged) << devices.dump();
+  Outcome pressed = keelctl(ctl({"vm", "power-button"}));
+  EXPECT_EQ(pressed.exit_status, 0) << pressed;
+  EXPECT_THAT(pressed.out, HasSubstr("power button pressed"));
+  Outcome events = keelctl(ctl({"--json", "vm", "events"}));
+  EXPECT_THAT(events.out, HasSubstr("\"type\":\"power-button\""));
   call("PUT", "/api/v1/vm/stop");
   EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
 }
@@ -307,7 +330,7 @@ TEST(KeelctlTest, HelpListsTheVmCommands) {
   Outcome outcome = keelctl({"vm", "--help"});
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
   for (const char* command : {"info", "devices", "pause", "resume", "reset", "stop", "metrics",
-                              "events", "balloon"}) {
+                              "events", "balloon", "power-button"}) {
     EXPECT_THAT(outcome.out, HasSubstr(command));
   }
 }

@@ -80,6 +80,8 @@ class FakeHandler : public CommandHandler {
         return nlohmann::json{{"state", "running"}};
       case CommandKind::Reset:
       case CommandKind::Stop: return nlohmann::json{{"state", "stopping"}};
+      case CommandKind::PowerButton:
+        return nlohmann::json{{"state", "running"}, {"power_button", "pressed"}};
       case CommandKind::SetBalloon:
         // As the balloon does for a 1 GiB guest.
         if (command.balloon_target_mib > 1024) {
@@ -323,6 +325,18 @@ TEST_F(ApiServerTest, BalloonTargetBeyondTheGuestsRamIs400NamingTheField) {
   EXPECT_EQ(reply.status, 400u);
   EXPECT_EQ(json_of(reply)["error"]["field"], "target_mib");
   EXPECT_THAT(json_of(reply)["error"]["message"].get<std::string>(), HasSubstr("1024 MiB"));
+}
+
+TEST_F(ApiServerTest, PowerButtonIsAnActionWithoutParameters) {
+  start();
+  HttpReply reply = request("PUT", "/api/v1/vm/power-button", R"({"hold_ms": 5000})");
+  EXPECT_EQ(reply.status, 400u);
+  EXPECT_EQ(json_of(reply)["error"]["field"], "hold_ms");
+  EXPECT_TRUE(handler_.seen().empty());
+  reply = request("PUT", "/api/v1/vm/power-button");
+  EXPECT_EQ(reply.status, 200u);
+  EXPECT_EQ(json_of(reply)["power_button"], "pressed");
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::PowerButton});
 }
 
 TEST_F(ApiServerTest, BadQueryIs400NamingTheParameter) {
