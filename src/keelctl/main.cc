@@ -81,19 +81,24 @@ void print_info(const Json& vm) {
   print_table(rows);
 }
 
+// "key=value key=value" for the object at field of item.
+std::string key_values(const Json& item, const char* field) {
+  std::string joined;
+  // items() refers to its object: keep it alive for the loop.
+  const Json fields = item.value(field, Json::object());
+  for (const auto& [key, value] : fields.items()) {
+    if (!joined.empty()) joined += ' ';
+    joined += key + "=" + text(value);
+  }
+  return joined;
+}
+
 void print_devices(const Json& reply) {
   Table rows = {{"TYPE", "BUS", "ADDRESS", "PROPERTIES"}};
   const Json devices = reply.value("devices", Json::array());
   for (const Json& device : devices) {
-    std::string properties;
-    // items() refers to its object: keep it alive for the loop.
-    const Json fields = device.value("properties", Json::object());
-    for (const auto& [key, value] : fields.items()) {
-      if (!properties.empty()) properties += ' ';
-      properties += key + "=" + text(value);
-    }
     rows.push_back({text(device.value("type", Json())), text(device.value("bus", Json())),
-                    text(device.value("address", Json())), properties});
+                    text(device.value("address", Json())), key_values(device, "properties")});
   }
   print_table(rows);
 }
@@ -117,6 +122,15 @@ void print_metrics(const Json& metrics) {
   std::printf("memory: guest %llu MiB, keel-vmm resident %llu MiB\n",
               static_cast<unsigned long long>(memory.value("guest_bytes", uint64_t{0}) >> 20),
               static_cast<unsigned long long>(memory.value("resident_bytes", uint64_t{0}) >> 20));
+  const Json devices = metrics.value("devices", Json::array());
+  if (!devices.empty()) {
+    Table device_rows = {{"DEVICE", "ADDRESS", "COUNTERS"}};
+    for (const Json& device : devices) {
+      device_rows.push_back({text(device.value("type", Json())),
+                             text(device.value("address", Json())), key_values(device, "counters")});
+    }
+    print_table(device_rows);
+  }
   Table rows = {{"VCPU"}};
   for (const std::string& kind : kinds) rows[0].push_back(kind);
   for (const Json& vcpu : vcpus) {

@@ -581,6 +581,18 @@ std::vector<DeviceInfo> Machine::devices() const {
   return list;
 }
 
+std::vector<DeviceCounters> Machine::device_counters() const {
+  std::vector<DeviceCounters> list;
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    list.push_back({std::string(virtio->device().name()), fmt::format("0000:00:{:02x}.0", slot),
+                    virtio->counters()});
+  }
+  return list;
+}
+
 std::vector<std::vector<std::pair<std::string_view, uint64_t>>> Machine::exit_counts() const {
   std::vector<std::vector<std::pair<std::string_view, uint64_t>>> counts;
   for (const auto& row : exit_counts_) {

@@ -58,6 +58,13 @@ std::string_view stop_reason_name(StopReason reason);
 
 // One entry of the device tree the control API shows: a bus ("pci", "io"),
 // an address on it ("0000:00:01.0", "0x3f8") and read-only properties.
+// A device's counters for the control API's metrics.
+struct DeviceCounters {
+  std::string type;     // "virtio-blk"
+  std::string address;  // "0000:00:01.0"
+  devices::virtio::VirtioDevice::Counters counters;
+};
+
 struct DeviceInfo {
   std::string type;
   std::string bus;
@@ -102,6 +109,8 @@ class Machine {
   const VmConfig& config() const { return config_; }
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
+  // Every virtio device's counters, in PCI slot order.
+  std::vector<DeviceCounters> device_counters() const;
   // Userspace exits of each vCPU, (kind name, count) for every kind.
   std::vector<std::vector<std::pair<std::string_view, uint64_t>>> exit_counts() const;
 

@@ -110,11 +110,19 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
         for (const auto& [kind, count] : counts[index]) exits[std::string(kind)] = count;
         vcpus.push_back({{"index", index}, {"exits", exits}});
       }
+      nlohmann::json devices = nlohmann::json::array();
+      for (const machine::DeviceCounters& device : machine.device_counters()) {
+        nlohmann::json counters = nlohmann::json::object();
+        for (const auto& [name, value] : device.counters) counters[std::string(name)] = value;
+        devices.push_back(
+            {{"type", device.type}, {"address", device.address}, {"counters", counters}});
+      }
       return nlohmann::json{
           {"state", state_name(machine)},
           {"boot", boot_},
           {"uptime_seconds", uptime_seconds()},
           {"vcpus", vcpus},
+          {"devices", devices},
           {"memory",
            {{"guest_bytes", machine.config().memory_mib << 20}, {"resident_bytes", resident_bytes()}}},
       };

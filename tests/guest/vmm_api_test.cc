@@ -225,6 +225,15 @@ TEST_F(VmmApiTest, BalloonTargetIsSetWithinTheGuestsRam) {
     }
   }
   EXPECT_TRUE(shown);
+  // Its counters in the metrics, JSON and Prometheus.
+  const Json metrics = call("GET", "/api/v1/vm/metrics");
+  ASSERT_EQ(metrics["devices"].size(), 1u) << metrics.dump();
+  EXPECT_EQ(metrics["devices"][0]["type"], "virtio-balloon");
+  EXPECT_EQ(metrics["devices"][0]["counters"]["queue_notifications"], 0) << "no driver here";
+  Result<api::HttpReply> prometheus = client().request("GET", "/metrics");
+  ASSERT_TRUE(prometheus);
+  EXPECT_THAT(prometheus->body,
+              HasSubstr("keel_virtio_interrupts_total{device=\"virtio-balloon\",address=\"0000:00:01.0\"} "));
 
   reply = client().request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 65})");
   ASSERT_TRUE(reply);

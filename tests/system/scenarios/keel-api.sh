@@ -16,10 +16,11 @@ require_binary keelctl >/dev/null
 sock=$KEEL_WORKDIR/api.sock
 ctl() { keelctl --socket "$sock" "$@"; }
 
-# MemTotal once it has settled (the balloon driver works in the background).
+# MemTotal once it has settled (the balloon driver works in the background),
+# as the last line of the output (l2_cmd logs before it).
 mem_total_kb() {
   l2_cmd "$1" 'last=0; for i in $(seq 1 100); do now=$(awk "/^MemTotal:/ { print \$2 }" /proc/meminfo); [ "$now" = "$last" ] && break; last=$now; sleep 0.3; done; echo $now'
-  printf '%s\n' "$L2_OUTPUT" | tail -n 1
+  echo "$L2_OUTPUT"
 }
 
 l2_boot vm --cpus 2 --mem 256 --serial-agent --vmm-arg "--api-socket=$sock" \
@@ -71,7 +72,7 @@ assert_eq "$L2_RC" 0 "rc after the resume"
 
 # The balloon: a 32 MiB target through the API; the driver inflates and
 # the guest's MemTotal drops by that much.
-before_kb=$(mem_total_kb vm)
+before_kb=$(mem_total_kb vm | tail -n 1)
 if ctl vm balloon --target-mib 1000 2> "$KEEL_WORKDIR/balloon-big.err"; then
   fail "a balloon target above the guest's RAM was accepted"
 fi
@@ -80,7 +81,7 @@ assert_match "$(ctl vm balloon --target-mib 32)" '^balloon target 32 MiB' "keelc
 assert_match "$(ctl vm devices | grep virtio-balloon)" 'target_mib=32' "balloon target in the device list"
 l2_cmd vm 'i=0; while [ $i -lt 600 ]; do t=$(awk "/^MemTotal:/ { print \$2 }" /proc/meminfo); [ "$t" -le '"$((before_kb - 31 * 1024))"' ] && break; i=$((i+1)); sleep 0.3; done; echo "$i polls, $t kB"' 300
 log "balloon inflated after $(printf '%s' "$L2_OUTPUT" | tail -n 1)"
-after_kb=$(mem_total_kb vm)
+after_kb=$(mem_total_kb vm | tail -n 1)
 log "MemTotal: $before_kb kB, then $after_kb kB with a 32 MiB balloon target"
 assert_in_range "$((before_kb - after_kb))" $((31 * 1024)) $((33 * 1024)) "kB taken by the balloon"
 

@@ -165,5 +165,25 @@ TEST(PrometheusTest, RendersExitsMemoryAndState) {
   EXPECT_EQ(text.back(), '\n');
 }
 
+TEST(PrometheusTest, RendersDeviceCountersOneFamilyPerName) {
+  nlohmann::json metrics = nlohmann::json::parse(R"({"devices": [
+      {"type": "virtio-blk", "address": "0000:00:01.0",
+       "counters": {"read_bytes": 4096, "queue_notifications": 3}},
+      {"type": "virtio-net", "address": "0000:00:02.0",
+       "counters": {"queue_notifications": 5, "Bad-Name": 1, "negative": -1}}]})");
+  std::string text = prometheus_text(metrics);
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_read_bytes_total counter\n"
+                              "keel_virtio_read_bytes_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 4096\n"));
+  // Both devices' samples under one family header.
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_queue_notifications_total counter\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 3\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-net\","
+                              "address=\"0000:00:02.0\"} 5\n"));
+  EXPECT_EQ(text.find("Bad-Name"), std::string::npos) << "names that are no metric names are left out";
+  EXPECT_EQ(text.find("negative"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace keel::api
