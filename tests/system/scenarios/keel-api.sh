@@ -23,8 +23,10 @@ mem_total_kb() {
   echo "$L2_OUTPUT"
 }
 
+# No deflate-on-OOM: only then does Linux take ballooned pages out of
+# MemTotal (see keel-virtio-balloon.sh).
 l2_boot vm --cpus 2 --mem 256 --serial-agent --vmm-arg "--api-socket=$sock" \
-  --vmm-arg --balloon --vmm-arg on
+  --vmm-arg --balloon --vmm-arg target-mib=0,deflate-on-oom=off
 
 info=$(ctl vm info) || fail "keelctl vm info failed"
 printf '%s\n' "$info" | sed 's/^/info| /'
@@ -84,6 +86,7 @@ log "balloon inflated after $(printf '%s' "$L2_OUTPUT" | tail -n 1)"
 after_kb=$(mem_total_kb vm | tail -n 1)
 log "MemTotal: $before_kb kB, then $after_kb kB with a 32 MiB balloon target"
 assert_in_range "$((before_kb - after_kb))" $((31 * 1024)) $((33 * 1024)) "kB taken by the balloon"
+assert_match "$(ctl vm devices | grep virtio-balloon)" 'actual_mib=32' "the driver's report in the device list"
 
 metrics=$(ctl --json vm metrics) || fail "keelctl vm metrics failed"
 assert_match "$metrics" '"guest_bytes": 268435456' "guest memory in the metrics"
