@@ -5,6 +5,7 @@
 // main thread serves; tests use a fake.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <string_view>
 
@@ -22,12 +23,17 @@ enum class CommandKind {
   Resume,
   Reset,
   Stop,
+  SetBalloon,  // {target_mib, actual_mib}; Busy (409) without a balloon device
+  PowerButton,  // {state}; Busy (409) without ACPI or while stopping
 };
 
 std::string_view command_name(CommandKind kind);
 
 struct Command {
   CommandKind kind;
+  // SetBalloon: the balloon size asked for, already checked as a number;
+  // the machine side checks it against the guest's RAM.
+  uint64_t balloon_target_mib = 0;
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

@@ -9,12 +9,14 @@
 #include "base/fd.h"
 #include "base/log.h"
 #include "block/image.h"
+#include "boot/acpi/acpi.h"
 #include "boot/linux_loader.h"
 #include "devices/acpi_pm.h"
 #include "devices/i8042.h"
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
 #include "devices/pci/pci_host_bridge.h"
+#include "devices/pvpanic.h"
 #include "devices/rtc.h"
 #include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
@@ -82,6 +84,7 @@ std::string_view stop_reason_name(StopReason reason) {
     case StopReason::Error: return "error";
     case StopReason::DebugExit: return "debug-exit";
     case StopReason::Stopped: return "stopped";
+    case StopReason::GuestPanic: return "guest-panic";
   }
   return "?";
 }
@@ -173,6 +176,25 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
                        [this] { stop(StopReason::PowerOff, "ACPI S5"); },
                        [this] { stop(StopReason::Reset, "ACPI reset register"); })));
+  // A panicking guest ends the VM: left running, Linux would reboot (panic=N)
+  // or hang, and the host would learn neither why nor when.
+  TRY(pio_bus_.map(layout::kPvpanicPort, 1,
+                   std::make_shared<devices::Pvpanic>([this](uint8_t events) {
+                     if (events & devices::Pvpanic::kPanicked) {
+                       stop(StopReason::GuestPanic, "the guest panicked (pvpanic)");
+                     } else {
+                       LOG_RATELIMITED(warn, "pvpanic: the guest panicked and runs its crash kernel");
+                     }
+                   })));
+  if (config_.acpi) {
+    ged_ = std::make_shared<devices::Ged>([this] {
+      // An edge on the GED's GSI, as its _CRS says.
+      if (!vm_.set_irq_line(layout::kGedGsi, true) || !vm_.set_irq_line(layout::kGedGsi, false)) {
+        LOG_RATELIMITED(warn, "GED: could not raise GSI {}", layout::kGedGsi);
+      }
+    });
+    TRY(mmio_bus_.map(layout::kGedStart, devices::Ged::kRegisterBytes, ged_));
+  }
   // PCI: the host bridge on bus 0, reachable through mechanism #1 and ECAM,
   // with the same windows the ACPI _CRS announces.
   devices::PciWindows windows{
@@ -257,14 +279,14 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
   }
   if (config_.balloon) {
     const BalloonConfig& balloon = *config_.balloon;
-    auto device = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
-                                  .target_mib = balloon.target_mib,
-                                  .deflate_on_oom = balloon.deflate_on_oom,
-                                  .free_page_reporting = balloon.free_page_reporting,
-                                  .stats_period_s = balloon.stats_period_s,
-                                  .guest_memory_bytes = config_.memory_mib << 20}),
-                              "balloon");
-    TRY(add_virtio(std::move(device)));
+    balloon_ = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
+                               .target_mib = balloon.target_mib,
+                               .deflate_on_oom = balloon.deflate_on_oom,
+                               .free_page_reporting = balloon.free_page_reporting,
+                               .stats_period_s = balloon.stats_period_s,
+                               .guest_memory_bytes = config_.memory_mib << 20}),
+                           "balloon");
+    TRY(add_virtio(balloon_));
   }
   if (config_.vsock) {
     devices::virtio::VsockDeviceConfig vsock_config;
@@ -520,6 +542,15 @@ void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
   vcpu.set_immediate_exit(false);
 }
 
+Result<void> Machine::press_power_button() {
+  if (ged_ == nullptr) {
+    return fail(Errc::Busy, "the VM has no ACPI (--no-acpi), hence no power button");
+  }
+  if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  ged_->trigger(boot::acpi::kGedEventPowerButton);
+  return ok();
+}
+
 std::vector<DeviceInfo> Machine::devices() const {
   std::vector<DeviceInfo> list;
   for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
@@ -543,6 +574,13 @@ std::vector<DeviceInfo> Machine::devices() const {
           {"device_features", fmt::format("{:#x}", inner.features())},
           {"driver_status", fmt::format("{:#04x}", virtio->status())},
       };
+      if (auto* balloon = dynamic_cast<const devices::virtio::Balloon*>(&inner)) {
+        // The run-time target (PUT /api/v1/vm/balloon) and what the driver did.
+        info.properties.emplace_back("target_mib", std::to_string(balloon->target_mib()));
+        info.properties.emplace_back(
+            "actual_mib",
+            std::to_string(balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib));
+      }
       if (auto bar = pci_bus_->mapped_bar_address(static_cast<uint8_t>(slot), 0)) {
         info.properties.emplace_back("bar0", fmt::format("{:#x}", *bar));
       }
@@ -558,7 +596,24 @@ std::vector<DeviceInfo> Machine::devices() const {
   list.push_back({"rtc-cmos", "io", port(layout::kRtcPort), {}});
   list.push_back({"acpi-pm", "io", port(layout::kAcpiSleepControlPort),
                      {{"acpi_tables", config_.acpi ? "on" : "off"}}});
+  list.push_back({"pvpanic", "io", port(layout::kPvpanicPort), {}});
+  if (ged_ != nullptr) {
+    list.push_back({"acpi-ged", "mmio", fmt::format("{:#x}", layout::kGedStart),
+                    {{"gsi", std::to_string(layout::kGedGsi)}, {"events", "power-button"}}});
+  }
   if (config_.debug_exit) list.push_back({"debug-exit", "io", port(layout::kDebugExitPort), {}});
+  return list;
+}
+
+std::vector<DeviceCounters> Machine::device_counters() const {
+  std::vector<DeviceCounters> list;
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    list.push_back({std::string(virtio->device().name()), fmt::format("0000:00:{:02x}.0", slot),
+                    virtio->counters()});
+  }
   return list;
 }
 

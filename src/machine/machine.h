@@ -23,10 +23,12 @@
 #include "base/event_fd.h"
 #include "base/event_loop.h"
 #include "base/result.h"
+#include "devices/ged.h"
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
 #include "devices/rtc.h"
 #include "devices/serial.h"
+#include "devices/virtio/balloon.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/pci_transport.h"
@@ -44,6 +46,7 @@ enum class StopReason {
   Error,       // internal error, failed entry, unhandled exit, KVM_RUN failure
   DebugExit,   // a test guest wrote to the debug-exit port
   Stopped,     // stop() from the host (signal, API)
+  GuestPanic,  // the guest reported a panic through pvpanic
 };
 
 struct StopStatus {
@@ -56,6 +59,13 @@ std::string_view stop_reason_name(StopReason reason);
 
 // One entry of the device tree the control API shows: a bus ("pci", "io"),
 // an address on it ("0000:00:01.0", "0x3f8") and read-only properties.
+// A device's counters for the control API's metrics.
+struct DeviceCounters {
+  std::string type;     // "virtio-blk"
+  std::string address;  // "0000:00:01.0"
+  devices::virtio::VirtioDevice::Counters counters;
+};
+
 struct DeviceInfo {
   std::string type;
   std::string bus;
@@ -101,9 +111,16 @@ class Machine {
   // yet" in docs/snapshot-format.md.
   Result<void> save(const std::string& path);
 
+  // Presses the ACPI power button: the GED raises its interrupt and the
+  // guest's _EVT notifies \_SB.PWRB; what happens then is the guest's
+  // choice (Linux reports KEY_POWER to userspace). Busy without ACPI.
+  Result<void> press_power_button();
+
   const VmConfig& config() const { return config_; }
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
+  // Every virtio device's counters, in PCI slot order.
+  std::vector<DeviceCounters> device_counters() const;
   // Userspace exits of each vCPU, (kind name, count) for every kind.
   std::vector<std::vector<std::pair<std::string_view, uint64_t>>> exit_counts() const;
 
@@ -114,6 +131,8 @@ class Machine {
   const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
     return virtio_devices_;
   }
+  // The balloon, if the config has one (also in virtio_devices()).
+  devices::virtio::Balloon* balloon() const { return balloon_.get(); }
   // "io-out 1234, mmio-read 56, ..." summed over vCPUs, for logs.
   std::string exit_summary() const;
   const memory::GuestMemory& memory() const { return memory_; }
@@ -147,9 +166,11 @@ class Machine {
   devices::IoBus mmio_bus_{"mmio"};
   std::shared_ptr<devices::Serial> serial_;
   std::shared_ptr<devices::Rtc> rtc_;
+  std::shared_ptr<devices::Ged> ged_;  // with ACPI only
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
+  std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.

@@ -30,6 +30,7 @@ constexpr int kExitPowerOff = 0;
 constexpr int kExitFailure = 1;
 constexpr int kExitBadConfig = 2;
 constexpr int kExitRebootRefused = 3;
+constexpr int kExitGuestPanic = 4;
 constexpr uint32_t kMaxXapicVcpus = 254;
 
 constexpr const char* kFooter = R"(
@@ -38,6 +39,7 @@ Exit status:
   1  the VM failed (triple fault, KVM error, unhandled exit); registers are printed
   2  the configuration is invalid (the message names the field)
   3  the guest rebooted and --no-reboot was given
+  4  the guest panicked (reported through pvpanic; the VM is stopped, not rebooted)
   N  with --debug-exit, the byte a test guest wrote to port 0xf4
 
 Console: with --serial stdio on a terminal, the terminal is in raw mode; type
@@ -330,6 +332,10 @@ int run(int argc, char** argv) {
       case machine::StopReason::PowerOff:
       case machine::StopReason::Stopped: return kExitPowerOff;
       case machine::StopReason::DebugExit: return status.debug_exit_code;
+      case machine::StopReason::GuestPanic:
+        console->reset();
+        std::fprintf(stderr, "keel-vmm: the guest panicked: %s\n", status.detail.c_str());
+        return kExitGuestPanic;
       case machine::StopReason::Reset:
         if (!config.reboot) return kExitRebootRefused;
         LOG_INFO("guest reset: rebooting (boot {})", boot + 1);

@@ -12,6 +12,7 @@
      w  wait for a byte on COM1 (polling LSR), echo it, then exit 0
      m  read the PCI host bridge's ID through ECAM (MMIO) and through
         ports 0xcf8/0xcfc, then exit 0
+     k  report a panic through pvpanic (write 1 to port 0x505), then halt
    A failed check writes its own code to the debug-exit port 0xf4:
      11 magic  12 version  13 command line  14 memmap  15 CR0.PG set
      16 CR0.PE clear  17 initrd module  18 ECAM ID  19 port 0xcf8 ID
@@ -80,6 +81,8 @@ print:
 	je echo
 	cmp $'m', %edi
 	je pci_ids
+	cmp $'k', %edi
+	je panic
 	xor %eax, %eax                  /* every check passed */
 fail:
 	out %al, $0xf4
@@ -136,6 +139,12 @@ pci_ids:
 power_off:
 	mov $((5 << 2) | (1 << 5)), %al /* SLP_TYP = S5, SLP_EN */
 	mov $0x3c0, %dx
+	out %al, %dx
+	jmp halt
+
+panic:
+	mov $1, %al                     /* pvpanic PANICKED */
+	mov $0x505, %dx
 	out %al, %dx
 	jmp halt
 

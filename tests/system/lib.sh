@@ -167,7 +167,8 @@ EOF
 
 _l2_exec_keel() {
   local disk mode readonly_opt arg
-  # --no-reboot: a guest that panics (panic=-1 reboots) ends the run.
+  # --no-reboot: a guest that panics ends the run (pvpanic: exit 4; a
+  # panic=-1 reboot without pvpanic: exit 3).
   set -- keel-vmm --kernel "$_l2_kernel" --initrd "$_l2_initrd" --cmdline "$_l2_cmdline" \
     --cpus "$_l2_cpus" --memory "$_l2_mem_mib" --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
   if [ "$_l2_console" = hvc0 ]; then

@@ -59,6 +59,33 @@ TEST(RoutesTest, QueryParametersAreCheckedPerRoute) {
   EXPECT_EQ(routed.error->status, 400u);
 }
 
+TEST(RoutesTest, BalloonBody) {
+  std::string field;
+  Result<uint64_t> target = parse_balloon_body(R"({"target_mib": 0})", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, 0u);
+  target = parse_balloon_body(R"( {"target_mib": 18446744073709551615} )", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, UINT64_MAX);
+  EXPECT_TRUE(field.empty());
+  const std::pair<const char*, const char*> bad[] = {
+      {"", "body"},
+      {"{", "body"},
+      {"256", "body"},
+      {R"({"target_mib": 18446744073709551616})", "target_mib"},
+      {R"({"target_mib": 1e3})", "target_mib"},
+      {R"({"target_mib": true})", "target_mib"},
+      {R"({"target_mib": [1]})", "target_mib"},
+      {R"({"target_mib": -0})", "target_mib"},
+      {R"({"target": 1})", "target"},
+  };
+  for (const auto& [body, name] : bad) {
+    target = parse_balloon_body(body, field);
+    EXPECT_FALSE(target) << body;
+    EXPECT_EQ(field, name) << body;
+  }
+}
+
 TEST(RoutesTest, EventsQueryValues) {
   std::string field;
   Result<EventsQuery> parsed = parse_events_query({}, field);
@@ -136,6 +163,26 @@ TEST(PrometheusTest, RendersExitsMemoryAndState) {
   EXPECT_THAT(text, HasSubstr("keel_vm_boots_total 2\n"));
   // Every sample line belongs to a family announced before it.
   EXPECT_EQ(text.back(), '\n');
+}
+
+TEST(PrometheusTest, RendersDeviceCountersOneFamilyPerName) {
+  nlohmann::json metrics = nlohmann::json::parse(R"({"devices": [
+      {"type": "virtio-blk", "address": "0000:00:01.0",
+       "counters": {"read_bytes": 4096, "queue_notifications": 3}},
+      {"type": "virtio-net", "address": "0000:00:02.0",
+       "counters": {"queue_notifications": 5, "Bad-Name": 1, "negative": -1}}]})");
+  std::string text = prometheus_text(metrics);
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_read_bytes_total counter\n"
+                              "keel_virtio_read_bytes_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 4096\n"));
+  // Both devices' samples under one family header.
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_queue_notifications_total counter\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 3\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-net\","
+                              "address=\"0000:00:02.0\"} 5\n"));
+  EXPECT_EQ(text.find("Bad-Name"), std::string::npos) << "names that are no metric names are left out";
+  EXPECT_EQ(text.find("negative"), std::string::npos);
 }
 
 }  // namespace
