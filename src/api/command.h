@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -22,12 +23,14 @@ enum class CommandKind {
   Resume,
   Reset,
   Stop,
+  Snapshot,   // {path, bytes}; Command::path is where
 };
 
 std::string_view command_name(CommandKind kind);
 
 struct Command {
   CommandKind kind;
+  std::string path;  // Snapshot: the file to write (checked by parse_snapshot_body)
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

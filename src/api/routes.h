@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -28,6 +29,7 @@ enum class RouteId {
   Resume,
   Reset,
   Stop,
+  Snapshot,
   Events,
 };
 
@@ -72,6 +74,11 @@ Routed route_request(std::string_view method, std::string_view target);
 // empty body or an empty JSON object. Anything else is a 400 naming the
 // first unexpected field.
 std::optional<ApiError> check_empty_body(std::string_view body);
+
+// PUT /api/v1/vm/snapshot: {"path": "/abs/file"}, nothing else. The path
+// must be absolute, at most 4096 bytes, without NUL or control characters,
+// and not end in '/'; a 400 names the field at fault otherwise.
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

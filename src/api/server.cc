@@ -243,22 +243,27 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Stop:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
+      case RouteId::Snapshot: {
+        auto parsed = parse_snapshot_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{CommandKind::Snapshot, std::get<std::string>(std::move(parsed))});
+      }
       case RouteId::GetVm:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:
       case RouteId::PrometheusMetrics: break;
     }
     CHECK(route_->command.has_value(), "a machine route without a command");
-    submit(*route_->command);
+    submit(Command{*route_->command, ""});
   }
 
-  void submit(CommandKind kind) {
+  void submit(Command command) {
     phase_ = Phase::AwaitingReply;
     arm_timer(state_.options.command_timeout);
     std::weak_ptr<State> weak_state = state_.weak_from_this();
     std::weak_ptr<Session> weak_self = weak_from_this();
     // done may run on any thread, after this session or the server is gone.
-    state_.handler.submit(Command{kind}, [weak_state, weak_self](Reply reply) {
+    state_.handler.submit(std::move(command), [weak_state, weak_self](Reply reply) {
       std::shared_ptr<State> state = weak_state.lock();
       if (state == nullptr) return;
       net::post(*state->io, [weak_self, reply = std::move(reply)]() mutable {
