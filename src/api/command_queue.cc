@@ -17,6 +17,7 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::Stop: return "stop";
     case CommandKind::SetBalloon: return "set-balloon";
     case CommandKind::PowerButton: return "power-button";
+    case CommandKind::Snapshot: return "snapshot";
   }
   return "?";
 }

@@ -10,6 +10,7 @@ namespace {
 
 constexpr std::string_view kEventsParameters[] = {"after", "follow"};
 constexpr std::string_view kBalloonFields[] = {"target_mib"};
+constexpr std::string_view kSnapshotFields[] = {"path"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -25,6 +26,8 @@ const std::array kRoutes = {
           {}},
     Route{"PUT", "/api/v1/vm/balloon", RouteId::Balloon, CommandKind::SetBalloon, {},
           kBalloonFields},
+    Route{"PUT", "/api/v1/vm/snapshot", RouteId::Snapshot, CommandKind::Snapshot, {},
+          kSnapshotFields},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
 };
 
@@ -163,6 +166,37 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
   }
   bad_field.clear();
   return field->get<uint64_t>();
+}
+
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
+  for (const auto& [key, value] : json.items()) {
+    if (key != "path") {
+      return ApiError{400, fmt::format("unknown field '{}': snapshot takes only 'path'", key), key};
+    }
+  }
+  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
+  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
+  std::string path = json["path"].get<std::string>();
+  constexpr size_t kMaxPathBytes = 4096;
+  if (path.empty() || path.front() != '/') {
+    return ApiError{400, fmt::format("path: '{}' is not an absolute path", path), "path"};
+  }
+  if (path.size() > kMaxPathBytes) {
+    return ApiError{400, fmt::format("path: {} bytes, more than {}", path.size(), kMaxPathBytes),
+                    "path"};
+  }
+  for (char c : path) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return ApiError{400, "path: contains a control character", "path"};
+    }
+  }
+  if (path.back() == '/') {
+    return ApiError{400, fmt::format("path: '{}' names a directory, not a file", path), "path"};
+  }
+  return path;
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -30,6 +31,7 @@ enum class RouteId {
   Stop,
   Balloon,
   PowerButton,
+  Snapshot,
   Events,
 };
 
@@ -82,6 +84,10 @@ std::optional<ApiError> check_empty_body(std::string_view body);
 // balloon should hold (0 gives everything back). The bound by the guest's
 // RAM is the machine side's to check. bad_field names the field at fault.
 Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_field);
+// PUT /api/v1/vm/snapshot: {"path": "/abs/file"}, nothing else. The path
+// must be absolute, at most 4096 bytes, without NUL or control characters,
+// and not end in '/'; a 400 names the field at fault otherwise.
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

@@ -250,7 +250,14 @@ class Session : public std::enable_shared_from_this<Session> {
         if (!balloon_target) {
           return send_error(ApiError{400, balloon_target.error().context(), bad_field});
         }
-        return submit(Command{CommandKind::SetBalloon, *balloon_target});
+        return submit(
+            Command{.kind = CommandKind::SetBalloon, .balloon_target_mib = *balloon_target});
+      }
+      case RouteId::Snapshot: {
+        auto parsed = parse_snapshot_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Snapshot,
+                              .path = std::get<std::string>(std::move(parsed))});
       }
       case RouteId::GetVm:
       case RouteId::GetDevices:
@@ -258,7 +265,7 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::PrometheusMetrics: break;
     }
     CHECK(route_->command.has_value(), "a machine route without a command");
-    submit(Command{*route_->command});
+    submit(Command{.kind = *route_->command});
   }
 
   void submit(Command command) {
@@ -267,7 +274,7 @@ class Session : public std::enable_shared_from_this<Session> {
     std::weak_ptr<State> weak_state = state_.weak_from_this();
     std::weak_ptr<Session> weak_self = weak_from_this();
     // done may run on any thread, after this session or the server is gone.
-    state_.handler.submit(command, [weak_state, weak_self](Reply reply) {
+    state_.handler.submit(std::move(command), [weak_state, weak_self](Reply reply) {
       std::shared_ptr<State> state = weak_state.lock();
       if (state == nullptr) return;
       net::post(*state->io, [weak_self, reply = std::move(reply)]() mutable {

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -267,6 +268,12 @@ int run(int argc, char** argv) {
   events->add_option("--after", after, "Only events after this sequence number (default 0: all kept)");
   events->add_flag("--follow,-f", follow, "Keep printing new events until keel-vmm exits");
   events->callback([&events_chosen] { events_chosen = true; });
+  std::string snapshot_path;
+  bool snapshot_chosen = false;
+  CLI::App* snapshot = vm->add_subcommand(
+      "snapshot", "Write a snapshot of the paused VM to PATH (restore: keel-vmm --restore PATH)");
+  snapshot->add_option("path", snapshot_path, "Snapshot file to write (made absolute)")->required();
+  snapshot->callback([&snapshot_chosen] { snapshot_chosen = true; });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -298,6 +305,23 @@ int run(int argc, char** argv) {
     });
     if (!reply) return unreachable(client, reply.error());
     if (reply->status != 200) return refused("events", *reply);
+    return kExitOk;
+  }
+  if (snapshot_chosen) {
+    std::error_code error;
+    std::string absolute = std::filesystem::absolute(snapshot_path, error).string();
+    if (error) absolute = snapshot_path;  // the server names what is wrong with it
+    Result<api::HttpReply> reply = client.request(
+        "PUT", "/api/v1/vm/snapshot", Json{{"path", absolute}}.dump());
+    if (!reply) return unreachable(client, reply.error());
+    if (reply->status != 200) return refused("snapshot", *reply);
+    Json body = Json::parse(reply->body, nullptr, false);
+    if (json) {
+      std::printf("%s\n", body.dump(2).c_str());
+    } else {
+      std::printf("%s: %s bytes\n", text(body.value("path", Json())).c_str(),
+                  text(body.value("bytes", Json())).c_str());
+    }
     return kExitOk;
   }
   CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");

@@ -112,11 +112,8 @@ void Machine::stop_io_thread() {
   io_thread_.join();
 }
 
-Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
-                                                 devices::Serial::Output serial_output,
-                                                 ConsoleOutput virtio_console_output) {
-  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
-      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+Result<std::unique_ptr<Machine>> Machine::assemble(const VmConfig& config, const kvm::Kvm& kvm,
+                                                   memory::GuestMemory memory) {
   kvm::Vm vm = TRY(kvm.create_vm());
   TRY(vm.set_tss_address(layout::kTssAddress));
   TRY(vm.set_identity_map_address(layout::kIdentityMapAddress));
@@ -129,6 +126,16 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   EventFd stopped_event = TRY(EventFd::create());
   std::unique_ptr<Machine> machine(
       new Machine(config, std::move(vm), std::move(memory), std::move(stopped_event)));
+  machine->exit_counts_ = std::vector<std::array<std::atomic<uint64_t>, kExitKinds>>(config.cpus);
+  return machine;
+}
+
+Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
+                                                 devices::Serial::Output serial_output,
+                                                 ConsoleOutput virtio_console_output) {
+  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
+      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
   TRY(machine->build_devices(std::move(serial_output), std::move(virtio_console_output)));
 
   std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
@@ -141,7 +148,6 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   boot::EntryPoint entry = TRY_CONTEXT(boot::load_linux(machine->memory_, images),
                                        fmt::format("kernel '{}'", config.kernel));
 
-  machine->exit_counts_ = std::vector<std::array<std::atomic<uint64_t>, kExitKinds>>(config.cpus);
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   CpuidHostFeatures host{
       .tsc_deadline_timer = kvm.check_extension(kvm::Capability::TscDeadlineTimer).value_or(0) > 0,
@@ -149,27 +155,114 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   };
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
-    TRY_CONTEXT(configure_vcpu(*vcpu, build_cpuid(supported, index, config.cpus, host)),
-                fmt::format("vcpu {}", index));
+    kvm::CpuidEntries cpuid = build_cpuid(supported, index, config.cpus, host);
+    TRY_CONTEXT(configure_vcpu(*vcpu, cpuid), fmt::format("vcpu {}", index));
     machine->vcpus_.push_back(std::move(vcpu));
+    machine->cpuids_.push_back(std::move(cpuid));
   }
   TRY(set_boot_entry_state(*machine->vcpus_.front(), entry));
   return machine;
 }
 
+namespace {
+
+// The first device in config that a snapshot cannot hold yet, if any.
+std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
+  if (!config.disks.empty()) return "virtio-blk (disk 0)";
+  if (!config.nets.empty()) return "virtio-net (net 0)";
+  if (config.rng) return "virtio-rng";
+  if (config.virtio_console) return "virtio-console";
+  // Also: the balloon gives pages back by punching holes in the memfd,
+  // which a restored machine's private file mapping cannot do.
+  if (config.balloon) return "virtio-balloon";
+  if (config.vsock) return "virtio-vsock";
+  return std::nullopt;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
+                                                  const migration::Snapshot& snapshot,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  devices::Serial::Output serial_output) {
+  const migration::MachineState& saved = snapshot.machine;
+  auto refuse = [&path](Errc code, const std::string& what) {
+    return fail(code, fmt::format("restore {}: {}", path, what));
+  };
+  if (auto device = unsupported_snapshot_device(config)) {
+    return refuse(Errc::Unsupported, fmt::format("device {} cannot be restored yet", *device));
+  }
+  if (saved.vcpus.size() != config.cpus) {
+    return refuse(Errc::Corrupt, fmt::format("{} vcpu sections for a config of {} vCPUs",
+                                             saved.vcpus.size(), config.cpus));
+  }
+  if (snapshot.memory.payload_bytes != config.memory_mib << 20) {
+    return refuse(Errc::Corrupt, fmt::format("{} bytes of RAM for a config of {} MiB",
+                                             snapshot.memory.payload_bytes, config.memory_mib));
+  }
+  for (const migration::DeviceState& device : saved.devices) {
+    if (device.name != migration::kSerialSectionName && device.name != migration::kRtcSectionName) {
+      return refuse(Errc::Unsupported,
+                    fmt::format("device section '{}' is one this Keel cannot restore", device.name));
+    }
+  }
+  TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), fmt::format("restore {}", path));
+  kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
+  for (size_t index = 0; index < saved.vcpus.size(); ++index) {
+    TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported,
+                                                snapshot.reader.host()),
+                fmt::format("restore {}: vcpu {}", path, index));
+  }
+
+  memory::GuestMemory memory = TRY_CONTEXT(
+      memory::GuestMemory::map_private(snapshot.reader.fd(), snapshot.memory.payload_offset,
+                                       snapshot.memory.payload_bytes, layout::kPciHoleStart,
+                                       layout::kPciHoleEnd),
+      fmt::format("restore {}: guest RAM", path));
+  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
+  TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices),
+              fmt::format("restore {}", path));
+  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("restore {}: vm", path));
+  for (uint32_t index = 0; index < config.cpus; ++index) {
+    auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
+    TRY_CONTEXT(vcpu->restore_state(saved.vcpus[index]),
+                fmt::format("restore {}: vcpu {}", path, index));
+    machine->vcpus_.push_back(std::move(vcpu));
+    machine->cpuids_.push_back(saved.vcpus[index].cpuid);
+  }
+  return machine;
+}
+
 Result<void> Machine::build_devices(devices::Serial::Output serial_output,
-                                    ConsoleOutput virtio_console_output) {
-  serial_ = std::make_shared<devices::Serial>(std::move(serial_output), [this] {
+                                    ConsoleOutput virtio_console_output,
+                                    std::span<const migration::DeviceState> saved) {
+  auto serial_interrupt = [this] {
     // An edge on ISA IRQ 4 (IOAPIC pin 4 / PIC line 4).
     if (!vm_.set_irq_line(layout::kCom1Irq, true) || !vm_.set_irq_line(layout::kCom1Irq, false)) {
       LOG_RATELIMITED(warn, "serial: could not raise IRQ {}", layout::kCom1Irq);
     }
-  });
+  };
+  auto saved_section = [&saved](std::string_view name) -> Result<std::span<const std::byte>> {
+    for (const migration::DeviceState& device : saved) {
+      if (device.name == name) return std::span<const std::byte>(device.data);
+    }
+    return fail(Errc::Corrupt, fmt::format("no '{}' device section", name));
+  };
+  if (saved.empty()) {
+    serial_ = std::make_shared<devices::Serial>(std::move(serial_output), serial_interrupt);
+    rtc_ = std::make_shared<devices::Rtc>();
+  } else {
+    devices::SerialState serial = TRY(migration::decode_serial_state(
+        TRY(saved_section(migration::kSerialSectionName)), migration::kSerialSectionName));
+    serial_ = TRY(devices::Serial::restore(std::move(serial_output), serial_interrupt, serial));
+    devices::RtcState rtc = TRY(migration::decode_rtc_state(
+        TRY(saved_section(migration::kRtcSectionName)), migration::kRtcSectionName));
+    rtc_ = TRY(devices::Rtc::restore(rtc));
+  }
   TRY(pio_bus_.map(layout::kCom1Port, 8, serial_));
   TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
                      stop(StopReason::Reset, "i8042 reset");
                    })));
-  rtc_ = std::make_shared<devices::Rtc>();
   TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
   TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
                    std::make_shared<devices::AcpiPm>(
@@ -510,14 +603,29 @@ Result<void> Machine::resume() {
 }
 
 Result<void> Machine::save(const std::string& path) {
-  if (!paused()) return fail(Errc::Busy, "save: the VM is not paused");
+  if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
+  if (memory_.backing() != memory::GuestMemory::Backing::SharedMemfd) {
+    return fail(Errc::Unsupported,
+                "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
+                "is a private mapping of that file is not supported yet");
+  }
+  // Refused before anything is written: a snapshot without a device's
+  // state would restore into a guest whose driver disagrees with the device.
+  if (!virtio_devices_.empty()) {
+    return fail(Errc::Unsupported,
+                fmt::format("snapshot: device {} cannot be saved yet (only machines whose "
+                            "devices are the serial console, RTC and ACPI can be)",
+                            virtio_devices_.front()->device().name()));
+  }
   migration::MachineState state;
   state.config_json = to_json(config_);
   // The held vCPU threads wait outside KVM_RUN until resume(), which only
   // this thread calls, so their vCPUs can be read from here.
   for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
     TRY_CONTEXT(vcpu->complete_pending_io(), "save");
-    state.vcpus.push_back(TRY_CONTEXT(vcpu->save_state(), "save"));
+    kvm::VcpuState saved = TRY_CONTEXT(vcpu->save_state(), "save");
+    saved.cpuid = cpuids_[vcpu->index()];  // what the guest was given (see cpuids_)
+    state.vcpus.push_back(std::move(saved));
   }
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
   state.devices.push_back({std::string(migration::kSerialSectionName),

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <functional>
+#include <span>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -36,6 +37,7 @@
 #include "machine/kvm_interrupts.h"
 #include "machine/vm_config.h"
 #include "memory/guest_memory.h"
+#include "migration/snapshot.h"
 
 namespace keel::machine {
 
@@ -83,6 +85,19 @@ class Machine {
   static Result<std::unique_ptr<Machine>> create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output,
                                                  ConsoleOutput virtio_console_output = {});
+  // Restore as constructor: the machine a snapshot holds, in a new VM
+  // (docs/snapshot-format.md, "Taking and restoring"). config is the
+  // snapshot's own (the caller parses it, and may point the serial console
+  // elsewhere). Checks first, building nothing: every vCPU's CPUID against
+  // what this host's KVM offers (KVM_GET_SUPPORTED_CPUID), the disks
+  // unchanged, sizes that agree; then maps guest RAM MAP_PRIVATE from the
+  // file (pages read on first touch), rebuilds the devices from their saved
+  // state and restores the VM and each vCPU. A device Keel cannot restore
+  // yet (any virtio device) is Unsupported, naming it. Errors name path.
+  static Result<std::unique_ptr<Machine>> restore(const std::string& path,
+                                                  const migration::Snapshot& snapshot,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  devices::Serial::Output serial_output);
   ~Machine();
 
   // Runs the vCPUs until the machine stops; returns why.
@@ -101,14 +116,16 @@ class Machine {
   Result<void> pause();
   Result<void> resume();
   bool paused() const { return pause_requested_.load(); }
+  // Before run(): the vCPUs start held, as if paused (resume() lets them go).
+  void start_paused() { pause_requested_.store(true); }
   // Writes a snapshot of the paused machine to path (docs/snapshot-format.md):
   // the config, every vCPU (pending I/O completed first), the VM's KVM state
   // and guest RAM. Busy unless paused, or if a vCPU's pending string I/O
   // needs another exit (resume and retry). Call from the thread that paused.
-  // FIXME: of the devices only the serial port and RTC are saved yet, and
-  // the device I/O loop keeps running (a virtio device may still write RAM),
-  // so the file is not yet a consistent, restorable machine; see "Not done
-  // yet" in docs/snapshot-format.md.
+  // Unsupported, before anything is written, for a machine with virtio
+  // devices (their state is not saved yet) or one restored from a snapshot
+  // (its RAM is a private file mapping, not the memfd the writer copies).
+  // A machine of serial console, RTC, i8042 and ACPI is saved whole.
   Result<void> save(const std::string& path);
 
   // Presses the ACPI power button: the GED raises its interrupt and the
@@ -139,9 +156,15 @@ class Machine {
 
  private:
   Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory, EventFd stopped_event);
+  // A VM with the in-kernel devices and memory's regions, then the Machine.
+  static Result<std::unique_ptr<Machine>> assemble(const VmConfig& config, const kvm::Kvm& kvm,
+                                                   memory::GuestMemory memory);
 
+  // saved: the device sections of a snapshot to restore the serial port and
+  // RTC from; empty for a fresh machine.
   Result<void> build_devices(devices::Serial::Output serial_output,
-                             ConsoleOutput virtio_console_output);
+                             ConsoleOutput virtio_console_output,
+                             std::span<const migration::DeviceState> saved = {});
   Result<void> build_virtio_devices(ConsoleOutput virtio_console_output);
   Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
   void start_io_thread();
@@ -172,6 +195,9 @@ class Machine {
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
+  // The CPUID each vCPU was given, what a snapshot records: KVM_GET_CPUID2
+  // does not always answer it back (PVM reports the host's own bits).
+  std::vector<kvm::CpuidEntries> cpuids_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.
   static constexpr size_t kExitKinds = static_cast<size_t>(kvm::VcpuExit::Kind::Unknown) + 1;

@@ -21,15 +21,19 @@ struct FeatureWord {
   uint32_t leaf;
   uint32_t subleaf;
   int reg;  // 0 eax, 1 ebx, 2 ecx, 3 edx
-  uint32_t runtime_bits;  // derived by KVM from guest state: not compared
+  // Derived by KVM from guest state, or set by the VMM itself rather than
+  // taken from what KVM offers: not compared.
+  uint32_t runtime_bits;
 };
 constexpr std::array<std::string_view, 4> kRegNames = {"EAX", "EBX", "ECX", "EDX"};
 // 1.ECX: bit 24 TSC deadline (reported by a capability, not the CPUID),
-// bit 27 OSXSAVE (mirrors CR4). 1.EDX bit 9: APIC (mirrors the APIC base
-// MSR). 7.0.ECX bit 4: OSPKE (mirrors CR4).
+// bit 27 OSXSAVE (mirrors CR4), bit 31 hypervisor present (the VMM sets it;
+// KVM_GET_SUPPORTED_CPUID leaves it clear). 1.EDX: bit 9 APIC (mirrors the
+// APIC base MSR), bit 28 HTT (the VMM's topology). 7.0.ECX bit 4: OSPKE
+// (mirrors CR4).
 constexpr std::array kFeatureWords = {
-    FeatureWord{1, 0, 2, (1u << 24) | (1u << 27)},
-    FeatureWord{1, 0, 3, 1u << 9},
+    FeatureWord{1, 0, 2, (1u << 24) | (1u << 27) | (1u << 31)},
+    FeatureWord{1, 0, 3, (1u << 9) | (1u << 28)},
     FeatureWord{7, 0, 1, 0},
     FeatureWord{7, 0, 2, 1u << 4},
     FeatureWord{7, 0, 3, 0},

@@ -53,7 +53,8 @@ Result<Snapshot> read_snapshot(const std::string& path);
 // Refuses a guest CPUID this host's KVM cannot offer (host_supported is
 // Kvm::supported_cpuid()), naming the leaf, register and bit, and the CPU
 // the snapshot came from. Bits KVM derives at run time (OSXSAVE, OSPKE,
-// the APIC enable, TSC deadline) are not compared.
+// the APIC enable, TSC deadline) and bits the VMM sets itself (hypervisor,
+// HTT) are not compared.
 Result<void> check_cpu_compatible(const kvm::CpuidEntries& guest,
                                   const kvm::CpuidEntries& host_supported,
                                   const HostCpuSummary& source);

@@ -1,5 +1,6 @@
 #include "vmm/control.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -158,6 +159,14 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       host_stop = true;
       machine.stop(machine::StopReason::Stopped, "stopped through the API");
       return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};
+    case CommandKind::Snapshot: {
+      if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
+      TRY(machine.save(command.path));
+      struct stat info {};
+      uint64_t bytes = ::stat(command.path.c_str(), &info) == 0 ? static_cast<uint64_t>(info.st_size) : 0;
+      events_.publish("snapshot-saved", {{"boot", boot_}, {"path", command.path}, {"bytes", bytes}});
+      return nlohmann::json{{"state", "paused"}, {"path", command.path}, {"bytes", bytes}};
+    }
   }
   return fail(Errc::Unsupported, "unknown command");
 }

@@ -187,3 +187,35 @@ TEST(PrometheusTest, RendersDeviceCountersOneFamilyPerName) {
 
 }  // namespace
 }  // namespace keel::api
+
+namespace keel::api {
+namespace {
+
+std::string snapshot_field(std::string_view body) {
+  auto parsed = parse_snapshot_body(body);
+  const ApiError* error = std::get_if<ApiError>(&parsed);
+  return error == nullptr ? "" : error->field;
+}
+
+TEST(RoutesTest, SnapshotBodyTakesOneAbsolutePath) {
+  auto parsed = parse_snapshot_body(R"({"path": "/var/lib/keel/vm1.snap"})");
+  ASSERT_TRUE(std::holds_alternative<std::string>(parsed));
+  EXPECT_EQ(std::get<std::string>(parsed), "/var/lib/keel/vm1.snap");
+}
+
+TEST(RoutesTest, SnapshotBodyRefusalsNameTheField) {
+  EXPECT_EQ(snapshot_field(""), "body");
+  EXPECT_EQ(snapshot_field("[1]"), "body");
+  EXPECT_EQ(snapshot_field("{"), "body");
+  EXPECT_EQ(snapshot_field("{}"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": null})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": ""})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "vm.snap"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a\nb"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a", "zstd": 1})"), "zstd");
+  EXPECT_EQ(snapshot_field(nlohmann::json{{"path", "/" + std::string(5000, 'a')}}.dump()), "path");
+}
+
+}  // namespace
+}  // namespace keel::api

@@ -37,6 +37,7 @@ class FakeHandler : public CommandHandler {
   void submit(Command command, ReplyCallback done) override {
     std::unique_lock lock(mutex_);
     seen_.push_back(command.kind);
+    if (command.kind == CommandKind::Snapshot) snapshot_paths_.push_back(command.path);
     if (hold_) {
       held_.push_back(std::move(done));
       return;
@@ -50,6 +51,10 @@ class FakeHandler : public CommandHandler {
   std::vector<CommandKind> seen() {
     std::lock_guard lock(mutex_);
     return seen_;
+  }
+  std::vector<std::string> snapshot_paths() {
+    std::lock_guard lock(mutex_);
+    return snapshot_paths_;
   }
   void hold() {
     std::lock_guard lock(mutex_);
@@ -88,12 +93,16 @@ class FakeHandler : public CommandHandler {
           return fail(Errc::OutOfRange, "a target of more than the guest's 1024 MiB");
         }
         return nlohmann::json{{"target_mib", command.balloon_target_mib}, {"actual_mib", 0}};
+      case CommandKind::Snapshot:
+        if (!paused_) return fail(Errc::Busy, "snapshot: the VM is not paused");
+        return nlohmann::json{{"path", "/x"}, {"bytes", 4096}};
     }
     return fail(Errc::Unsupported, "?");
   }
 
   std::mutex mutex_;
   std::vector<CommandKind> seen_;
+  std::vector<std::string> snapshot_paths_;
   bool paused_ = false;
   bool hold_ = false;
   std::vector<ReplyCallback> held_;
@@ -264,6 +273,27 @@ TEST_F(ApiServerTest, PauseResumeAndStateConflicts) {
   HttpReply not_paused = request("PUT", "/api/v1/vm/resume");
   EXPECT_EQ(not_paused.status, 409u);
   EXPECT_EQ(json_of(not_paused)["error"]["message"], "the VM is not paused");
+}
+
+TEST_F(ApiServerTest, SnapshotPassesThePathAndNeedsAPause) {
+  start();
+  HttpReply running = request("PUT", "/api/v1/vm/snapshot", R"({"path": "/tmp/a.snap"})");
+  EXPECT_EQ(running.status, 409u);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/pause").status, 200u);
+  HttpReply saved = request("PUT", "/api/v1/vm/snapshot", R"({"path": "/tmp/a.snap"})");
+  EXPECT_EQ(saved.status, 200u) << saved.body;
+  EXPECT_EQ(handler_.snapshot_paths(), (std::vector<std::string>{"/tmp/a.snap", "/tmp/a.snap"}));
+}
+
+TEST_F(ApiServerTest, SnapshotWithABadBodyIs400NamingTheFieldAndNeverReachesTheMachine) {
+  start();
+  for (const char* body : {"", R"({})", R"({"path": 5})", R"({"path": "rel"})",
+                           R"({"path": "/a", "compress": true})"}) {
+    HttpReply reply = request("PUT", "/api/v1/vm/snapshot", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_TRUE(json_of(reply)["error"].contains("field")) << body;
+  }
+  EXPECT_TRUE(handler_.snapshot_paths().empty());
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {
@@ -490,8 +520,10 @@ TEST_F(ApiServerTest, CommandQueueRefusesBeyondItsCapacity) {
   Result<CommandQueue> queue = CommandQueue::create(1);
   ASSERT_TRUE(queue);
   std::vector<Reply> replies;
-  queue->submit(Command{CommandKind::GetVm}, [&](Reply reply) { replies.push_back(reply); });
-  queue->submit(Command{CommandKind::GetVm}, [&](Reply reply) { replies.push_back(reply); });
+  queue->submit(Command{.kind = CommandKind::GetVm},
+                [&](Reply reply) { replies.push_back(reply); });
+  queue->submit(Command{.kind = CommandKind::GetVm},
+                [&](Reply reply) { replies.push_back(reply); });
   ASSERT_EQ(replies.size(), 1u) << "the second is refused at once";
   EXPECT_FALSE(replies[0]);
   EXPECT_EQ(queue->take().size(), 1u);

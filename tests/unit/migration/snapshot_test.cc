@@ -688,5 +688,16 @@ TEST(CpuCompatibilityTest, BitsKvmDerivesAtRunTimeAreIgnored) {
   EXPECT_TRUE(check_cpu_compatible(guest, host, HostCpuSummary{}));
 }
 
+TEST(CpuCompatibilityTest, BitsTheVmmSetsItselfAreIgnored) {
+  // The hypervisor bit (1.ECX 31) and HTT (1.EDX 28) come from Keel's
+  // build_cpuid, never from KVM_GET_SUPPORTED_CPUID.
+  kvm::CpuidEntries host = {leaf(1, 0, 0, 0x1)};
+  kvm::CpuidEntry guest_leaf = leaf(1, 0, 0, 0x1 | (1u << 31));
+  guest_leaf.edx = 1u << 28;
+  EXPECT_TRUE(check_cpu_compatible({guest_leaf}, host, HostCpuSummary{}));
+  guest_leaf.ecx |= 1u << 30;  // RDRAND is a real feature: still compared
+  EXPECT_FALSE(check_cpu_compatible({guest_leaf}, host, HostCpuSummary{}));
+}
+
 }  // namespace
 }  // namespace keel::migration
