@@ -161,10 +161,14 @@ kmods="$kroot/lib/modules/$kernel_version"
 # --- build ------------------------------------------------------------------
 # Modules the L2 guest loads, and those L1 needs to offer /dev/kvm and read
 # its payload disk. Dependencies are added and ordered by kit_tools.py.
+# button + evdev: the ACPI power button (PNP0C0C, notified through the GED)
+# as an input device init watches; pvpanic-mmio: the ISA pvpanic (QEMU0001)
+# the cloud kernel builds as a module.
 l2_modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
   virtio_pci virtio_mmio virtio_blk failover net_failover virtio_net
   virtio_console virtio_balloon virtio-rng vsock
-  vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+  vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+  button evdev pvpanic-mmio)
 l1_modules=(irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_legacy_dev
   virtio_pci_modern_dev virtio_pci virtio_blk tun llc stp bridge)
 

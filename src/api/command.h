@@ -5,7 +5,9 @@
 // main thread serves; tests use a fake.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <string>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -22,12 +24,19 @@ enum class CommandKind {
   Resume,
   Reset,
   Stop,
+  SetBalloon,  // {target_mib, actual_mib}; Busy (409) without a balloon device
+  PowerButton,  // {state}; Busy (409) without ACPI or while stopping
+  Snapshot,   // {path, bytes}; Command::path is where
 };
 
 std::string_view command_name(CommandKind kind);
 
 struct Command {
   CommandKind kind;
+  // SetBalloon: the balloon size asked for, already checked as a number;
+  // the machine side checks it against the guest's RAM.
+  uint64_t balloon_target_mib = 0;
+  std::string path{};  // Snapshot: the file to write (checked by parse_snapshot_body)
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

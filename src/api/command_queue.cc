@@ -15,6 +15,9 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::Resume: return "resume";
     case CommandKind::Reset: return "reset";
     case CommandKind::Stop: return "stop";
+    case CommandKind::SetBalloon: return "set-balloon";
+    case CommandKind::PowerButton: return "power-button";
+    case CommandKind::Snapshot: return "snapshot";
   }
   return "?";
 }

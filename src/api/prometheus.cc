@@ -1,5 +1,8 @@
 #include "api/prometheus.h"
 
+#include <map>
+#include <string>
+
 #include <fmt/format.h>
 
 namespace keel::api {
@@ -23,6 +26,15 @@ std::string label_value(std::string_view text) {
   return escaped;
 }
 
+// A counter name that can go into a metric name as it is.
+bool plain_name(std::string_view name) {
+  if (name.empty()) return false;
+  for (char c : name) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 std::string prometheus_text(const nlohmann::json& metrics) {
@@ -37,6 +49,27 @@ std::string prometheus_text(const nlohmann::json& metrics) {
         out += fmt::format("keel_vcpu_exits_total{{vcpu=\"{}\",reason=\"{}\"}} {}\n", index,
                            label_value(reason), count.get<uint64_t>());
       }
+    }
+  }
+  if (metrics.contains("devices") && metrics["devices"].is_array()) {
+    // One family per counter name (keel_virtio_read_bytes_total, ...), each
+    // sample labelled with the device and its PCI address.
+    std::map<std::string, std::string> families;
+    for (const nlohmann::json& device : metrics["devices"]) {
+      if (!device.contains("counters") || !device["counters"].is_object()) continue;
+      const std::string labels =
+          fmt::format("device=\"{}\",address=\"{}\"", label_value(device.value("type", "")),
+                      label_value(device.value("address", "")));
+      for (const auto& [name, value] : device["counters"].items()) {
+        if (!plain_name(name) || !value.is_number_unsigned()) continue;
+        families[name] += fmt::format("keel_virtio_{}_total{{{}}} {}\n", name, labels,
+                                      value.get<uint64_t>());
+      }
+    }
+    for (const auto& [name, samples] : families) {
+      family(out, fmt::format("keel_virtio_{}_total", name), "counter",
+             fmt::format("Virtio device counter {}, by device.", name));
+      out += samples;
     }
   }
   if (metrics.contains("memory") && metrics["memory"].is_object()) {

@@ -9,18 +9,26 @@ namespace keel::api {
 namespace {
 
 constexpr std::string_view kEventsParameters[] = {"after", "follow"};
+constexpr std::string_view kBalloonFields[] = {"target_mib"};
+constexpr std::string_view kSnapshotFields[] = {"path"};
 
 const std::array kRoutes = {
-    Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}},
-    Route{"GET", "/api/v1/vm", RouteId::GetVm, CommandKind::GetVm, {}},
-    Route{"GET", "/api/v1/vm/devices", RouteId::GetDevices, CommandKind::GetDevices, {}},
-    Route{"GET", "/api/v1/vm/metrics", RouteId::GetMetrics, CommandKind::GetMetrics, {}},
-    Route{"GET", "/metrics", RouteId::PrometheusMetrics, CommandKind::GetMetrics, {}},
-    Route{"PUT", "/api/v1/vm/pause", RouteId::Pause, CommandKind::Pause, {}},
-    Route{"PUT", "/api/v1/vm/resume", RouteId::Resume, CommandKind::Resume, {}},
-    Route{"PUT", "/api/v1/vm/reset", RouteId::Reset, CommandKind::Reset, {}},
-    Route{"PUT", "/api/v1/vm/stop", RouteId::Stop, CommandKind::Stop, {}},
-    Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters},
+    Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
+    Route{"GET", "/api/v1/vm", RouteId::GetVm, CommandKind::GetVm, {}, {}},
+    Route{"GET", "/api/v1/vm/devices", RouteId::GetDevices, CommandKind::GetDevices, {}, {}},
+    Route{"GET", "/api/v1/vm/metrics", RouteId::GetMetrics, CommandKind::GetMetrics, {}, {}},
+    Route{"GET", "/metrics", RouteId::PrometheusMetrics, CommandKind::GetMetrics, {}, {}},
+    Route{"PUT", "/api/v1/vm/pause", RouteId::Pause, CommandKind::Pause, {}, {}},
+    Route{"PUT", "/api/v1/vm/resume", RouteId::Resume, CommandKind::Resume, {}, {}},
+    Route{"PUT", "/api/v1/vm/reset", RouteId::Reset, CommandKind::Reset, {}, {}},
+    Route{"PUT", "/api/v1/vm/stop", RouteId::Stop, CommandKind::Stop, {}, {}},
+    Route{"PUT", "/api/v1/vm/power-button", RouteId::PowerButton, CommandKind::PowerButton, {},
+          {}},
+    Route{"PUT", "/api/v1/vm/balloon", RouteId::Balloon, CommandKind::SetBalloon, {},
+          kBalloonFields},
+    Route{"PUT", "/api/v1/vm/snapshot", RouteId::Snapshot, CommandKind::Snapshot, {},
+          kSnapshotFields},
+    Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
 };
 
 // Query values here are numbers and words; anything needing escapes is
@@ -130,6 +138,65 @@ std::optional<ApiError> check_empty_body(std::string_view body) {
     return ApiError{400, fmt::format("unknown field '{}': this action takes none", field), field};
   }
   return std::nullopt;
+}
+
+Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_field) {
+  bad_field = "body";
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return fail(Errc::InvalidArgument, "the body is not valid JSON");
+  if (!json.is_object()) {
+    return fail(Errc::InvalidArgument, "the body must be a JSON object: {\"target_mib\": N}");
+  }
+  for (const auto& [key, value] : json.items()) {
+    if (key != "target_mib") {
+      bad_field = key;
+      return fail(Errc::InvalidArgument,
+                  fmt::format("unknown field '{}': the balloon takes only target_mib", key));
+    }
+  }
+  bad_field = "target_mib";
+  auto field = json.find("target_mib");
+  if (field == json.end()) return fail(Errc::InvalidArgument, "target_mib is missing");
+  // Integers only: nlohmann keeps 2^64 and beyond, fractions and exponents
+  // as floating point, and negatives as signed.
+  if (!field->is_number_unsigned()) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("target_mib: {} is not a whole number of MiB (0 or more)",
+                            field->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
+  }
+  bad_field.clear();
+  return field->get<uint64_t>();
+}
+
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
+  for (const auto& [key, value] : json.items()) {
+    if (key != "path") {
+      return ApiError{400, fmt::format("unknown field '{}': snapshot takes only 'path'", key), key};
+    }
+  }
+  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
+  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
+  std::string path = json["path"].get<std::string>();
+  constexpr size_t kMaxPathBytes = 4096;
+  if (path.empty() || path.front() != '/') {
+    return ApiError{400, fmt::format("path: '{}' is not an absolute path", path), "path"};
+  }
+  if (path.size() > kMaxPathBytes) {
+    return ApiError{400, fmt::format("path: {} bytes, more than {}", path.size(), kMaxPathBytes),
+                    "path"};
+  }
+  for (char c : path) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return ApiError{400, "path: contains a control character", "path"};
+    }
+  }
+  if (path.back() == '/') {
+    return ApiError{400, fmt::format("path: '{}' names a directory, not a file", path), "path"};
+  }
+  return path;
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

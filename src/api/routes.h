@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -28,6 +29,9 @@ enum class RouteId {
   Resume,
   Reset,
   Stop,
+  Balloon,
+  PowerButton,
+  Snapshot,
   Events,
 };
 
@@ -40,6 +44,9 @@ struct Route {
   std::optional<CommandKind> command;
   // Query parameters the route accepts; any other is a 400 naming it.
   std::span<const std::string_view> query_parameters;
+  // Fields of the JSON body the route takes (none: an empty body or {}).
+  // A 400 from the machine side for a route with one field names it.
+  std::span<const std::string_view> body_fields;
 };
 
 std::span<const Route> routes();
@@ -68,10 +75,19 @@ struct Routed {
 // Matches the method and request target ("/api/v1/events?after=3").
 Routed route_request(std::string_view method, std::string_view target);
 
-// The action routes (PUT pause/resume/reset/stop) take no parameters: an
+// The action routes (PUT pause/resume/reset/stop/power-button) take no parameters: an
 // empty body or an empty JSON object. Anything else is a 400 naming the
 // first unexpected field.
 std::optional<ApiError> check_empty_body(std::string_view body);
+
+// PUT /api/v1/vm/balloon: {"target_mib": N}, N a whole number of MiB the
+// balloon should hold (0 gives everything back). The bound by the guest's
+// RAM is the machine side's to check. bad_field names the field at fault.
+Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_field);
+// PUT /api/v1/vm/snapshot: {"path": "/abs/file"}, nothing else. The path
+// must be absolute, at most 4096 bytes, without NUL or control characters,
+// and not end in '/'; a 400 names the field at fault otherwise.
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

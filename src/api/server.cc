@@ -241,24 +241,40 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Resume:
       case RouteId::Reset:
       case RouteId::Stop:
+      case RouteId::PowerButton:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
+      case RouteId::Balloon: {
+        std::string bad_field;
+        Result<uint64_t> balloon_target = parse_balloon_body(request.body(), bad_field);
+        if (!balloon_target) {
+          return send_error(ApiError{400, balloon_target.error().context(), bad_field});
+        }
+        return submit(
+            Command{.kind = CommandKind::SetBalloon, .balloon_target_mib = *balloon_target});
+      }
+      case RouteId::Snapshot: {
+        auto parsed = parse_snapshot_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Snapshot,
+                              .path = std::get<std::string>(std::move(parsed))});
+      }
       case RouteId::GetVm:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:
       case RouteId::PrometheusMetrics: break;
     }
     CHECK(route_->command.has_value(), "a machine route without a command");
-    submit(*route_->command);
+    submit(Command{.kind = *route_->command});
   }
 
-  void submit(CommandKind kind) {
+  void submit(Command command) {
     phase_ = Phase::AwaitingReply;
     arm_timer(state_.options.command_timeout);
     std::weak_ptr<State> weak_state = state_.weak_from_this();
     std::weak_ptr<Session> weak_self = weak_from_this();
     // done may run on any thread, after this session or the server is gone.
-    state_.handler.submit(Command{kind}, [weak_state, weak_self](Reply reply) {
+    state_.handler.submit(std::move(command), [weak_state, weak_self](Reply reply) {
       std::shared_ptr<State> state = weak_state.lock();
       if (state == nullptr) return;
       net::post(*state->io, [weak_self, reply = std::move(reply)]() mutable {
@@ -270,7 +286,15 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_reply(Reply reply) {
     if (phase_ != Phase::AwaitingReply) return;  // timed out; already answered
     cancel_timer();
-    if (!reply) return send_error(error_from(reply.error()));
+    if (!reply) {
+      ApiError error = error_from(reply.error());
+      // The machine side checks a body's value against the VM (a balloon
+      // target against its RAM): name the field when there is only one.
+      if (error.status == 400 && route_->body_fields.size() == 1) {
+        error.field = std::string(route_->body_fields.front());
+      }
+      return send_error(error);
+    }
     try {
       if (route_->id == RouteId::PrometheusMetrics) {
         return send(200, "text/plain; version=0.0.4", prometheus_text(*reply));

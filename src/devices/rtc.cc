@@ -2,6 +2,8 @@
 
 #include <ctime>
 
+#include <fmt/format.h>
+
 namespace keel::devices {
 namespace {
 
@@ -45,6 +47,22 @@ void Rtc::write(uint64_t offset, std::span<const std::byte> data) {
   } else if (index_ >= 0x0e && index_ != 0x32) {
     cmos_[index_] = value;  // general-purpose CMOS RAM
   }
+}
+
+RtcState Rtc::save() const {
+  std::lock_guard lock(mutex_);
+  return RtcState{.index = index_, .cmos = cmos_};
+}
+
+Result<std::unique_ptr<Rtc>> Rtc::restore(const RtcState& state) {
+  if (state.index >= 0x80) {
+    return fail(Errc::Corrupt, fmt::format("RTC state: register index {:#x} (at most 0x7f)",
+                                           state.index));
+  }
+  auto rtc = std::make_unique<Rtc>();
+  rtc->index_ = state.index;
+  rtc->cmos_ = state.cmos;
+  return rtc;
 }
 
 }  // namespace keel::devices

@@ -7,11 +7,23 @@
 #pragma once
 
 #include <array>
+#include <cstdint>
+#include <memory>
 #include <mutex>
+
+#include "base/result.h"
 
 #include "devices/io_handler.h"
 
 namespace keel::devices {
+
+// What a snapshot keeps of the RTC: the selected register and CMOS RAM (the
+// time registers are read from the host clock, so the time is not kept).
+struct RtcState {
+  uint8_t index = 0;
+  std::array<uint8_t, 128> cmos{};
+  bool operator==(const RtcState&) const = default;
+};
 
 class Rtc : public IoHandler {
  public:
@@ -19,10 +31,15 @@ class Rtc : public IoHandler {
   void read(uint64_t offset, std::span<std::byte> data) override;
   void write(uint64_t offset, std::span<const std::byte> data) override;
 
+  RtcState save() const;
+  // An RTC in a saved state (restore as constructor); Corrupt if the
+  // selected register is out of range.
+  static Result<std::unique_ptr<Rtc>> restore(const RtcState& state);
+
  private:
   uint8_t read_register(uint8_t index) const;
 
-  std::mutex mutex_;  // guards index_ and cmos_
+  mutable std::mutex mutex_;  // guards index_ and cmos_
   uint8_t index_ = 0;
   std::array<uint8_t, 128> cmos_{};
 };

@@ -1,5 +1,7 @@
 #include "devices/serial.h"
 
+#include <fmt/format.h>
+
 namespace keel::devices {
 namespace {
 
@@ -163,6 +165,42 @@ size_t Serial::enqueue_input(std::span<const std::byte> bytes) {
 bool Serial::input_pending() const {
   std::lock_guard lock(mutex_);
   return !input_.empty();
+}
+
+SerialState Serial::save() const {
+  std::lock_guard lock(mutex_);
+  return SerialState{.ier = ier_,
+                     .lcr = lcr_,
+                     .mcr = mcr_,
+                     .scr = scr_,
+                     .fcr = fcr_,
+                     .dll = dll_,
+                     .dlm = dlm_,
+                     .msr = msr_,
+                     .thr_empty_pending = thr_empty_pending_,
+                     .interrupt_asserted = interrupt_asserted_,
+                     .input = std::vector<uint8_t>(input_.begin(), input_.end())};
+}
+
+Result<std::unique_ptr<Serial>> Serial::restore(Output output, Interrupt interrupt,
+                                                const SerialState& state) {
+  if (state.input.size() > kMaxQueuedInput) {
+    return fail(Errc::Corrupt, fmt::format("serial state: {} queued input bytes (at most {})",
+                                           state.input.size(), kMaxQueuedInput));
+  }
+  auto serial = std::make_unique<Serial>(std::move(output), std::move(interrupt));
+  serial->ier_ = state.ier;
+  serial->lcr_ = state.lcr;
+  serial->mcr_ = state.mcr;
+  serial->scr_ = state.scr;
+  serial->fcr_ = state.fcr;
+  serial->dll_ = state.dll;
+  serial->dlm_ = state.dlm;
+  serial->msr_ = state.msr;
+  serial->thr_empty_pending_ = state.thr_empty_pending;
+  serial->interrupt_asserted_ = state.interrupt_asserted;
+  serial->input_.assign(state.input.begin(), state.input.end());
+  return serial;
 }
 
 }  // namespace keel::devices

@@ -9,12 +9,32 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <span>
+#include <vector>
+
+#include "base/result.h"
 
 #include "devices/io_handler.h"
 
 namespace keel::devices {
+
+// What a snapshot keeps of the UART: every register and the queued input.
+struct SerialState {
+  uint8_t ier = 0;
+  uint8_t lcr = 0;
+  uint8_t mcr = 0;
+  uint8_t scr = 0;
+  uint8_t fcr = 0;
+  uint8_t dll = 0;
+  uint8_t dlm = 0;
+  uint8_t msr = 0;
+  bool thr_empty_pending = false;
+  bool interrupt_asserted = false;
+  std::vector<uint8_t> input;  // received, not yet read by the guest
+  bool operator==(const SerialState&) const = default;
+};
 
 class Serial : public IoHandler {
  public:
@@ -34,6 +54,12 @@ class Serial : public IoHandler {
   size_t enqueue_input(std::span<const std::byte> bytes);
   // True while the guest has not read what was queued (for back-pressure).
   bool input_pending() const;
+
+  SerialState save() const;
+  // A UART in a saved state (restore as constructor); Corrupt if the state
+  // holds more input than a UART queues.
+  static Result<std::unique_ptr<Serial>> restore(Output output, Interrupt interrupt,
+                                                 const SerialState& state);
 
  private:
   uint8_t read_register(uint64_t offset);

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -81,19 +82,24 @@ void print_info(const Json& vm) {
   print_table(rows);
 }
 
+// "key=value key=value" for the object at field of item.
+std::string key_values(const Json& item, const char* field) {
+  std::string joined;
+  // items() refers to its object: keep it alive for the loop.
+  const Json fields = item.value(field, Json::object());
+  for (const auto& [key, value] : fields.items()) {
+    if (!joined.empty()) joined += ' ';
+    joined += key + "=" + text(value);
+  }
+  return joined;
+}
+
 void print_devices(const Json& reply) {
   Table rows = {{"TYPE", "BUS", "ADDRESS", "PROPERTIES"}};
   const Json devices = reply.value("devices", Json::array());
   for (const Json& device : devices) {
-    std::string properties;
-    // items() refers to its object: keep it alive for the loop.
-    const Json fields = device.value("properties", Json::object());
-    for (const auto& [key, value] : fields.items()) {
-      if (!properties.empty()) properties += ' ';
-      properties += key + "=" + text(value);
-    }
     rows.push_back({text(device.value("type", Json())), text(device.value("bus", Json())),
-                    text(device.value("address", Json())), properties});
+                    text(device.value("address", Json())), key_values(device, "properties")});
   }
   print_table(rows);
 }
@@ -117,6 +123,15 @@ void print_metrics(const Json& metrics) {
   std::printf("memory: guest %llu MiB, keel-vmm resident %llu MiB\n",
               static_cast<unsigned long long>(memory.value("guest_bytes", uint64_t{0}) >> 20),
               static_cast<unsigned long long>(memory.value("resident_bytes", uint64_t{0}) >> 20));
+  const Json devices = metrics.value("devices", Json::array());
+  if (!devices.empty()) {
+    Table device_rows = {{"DEVICE", "ADDRESS", "COUNTERS"}};
+    for (const Json& device : devices) {
+      device_rows.push_back({text(device.value("type", Json())),
+                             text(device.value("address", Json())), key_values(device, "counters")});
+    }
+    print_table(device_rows);
+  }
   Table rows = {{"VCPU"}};
   for (const std::string& kind : kinds) rows[0].push_back(kind);
   for (const Json& vcpu : vcpus) {
@@ -188,6 +203,17 @@ void print_state(const Json& reply) {
   std::printf("%s\n", line.c_str());
 }
 
+void print_balloon(const Json& reply) {
+  std::printf("balloon target %s MiB (the driver reports %s MiB)\n",
+              text(reply.value("target_mib", Json())).c_str(),
+              text(reply.value("actual_mib", Json())).c_str());
+}
+
+void print_power_button(const Json& reply) {
+  std::printf("power button pressed (the VM is %s; the guest decides what follows)\n",
+              text(reply.value("state", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
@@ -199,6 +225,8 @@ const VmCommand kVmCommands[] = {
     {"reset", "PUT", "/api/v1/vm/reset", "Reset the VM (it reboots unless --no-reboot)",
      print_state},
     {"stop", "PUT", "/api/v1/vm/stop", "Stop the VM now (keel-vmm exits)", print_state},
+    {"power-button", "PUT", "/api/v1/vm/power-button",
+     "Press the ACPI power button: ask the guest to shut down", print_power_button},
 };
 
 int run(int argc, char** argv) {
@@ -221,6 +249,17 @@ int run(int argc, char** argv) {
       chosen = &command;
     });
   }
+  uint64_t target_mib = 0;
+  CLI::App* balloon = vm->add_subcommand(
+      "balloon", "Set the balloon's target: the memory the guest should give back");
+  balloon->add_option("--target-mib", target_mib, "MiB the balloon should hold (0: none)")
+      ->required();
+  static const VmCommand kBalloon = {"balloon", "PUT", "/api/v1/vm/balloon", "", print_balloon};
+  std::string request_body;
+  balloon->callback([&chosen, &request_body, &target_mib] {
+    chosen = &kBalloon;
+    request_body = Json{{"target_mib", target_mib}}.dump();
+  });
   uint64_t after = 0;
   bool follow = false;
   bool events_chosen = false;
@@ -229,6 +268,12 @@ int run(int argc, char** argv) {
   events->add_option("--after", after, "Only events after this sequence number (default 0: all kept)");
   events->add_flag("--follow,-f", follow, "Keep printing new events until keel-vmm exits");
   events->callback([&events_chosen] { events_chosen = true; });
+  std::string snapshot_path;
+  bool snapshot_chosen = false;
+  CLI::App* snapshot = vm->add_subcommand(
+      "snapshot", "Write a snapshot of the paused VM to PATH (restore: keel-vmm --restore PATH)");
+  snapshot->add_option("path", snapshot_path, "Snapshot file to write (made absolute)")->required();
+  snapshot->callback([&snapshot_chosen] { snapshot_chosen = true; });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -262,8 +307,25 @@ int run(int argc, char** argv) {
     if (reply->status != 200) return refused("events", *reply);
     return kExitOk;
   }
+  if (snapshot_chosen) {
+    std::error_code error;
+    std::string absolute = std::filesystem::absolute(snapshot_path, error).string();
+    if (error) absolute = snapshot_path;  // the server names what is wrong with it
+    Result<api::HttpReply> reply = client.request(
+        "PUT", "/api/v1/vm/snapshot", Json{{"path", absolute}}.dump());
+    if (!reply) return unreachable(client, reply.error());
+    if (reply->status != 200) return refused("snapshot", *reply);
+    Json body = Json::parse(reply->body, nullptr, false);
+    if (json) {
+      std::printf("%s\n", body.dump(2).c_str());
+    } else {
+      std::printf("%s: %s bytes\n", text(body.value("path", Json())).c_str(),
+                  text(body.value("bytes", Json())).c_str());
+    }
+    return kExitOk;
+  }
   CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");
-  Result<api::HttpReply> reply = client.request(chosen->method, chosen->path);
+  Result<api::HttpReply> reply = client.request(chosen->method, chosen->path, request_body);
   if (!reply) return unreachable(client, reply.error());
   if (reply->status != 200) return refused(chosen->name, *reply);
   Json body = Json::parse(reply->body, nullptr, false);

@@ -39,12 +39,22 @@ constexpr unsigned long kSetGsiRouting = _IOW(KVMIO, 0x6a, IrqRoutingHeader);
 constexpr unsigned long kGetMsrs = _IOWR(KVMIO, 0x88, MsrsHeader);
 constexpr unsigned long kSetMsrs = _IOW(KVMIO, 0x89, MsrsHeader);
 constexpr unsigned long kSetCpuid2 = _IOW(KVMIO, 0x90, CpuidHeader);
+constexpr unsigned long kGetCpuid2 = _IOWR(KVMIO, 0x91, CpuidHeader);
+// struct kvm_xsave is 4096 bytes of region then a flex-array tail.
+using XsaveRegion = std::array<uint32_t, kXsaveLegacyBytes / sizeof(uint32_t)>;
+constexpr unsigned long kGetXsave = _IOR(KVMIO, 0xa4, XsaveRegion);
+constexpr unsigned long kSetXsave = _IOW(KVMIO, 0xa5, XsaveRegion);
+constexpr unsigned long kGetXsave2 = _IOR(KVMIO, 0xcf, XsaveRegion);
 static_assert(kGetMsrIndexList == 0xc004ae02);
 static_assert(kGetSupportedCpuid == 0xc008ae05);
 static_assert(kSetGsiRouting == 0x4008ae6a);
 static_assert(kGetMsrs == 0xc008ae88);
 static_assert(kSetMsrs == 0x4008ae89);
 static_assert(kSetCpuid2 == 0x4008ae90);
+static_assert(kGetCpuid2 == 0xc008ae91);
+static_assert(kGetXsave == 0x9000aea4);
+static_assert(kSetXsave == 0x5000aea5);
+static_assert(kGetXsave2 == 0x9000aecf);
 
 // A header followed by count entries, laid out as the kernel expects.
 template <typename Header, typename Entry>
@@ -87,6 +97,39 @@ Result<T> ioctl_get(int fd, unsigned long request, std::string_view what) {
   return value;
 }
 
+// KVM_GET_SUPPORTED_CPUID and KVM_GET_CPUID2: grow the buffer until KVM
+// stops saying E2BIG.
+Result<CpuidEntries> get_cpuid(int fd, unsigned long request, std::string_view what) {
+  for (uint32_t capacity = 128; capacity <= 4096; capacity *= 2) {
+    TailBuffer<CpuidHeader, kvm_cpuid_entry2> buffer(capacity);
+    buffer.header()->nent = capacity;
+    if (::ioctl(fd, request, buffer.get()) == 0) {
+      return CpuidEntries(buffer.entries(), buffer.entries() + buffer.header()->nent);
+    }
+    if (errno != E2BIG) return fail_errno(std::string(what));
+  }
+  return fail(Errc::OutOfRange, fmt::format("{}: more than 4096 leaves", what));
+}
+
+// KVM_GET_MSRS for indices, appending what KVM read to out. KVM stops at the
+// first MSR it refuses; the count read comes back.
+Result<size_t> get_msrs(int fd, std::span<const uint32_t> indices, std::vector<MsrEntry>& out,
+                        uint32_t vcpu_index) {
+  TailBuffer<MsrsHeader, kvm_msr_entry> buffer(indices.size());
+  buffer.header()->nmsrs = static_cast<uint32_t>(indices.size());
+  buffer.header()->pad = 0;
+  for (size_t i = 0; i < indices.size(); ++i) {
+    buffer.entries()[i] = kvm_msr_entry{.index = indices[i], .reserved = 0, .data = 0};
+  }
+  int done = ::ioctl(fd, kGetMsrs, buffer.get());
+  if (done < 0) return fail_errno(fmt::format("KVM_GET_MSRS vcpu {}", vcpu_index));
+  auto read = std::min(static_cast<size_t>(done), indices.size());
+  for (size_t i = 0; i < read; ++i) {
+    out.push_back({buffer.entries()[i].index, buffer.entries()[i].data});
+  }
+  return read;
+}
+
 }  // namespace
 
 std::string_view capability_name(Capability cap) {
@@ -111,6 +154,12 @@ std::string_view capability_name(Capability cap) {
     case Capability::DirtyLogRing: return "KVM_CAP_DIRTY_LOG_RING";
     case Capability::ManualDirtyLogProtect2: return "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2";
     case Capability::SyncMmu: return "KVM_CAP_SYNC_MMU";
+    case Capability::VcpuEvents: return "KVM_CAP_VCPU_EVENTS";
+    case Capability::DebugRegs: return "KVM_CAP_DEBUGREGS";
+    case Capability::Sregs2: return "KVM_CAP_SREGS2";
+    case Capability::Xsave2: return "KVM_CAP_XSAVE2";
+    case Capability::AdjustClock: return "KVM_CAP_ADJUST_CLOCK";
+    case Capability::GetTscKhz: return "KVM_CAP_GET_TSC_KHZ";
   }
   return "KVM_CAP_?";
 }
@@ -178,16 +227,7 @@ Result<int> Kvm::check_extension(Capability cap) const {
 }
 
 Result<CpuidEntries> Kvm::supported_cpuid() const {
-  // Grow the buffer until KVM stops saying E2BIG.
-  for (uint32_t capacity = 128; capacity <= 4096; capacity *= 2) {
-    TailBuffer<CpuidHeader, kvm_cpuid_entry2> buffer(capacity);
-    buffer.header()->nent = capacity;
-    if (::ioctl(fd_.get(), kGetSupportedCpuid, buffer.get()) == 0) {
-      return CpuidEntries(buffer.entries(), buffer.entries() + buffer.header()->nent);
-    }
-    if (errno != E2BIG) return fail_errno("KVM_GET_SUPPORTED_CPUID");
-  }
-  return fail(Errc::OutOfRange, "KVM_GET_SUPPORTED_CPUID: more than 4096 leaves");
+  return get_cpuid(fd_.get(), kGetSupportedCpuid, "KVM_GET_SUPPORTED_CPUID");
 }
 
 Result<std::vector<uint32_t>> Kvm::msr_index_list() const {
@@ -210,7 +250,9 @@ Result<Vm> Kvm::create_vm() const {
     fd = ::ioctl(fd_.get(), KVM_CREATE_VM, 0);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) return fail_errno("KVM_CREATE_VM");
-  return Vm(Fd(fd), vcpu_mmap_size_);
+  Fd owner(fd);
+  auto msr_indices = std::make_shared<const std::vector<uint32_t>>(TRY(msr_index_list()));
+  return Vm(std::move(owner), vcpu_mmap_size_, std::move(msr_indices));
 }
 
 std::string Kvm::vendor_module() {
@@ -251,13 +293,16 @@ Result<void> Vm::set_identity_map_address(uint64_t gpa) {
 
 Result<void> Vm::create_irqchip() {
   if (::ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0) < 0) return fail_errno("KVM_CREATE_IRQCHIP");
+  has_irqchip_ = true;
   return ok();
 }
 
 Result<void> Vm::create_pit() {
   kvm_pit_config config{};
   config.flags = KVM_PIT_SPEAKER_DUMMY;
-  return ioctl_set(fd_.get(), KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2");
+  TRY(ioctl_set(fd_.get(), KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2"));
+  has_pit_ = true;
+  return ok();
 }
 
 Result<void> Vm::set_irq_line(uint32_t gsi, bool high) {
@@ -347,13 +392,88 @@ Result<Vcpu> Vm::create_vcpu(uint32_t index) {
   if (fd < 0) return fail_errno(fmt::format("KVM_CREATE_VCPU {}", index));
   Fd owner(fd);
   Mmap run = TRY(Mmap::file(owner, vcpu_mmap_size_, 0, PROT_READ | PROT_WRITE, MAP_SHARED));
-  return Vcpu(index, std::move(owner), std::move(run));
+  VcpuStateSupport support{.msr_indices = msr_indices_, .lapic = has_irqchip_};
+  auto has = [this](Capability cap) { return check_extension(cap).value_or(0) > 0; };
+  if (has(Capability::Xsave)) {
+    // KVM_CAP_XSAVE2 answers the size KVM_GET_XSAVE2 writes (at least 4096).
+    int xsave2_bytes = check_extension(Capability::Xsave2).value_or(0);
+    support.xsave2 = xsave2_bytes > 0;
+    support.xsave_bytes =
+        std::max<size_t>(kXsaveLegacyBytes, static_cast<size_t>(std::max(xsave2_bytes, 0)));
+  }
+  support.xcrs = has(Capability::Xcrs);
+  support.sregs2 = has(Capability::Sregs2);
+  support.vcpu_events = has(Capability::VcpuEvents);
+  support.debug_regs = has(Capability::DebugRegs);
+  support.tsc_khz = has(Capability::GetTscKhz);
+  return Vcpu(index, std::move(owner), std::move(run), std::move(support));
 }
 
 Result<int> Vm::check_extension(Capability cap) const {
   int value = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, static_cast<int>(cap));
   if (value < 0) return fail_errno(fmt::format("check {}", capability_name(cap)));
   return value;
+}
+
+namespace {
+Result<IrqchipState> get_irqchip(int vm_fd, uint32_t chip, std::string_view name) {
+  IrqchipState state{};
+  state.chip_id = chip;
+  if (::ioctl(vm_fd, KVM_GET_IRQCHIP, &state) < 0) {
+    return fail_errno(fmt::format("KVM_GET_IRQCHIP {}", name));
+  }
+  return state;
+}
+
+Result<void> set_irqchip(int vm_fd, const std::optional<IrqchipState>& state, uint32_t chip,
+                         std::string_view name) {
+  if (!state) return ok();
+  if (state->chip_id != chip) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{} state names chip {} (expected {})", name, state->chip_id, chip));
+  }
+  return ioctl_set(vm_fd, KVM_SET_IRQCHIP, *state, fmt::format("KVM_SET_IRQCHIP {}", name));
+}
+}  // namespace
+
+Result<VmState> Vm::save_state() const {
+  VmState state;
+  if (has_irqchip_) {
+    state.pic_master = TRY(get_irqchip(fd_.get(), KVM_IRQCHIP_PIC_MASTER, "PIC master"));
+    state.pic_slave = TRY(get_irqchip(fd_.get(), KVM_IRQCHIP_PIC_SLAVE, "PIC slave"));
+    state.ioapic = TRY(get_irqchip(fd_.get(), KVM_IRQCHIP_IOAPIC, "IOAPIC"));
+  }
+  if (has_pit_) state.pit = TRY(ioctl_get<PitState>(fd_.get(), KVM_GET_PIT2, "KVM_GET_PIT2"));
+  if (check_extension(Capability::AdjustClock).value_or(0) > 0) {
+    state.clock = TRY(ioctl_get<ClockData>(fd_.get(), KVM_GET_CLOCK, "KVM_GET_CLOCK"));
+  }
+  return state;
+}
+
+Result<void> Vm::restore_state(const VmState& state) {
+  bool has_chips = state.pic_master || state.pic_slave || state.ioapic;
+  if (has_chips != has_irqchip_) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("VM state {} an in-kernel irqchip but this VM {}",
+                            has_chips ? "has" : "lacks", has_irqchip_ ? "has one" : "does not"));
+  }
+  if (state.pit.has_value() != has_pit_) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("VM state {} a PIT but this VM {}", state.pit ? "has" : "lacks",
+                            has_pit_ ? "has one" : "does not"));
+  }
+  TRY(set_irqchip(fd_.get(), state.pic_master, KVM_IRQCHIP_PIC_MASTER, "PIC master"));
+  TRY(set_irqchip(fd_.get(), state.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "PIC slave"));
+  TRY(set_irqchip(fd_.get(), state.ioapic, KVM_IRQCHIP_IOAPIC, "IOAPIC"));
+  if (state.pit) TRY(ioctl_set(fd_.get(), KVM_SET_PIT2, *state.pit, "KVM_SET_PIT2"));
+  if (state.clock) {
+    // Only the clock value: the guest sees no time pass while it was saved
+    // (the realtime and host-TSC fields describe the source host).
+    ClockData clock{};
+    clock.clock = state.clock->clock;
+    TRY(ioctl_set(fd_.get(), KVM_SET_CLOCK, clock, "KVM_SET_CLOCK"));
+  }
+  return ok();
 }
 
 // ---- Vcpu ----
@@ -479,23 +599,148 @@ Result<void> Vcpu::set_msrs(std::span<const MsrEntry> entries) {
   return ok();
 }
 
+Result<CpuidEntries> Vcpu::cpuid() const {
+  return get_cpuid(fd_.get(), kGetCpuid2, fmt::format("KVM_GET_CPUID2 vcpu {}", index_));
+}
+
+Result<void> Vcpu::complete_pending_io() {
+  set_immediate_exit(true);
+  int result = ::ioctl(fd_.get(), KVM_RUN, 0);
+  int saved_errno = errno;
+  set_immediate_exit(false);
+  if (result < 0 && (saved_errno == EINTR || saved_errno == EAGAIN)) return ok();
+  if (result == 0) {
+    // Completing the instruction needed userspace again (string I/O
+    // spanning several exits): this exit is not handled, so no state may be
+    // saved now. The caller lets the vCPU run on and tries again.
+    return fail(Errc::Busy,
+                fmt::format("vcpu {}: finishing the pending I/O made a new exit; retry later",
+                            index_));
+  }
+  return fail_errno(fmt::format("KVM_RUN (immediate exit) vcpu {}", index_), saved_errno);
+}
+
+// KVM_GET_MSR_INDEX_LIST names every MSR KVM can save on this host, but a
+// given vCPU may lack some (they depend on its CPUID). KVM_GET_MSRS stops
+// at the first one it refuses: keep what it read, drop that MSR, go on.
+Result<std::vector<MsrEntry>> Vcpu::save_msrs() const {
+  std::span<const uint32_t> remaining(*support_.msr_indices);
+  std::vector<MsrEntry> result;
+  result.reserve(remaining.size());
+  while (!remaining.empty()) {
+    size_t read = TRY(get_msrs(fd_.get(), remaining, result, index_));
+    remaining = remaining.subspan(std::min(read + 1, remaining.size()));
+  }
+  return result;
+}
+
+Result<VcpuState> Vcpu::save_state() const {
+  // KVM_GET_MP_STATE first: it lets KVM accept pending INIT/SIPI events,
+  // which changes registers and LAPIC state read afterwards.
+  VcpuState state;
+  state.mp_state = TRY(mp_state());
+  state.cpuid = TRY(cpuid());
+  state.regs = TRY(regs());
+  state.sregs = TRY(sregs());
+  if (support_.sregs2) {
+    state.sregs2 = TRY(ioctl_get<SregsV2>(fd_.get(), KVM_GET_SREGS2, "KVM_GET_SREGS2"));
+  }
+  if (support_.xsave_bytes > 0) {
+    // A uint32_t buffer for the struct's alignment; stored as bytes.
+    std::vector<uint32_t> region(support_.xsave_bytes / sizeof(uint32_t));
+    unsigned long request = support_.xsave2 ? kGetXsave2 : kGetXsave;
+    if (::ioctl(fd_.get(), request, region.data()) < 0) {
+      return fail_errno(fmt::format("KVM_GET_XSAVE{} vcpu {}", support_.xsave2 ? "2" : "", index_));
+    }
+    const auto* bytes = reinterpret_cast<const std::byte*>(region.data());
+    state.xsave.assign(bytes, bytes + region.size() * sizeof(uint32_t));
+  } else {
+    state.fpu = TRY(fpu());
+  }
+  if (support_.xcrs) state.xcrs = TRY(ioctl_get<XcrList>(fd_.get(), KVM_GET_XCRS, "KVM_GET_XCRS"));
+  if (support_.debug_regs) {
+    state.debug_regs =
+        TRY(ioctl_get<DebugRegisters>(fd_.get(), KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS"));
+  }
+  if (support_.lapic) state.lapic = TRY(lapic());
+  if (support_.tsc_khz) {
+    int khz = ::ioctl(fd_.get(), KVM_GET_TSC_KHZ, 0);
+    state.tsc_khz = khz > 0 ? static_cast<uint32_t>(khz) : 0;
+  }
+  state.msrs = TRY(save_msrs());
+  // Events last: the other reads above may still change what is pending.
+  if (support_.vcpu_events) {
+    state.events =
+        TRY(ioctl_get<PendingEvents>(fd_.get(), KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"));
+  }
+  return state;
+}
+
+Result<void> Vcpu::restore_state(const VcpuState& state) {
+  auto context = [this](std::string_view what) {
+    return fmt::format("restore vcpu {}: {}", index_, what);
+  };
+  auto wrap = [&](Result<void> result, std::string_view what) -> Result<void> {
+    if (!result) return fail(Error(result.error()).wrap(context(what)));
+    return ok();
+  };
+  // CPUID decides which MSRs and XSAVE features are valid: it goes first.
+  TRY(wrap(set_cpuid(state.cpuid), "CPUID"));
+  TRY(wrap(set_regs(state.regs), "registers"));
+  if (state.sregs2 && support_.sregs2) {
+    TRY(wrap(ioctl_set(fd_.get(), KVM_SET_SREGS2, *state.sregs2, "KVM_SET_SREGS2"),
+             "special registers"));
+  } else {
+    TRY(wrap(set_sregs(state.sregs), "special registers"));
+  }
+  if (!state.xsave.empty()) {
+    if (support_.xsave_bytes == 0) {
+      return fail(Errc::Unsupported, context("the state has XSAVE data; this KVM lacks XSAVE"));
+    }
+    if (state.xsave.size() > support_.xsave_bytes || state.xsave.size() < kXsaveLegacyBytes) {
+      return fail(
+          Errc::Unsupported,
+          context(fmt::format("XSAVE area of {} bytes; this host takes {} to {}",
+                              state.xsave.size(), kXsaveLegacyBytes, support_.xsave_bytes)));
+    }
+    std::vector<uint32_t> region(support_.xsave_bytes / sizeof(uint32_t), 0);
+    std::memcpy(region.data(), state.xsave.data(), state.xsave.size());
+    if (::ioctl(fd_.get(), kSetXsave, region.data()) < 0) {
+      return fail_errno(context("KVM_SET_XSAVE"));
+    }
+  } else if (state.fpu) {
+    TRY(wrap(set_fpu(*state.fpu), "FPU"));
+  }
+  if (state.xcrs)
+    TRY(wrap(ioctl_set(fd_.get(), KVM_SET_XCRS, *state.xcrs, "KVM_SET_XCRS"), "XCRs"));
+  if (state.lapic) {
+    if (!support_.lapic) {
+      return fail(Errc::InvalidArgument, context("the state has a LAPIC; this VM has no irqchip"));
+    }
+    TRY(wrap(set_lapic(*state.lapic), "LAPIC"));
+  }
+  // After the LAPIC, whose restore would disarm the TSC deadline timer.
+  TRY(wrap(set_msrs(state.msrs), "MSRs"));
+  if (state.events) {
+    TRY(wrap(ioctl_set(fd_.get(), KVM_SET_VCPU_EVENTS, *state.events, "KVM_SET_VCPU_EVENTS"),
+             "pending events"));
+  }
+  // After the LAPIC: a halted or waiting-for-SIPI state needs it in place.
+  TRY(wrap(set_mp_state(state.mp_state), "MP state"));
+  if (state.debug_regs) {
+    TRY(wrap(ioctl_set(fd_.get(), KVM_SET_DEBUGREGS, *state.debug_regs, "KVM_SET_DEBUGREGS"),
+             "debug registers"));
+  }
+  return ok();
+}
+
 Result<std::vector<MsrEntry>> Vcpu::msrs(std::span<const uint32_t> indices) const {
-  TailBuffer<MsrsHeader, kvm_msr_entry> buffer(indices.size());
-  buffer.header()->nmsrs = static_cast<uint32_t>(indices.size());
-  buffer.header()->pad = 0;
-  for (size_t i = 0; i < indices.size(); ++i) {
-    buffer.entries()[i] = kvm_msr_entry{.index = indices[i], .reserved = 0, .data = 0};
-  }
-  int done = ::ioctl(fd_.get(), kGetMsrs, buffer.get());
-  if (done < 0) return fail_errno(fmt::format("KVM_GET_MSRS vcpu {}", index_));
-  if (static_cast<size_t>(done) != indices.size()) {
-    return fail(Errc::Unsupported, fmt::format("KVM_GET_MSRS vcpu {}: MSR {:#x} refused", index_,
-                                               indices[static_cast<size_t>(done)]));
-  }
   std::vector<MsrEntry> result;
   result.reserve(indices.size());
-  for (size_t i = 0; i < indices.size(); ++i) {
-    result.push_back({buffer.entries()[i].index, buffer.entries()[i].data});
+  size_t read = TRY(get_msrs(fd_.get(), indices, result, index_));
+  if (read != indices.size()) {
+    return fail(Errc::Unsupported,
+                fmt::format("KVM_GET_MSRS vcpu {}: MSR {:#x} refused", index_, indices[read]));
   }
   return result;
 }

@@ -71,12 +71,37 @@ class Vm {
   Result<int> check_extension(Capability cap) const;
   int fd() const { return fd_.get(); }
 
+  // The irqchip (PIC master and slave, IOAPIC), PIT and KVM clock, for a
+  // snapshot. Call with every vCPU out of KVM_RUN.
+  Result<VmState> save_state() const;
+  // Restores what save_state() returned into a fresh VM that has the same
+  // in-kernel devices (create_irqchip/create_pit called as on the source),
+  // before its vCPUs first run. The error names the part KVM refused.
+  Result<void> restore_state(const VmState& state);
+
  private:
   friend class Kvm;
-  Vm(Fd fd, size_t vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
+  Vm(Fd fd, size_t vcpu_mmap_size, std::shared_ptr<const std::vector<uint32_t>> msr_indices)
+      : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size), msr_indices_(std::move(msr_indices)) {}
 
   Fd fd_;
   size_t vcpu_mmap_size_;
+  std::shared_ptr<const std::vector<uint32_t>> msr_indices_;  // KVM_GET_MSR_INDEX_LIST
+  bool has_irqchip_ = false;
+  bool has_pit_ = false;
+};
+
+// What a vCPU can save and restore on this KVM, decided once when it is made.
+struct VcpuStateSupport {
+  std::shared_ptr<const std::vector<uint32_t>> msr_indices;
+  size_t xsave_bytes = 0;  // 0: no KVM_CAP_XSAVE, so KVM_GET_FPU
+  bool xsave2 = false;
+  bool xcrs = false;
+  bool sregs2 = false;
+  bool lapic = false;  // the VM has an in-kernel irqchip
+  bool vcpu_events = false;
+  bool debug_regs = false;
+  bool tsc_khz = false;
 };
 
 class Vcpu {
@@ -105,17 +130,38 @@ class Vcpu {
   Result<void> set_lapic(const Lapic& lapic);
   Result<MpState> mp_state() const;
   Result<void> set_mp_state(MpState state);
+  Result<CpuidEntries> cpuid() const;
+
+  // Finishes the instruction of the last I/O or MMIO exit without running
+  // any further guest code (KVM_RUN with immediate_exit set). KVM keeps
+  // such a half-done instruction where save_state() cannot see it, so call
+  // this before saving a vCPU that stopped at an exit. Busy if finishing it
+  // needs userspace again (string I/O over several exits): run on, retry.
+  Result<void> complete_pending_io();
+  // Everything KVM holds for this vCPU. Call it on a vCPU that is out of
+  // KVM_RUN, after complete_pending_io(), while no other vCPU runs.
+  Result<VcpuState> save_state() const;
+  // Loads a saved state into a fresh vCPU of a VM restored with
+  // Vm::restore_state, in the order KVM needs: CPUID before MSRs and XSAVE,
+  // special registers before LAPIC and events, LAPIC before the MSRs (the
+  // TSC deadline) and the MP state.
+  // The error names the part, and for MSRs the index, that KVM refused.
+  Result<void> restore_state(const VcpuState& state);
 
   uint32_t index() const { return index_; }
   int fd() const { return fd_.get(); }
 
  private:
   friend class Vm;
-  Vcpu(uint32_t index, Fd fd, Mmap run) : index_(index), fd_(std::move(fd)), run_(std::move(run)) {}
+  Vcpu(uint32_t index, Fd fd, Mmap run, VcpuStateSupport support)
+      : index_(index), fd_(std::move(fd)), run_(std::move(run)), support_(std::move(support)) {}
+
+  Result<std::vector<MsrEntry>> save_msrs() const;
 
   uint32_t index_;
   Fd fd_;
   Mmap run_;  // struct kvm_run, shared with the kernel.
+  VcpuStateSupport support_;
 };
 
 }  // namespace keel::kvm

@@ -5,7 +5,10 @@
 #include <linux/kvm.h>
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -18,6 +21,24 @@ using Fpu = kvm_fpu;
 using Lapic = kvm_lapic_state;
 using CpuidEntry = kvm_cpuid_entry2;
 using CpuidEntries = std::vector<kvm_cpuid_entry2>;
+using SregsV2 = kvm_sregs2;
+using XcrList = kvm_xcrs;
+using PendingEvents = kvm_vcpu_events;
+using DebugRegisters = kvm_debugregs;
+using IrqchipState = kvm_irqchip;
+using PitState = kvm_pit_state2;
+using ClockData = kvm_clock_data;
+
+// The fixed-size structs a snapshot stores byte for byte (the x86-64 uapi
+// ABI, which the kernel keeps stable). Pinned so that a header change or a
+// C/C++ layout difference (see kvm.cc) cannot slip into the snapshot format.
+static_assert(sizeof(Regs) == 144 && sizeof(Sregs) == 312 && sizeof(SregsV2) == 320);
+static_assert(sizeof(Fpu) == 416 && sizeof(XcrList) == 392 && sizeof(Lapic) == 1024);
+static_assert(sizeof(PendingEvents) == 64 && sizeof(DebugRegisters) == 128);
+static_assert(sizeof(IrqchipState) == 520 && sizeof(PitState) == 112 && sizeof(ClockData) == 48);
+static_assert(sizeof(CpuidEntry) == 40);
+// struct kvm_xsave's fixed part (its tail is a flex array, see kvm.cc).
+inline constexpr size_t kXsaveLegacyBytes = 4096;
 
 inline constexpr uint32_t kCpuidFlagSignificantIndex = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 
@@ -42,6 +63,12 @@ enum class Capability : int {
   DirtyLogRing = KVM_CAP_DIRTY_LOG_RING,
   ManualDirtyLogProtect2 = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
   SyncMmu = KVM_CAP_SYNC_MMU,
+  VcpuEvents = KVM_CAP_VCPU_EVENTS,
+  DebugRegs = KVM_CAP_DEBUGREGS,
+  Sregs2 = KVM_CAP_SREGS2,
+  Xsave2 = KVM_CAP_XSAVE2,
+  AdjustClock = KVM_CAP_ADJUST_CLOCK,
+  GetTscKhz = KVM_CAP_GET_TSC_KHZ,
 };
 
 std::string_view capability_name(Capability cap);
@@ -66,6 +93,7 @@ enum class IoSpace { Pio, Mmio };
 struct MsrEntry {
   uint32_t index;
   uint64_t value;
+  bool operator==(const MsrEntry&) const = default;
 };
 
 enum class MpState : uint32_t {
@@ -74,6 +102,34 @@ enum class MpState : uint32_t {
   InitReceived = KVM_MP_STATE_INIT_RECEIVED,
   Halted = KVM_MP_STATE_HALTED,
   SipiReceived = KVM_MP_STATE_SIPI_RECEIVED,
+};
+
+// Everything KVM holds for one vCPU, as Vcpu::save_state() reads it. A
+// field that is empty/nullopt was not available from this KVM (or, for the
+// LAPIC, the VM has no in-kernel irqchip) and is left alone on restore.
+struct VcpuState {
+  CpuidEntries cpuid;
+  MpState mp_state = MpState::Runnable;
+  Regs regs{};
+  Sregs sregs{};                             // always: carries the pending-interrupt bitmap
+  std::optional<SregsV2> sregs2;             // KVM_CAP_SREGS2: adds the PAE PDPTRs
+  std::vector<std::byte> xsave;              // KVM_GET_XSAVE(2), at least 4096 bytes
+  std::optional<Fpu> fpu;                    // only without KVM_CAP_XSAVE
+  std::optional<XcrList> xcrs;               // KVM_CAP_XCRS
+  std::optional<Lapic> lapic;                // with an in-kernel irqchip
+  std::vector<MsrEntry> msrs;                // every MSR of KVM_GET_MSR_INDEX_LIST this vCPU has
+  std::optional<PendingEvents> events;       // KVM_CAP_VCPU_EVENTS
+  std::optional<DebugRegisters> debug_regs;  // KVM_CAP_DEBUGREGS
+  uint32_t tsc_khz = 0;                      // KVM_GET_TSC_KHZ, 0 if unknown
+};
+
+// The VM-wide state of the in-kernel devices and the clock.
+struct VmState {
+  std::optional<IrqchipState> pic_master;  // with an in-kernel irqchip
+  std::optional<IrqchipState> pic_slave;
+  std::optional<IrqchipState> ioapic;
+  std::optional<PitState> pit;     // with an in-kernel PIT
+  std::optional<ClockData> clock;  // KVM_CAP_ADJUST_CLOCK
 };
 
 // One GSI routing entry: either an irqchip pin or an MSI message.

@@ -11,6 +11,7 @@
 //   ...          initrd near the top of low RAM
 //   0xc000_0000  32-bit PCI hole: MMIO window for 32-bit BARs
 //   0xe000_0000  PCI ECAM (bus 0..255, 256 MiB)
+//   0xfeb0_0000  ACPI GED event register
 //   0xfec0_0000  IOAPIC
 //   0xfee0_0000  LAPIC
 //   0x1_0000_0000  RAM (high), the part above the hole
@@ -67,6 +68,12 @@ inline constexpr uint16_t kAcpiSleepStatusPort = 0x3c1;
 inline constexpr uint16_t kAcpiResetPort = 0x3c2;
 inline constexpr uint8_t kAcpiResetValue = 0x1;
 inline constexpr uint8_t kAcpiS5SleepType = 5;  // the _S5_ package's SLP_TYP
+// QEMU's ISA pvpanic port: the guest writes here when it panics.
+inline constexpr uint16_t kPvpanicPort = 0x505;
+// The ACPI Generic Event Device: its 32-bit event register (MMIO, between
+// ECAM and the IOAPIC) and its interrupt, an ISA line nothing else uses.
+inline constexpr uint64_t kGedStart = 0xfeb00000;
+inline constexpr uint32_t kGedGsi = 9;
 // Tiny test guests write their result here (like QEMU's isa-debug-exit).
 inline constexpr uint16_t kDebugExitPort = 0xf4;
 

@@ -9,12 +9,14 @@
 #include "base/fd.h"
 #include "base/log.h"
 #include "block/image.h"
+#include "boot/acpi/acpi.h"
 #include "boot/linux_loader.h"
 #include "devices/acpi_pm.h"
 #include "devices/i8042.h"
 #include "devices/pci/pci_config_io.h"
 #include "devices/pci/pci_ecam.h"
 #include "devices/pci/pci_host_bridge.h"
+#include "devices/pvpanic.h"
 #include "devices/rtc.h"
 #include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
@@ -25,6 +27,8 @@
 #include "machine/acpi_setup.h"
 #include "machine/cpu_setup.h"
 #include "machine/layout.h"
+#include "migration/device_state.h"
+#include "migration/snapshot.h"
 #include "net/mac_address.h"
 #include "net/tap.h"
 
@@ -80,6 +84,7 @@ std::string_view stop_reason_name(StopReason reason) {
     case StopReason::Error: return "error";
     case StopReason::DebugExit: return "debug-exit";
     case StopReason::Stopped: return "stopped";
+    case StopReason::GuestPanic: return "guest-panic";
   }
   return "?";
 }
@@ -107,11 +112,8 @@ void Machine::stop_io_thread() {
   io_thread_.join();
 }
 
-Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
-                                                 devices::Serial::Output serial_output,
-                                                 ConsoleOutput virtio_console_output) {
-  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
-      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+Result<std::unique_ptr<Machine>> Machine::assemble(const VmConfig& config, const kvm::Kvm& kvm,
+                                                   memory::GuestMemory memory) {
   kvm::Vm vm = TRY(kvm.create_vm());
   TRY(vm.set_tss_address(layout::kTssAddress));
   TRY(vm.set_identity_map_address(layout::kIdentityMapAddress));
@@ -124,6 +126,16 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   EventFd stopped_event = TRY(EventFd::create());
   std::unique_ptr<Machine> machine(
       new Machine(config, std::move(vm), std::move(memory), std::move(stopped_event)));
+  machine->exit_counts_ = std::vector<std::array<std::atomic<uint64_t>, kExitKinds>>(config.cpus);
+  return machine;
+}
+
+Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
+                                                 devices::Serial::Output serial_output,
+                                                 ConsoleOutput virtio_console_output) {
+  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
+      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
   TRY(machine->build_devices(std::move(serial_output), std::move(virtio_console_output)));
 
   std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
@@ -136,7 +148,6 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   boot::EntryPoint entry = TRY_CONTEXT(boot::load_linux(machine->memory_, images),
                                        fmt::format("kernel '{}'", config.kernel));
 
-  machine->exit_counts_ = std::vector<std::array<std::atomic<uint64_t>, kExitKinds>>(config.cpus);
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   CpuidHostFeatures host{
       .tsc_deadline_timer = kvm.check_extension(kvm::Capability::TscDeadlineTimer).value_or(0) > 0,
@@ -144,32 +155,139 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   };
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
-    TRY_CONTEXT(configure_vcpu(*vcpu, build_cpuid(supported, index, config.cpus, host)),
-                fmt::format("vcpu {}", index));
+    kvm::CpuidEntries cpuid = build_cpuid(supported, index, config.cpus, host);
+    TRY_CONTEXT(configure_vcpu(*vcpu, cpuid), fmt::format("vcpu {}", index));
     machine->vcpus_.push_back(std::move(vcpu));
+    machine->cpuids_.push_back(std::move(cpuid));
   }
   TRY(set_boot_entry_state(*machine->vcpus_.front(), entry));
   return machine;
 }
 
+namespace {
+
+// The first device in config that a snapshot cannot hold yet, if any.
+std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
+  if (!config.disks.empty()) return "virtio-blk (disk 0)";
+  if (!config.nets.empty()) return "virtio-net (net 0)";
+  if (config.rng) return "virtio-rng";
+  if (config.virtio_console) return "virtio-console";
+  // Also: the balloon gives pages back by punching holes in the memfd,
+  // which a restored machine's private file mapping cannot do.
+  if (config.balloon) return "virtio-balloon";
+  if (config.vsock) return "virtio-vsock";
+  return std::nullopt;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
+                                                  const migration::Snapshot& snapshot,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  devices::Serial::Output serial_output) {
+  const migration::MachineState& saved = snapshot.machine;
+  auto refuse = [&path](Errc code, const std::string& what) {
+    return fail(code, fmt::format("restore {}: {}", path, what));
+  };
+  if (auto device = unsupported_snapshot_device(config)) {
+    return refuse(Errc::Unsupported, fmt::format("device {} cannot be restored yet", *device));
+  }
+  if (saved.vcpus.size() != config.cpus) {
+    return refuse(Errc::Corrupt, fmt::format("{} vcpu sections for a config of {} vCPUs",
+                                             saved.vcpus.size(), config.cpus));
+  }
+  if (snapshot.memory.payload_bytes != config.memory_mib << 20) {
+    return refuse(Errc::Corrupt, fmt::format("{} bytes of RAM for a config of {} MiB",
+                                             snapshot.memory.payload_bytes, config.memory_mib));
+  }
+  for (const migration::DeviceState& device : saved.devices) {
+    if (device.name != migration::kSerialSectionName && device.name != migration::kRtcSectionName) {
+      return refuse(Errc::Unsupported,
+                    fmt::format("device section '{}' is one this Keel cannot restore", device.name));
+    }
+  }
+  TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), fmt::format("restore {}", path));
+  kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
+  for (size_t index = 0; index < saved.vcpus.size(); ++index) {
+    TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported,
+                                                snapshot.reader.host()),
+                fmt::format("restore {}: vcpu {}", path, index));
+  }
+
+  memory::GuestMemory memory = TRY_CONTEXT(
+      memory::GuestMemory::map_private(snapshot.reader.fd(), snapshot.memory.payload_offset,
+                                       snapshot.memory.payload_bytes, layout::kPciHoleStart,
+                                       layout::kPciHoleEnd),
+      fmt::format("restore {}: guest RAM", path));
+  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
+  TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices),
+              fmt::format("restore {}", path));
+  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("restore {}: vm", path));
+  for (uint32_t index = 0; index < config.cpus; ++index) {
+    auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
+    TRY_CONTEXT(vcpu->restore_state(saved.vcpus[index]),
+                fmt::format("restore {}: vcpu {}", path, index));
+    machine->vcpus_.push_back(std::move(vcpu));
+    machine->cpuids_.push_back(saved.vcpus[index].cpuid);
+  }
+  return machine;
+}
+
 Result<void> Machine::build_devices(devices::Serial::Output serial_output,
-                                    ConsoleOutput virtio_console_output) {
-  serial_ = std::make_shared<devices::Serial>(std::move(serial_output), [this] {
+                                    ConsoleOutput virtio_console_output,
+                                    std::span<const migration::DeviceState> saved) {
+  auto serial_interrupt = [this] {
     // An edge on ISA IRQ 4 (IOAPIC pin 4 / PIC line 4).
     if (!vm_.set_irq_line(layout::kCom1Irq, true) || !vm_.set_irq_line(layout::kCom1Irq, false)) {
       LOG_RATELIMITED(warn, "serial: could not raise IRQ {}", layout::kCom1Irq);
     }
-  });
+  };
+  auto saved_section = [&saved](std::string_view name) -> Result<std::span<const std::byte>> {
+    for (const migration::DeviceState& device : saved) {
+      if (device.name == name) return std::span<const std::byte>(device.data);
+    }
+    return fail(Errc::Corrupt, fmt::format("no '{}' device section", name));
+  };
+  if (saved.empty()) {
+    serial_ = std::make_shared<devices::Serial>(std::move(serial_output), serial_interrupt);
+    rtc_ = std::make_shared<devices::Rtc>();
+  } else {
+    devices::SerialState serial = TRY(migration::decode_serial_state(
+        TRY(saved_section(migration::kSerialSectionName)), migration::kSerialSectionName));
+    serial_ = TRY(devices::Serial::restore(std::move(serial_output), serial_interrupt, serial));
+    devices::RtcState rtc = TRY(migration::decode_rtc_state(
+        TRY(saved_section(migration::kRtcSectionName)), migration::kRtcSectionName));
+    rtc_ = TRY(devices::Rtc::restore(rtc));
+  }
   TRY(pio_bus_.map(layout::kCom1Port, 8, serial_));
   TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
                      stop(StopReason::Reset, "i8042 reset");
                    })));
-  TRY(pio_bus_.map(layout::kRtcPort, 2, std::make_shared<devices::Rtc>()));
+  TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
   TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
                    std::make_shared<devices::AcpiPm>(
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
                        [this] { stop(StopReason::PowerOff, "ACPI S5"); },
                        [this] { stop(StopReason::Reset, "ACPI reset register"); })));
+  // A panicking guest ends the VM: left running, Linux would reboot (panic=N)
+  // or hang, and the host would learn neither why nor when.
+  TRY(pio_bus_.map(layout::kPvpanicPort, 1,
+                   std::make_shared<devices::Pvpanic>([this](uint8_t events) {
+                     if (events & devices::Pvpanic::kPanicked) {
+                       stop(StopReason::GuestPanic, "the guest panicked (pvpanic)");
+                     } else {
+                       LOG_RATELIMITED(warn, "pvpanic: the guest panicked and runs its crash kernel");
+                     }
+                   })));
+  if (config_.acpi) {
+    ged_ = std::make_shared<devices::Ged>([this] {
+      // An edge on the GED's GSI, as its _CRS says.
+      if (!vm_.set_irq_line(layout::kGedGsi, true) || !vm_.set_irq_line(layout::kGedGsi, false)) {
+        LOG_RATELIMITED(warn, "GED: could not raise GSI {}", layout::kGedGsi);
+      }
+    });
+    TRY(mmio_bus_.map(layout::kGedStart, devices::Ged::kRegisterBytes, ged_));
+  }
   // PCI: the host bridge on bus 0, reachable through mechanism #1 and ECAM,
   // with the same windows the ACPI _CRS announces.
   devices::PciWindows windows{
@@ -254,14 +372,14 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
   }
   if (config_.balloon) {
     const BalloonConfig& balloon = *config_.balloon;
-    auto device = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
-                                  .target_mib = balloon.target_mib,
-                                  .deflate_on_oom = balloon.deflate_on_oom,
-                                  .free_page_reporting = balloon.free_page_reporting,
-                                  .stats_period_s = balloon.stats_period_s,
-                                  .guest_memory_bytes = config_.memory_mib << 20}),
-                              "balloon");
-    TRY(add_virtio(std::move(device)));
+    balloon_ = TRY_CONTEXT(devices::virtio::Balloon::create(devices::virtio::BalloonOptions{
+                               .target_mib = balloon.target_mib,
+                               .deflate_on_oom = balloon.deflate_on_oom,
+                               .free_page_reporting = balloon.free_page_reporting,
+                               .stats_period_s = balloon.stats_period_s,
+                               .guest_memory_bytes = config_.memory_mib << 20}),
+                           "balloon");
+    TRY(add_virtio(balloon_));
   }
   if (config_.vsock) {
     devices::virtio::VsockDeviceConfig vsock_config;
@@ -484,6 +602,42 @@ Result<void> Machine::resume() {
   return ok();
 }
 
+Result<void> Machine::save(const std::string& path) {
+  if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
+  if (memory_.backing() != memory::GuestMemory::Backing::SharedMemfd) {
+    return fail(Errc::Unsupported,
+                "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
+                "is a private mapping of that file is not supported yet");
+  }
+  // Refused before anything is written: a snapshot without a device's
+  // state would restore into a guest whose driver disagrees with the device.
+  if (!virtio_devices_.empty()) {
+    return fail(Errc::Unsupported,
+                fmt::format("snapshot: device {} cannot be saved yet (only machines whose "
+                            "devices are the serial console, RTC and ACPI can be)",
+                            virtio_devices_.front()->device().name()));
+  }
+  migration::MachineState state;
+  state.config_json = to_json(config_);
+  // The held vCPU threads wait outside KVM_RUN until resume(), which only
+  // this thread calls, so their vCPUs can be read from here.
+  for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
+    TRY_CONTEXT(vcpu->complete_pending_io(), "save");
+    kvm::VcpuState saved = TRY_CONTEXT(vcpu->save_state(), "save");
+    saved.cpuid = cpuids_[vcpu->index()];  // what the guest was given (see cpuids_)
+    state.vcpus.push_back(std::move(saved));
+  }
+  state.vm = TRY_CONTEXT(vm_.save_state(), "save");
+  state.devices.push_back({std::string(migration::kSerialSectionName),
+                           migration::encode_serial_state(serial_->save())});
+  state.devices.push_back(
+      {std::string(migration::kRtcSectionName), migration::encode_rtc_state(rtc_->save())});
+  for (const DiskConfig& disk : config_.disks) {
+    state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
+  }
+  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
+}
+
 void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
   std::unique_lock lock(stop_mutex_);
   ++held_vcpus_;
@@ -494,6 +648,15 @@ void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
   // so a stop() racing with this resume still gets through (it sets
   // stopping_ under the same lock, and the loop checks it first).
   vcpu.set_immediate_exit(false);
+}
+
+Result<void> Machine::press_power_button() {
+  if (ged_ == nullptr) {
+    return fail(Errc::Busy, "the VM has no ACPI (--no-acpi), hence no power button");
+  }
+  if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  ged_->trigger(boot::acpi::kGedEventPowerButton);
+  return ok();
 }
 
 std::vector<DeviceInfo> Machine::devices() const {
@@ -519,6 +682,13 @@ std::vector<DeviceInfo> Machine::devices() const {
           {"device_features", fmt::format("{:#x}", inner.features())},
           {"driver_status", fmt::format("{:#04x}", virtio->status())},
       };
+      if (auto* balloon = dynamic_cast<const devices::virtio::Balloon*>(&inner)) {
+        // The run-time target (PUT /api/v1/vm/balloon) and what the driver did.
+        info.properties.emplace_back("target_mib", std::to_string(balloon->target_mib()));
+        info.properties.emplace_back(
+            "actual_mib",
+            std::to_string(balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib));
+      }
       if (auto bar = pci_bus_->mapped_bar_address(static_cast<uint8_t>(slot), 0)) {
         info.properties.emplace_back("bar0", fmt::format("{:#x}", *bar));
       }
@@ -534,7 +704,24 @@ std::vector<DeviceInfo> Machine::devices() const {
   list.push_back({"rtc-cmos", "io", port(layout::kRtcPort), {}});
   list.push_back({"acpi-pm", "io", port(layout::kAcpiSleepControlPort),
                      {{"acpi_tables", config_.acpi ? "on" : "off"}}});
+  list.push_back({"pvpanic", "io", port(layout::kPvpanicPort), {}});
+  if (ged_ != nullptr) {
+    list.push_back({"acpi-ged", "mmio", fmt::format("{:#x}", layout::kGedStart),
+                    {{"gsi", std::to_string(layout::kGedGsi)}, {"events", "power-button"}}});
+  }
   if (config_.debug_exit) list.push_back({"debug-exit", "io", port(layout::kDebugExitPort), {}});
+  return list;
+}
+
+std::vector<DeviceCounters> Machine::device_counters() const {
+  std::vector<DeviceCounters> list;
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    list.push_back({std::string(virtio->device().name()), fmt::format("0000:00:{:02x}.0", slot),
+                    virtio->counters()});
+  }
   return list;
 }
 

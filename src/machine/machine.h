@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <functional>
+#include <span>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -23,9 +24,12 @@
 #include "base/event_fd.h"
 #include "base/event_loop.h"
 #include "base/result.h"
+#include "devices/ged.h"
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
+#include "devices/rtc.h"
 #include "devices/serial.h"
+#include "devices/virtio/balloon.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/pci_transport.h"
@@ -33,6 +37,7 @@
 #include "machine/kvm_interrupts.h"
 #include "machine/vm_config.h"
 #include "memory/guest_memory.h"
+#include "migration/snapshot.h"
 
 namespace keel::machine {
 
@@ -43,6 +48,7 @@ enum class StopReason {
   Error,       // internal error, failed entry, unhandled exit, KVM_RUN failure
   DebugExit,   // a test guest wrote to the debug-exit port
   Stopped,     // stop() from the host (signal, API)
+  GuestPanic,  // the guest reported a panic through pvpanic
 };
 
 struct StopStatus {
@@ -55,6 +61,13 @@ std::string_view stop_reason_name(StopReason reason);
 
 // One entry of the device tree the control API shows: a bus ("pci", "io"),
 // an address on it ("0000:00:01.0", "0x3f8") and read-only properties.
+// A device's counters for the control API's metrics.
+struct DeviceCounters {
+  std::string type;     // "virtio-blk"
+  std::string address;  // "0000:00:01.0"
+  devices::virtio::VirtioDevice::Counters counters;
+};
+
 struct DeviceInfo {
   std::string type;
   std::string bus;
@@ -72,6 +85,19 @@ class Machine {
   static Result<std::unique_ptr<Machine>> create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output,
                                                  ConsoleOutput virtio_console_output = {});
+  // Restore as constructor: the machine a snapshot holds, in a new VM
+  // (docs/snapshot-format.md, "Taking and restoring"). config is the
+  // snapshot's own (the caller parses it, and may point the serial console
+  // elsewhere). Checks first, building nothing: every vCPU's CPUID against
+  // what this host's KVM offers (KVM_GET_SUPPORTED_CPUID), the disks
+  // unchanged, sizes that agree; then maps guest RAM MAP_PRIVATE from the
+  // file (pages read on first touch), rebuilds the devices from their saved
+  // state and restores the VM and each vCPU. A device Keel cannot restore
+  // yet (any virtio device) is Unsupported, naming it. Errors name path.
+  static Result<std::unique_ptr<Machine>> restore(const std::string& path,
+                                                  const migration::Snapshot& snapshot,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  devices::Serial::Output serial_output);
   ~Machine();
 
   // Runs the vCPUs until the machine stops; returns why.
@@ -90,10 +116,28 @@ class Machine {
   Result<void> pause();
   Result<void> resume();
   bool paused() const { return pause_requested_.load(); }
+  // Before run(): the vCPUs start held, as if paused (resume() lets them go).
+  void start_paused() { pause_requested_.store(true); }
+  // Writes a snapshot of the paused machine to path (docs/snapshot-format.md):
+  // the config, every vCPU (pending I/O completed first), the VM's KVM state
+  // and guest RAM. Busy unless paused, or if a vCPU's pending string I/O
+  // needs another exit (resume and retry). Call from the thread that paused.
+  // Unsupported, before anything is written, for a machine with virtio
+  // devices (their state is not saved yet) or one restored from a snapshot
+  // (its RAM is a private file mapping, not the memfd the writer copies).
+  // A machine of serial console, RTC, i8042 and ACPI is saved whole.
+  Result<void> save(const std::string& path);
+
+  // Presses the ACPI power button: the GED raises its interrupt and the
+  // guest's _EVT notifies \_SB.PWRB; what happens then is the guest's
+  // choice (Linux reports KEY_POWER to userspace). Busy without ACPI.
+  Result<void> press_power_button();
 
   const VmConfig& config() const { return config_; }
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
+  // Every virtio device's counters, in PCI slot order.
+  std::vector<DeviceCounters> device_counters() const;
   // Userspace exits of each vCPU, (kind name, count) for every kind.
   std::vector<std::vector<std::pair<std::string_view, uint64_t>>> exit_counts() const;
 
@@ -104,15 +148,23 @@ class Machine {
   const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
     return virtio_devices_;
   }
+  // The balloon, if the config has one (also in virtio_devices()).
+  devices::virtio::Balloon* balloon() const { return balloon_.get(); }
   // "io-out 1234, mmio-read 56, ..." summed over vCPUs, for logs.
   std::string exit_summary() const;
   const memory::GuestMemory& memory() const { return memory_; }
 
  private:
   Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory, EventFd stopped_event);
+  // A VM with the in-kernel devices and memory's regions, then the Machine.
+  static Result<std::unique_ptr<Machine>> assemble(const VmConfig& config, const kvm::Kvm& kvm,
+                                                   memory::GuestMemory memory);
 
+  // saved: the device sections of a snapshot to restore the serial port and
+  // RTC from; empty for a fresh machine.
   Result<void> build_devices(devices::Serial::Output serial_output,
-                             ConsoleOutput virtio_console_output);
+                             ConsoleOutput virtio_console_output,
+                             std::span<const migration::DeviceState> saved = {});
   Result<void> build_virtio_devices(ConsoleOutput virtio_console_output);
   Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
   void start_io_thread();
@@ -136,10 +188,16 @@ class Machine {
   devices::IoBus pio_bus_{"pio"};
   devices::IoBus mmio_bus_{"mmio"};
   std::shared_ptr<devices::Serial> serial_;
+  std::shared_ptr<devices::Rtc> rtc_;
+  std::shared_ptr<devices::Ged> ged_;  // with ACPI only
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
+  std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;
+  // The CPUID each vCPU was given, what a snapshot records: KVM_GET_CPUID2
+  // does not always answer it back (PVM reports the host's own bits).
+  std::vector<kvm::CpuidEntries> cpuids_;
   // Userspace exits by kind, one row per vCPU: each row is written only by
   // its own vCPU thread (relaxed), read by anyone for a summary.
   static constexpr size_t kExitKinds = static_cast<size_t>(kvm::VcpuExit::Kind::Unknown) + 1;

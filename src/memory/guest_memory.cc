@@ -26,13 +26,39 @@ Result<GuestMemory> GuestMemory::create(uint64_t size_bytes, uint64_t hole_start
   // Transparent hugepages cut TLB misses for guest RAM; advisory only.
   (void)::madvise(mapping.data(), size_bytes, MADV_HUGEPAGE);
 
-  std::vector<MemoryRegion> regions;
-  uint64_t low = std::min(size_bytes, hole_start);
-  regions.push_back({GuestAddr(0), low, 0, mapping.data()});
-  if (size_bytes > low) {
-    regions.push_back({GuestAddr(hole_end), size_bytes - low, low, mapping.data() + low});
+  return GuestMemory(std::move(fd), std::move(mapping), size_bytes, hole_start, hole_end,
+                     Backing::SharedMemfd);
+}
+
+Result<GuestMemory> GuestMemory::map_private(const Fd& file, uint64_t offset, uint64_t size_bytes,
+                                             uint64_t hole_start, uint64_t hole_end) {
+  if (size_bytes == 0 || size_bytes % kPageBytes != 0 || offset % kPageBytes != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("guest memory of {} bytes at file offset {}: both must be 4 KiB "
+                            "multiples, the size non-zero", size_bytes, offset));
   }
-  return GuestMemory(std::move(fd), std::move(mapping), std::move(regions), size_bytes);
+  uint64_t file_bytes = TRY(file.size_bytes());
+  if (offset > file_bytes || size_bytes > file_bytes - offset) {
+    return fail(Errc::OutOfRange,
+                fmt::format("guest memory {}+{} runs past the end of the file ({} bytes)", offset,
+                            size_bytes, file_bytes));
+  }
+  Fd own = TRY(file.duplicate());
+  Mmap mapping = TRY(Mmap::file(own, size_bytes, offset, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_NORESERVE));
+  return GuestMemory(std::move(own), std::move(mapping), size_bytes, hole_start, hole_end,
+                     Backing::PrivateFile);
+}
+
+GuestMemory::GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole_start,
+                         uint64_t hole_end, Backing backing)
+    : backing_(backing), fd_(std::move(fd)), mapping_(std::move(mapping)),
+      size_bytes_(size_bytes) {
+  uint64_t low = std::min(size_bytes, hole_start);
+  regions_.push_back({GuestAddr(0), low, 0, mapping_.data()});
+  if (size_bytes > low) {
+    regions_.push_back({GuestAddr(hole_end), size_bytes - low, low, mapping_.data() + low});
+  }
 }
 
 Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t length) const {
@@ -58,6 +84,10 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
                 fmt::format("discard {:#x}+{:#x}: not 4 KiB aligned", address.value, size_bytes));
   }
   if (size_bytes == 0) return ok();
+  if (backing_ == Backing::PrivateFile) {
+    return fail(Errc::Unsupported, "discard: guest RAM restored from a snapshot (a private file "
+                                   "mapping) cannot give pages back");
+  }
   for (const MemoryRegion& region : regions_) {
     if (address.value < region.start.value ||
         address.value - region.start.value >= region.size_bytes) {

@@ -37,6 +37,17 @@ class GuestMemory {
  public:
   // RAM of size_bytes laid out below hole_start, the rest from hole_end up.
   static Result<GuestMemory> create(uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end);
+  // RAM restored from a snapshot: size_bytes of file from offset (a page
+  // multiple), mapped MAP_PRIVATE, so a page is read only when first
+  // touched and the guest's writes never reach the file. Such RAM cannot
+  // give pages back (discard() is Unsupported: dropping a private page
+  // would bring back the file's, not zeros) and is not in a memfd
+  // (backing() says so; a snapshot of it is refused for now).
+  static Result<GuestMemory> map_private(const Fd& file, uint64_t offset, uint64_t size_bytes,
+                                         uint64_t hole_start, uint64_t hole_end);
+
+  enum class Backing { SharedMemfd, PrivateFile };
+  Backing backing() const { return backing_; }
 
   uint64_t size_bytes() const { return size_bytes_; }
   const std::vector<MemoryRegion>& regions() const { return regions_; }
@@ -75,12 +86,13 @@ class GuestMemory {
   static constexpr uint64_t kPageBytes = 4096;
 
  private:
-  GuestMemory(Fd fd, Mmap mapping, std::vector<MemoryRegion> regions, uint64_t size_bytes)
-      : fd_(std::move(fd)), mapping_(std::move(mapping)), regions_(std::move(regions)),
-        size_bytes_(size_bytes) {}
+  GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end,
+              Backing backing);
+
+  Backing backing_;
 
   Fd fd_;
-  Mmap mapping_;  // the whole memfd, shared; regions point into it
+  Mmap mapping_;  // all of RAM (the memfd shared, or the file private); regions point into it
   std::vector<MemoryRegion> regions_;
   uint64_t size_bytes_;
 };

@@ -1,5 +1,6 @@
 #include "vmm/control.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -44,6 +45,11 @@ void ApiControl::running() {
 void ApiControl::stopping(const machine::Machine& machine) {
   std::optional<machine::StopStatus> status = machine.stop_status();
   nlohmann::json data = {{"boot", boot_}};
+  if (status && status->reason == machine::StopReason::GuestPanic) {
+    // Its own event, ahead of stopping: a consumer watching for panics
+    // need not parse stop reasons.
+    events_.publish("guest-panic", {{"boot", boot_}, {"detail", first_line(status->detail)}});
+  }
   if (status) {
     data["reason"] = machine::stop_reason_name(status->reason);
     data["detail"] = first_line(status->detail);
@@ -105,11 +111,19 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
         for (const auto& [kind, count] : counts[index]) exits[std::string(kind)] = count;
         vcpus.push_back({{"index", index}, {"exits", exits}});
       }
+      nlohmann::json devices = nlohmann::json::array();
+      for (const machine::DeviceCounters& device : machine.device_counters()) {
+        nlohmann::json counters = nlohmann::json::object();
+        for (const auto& [name, value] : device.counters) counters[std::string(name)] = value;
+        devices.push_back(
+            {{"type", device.type}, {"address", device.address}, {"counters", counters}});
+      }
       return nlohmann::json{
           {"state", state_name(machine)},
           {"boot", boot_},
           {"uptime_seconds", uptime_seconds()},
           {"vcpus", vcpus},
+          {"devices", devices},
           {"memory",
            {{"guest_bytes", machine.config().memory_mib << 20}, {"resident_bytes", resident_bytes()}}},
       };
@@ -126,10 +140,33 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
       machine.stop(machine::StopReason::Reset, "reset through the API");
       return nlohmann::json{{"state", "stopping"}, {"reason", "reset"}};
+    case CommandKind::SetBalloon: {
+      devices::virtio::Balloon* balloon = machine.balloon();
+      if (balloon == nullptr) {
+        return fail(Errc::Busy, "the VM has no balloon device (start keel-vmm with --balloon)");
+      }
+      TRY(balloon->set_target_mib(command.balloon_target_mib));
+      events_.publish("balloon", {{"boot", boot_}, {"target_mib", command.balloon_target_mib}});
+      return nlohmann::json{
+          {"target_mib", balloon->target_mib()},
+          {"actual_mib", balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib}};
+    }
+    case CommandKind::PowerButton:
+      TRY(machine.press_power_button());
+      events_.publish("power-button", {{"boot", boot_}});
+      return nlohmann::json{{"state", state_name(machine)}, {"power_button", "pressed"}};
     case CommandKind::Stop:
       host_stop = true;
       machine.stop(machine::StopReason::Stopped, "stopped through the API");
       return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};
+    case CommandKind::Snapshot: {
+      if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
+      TRY(machine.save(command.path));
+      struct stat info {};
+      uint64_t bytes = ::stat(command.path.c_str(), &info) == 0 ? static_cast<uint64_t>(info.st_size) : 0;
+      events_.publish("snapshot-saved", {{"boot", boot_}, {"path", command.path}, {"bytes", bytes}});
+      return nlohmann::json{{"state", "paused"}, {"path", command.path}, {"bytes", bytes}};
+    }
   }
   return fail(Errc::Unsupported, "unknown command");
 }

@@ -1,8 +1,9 @@
 // ApiControl: the machine side of the control API in keel-vmm. The API
 // thread queues Commands (api::CommandQueue); keel-vmm's main thread, which
 // owns the Machine, polls fd() and answers them here, and publishes the
-// lifecycle events (created, running, paused, resumed, stopping, stopped,
-// reset) to the EventLog the events stream reads.
+// lifecycle events (created, running, paused, resumed, power-button,
+// balloon, guest-panic, stopping, stopped, reset) to the EventLog the events
+// stream reads.
 #pragma once
 
 #include <chrono>

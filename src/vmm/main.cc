@@ -20,6 +20,7 @@
 #include "base/log.h"
 #include "kvm/kvm.h"
 #include "machine/machine.h"
+#include "migration/snapshot.h"
 #include "vmm/console.h"
 #include "vmm/control.h"
 
@@ -30,6 +31,7 @@ constexpr int kExitPowerOff = 0;
 constexpr int kExitFailure = 1;
 constexpr int kExitBadConfig = 2;
 constexpr int kExitRebootRefused = 3;
+constexpr int kExitGuestPanic = 4;
 constexpr uint32_t kMaxXapicVcpus = 254;
 
 constexpr const char* kFooter = R"(
@@ -38,6 +40,7 @@ Exit status:
   1  the VM failed (triple fault, KVM error, unhandled exit); registers are printed
   2  the configuration is invalid (the message names the field)
   3  the guest rebooted and --no-reboot was given
+  4  the guest panicked (reported through pvpanic; the VM is stopped, not rebooted)
   N  with --debug-exit, the byte a test guest wrote to port 0xf4
 
 Console: with --serial stdio on a terminal, the terminal is in raw mode; type
@@ -186,6 +189,14 @@ int run(int argc, char** argv) {
   app.add_flag("--no-acpi", no_acpi, "Do not give the guest ACPI tables");
   app.add_flag("--debug-exit", debug_exit, "Map the test-exit port 0xf4: a byte written there ends the VM with it as exit status");
   app.add_flag("--print-config", print_config, "Print the resulting configuration as JSON and exit");
+  std::string restore_path;
+  bool restore_paused = false;
+  app.add_option("--restore", restore_path,
+                 "Go on running the machine a snapshot file holds (PUT /api/v1/vm/snapshot, "
+                 "keelctl vm snapshot); the machine comes from the file, so only --serial, "
+                 "--no-reboot, --api-socket and --log-level may be given with it");
+  app.add_flag("--restore-paused", restore_paused,
+               "With --restore: hold the vCPUs until PUT /api/v1/vm/resume (default: run at once)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
   try {
     app.parse(argc, argv);
@@ -205,6 +216,28 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "keel-vmm: %s\n", error.message().c_str());
     return kExitBadConfig;
   };
+  std::optional<migration::Snapshot> snapshot;
+  if (!restore_path.empty()) {
+    for (const char* name : {"--config", "--kernel", "--initrd", "--cmdline", "--cpus", "--memory",
+                             "--disk", "--net", "--rng", "--virtio-console", "--balloon", "--vsock",
+                             "--no-acpi", "--debug-exit"}) {
+      if (app.count(name) > 0) {
+        std::fprintf(stderr, "keel-vmm: --restore takes the machine from the snapshot: drop %s\n",
+                     name);
+        return kExitBadConfig;
+      }
+    }
+    Result<migration::Snapshot> read = migration::read_snapshot(restore_path);
+    if (!read) return config_error(Error(read.error()).wrap(fmt::format("--restore '{}'", restore_path)));
+    if (Result<void> merged = machine::merge_json(read->machine.config_json, restore_path, config);
+        !merged) {
+      return config_error(merged.error());
+    }
+    snapshot = std::move(*read);
+  } else if (restore_paused) {
+    std::fprintf(stderr, "keel-vmm: --restore-paused needs --restore\n");
+    return kExitBadConfig;
+  }
   if (!config_file.empty()) {
     Result<std::string> text = read_text_file(config_file);
     if (!text) return config_error(text.error());
@@ -303,11 +336,19 @@ int run(int argc, char** argv) {
   for (uint64_t boot = 1;; ++boot) {
     Console* sink = console->get();
     Console* virtio_sink = virtio_console.get();
-    Result<std::unique_ptr<machine::Machine>> machine = machine::Machine::create(
-        config, *kvm, [sink](std::span<const std::byte> bytes) { sink->write(bytes); },
-        [virtio_sink](std::span<const std::byte> bytes) {
-          if (virtio_sink != nullptr) virtio_sink->write(bytes);
-        });
+    auto serial_output = [sink](std::span<const std::byte> bytes) { sink->write(bytes); };
+    // The snapshot is the first boot; a guest reset after it boots afresh.
+    Result<std::unique_ptr<machine::Machine>> machine =
+        boot == 1 && snapshot
+            ? machine::Machine::restore(restore_path, *snapshot, config, *kvm, serial_output)
+            : machine::Machine::create(config, *kvm, serial_output,
+                                       [virtio_sink](std::span<const std::byte> bytes) {
+                                         if (virtio_sink != nullptr) virtio_sink->write(bytes);
+                                       });
+    if (machine && boot == 1 && snapshot) {
+      snapshot.reset();  // the RAM mapping keeps what it needs of the file
+      if (restore_paused) (*machine)->start_paused();
+    }
     if (!machine) {
       console->reset();  // restore the terminal before printing
       virtio_console.reset();  // whichever of the two holds the terminal
@@ -330,6 +371,10 @@ int run(int argc, char** argv) {
       case machine::StopReason::PowerOff:
       case machine::StopReason::Stopped: return kExitPowerOff;
       case machine::StopReason::DebugExit: return status.debug_exit_code;
+      case machine::StopReason::GuestPanic:
+        console->reset();
+        std::fprintf(stderr, "keel-vmm: the guest panicked: %s\n", status.detail.c_str());
+        return kExitGuestPanic;
       case machine::StopReason::Reset:
         if (!config.reboot) return kExitRebootRefused;
         LOG_INFO("guest reset: rebooting (boot {})", boot + 1);

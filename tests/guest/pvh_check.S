@@ -12,6 +12,10 @@
      w  wait for a byte on COM1 (polling LSR), echo it, then exit 0
      m  read the PCI host bridge's ID through ECAM (MMIO) and through
         ports 0xcf8/0xcfc, then exit 0
+     k  report a panic through pvpanic (write 1 to port 0x505), then halt
+     c  count forever: print a..z, a..z, ... one letter per step, the
+        position kept in RAM (so a restored snapshot goes on from the
+        letter after the last one printed)
    A failed check writes its own code to the debug-exit port 0xf4:
      11 magic  12 version  13 command line  14 memmap  15 CR0.PG set
      16 CR0.PE clear  17 initrd module  18 ECAM ID  19 port 0xcf8 ID
@@ -80,6 +84,10 @@ print:
 	je echo
 	cmp $'m', %edi
 	je pci_ids
+	cmp $'k', %edi
+	je panic
+	cmp $'c', %edi
+	je count
 	xor %eax, %eax                  /* every check passed */
 fail:
 	out %al, $0xf4
@@ -133,9 +141,31 @@ pci_ids:
 	out %al, $0xf4
 	jmp halt
 
+count:
+	movzbl counter, %eax
+	add $'a', %al
+	mov $0x3f8, %dx
+	out %al, %dx
+	movzbl counter, %eax
+	inc %eax
+	cmp $26, %eax
+	jb 5f
+	xor %eax, %eax
+5:	movb %al, counter
+	mov $20000, %ecx                /* a pause between letters */
+6:	dec %ecx
+	jnz 6b
+	jmp count
+
 power_off:
 	mov $((5 << 2) | (1 << 5)), %al /* SLP_TYP = S5, SLP_EN */
 	mov $0x3c0, %dx
+	out %al, %dx
+	jmp halt
+
+panic:
+	mov $1, %al                     /* pvpanic PANICKED */
+	mov $0x505, %dx
 	out %al, %dx
 	jmp halt
 
@@ -148,3 +178,7 @@ empty_idt:
 	.long 0
 
 	.section .note.GNU-stack, "", @progbits
+
+	.bss
+counter:
+	.byte 0

@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -14,8 +15,6 @@
 
 #include <fmt/format.h>
 
-#include "base/mmap.h"
-#include "kvm/kvm.h"
 
 namespace keel::testing {
 namespace {
@@ -111,16 +110,7 @@ std::optional<std::string> tiny_guest_unavailable_reason() {
   return std::nullopt;
 }
 
-Result<TinyGuestResult> run_tiny_guest(const std::string& binary_path,
-                                       const TinyGuestOptions& options) {
-  std::ifstream file(binary_path, std::ios::binary);
-  if (!file) return fail(Errc::NotFound, fmt::format("tiny guest {}: cannot open", binary_path));
-  std::vector<char> image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  if (image.empty() || kTinyGuestLoadAddress + image.size() > options.memory_bytes) {
-    return fail(Errc::InvalidArgument,
-                fmt::format("tiny guest {}: {} bytes does not fit", binary_path, image.size()));
-  }
-
+Result<TinyVm> TinyVm::assemble(const TinyGuestOptions& options, Fd memory_fd, Mmap memory) {
   struct sigaction action {};
   action.sa_handler = ignore_signal;
   sigaction(SIGUSR1, &action, nullptr);
@@ -128,20 +118,51 @@ Result<TinyGuestResult> run_tiny_guest(const std::string& binary_path,
   kvm::Kvm kvm = TRY(kvm::Kvm::open());
   kvm::Vm vm = TRY(kvm.create_vm());
   TRY(vm.set_tss_address(0xfffbd000));
-  Mmap memory = TRY(Mmap::anonymous(options.memory_bytes));
-  TRY(vm.set_memory_region(0, 0, options.memory_bytes, memory.data()));
-  build_page_tables(memory.data(), options.memory_bytes);
-  std::memcpy(memory.data() + kTinyGuestLoadAddress, image.data(), image.size());
-
+  if (options.irqchip == InKernelIrqchip::Yes) {
+    TRY(vm.create_irqchip());
+    TRY(vm.create_pit());
+  }
+  TRY(vm.set_memory_region(0, 0, memory.size_bytes(), memory.data()));
   kvm::Vcpu vcpu = TRY(vm.create_vcpu(0));
-  TRY(vcpu.set_cpuid(TRY(kvm.supported_cpuid())));
-  TRY(enter_long_mode(vcpu));
+  return TinyVm(std::move(kvm), std::move(vm), std::move(memory_fd), std::move(memory),
+                std::move(vcpu));
+}
 
+Result<TinyVm> TinyVm::create(const TinyGuestOptions& options) {
+  Fd memory_fd(::memfd_create("tiny-guest-ram", MFD_CLOEXEC));
+  if (!memory_fd.valid()) return fail_errno("memfd_create tiny guest RAM");
+  if (::ftruncate(memory_fd.get(), static_cast<off_t>(options.memory_bytes)) < 0) {
+    return fail_errno("ftruncate tiny guest RAM");
+  }
+  Mmap memory = TRY(Mmap::file(memory_fd, options.memory_bytes, 0, PROT_READ | PROT_WRITE,
+                               MAP_SHARED));
+  build_page_tables(memory.data(), options.memory_bytes);
+  return assemble(options, std::move(memory_fd), std::move(memory));
+}
+
+Result<TinyVm> TinyVm::create_on(const TinyGuestOptions& options, Mmap memory) {
+  return assemble(options, Fd(), std::move(memory));
+}
+
+Result<void> TinyVm::load(const std::string& binary_path) {
+  std::ifstream file(binary_path, std::ios::binary);
+  if (!file) return fail(Errc::NotFound, fmt::format("tiny guest {}: cannot open", binary_path));
+  std::vector<char> image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (image.empty() || kTinyGuestLoadAddress + image.size() > memory_.size_bytes()) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("tiny guest {}: {} bytes does not fit", binary_path, image.size()));
+  }
+  std::memcpy(memory_.data() + kTinyGuestLoadAddress, image.data(), image.size());
+  TRY(vcpu_.set_cpuid(TRY(kvm_.supported_cpuid())));
+  return enter_long_mode(vcpu_);
+}
+
+Result<TinyGuestResult> TinyVm::run(const TinyGuestOptions& options) {
   TinyGuestResult result;
   {
-    Watchdog watchdog(vcpu, pthread_self(), options.timeout);
+    Watchdog watchdog(vcpu_, pthread_self(), options.timeout);
     while (result.exits < options.max_exits) {
-      kvm::VcpuExit exit = TRY(vcpu.run());
+      kvm::VcpuExit exit = TRY(vcpu_.run());
       ++result.exits;
       result.last_exit = exit;
       if (exit.kind == kvm::VcpuExit::Kind::Interrupted) {
@@ -152,25 +173,37 @@ Result<TinyGuestResult> run_tiny_guest(const std::string& binary_path,
         continue;
       }
       if (exit.kind == kvm::VcpuExit::Kind::IoOut && exit.address == kSerialPort) {
-        for (std::byte b : vcpu.io_data()) result.serial.push_back(static_cast<char>(b));
+        for (std::byte b : vcpu_.io_data()) result.serial.push_back(static_cast<char>(b));
         continue;
       }
       if (exit.kind == kvm::VcpuExit::Kind::IoOut && exit.address == kTestExitPort) {
-        result.exit_code = static_cast<uint8_t>(vcpu.io_data()[0]);
+        result.exit_code = static_cast<uint8_t>(vcpu_.io_data()[0]);
+        break;
+      }
+      if (exit.kind == kvm::VcpuExit::Kind::IoOut && options.stop_port &&
+          exit.address == *options.stop_port) {
+        result.stop_value = static_cast<uint8_t>(vcpu_.io_data()[0]);
         break;
       }
       if (exit.kind == kvm::VcpuExit::Kind::IoIn) {
         // Unclaimed ports read as all ones, as on a PC.
-        std::memset(vcpu.io_data().data(), 0xff, vcpu.io_data().size());
+        std::memset(vcpu_.io_data().data(), 0xff, vcpu_.io_data().size());
         continue;
       }
       if (exit.kind == kvm::VcpuExit::Kind::IoOut) continue;  // unclaimed port
       break;  // hlt, shutdown, errors: the test decides what it expected
     }
   }
-  result.regs = TRY(vcpu.regs());
-  result.sregs = TRY(vcpu.sregs());
+  result.regs = TRY(vcpu_.regs());
+  result.sregs = TRY(vcpu_.sregs());
   return result;
+}
+
+Result<TinyGuestResult> run_tiny_guest(const std::string& binary_path,
+                                       const TinyGuestOptions& options) {
+  TinyVm vm = TRY(TinyVm::create(options));
+  TRY(vm.load(binary_path));
+  return vm.run(options);
 }
 
 }  // namespace keel::testing

@@ -207,6 +207,85 @@ TEST_F(VmmApiTest, ResetThroughTheApiRebootsTheGuest) {
   EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
 }
 
+TEST_F(VmmApiTest, BalloonTargetIsSetWithinTheGuestsRam) {
+  std::vector<std::string> args = polling_guest(socket_);
+  args.insert(args.end(), {"--balloon", "on"});
+  start(args);
+  Result<api::HttpReply> reply =
+      client().request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 16})");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 200u) << reply->body;
+  EXPECT_EQ(Json::parse(reply->body, nullptr, false)["target_mib"], 16);
+  bool shown = false;
+  const Json devices = call("GET", "/api/v1/vm/devices")["devices"];
+  for (const Json& device : devices) {
+    if (device["type"] == "virtio-balloon") {
+      EXPECT_EQ(device["properties"]["target_mib"], "16") << device.dump();
+      shown = true;
+    }
+  }
+  EXPECT_TRUE(shown);
+  // Its counters in the metrics, JSON and Prometheus.
+  const Json metrics = call("GET", "/api/v1/vm/metrics");
+  ASSERT_EQ(metrics["devices"].size(), 1u) << metrics.dump();
+  EXPECT_EQ(metrics["devices"][0]["type"], "virtio-balloon");
+  EXPECT_EQ(metrics["devices"][0]["counters"]["queue_notifications"], 0) << "no driver here";
+  Result<api::HttpReply> prometheus = client().request("GET", "/metrics");
+  ASSERT_TRUE(prometheus);
+  EXPECT_THAT(prometheus->body,
+              HasSubstr("keel_virtio_interrupts_total{device=\"virtio-balloon\",address=\"0000:00:01.0\"} "));
+
+  reply = client().request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 65})");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 400u) << reply->body;
+  Json error = Json::parse(reply->body, nullptr, false)["error"];
+  EXPECT_EQ(error["field"], "target_mib");
+  EXPECT_THAT(error["message"].get<std::string>(), HasSubstr("64 MiB"));
+
+  Outcome set = keelctl(ctl({"vm", "balloon", "--target-mib", "8"}));
+  EXPECT_EQ(set.exit_status, 0) << set;
+  EXPECT_THAT(set.out, HasSubstr("balloon target 8 MiB"));
+  Outcome events = keelctl(ctl({"--json", "vm", "events"}));
+  EXPECT_THAT(events.out, HasSubstr("\"type\":\"balloon\""));
+  EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "running") << "a refused request leaves the VM be";
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmApiTest, BalloonAndPowerButtonAreConflictsWithoutTheirDevice) {
+  start(polling_guest(socket_));  // no --balloon, --no-acpi
+  Result<api::HttpReply> reply =
+      client().request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 16})");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 409u) << reply->body;
+  EXPECT_THAT(reply->body, HasSubstr("--balloon"));
+  reply = client().request("PUT", "/api/v1/vm/power-button");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 409u) << reply->body;
+  EXPECT_THAT(reply->body, HasSubstr("--no-acpi"));
+  EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "running");
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmApiTest, PowerButtonIsPressedAndPublished) {
+  // With ACPI tables: the tiny guest ignores them, and the GED's interrupt.
+  std::vector<std::string> args = polling_guest(socket_);
+  std::erase(args, "--no-acpi");
+  start(args);
+  const Json devices = call("GET", "/api/v1/vm/devices")["devices"];
+  bool ged = false;
+  for (const Json& device : devices) ged = ged || device["type"] == "acpi-ged";
+  EXPECT_TRUE(ged) << devices.dump();
+  Outcome pressed = keelctl(ctl({"vm", "power-button"}));
+  EXPECT_EQ(pressed.exit_status, 0) << pressed;
+  EXPECT_THAT(pressed.out, HasSubstr("power button pressed"));
+  Outcome events = keelctl(ctl({"--json", "vm", "events"}));
+  EXPECT_THAT(events.out, HasSubstr("\"type\":\"power-button\""));
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
 TEST_F(VmmApiTest, KeelctlDrivesTheVm) {
   start(polling_guest(socket_));
   Outcome info = keelctl(ctl({"vm", "info"}));
@@ -260,7 +339,7 @@ TEST(KeelctlTest, HelpListsTheVmCommands) {
   Outcome outcome = keelctl({"vm", "--help"});
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
   for (const char* command : {"info", "devices", "pause", "resume", "reset", "stop", "metrics",
-                              "events"}) {
+                              "events", "balloon", "power-button"}) {
     EXPECT_THAT(outcome.out, HasSubstr(command));
   }
 }

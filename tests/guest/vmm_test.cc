@@ -330,6 +330,13 @@ TEST_F(VmmGuestTest, AcpiPowerOffExitsZero) {
   EXPECT_EQ(outcome.out, "pvh ok\n");
 }
 
+TEST_F(VmmGuestTest, GuestPanicThroughPvpanicStopsTheVmWithStatusFour) {
+  Outcome outcome = run_vmm(guest_args("pvh-test k"));
+  EXPECT_EQ(outcome.exit_status, 4) << outcome;
+  EXPECT_EQ(outcome.out, "pvh ok\n") << "stopped, not rebooted";
+  EXPECT_THAT(outcome.err, HasSubstr("the guest panicked"));
+}
+
 TEST_F(VmmGuestTest, ResetWithNoRebootExitsThree) {
   Outcome outcome = run_vmm(with(guest_args("pvh-test reset"), {"--no-reboot"}));
   EXPECT_EQ(outcome.exit_status, 3) << outcome;

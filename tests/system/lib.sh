@@ -31,6 +31,9 @@
 #                                L2_RC and L2_OUTPUT
 #   l2_wait_exit NAME [TIMEOUT]  waits for the VMM to exit; sets L2_EXIT_RC
 #   l2_kill NAME                 stops the VMM this scenario started
+#   l2_restore NAME SNAPSHOT [--vmm-arg ARG]...   (keel only) starts a new
+#       keel-vmm --restore SNAPSHOT for guest NAME, whose VMM has exited; the
+#       old console is kept as console.log.before-restore. Does not wait.
 #   l2_run_foreground [options]  runs a VMM in the foreground on this terminal
 #   b64 FILE|-                   base64 without line breaks (for keel.cmd=)
 #   log MSG, fail MSG, skip MSG, assert_eq A B WHAT, assert_match S ERE WHAT,
@@ -167,23 +170,30 @@ EOF
 
 _l2_exec_keel() {
   local disk mode readonly_opt arg
-  # --no-reboot: a guest that panics (panic=-1 reboots) ends the run.
-  set -- keel-vmm --kernel "$_l2_kernel" --initrd "$_l2_initrd" --cmdline "$_l2_cmdline" \
-    --cpus "$_l2_cpus" --memory "$_l2_mem_mib" --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
-  if [ "$_l2_console" = hvc0 ]; then
-    set -- "$@" --serial none --virtio-console stdio
+  if [ -n "${_l2_restore_from:-}" ]; then
+    # The machine (kernel, sizes, devices) comes from the snapshot.
+    set -- keel-vmm --restore "$_l2_restore_from" --serial stdio --no-reboot \
+      --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
   else
-    set -- "$@" --serial stdio
-  fi
-  [ "$_l2_allow_reboot" = 1 ] || set -- "$@" --no-reboot
-  while read -r disk mode; do
-    [ -n "$disk" ] || continue
-    readonly_opt=on
-    [ "$mode" = rw ] && readonly_opt=off
-    set -- "$@" --disk "path=$disk,readonly=$readonly_opt"
-  done <<EOF
+    # --no-reboot: a guest that panics ends the run (pvpanic: exit 4; a
+    # panic=-1 reboot without pvpanic: exit 3).
+    set -- keel-vmm --kernel "$_l2_kernel" --initrd "$_l2_initrd" --cmdline "$_l2_cmdline" \
+      --cpus "$_l2_cpus" --memory "$_l2_mem_mib" --log-level "${KEEL_VMM_LOG_LEVEL:-warn}"
+    if [ "$_l2_console" = hvc0 ]; then
+      set -- "$@" --serial none --virtio-console stdio
+    else
+      set -- "$@" --serial stdio
+    fi
+    [ "$_l2_allow_reboot" = 1 ] || set -- "$@" --no-reboot
+    while read -r disk mode; do
+      [ -n "$disk" ] || continue
+      readonly_opt=on
+      [ "$mode" = rw ] && readonly_opt=off
+      set -- "$@" --disk "path=$disk,readonly=$readonly_opt"
+    done <<EOF
 $_l2_disks
 EOF
+  fi
   # One extra keel-vmm argument per line (values may contain spaces).
   while IFS= read -r arg; do
     [ -n "$arg" ] && set -- "$@" "$arg"
@@ -250,7 +260,7 @@ _l2_start() {
   local name dir
   name=$1
   dir=$(_vm_dir "$name")
-  rm -f "$dir/in" "$dir/pid" "$dir/rc" "$dir/dumped"
+  rm -f "$dir/in" "$dir/pid" "$dir/rc" "$dir/dumped" "$dir/restored"
   mkfifo "$dir/in"
   : > "$dir/console.log"
   printf '%s\n' "$_l2_cmdline" > "$dir/cmdline"
@@ -362,8 +372,9 @@ l2_cmd() {
     sleep 0.2
   done
   # Output of this command: the lines after the previous command's marker
-  # (or the agent's ready marker) up to its own marker.
-  L2_OUTPUT=$(awk -v want="$want" '
+  # (or the agent's ready marker, or the start of a restored guest's
+  # console, which has none) up to its own marker.
+  L2_OUTPUT=$(awk -v want="$want" -v collecting="$([ -f "$dir/restored" ] && echo 1 || echo 0)" '
     /^KEEL-CMD-DONE/ { seen++; if (seen == want) exit; next }
     /^KEEL-SERIAL-READY/ { collecting = 1; next }
     collecting && seen == want - 1 { print }' "$dir/snapshot")
@@ -387,6 +398,28 @@ l2_wait_exit() {
   _record_exit "$name"
   L2_EXIT_RC=$(cat "$dir/rc")
   log "$name: VMM exited with rc=$L2_EXIT_RC"
+}
+
+l2_restore() {
+  local name dir
+  [ $# -ge 2 ] || fail "l2_restore needs a guest name and a snapshot"
+  [ "$KEEL_L2_VMM" = keel ] || fail "l2_restore is for KEEL_L2_VMM=keel only"
+  name=$1 _l2_restore_from=$2
+  shift 2
+  _l2_vmm_args=''
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
+$2"; shift 2 ;;
+      *) fail "l2_restore option '$1' is unknown" ;;
+    esac
+  done
+  dir=$(_vm_dir "$name")
+  _record_exit "$name"
+  mv "$dir/console.log" "$dir/console.log.before-restore"
+  _l2_start "$name"
+  touch "$dir/restored"
+  _l2_restore_from=
 }
 
 l2_kill() {

@@ -85,6 +85,17 @@ Result<void> validate(const AcpiConfig& config, uint64_t base, uint64_t max_byte
     return invalid(
         fmt::format("S5 sleep type {} does not fit SLP_TYP's 3 bits", config.s5_sleep_type));
   }
+  if (config.ged_address != 0) {
+    // The OperationRegion and the MRES reservation are 32-bit here.
+    if (config.ged_address % kGedRegisterBytes != 0 ||
+        config.ged_address > UINT32_MAX - kGedRegisterBytes) {
+      return invalid(fmt::format("GED register {:#x} is not an aligned address below 4 GiB",
+                                 config.ged_address));
+    }
+    if (config.ged_gsi >= kIoapicPinCount || config.ged_gsi == 0 || config.ged_gsi == 2) {
+      return invalid(fmt::format("GED GSI {} is not a free IOAPIC pin", config.ged_gsi));
+    }
+  }
   if (madt_size(config.cpu_count) > max_bytes) {
     return fail(Errc::OutOfRange, fmt::format("ACPI tables: the MADT for {} CPUs exceeds {} bytes",
                                               config.cpu_count, max_bytes));
@@ -119,6 +130,9 @@ AcpiConfig default_config(uint32_t cpu_count, uint64_t mmio64_base, uint64_t mmi
       .reset_port = layout::kAcpiResetPort,
       .reset_value = layout::kAcpiResetValue,
       .s5_sleep_type = layout::kAcpiS5SleepType,
+      .ged_address = layout::kGedStart,
+      .ged_gsi = layout::kGedGsi,
+      .pvpanic_port = layout::kPvpanicPort,
   };
 }
 

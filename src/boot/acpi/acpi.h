@@ -7,7 +7,8 @@
 // sleep control/status and reset registers), MADT (xAPIC entries for APIC
 // IDs below 255, x2APIC entries above; one IOAPIC; IRQ0 -> GSI2 override;
 // LINT1 NMI), MCFG (one segment), DSDT (PCI0 host bridge with _CRS and a
-// GSI-routed _PRT, an ECAM motherboard resource, COM1, \_S5).
+// GSI-routed _PRT, an ECAM motherboard resource, COM1, a GED with a power
+// button, a pvpanic device, \_S5).
 // Missing: no RSDT (64-bit-aware OSes only), no FACS (hardware-reduced
 // needs none), no processor objects in the DSDT, no _OSC on PCI0 (Linux
 // keeps native PCIe hotplug/AER/PME off), no HPET/SRAT/SLIT, no S1-S4.
@@ -43,7 +44,18 @@ struct AcpiConfig {
   uint16_t sleep_control_port, sleep_status_port, reset_port;
   uint8_t reset_value;
   uint8_t s5_sleep_type;  // SLP_TYP for S5 (0-7), also the _S5_ package's first value
+  // The Generic Event Device (ACPI0013) and the power button it notifies:
+  // an edge-triggered GSI and the 32-bit event register its _EVT reads
+  // (kGedEvent* bits). ged_address 0: neither device.
+  uint64_t ged_address;
+  uint32_t ged_gsi;
+  // QEMU's ISA pvpanic (QEMU0001), one I/O port; 0: none.
+  uint16_t pvpanic_port;
 };
+
+// The GED event register's bits: which event the interrupt was for.
+inline constexpr uint32_t kGedEventPowerButton = 1u << 0;
+inline constexpr uint64_t kGedRegisterBytes = 4;
 
 struct AcpiTables {
   std::vector<std::byte> bytes;  // to be copied to guest memory at `base`

@@ -24,7 +24,13 @@ constexpr uint8_t kMethodOp = 0x14;
 constexpr uint8_t kDualNamePrefix = 0x2e;
 constexpr uint8_t kMultiNamePrefix = 0x2f;
 constexpr uint8_t kExtOpPrefix = 0x5b;
-constexpr uint8_t kDeviceOp = 0x82;  // after kExtOpPrefix
+constexpr uint8_t kOpRegionOp = 0x80;  // after kExtOpPrefix
+constexpr uint8_t kFieldOp = 0x81;     // after kExtOpPrefix
+constexpr uint8_t kDeviceOp = 0x82;    // after kExtOpPrefix
+constexpr uint8_t kStoreOp = 0x70;
+constexpr uint8_t kAndOp = 0x7b;
+constexpr uint8_t kNotifyOp = 0x86;
+constexpr uint8_t kIfOp = 0xa0;
 constexpr uint8_t kRootChar = '\\';
 constexpr uint8_t kParentPrefixChar = '^';
 constexpr uint8_t kNullName = 0x00;
@@ -72,6 +78,14 @@ Bytes op_with_body(std::initializer_list<uint8_t> opcode, const Bytes& body) {
   Bytes out;
   for (uint8_t byte : opcode) put(out, byte);
   append(out, with_pkg_length(body));
+  return out;
+}
+
+// A term that is an opcode and its operands, no PkgLength: Store, Notify...
+Bytes op_with_operands(uint8_t opcode, std::initializer_list<const Bytes*> operands) {
+  Bytes out;
+  put(out, opcode);
+  for (const Bytes* operand : operands) append(out, *operand);
   return out;
 }
 
@@ -270,10 +284,7 @@ Bytes method(std::string_view path, uint8_t arg_count, MethodSerialization seria
 }
 
 Bytes return_value(const Bytes& value) {
-  Bytes out;
-  put(out, kReturnOp);
-  append(out, value);
-  return out;
+  return op_with_operands(kReturnOp, {&value});
 }
 
 Bytes arg(uint8_t index) {
@@ -290,6 +301,56 @@ Bytes concat(const std::vector<Bytes>& terms) {
   Bytes out;
   for (const Bytes& term : terms) append(out, term);
   return out;
+}
+
+Bytes operation_region(std::string_view name, RegionSpace space, uint64_t offset,
+                       uint64_t length) {
+  Bytes out;
+  put(out, kExtOpPrefix);
+  put(out, kOpRegionOp);
+  append(out, name_string(name));
+  put(out, static_cast<uint8_t>(space));
+  append(out, integer(offset));
+  append(out, integer(length));
+  return out;
+}
+
+Bytes field(std::string_view region, FieldAccess access, FieldUpdate update,
+            const std::vector<FieldUnit>& units) {
+  Bytes body = name_string(region);
+  put(body, static_cast<uint8_t>(static_cast<uint8_t>(access) |
+                                 (static_cast<uint8_t>(update) << 5)));
+  for (const FieldUnit& unit : units) {
+    // NamedField := NameSeg PkgLength, the PkgLength being the width in
+    // bits (section 20.2.5.2), not a byte count.
+    CHECK(unit.bits > 0 && unit.bits <= kMaxPkgLength, "AML field width");
+    append(body, name_seg(unit.name));
+    append(body, encode_pkg_length(unit.bits));
+  }
+  return op_with_body({kExtOpPrefix, kFieldOp}, body);
+}
+
+Bytes reference(std::string_view path) {
+  return name_string(path);
+}
+
+Bytes store(const Bytes& value, const Bytes& target) {
+  return op_with_operands(kStoreOp, {&value, &target});
+}
+
+Bytes bitwise_and(const Bytes& left, const Bytes& right) {
+  static const Bytes kNoTarget = {std::byte{kNullName}};
+  return op_with_operands(kAndOp, {&left, &right, &kNoTarget});
+}
+
+Bytes if_then(const Bytes& predicate, const std::vector<Bytes>& terms) {
+  Bytes body = predicate;
+  append(body, concat(terms));
+  return op_with_body({kIfOp}, body);
+}
+
+Bytes notify(const Bytes& object, const Bytes& value) {
+  return op_with_operands(kNotifyOp, {&object, &value});
 }
 
 // ---- Resource templates ----

@@ -9,11 +9,12 @@
 // (resource data types for ACPI, the bytes inside a ResourceTemplate).
 // Implemented: NameSeg/NameString, PkgLength (1-4 bytes), integers in their
 // smallest encoding, strings, buffers, packages, Name, Scope, Device, Method,
-// Return, ArgN/LocalN, EISAID; resource templates with IO, IRQNoFlags,
-// Memory32Fixed, extended Interrupt, Word/DWord/QWord address spaces and the
-// checksummed End Tag.
-// Missing: OperationRegion/Field, If/Else, Notify, Store and the other
-// expression opcodes (add them here when PCI hotplug or GED need them).
+// Return, ArgN/LocalN, EISAID, OperationRegion and Field (named units only),
+// Store, And, If, Notify and names as operands (what the GED's _EVT needs);
+// resource templates with IO, IRQNoFlags, Memory32Fixed, extended Interrupt,
+// Word/DWord/QWord address spaces and the checksummed End Tag.
+// Missing: Else, While, the arithmetic and logical opcodes beyond And,
+// Offset/AccessAs in field lists (add them when PCI hotplug needs them).
 //
 // The inputs are Keel's own constants (names, IDs, ranges), so a malformed
 // one is a bug and CHECK-fails; callers that build names at run time can
@@ -96,6 +97,38 @@ Bytes local(uint8_t index);
 
 // The terms one after another.
 Bytes concat(const std::vector<Bytes>& terms);
+
+// ---- Operation regions and fields (ACPI 6.4 sections 19.6.100, 19.6.48) ----
+
+enum class RegionSpace : uint8_t { SystemMemory = 0x00, SystemIo = 0x01 };
+// OperationRegion(name, space, offset, length)
+Bytes operation_region(std::string_view name, RegionSpace space, uint64_t offset,
+                       uint64_t length);
+
+// FieldFlags (section 20.2.5.2): bits 3-0 AccessType, bit 4 LockRule,
+// bits 6-5 UpdateRule.
+enum class FieldAccess : uint8_t { Any = 0, Byte = 1, Word = 2, DWord = 3, QWord = 4 };
+enum class FieldUpdate : uint8_t { Preserve = 0, WriteAsOnes = 1, WriteAsZeros = 2 };
+struct FieldUnit {
+  std::string_view name;  // a NameSeg
+  uint32_t bits;          // width, packed one after another from bit 0
+};
+// Field(region, access, NoLock, update) { name, bits, ... }
+Bytes field(std::string_view region, FieldAccess access, FieldUpdate update,
+            const std::vector<FieldUnit>& units);
+
+// ---- Statements and expressions (ACPI 6.4 sections 20.2.5.3, 20.2.5.4) ----
+
+// A named object as an operand or target: the NameString of path.
+Bytes reference(std::string_view path);
+// Store(value, target)
+Bytes store(const Bytes& value, const Bytes& target);
+// And(left, right) with no target: the value only.
+Bytes bitwise_and(const Bytes& left, const Bytes& right);
+// If(predicate) { terms }: the terms run when predicate is not zero.
+Bytes if_then(const Bytes& predicate, const std::vector<Bytes>& terms);
+// Notify(object, value)
+Bytes notify(const Bytes& object, const Bytes& value);
 
 // ---- Resource templates (ACPI 6.4 section 6.4) ----
 

@@ -9,9 +9,19 @@
 //   \_SB.MRES  PNP0C02 motherboard resources: the ECAM range, so Linux
 //              trusts the MCFG region
 //   \_SB.COM1  PNP0501 16550 UART
+//   \_SB.PWRB  PNP0C0C power button (section 4.8.3.1.2), notified 0x80 by:
+//   \_SB.GED0  ACPI0013 Generic Event Device (section 5.6.9): on its
+//              edge-triggered GSI, _EVT reads the 32-bit event register
+//              ESEL (the device clears it on read) and notifies PWRB when
+//              kGedEventPowerButton is set. Hardware-reduced ACPI has no
+//              fixed power button event, so this is how one reaches Linux
+//              (drivers/acpi/evged.c, then the button driver).
+//   \_SB.PEVT  QEMU0001 pvpanic: one I/O port Linux's pvpanic-mmio
+//              driver writes when the guest panics
 //   \_S5       soft-off, the SLP_TYP for the FADT's sleep control register
-// Missing: processor objects, _OSC, PCI hotplug, a GED power button, the
-// RTC and i8042 as namespace devices (Linux finds them without).
+// Missing: processor objects, _OSC, PCI hotplug (a GED event bit when it
+// comes), the RTC and i8042 as namespace devices (Linux finds them
+// without).
 #include "boot/acpi/aml.h"
 #include "boot/acpi/tables.h"
 
@@ -69,9 +79,15 @@ Bytes pci_routing_table() {
   return aml::package(routes);
 }
 
-Bytes ecam_reservation_crs(const PciHostConfig& pci) {
+Bytes motherboard_crs(const AcpiConfig& config) {
+  const PciHostConfig& pci = config.pci;
   uint64_t size = (uint64_t{pci.bus_end} + 1) * kEcamBusSize;
   ResourceTemplate crs;
+  // The GED's register: nothing may put a BAR there.
+  if (config.ged_address != 0) {
+    crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(config.ged_address),
+                       static_cast<uint32_t>(kGedRegisterBytes));
+  }
   if (pci.ecam_base + size <= (uint64_t{1} << 32)) {
     crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(pci.ecam_base),
                        static_cast<uint32_t>(size));
@@ -87,6 +103,55 @@ Bytes com1_crs(const AcpiConfig& config) {
   crs.io(config.com1_port, config.com1_port, 1, kCom1PortCount);
   crs.irq_no_flags(static_cast<uint8_t>(config.com1_irq));
   return crs.to_buffer();
+}
+
+// \_SB.PWRB and \_SB.GED0 (see the top of the file).
+std::vector<Bytes> power_button_devices(const AcpiConfig& config) {
+  using aml::FieldAccess;
+  using aml::FieldUpdate;
+  using aml::integer;
+  using aml::name;
+  ResourceTemplate crs;
+  crs.interrupt(aml::InterruptTrigger::Edge, aml::InterruptPolarity::ActiveHigh,
+                aml::InterruptSharing::Exclusive, config.ged_gsi);
+  // clang-format off
+  Bytes power_button = aml::device("PWRB", {
+      name("_HID", integer(aml::eisa_id("PNP0C0C"))),
+      name("_UID", integer(0)),
+  });
+  Bytes ged = aml::device("GED0", {
+      name("_HID", aml::string("ACPI0013")),
+      name("_UID", integer(0)),
+      name("_CRS", crs.to_buffer()),
+      aml::operation_region("EREG", aml::RegionSpace::SystemMemory, config.ged_address,
+                            kGedRegisterBytes),
+      aml::field("EREG", FieldAccess::DWord, FieldUpdate::WriteAsZeros, {{"ESEL", 32}}),
+      // Method(_EVT, 1, Serialized) {
+      //   Local0 = ESEL
+      //   If (Local0 & kGedEventPowerButton) { Notify(\_SB.PWRB, 0x80) }
+      // }
+      aml::method("_EVT", 1, aml::MethodSerialization::Serialized, {
+          aml::store(aml::reference("ESEL"), aml::local(0)),
+          aml::if_then(aml::bitwise_and(aml::local(0), integer(kGedEventPowerButton)), {
+              // 0x80: "the power button was pressed" (section 5.6.6, table 5.168).
+              aml::notify(aml::reference("\\_SB.PWRB"), integer(0x80)),
+          }),
+      }),
+  });
+  // clang-format on
+  return {power_button, ged};
+}
+
+Bytes pvpanic_device(const AcpiConfig& config) {
+  ResourceTemplate crs;
+  crs.io(config.pvpanic_port, config.pvpanic_port, 1, 1);
+  // clang-format off
+  return aml::device("PEVT", {
+      aml::name("_HID", aml::string("QEMU0001")),
+      aml::name("_UID", aml::integer(0)),
+      aml::name("_CRS", crs.to_buffer()),
+  });
+  // clang-format on
 }
 
 }  // namespace
@@ -111,7 +176,7 @@ Bytes build_dsdt(const AcpiConfig& config) {
   Bytes motherboard_resources = device("MRES", {
       name("_HID", integer(eisa_id("PNP0C02"))),
       name("_UID", integer(0)),
-      name("_CRS", ecam_reservation_crs(config.pci)),
+      name("_CRS", motherboard_crs(config)),
   });
   Bytes com1 = device("COM1", {
       name("_HID", integer(eisa_id("PNP0501"))),  // 16550A-compatible UART
@@ -124,7 +189,12 @@ Bytes build_dsdt(const AcpiConfig& config) {
   Bytes s5 = name("\\_S5", aml::package({integer(config.s5_sleep_type), integer(0)}));
 
   SdtBuilder table("DSDT", kDsdtRevision);
-  table.writer().append(aml::scope("\\_SB", {pci0, motherboard_resources, com1}));
+  std::vector<Bytes> system_bus = {pci0, motherboard_resources, com1};
+  if (config.ged_address != 0) {
+    for (Bytes& device : power_button_devices(config)) system_bus.push_back(std::move(device));
+  }
+  if (config.pvpanic_port != 0) system_bus.push_back(pvpanic_device(config));
+  table.writer().append(aml::scope("\\_SB", system_bus));
   table.writer().append(s5);
   return std::move(table).finish();
 }

@@ -222,6 +222,8 @@ void Blk::handle_chain() {
       request.op = is_read ? block::BlockOp::Read : block::BlockOp::Write;
       request.offset = header.sector * kSectorBytes;
       request.iov = slot.iov;
+      (is_read ? counters_.read_bytes : counters_.write_bytes)
+          .fetch_add(data_bytes, std::memory_order_relaxed);
       return submit(request, status, is_read ? data_bytes : 0);
     }
     case kBlkTypeFlush:
@@ -296,6 +298,8 @@ void Blk::submit(block::BlockRequest& request, std::byte* status, uint32_t data_
 
 void Blk::complete_now(uint16_t head, std::byte* status, uint8_t value, uint32_t written_len) {
   *status = std::byte{value};
+  counters_.requests.fetch_add(1, std::memory_order_relaxed);
+  if (value != kBlkStatusOk) counters_.errors.fetch_add(1, std::memory_order_relaxed);
   if (!queue_->push_used(head, written_len)) return mark_broken("push used");
   pushed_ = true;
 }
@@ -319,6 +323,13 @@ void Blk::take_completions() {
     }
     deliver = !broken_;
   }
+}
+
+VirtioDevice::Counters Blk::counters() const {
+  return {{"requests", counters_.requests.load(std::memory_order_relaxed)},
+          {"errors", counters_.errors.load(std::memory_order_relaxed)},
+          {"read_bytes", counters_.read_bytes.load(std::memory_order_relaxed)},
+          {"write_bytes", counters_.write_bytes.load(std::memory_order_relaxed)}};
 }
 
 void Blk::signal_used() {

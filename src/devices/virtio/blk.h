@@ -5,12 +5,14 @@
 // RO, DISCARD and WRITE_ZEROES (one segment per request, unmap flag),
 // GET_ID; requests go to the backend's asynchronous face with their iovecs
 // pointing straight into guest RAM, many in flight, completions taken on
-// the event loop from backend->completion_fd().
+// the event loop from backend->completion_fd(); counters (requests,
+// errors, bytes) for the control API's metrics.
 // Missing: MQ, TOPOLOGY, CONFIG_WCE (the cache is always write-back, and a
 // driver that does not accept FLUSH gets no write-through), SECURE_ERASE,
 // GET_LIFETIME, snapshot state (in-flight requests would have to drain).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -126,6 +128,8 @@ class Blk final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  // requests, errors, read_bytes, write_bytes.
+  VirtioDevice::Counters counters() const override;
 
   // For tests and the benchmark: take completions now, as the event-loop
   // watch on the backend's completion fd would.
@@ -159,8 +163,17 @@ class Blk final : public VirtioDevice {
   void mark_broken(std::string_view why);
   void drain_backend();
 
+  // counters(): written under mutex_, read without it.
+  struct Counters {
+    std::atomic<uint64_t> requests{0};  // every used element, errors included
+    std::atomic<uint64_t> errors{0};    // completed with a status other than OK
+    std::atomic<uint64_t> read_bytes{0};   // data of read requests handed to the backend
+    std::atomic<uint64_t> write_bytes{0};  // data of write requests handed to the backend
+  };
+
   const std::unique_ptr<block::BlockBackend> backend_;
   const BlkConfig config_;
+  Counters counters_;
   BlkConfigSpace config_space_{};
 
   mutable std::mutex mutex_;  // guards everything below

@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/event_loop.h"
@@ -110,6 +111,12 @@ class VirtioDevice {
   // drop the queues, forget negotiated state. No Interrupt call after this
   // returns. Safe to call when not active.
   virtual void reset() = 0;
+
+  // Monotonic counters for the control API's metrics, (name, value) with
+  // names in snake_case ("read_bytes"); thread-safe. None by default; the
+  // transport adds its own (queue notifications, interrupts).
+  using Counters = std::vector<std::pair<std::string_view, uint64_t>>;
+  virtual Counters counters() const { return {}; }
 };
 
 }  // namespace keel::devices::virtio

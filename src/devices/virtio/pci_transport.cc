@@ -456,6 +456,7 @@ void VirtioPci::activate_locked() {
     Result<EventLoop::WatchId> watch =
         event_loop_.add(doorbells_[index].get(), Ready::In, [this, queue](uint32_t) {
           (void)doorbells_[queue].consume();
+          queue_notifications_.fetch_add(1, std::memory_order_relaxed);
           device_->notify(queue);
         });
     if (!watch) {
@@ -548,14 +549,27 @@ void VirtioPci::signal_queue(uint16_t queue) {
   if (queue >= queues_.size()) return;
   isr_.fetch_or(1);
   const uint16_t vector = queue_vectors_[queue].load();
-  if (vector != kVirtioNoVector) (void)msix_->notify(vector);
+  if (vector == kVirtioNoVector) return;
+  interrupts_.fetch_add(1, std::memory_order_relaxed);
+  (void)msix_->notify(vector);
 }
 
 void VirtioPci::signal_config() {
   config_generation_.fetch_add(1);
   isr_.fetch_or(2);
   const uint16_t vector = config_vector_.load();
-  if (vector != kVirtioNoVector) (void)msix_->notify(vector);
+  if (vector == kVirtioNoVector) return;
+  interrupts_.fetch_add(1, std::memory_order_relaxed);
+  (void)msix_->notify(vector);
+}
+
+VirtioDevice::Counters VirtioPci::counters() const {
+  VirtioDevice::Counters all = {
+      {"queue_notifications", queue_notifications_.load(std::memory_order_relaxed)},
+      {"interrupts", interrupts_.load(std::memory_order_relaxed)},
+  };
+  for (const auto& counter : device_->counters()) all.push_back(counter);
+  return all;
 }
 
 void VirtioPci::signal_needs_reset() {

@@ -87,6 +87,10 @@ class VirtioPci : public PciDevice {
 
   VirtioDevice& device() { return *device_; }
   uint8_t status() const { return status_.load(); }
+  // The device's counters after the transport's own: queue_notifications
+  // (doorbells handed to notify()) and interrupts (MSI-X messages asked
+  // for, used buffers and configuration changes alike).
+  VirtioDevice::Counters counters() const;
 
   // BAR 0 accesses (offsets from the BAR's base); public for tests.
   void bar_read(uint64_t offset, std::span<std::byte> data);
@@ -151,6 +155,8 @@ class VirtioPci : public PciDevice {
   bool active_ = false;
   // Read by interrupt paths on other threads.
   std::atomic<uint8_t> status_{0};
+  std::atomic<uint64_t> queue_notifications_{0};
+  std::atomic<uint64_t> interrupts_{0};
   std::atomic<uint8_t> isr_{0};
   std::atomic<uint8_t> config_generation_{0};
   std::atomic<uint16_t> config_vector_{kVirtioNoVector};

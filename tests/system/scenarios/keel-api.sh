@@ -1,10 +1,13 @@
 #!/bin/sh
-# keel-timeout: 300
+# keel-timeout: 900
 # The control API (keel-vmm --api-socket) on a real Linux guest, driven with
 # keelctl: introspection, then a pause that really holds the guest (a
 # command typed on its console while paused is answered only after the
-# resume), the guest working on after the resume, metrics, the events
-# stream in order, and a forced stop through the API.
+# resume), the guest working on after the resume, a balloon target set
+# through the API (MemTotal shrinks), metrics, the events stream in order,
+# and a forced stop through the API. Then two more guests: one shut down
+# with the ACPI power button (keel-vmm exits 0), one that panics (pvpanic:
+# a guest-panic event, keel-vmm exits 4).
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -13,7 +16,17 @@ require_binary keelctl >/dev/null
 sock=$KEEL_WORKDIR/api.sock
 ctl() { keelctl --socket "$sock" "$@"; }
 
-l2_boot vm --cpus 2 --mem 256 --serial-agent --vmm-arg "--api-socket=$sock"
+# MemTotal once it has settled (the balloon driver works in the background),
+# as the last line of the output (l2_cmd logs before it).
+mem_total_kb() {
+  l2_cmd "$1" 'last=0; for i in $(seq 1 100); do now=$(awk "/^MemTotal:/ { print \$2 }" /proc/meminfo); [ "$now" = "$last" ] && break; last=$now; sleep 0.3; done; echo $now'
+  echo "$L2_OUTPUT"
+}
+
+# No deflate-on-OOM: only then does Linux take ballooned pages out of
+# MemTotal (see keel-virtio-balloon.sh).
+l2_boot vm --cpus 2 --mem 256 --serial-agent --vmm-arg "--api-socket=$sock" \
+  --vmm-arg --balloon --vmm-arg target-mib=0,deflate-on-oom=off
 
 info=$(ctl vm info) || fail "keelctl vm info failed"
 printf '%s\n' "$info" | sed 's/^/info| /'
@@ -59,6 +72,22 @@ l2_cmd vm 'echo after > /tmp/a && cat /tmp/a && grep -c ^processor /proc/cpuinfo
 assert_eq "$(printf '%s' "$L2_OUTPUT" | tr '\n' ' ')" "after 2" "guest works after the resume"
 assert_eq "$L2_RC" 0 "rc after the resume"
 
+# The balloon: a 32 MiB target through the API; the driver inflates and
+# the guest's MemTotal drops by that much.
+before_kb=$(mem_total_kb vm | tail -n 1)
+if ctl vm balloon --target-mib 1000 2> "$KEEL_WORKDIR/balloon-big.err"; then
+  fail "a balloon target above the guest's RAM was accepted"
+fi
+assert_match "$(cat "$KEEL_WORKDIR/balloon-big.err")" "field 'target_mib'" "too big a target names the field"
+assert_match "$(ctl vm balloon --target-mib 32)" '^balloon target 32 MiB' "keelctl vm balloon"
+assert_match "$(ctl vm devices | grep virtio-balloon)" 'target_mib=32' "balloon target in the device list"
+l2_cmd vm 'i=0; while [ $i -lt 600 ]; do t=$(awk "/^MemTotal:/ { print \$2 }" /proc/meminfo); [ "$t" -le '"$((before_kb - 31 * 1024))"' ] && break; i=$((i+1)); sleep 0.3; done; echo "$i polls, $t kB"' 300
+log "balloon inflated after $(printf '%s' "$L2_OUTPUT" | tail -n 1)"
+after_kb=$(mem_total_kb vm | tail -n 1)
+log "MemTotal: $before_kb kB, then $after_kb kB with a 32 MiB balloon target"
+assert_in_range "$((before_kb - after_kb))" $((31 * 1024)) $((33 * 1024)) "kB taken by the balloon"
+assert_match "$(ctl vm devices | grep virtio-balloon)" 'actual_mib=32' "the driver's report in the device list"
+
 metrics=$(ctl --json vm metrics) || fail "keelctl vm metrics failed"
 assert_match "$metrics" '"guest_bytes": 268435456' "guest memory in the metrics"
 assert_eq "$(printf '%s\n' "$metrics" | grep -c '"index":')" 2 "vCPUs in the metrics"
@@ -70,10 +99,50 @@ assert_eq "$L2_EXIT_RC" 0 "VMM exit status after the API stop"
 wait "$follower" || fail "the events follower failed: $(cat "$KEEL_WORKDIR/events.err")"
 sed 's/^/events| /' "$KEEL_WORKDIR/events.jsonl"
 types=$(sed -n 's/.*"type":"\([a-z]*\)".*/\1/p' "$KEEL_WORKDIR/events.jsonl" | tr '\n' ' ')
-assert_eq "$types" "created running paused resumed stopping stopped " "events in order"
+assert_eq "$types" "created running paused resumed balloon stopping stopped " "events in order"
 seqs=$(sed -n 's/^{"seq":\([0-9]*\),.*/\1/p' "$KEEL_WORKDIR/events.jsonl" | tr '\n' ' ')
-assert_eq "$seqs" "1 2 3 4 5 6 " "event sequence numbers"
+assert_eq "$seqs" "1 2 3 4 5 6 7 " "event sequence numbers"
 grep -q '"type":"stopped".*"reason":"stopped"\|"reason":"stopped".*"type":"stopped"' \
   "$KEEL_WORKDIR/events.jsonl" || fail "the stopped event does not say the host stopped it"
 [ ! -e "$sock" ] || fail "keel-vmm left its API socket behind"
+
+# A guest NAME with its own API socket and an events follower from its
+# first event on (sets api_sock).
+boot_followed() {
+  api_sock=$KEEL_WORKDIR/$1.sock
+  l2_boot "$1" --cpus 1 --mem 256 --serial-agent --vmm-arg "--api-socket=$api_sock"
+  keelctl --socket "$api_sock" --json vm events --follow > "$KEEL_WORKDIR/$1.events" \
+    2> "$KEEL_WORKDIR/$1.events.err" &
+  follower=$!
+}
+
+# After keel-vmm exited with RC: the followed events of NAME are exactly
+# TYPES, and the stopped event gives REASON.
+check_end() {
+  local name=$1 rc=$2 types=$3 reason=$4
+  l2_wait_exit "$name" 120 || fail "$name: keel-vmm did not exit"
+  assert_eq "$L2_EXIT_RC" "$rc" "$name: VMM exit status"
+  wait "$follower" || fail "$name: the events follower failed: $(cat "$KEEL_WORKDIR/$name.events.err")"
+  sed "s/^/$name events| /" "$KEEL_WORKDIR/$name.events"
+  assert_eq "$(sed -n 's/.*"type":"\([a-z-]*\)".*/\1/p' "$KEEL_WORKDIR/$name.events" | tr '\n' ' ')" \
+    "$types" "$name: events in order"
+  grep -q "\"type\":\"stopped\".*\"reason\":\"$reason\"\|\"reason\":\"$reason\".*\"type\":\"stopped\"" \
+    "$KEEL_WORKDIR/$name.events" || fail "$name: the stopped event does not give reason $reason"
+}
+
+# --- the ACPI power button: the guest shuts itself down ---------------------
+boot_followed pwr
+l2_cmd pwr 'ls /sys/bus/acpi/drivers/button/ | grep PNP0C0C; ls /sys/bus/platform/drivers/ | grep -c GED'
+log "pwr: button driver and GED: $(printf '%s' "$L2_OUTPUT" | tr '\n' ' ')"
+assert_match "$(keelctl --socket "$api_sock" vm power-button)" '^power button pressed' \
+  "keelctl vm power-button"
+l2_wait pwr 'KEEL-POWER-BUTTON' 120 || fail "the guest never saw the power button"
+check_end pwr 0 "created running power-button stopping stopped " power-off
+
+# --- a guest panic, reported through pvpanic --------------------------------
+boot_followed panic
+l2_cmd panic 'ls /sys/bus/platform/drivers/pvpanic-mmio/ | grep -c QEMU0001'
+assert_eq "$L2_OUTPUT" 1 "pvpanic-mmio bound to QEMU0001"
+l2_send panic 'echo c > /proc/sysrq-trigger'
+check_end panic 4 "created running guest-panic stopping stopped " guest-panic
 echo "KEEL-PASS"

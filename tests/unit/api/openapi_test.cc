@@ -29,6 +29,15 @@ std::string upper(std::string text) {
   return text;
 }
 
+// The document's operation for a route (null if it is not documented).
+nlohmann::json operation_of(const nlohmann::json& document, const Route& route) {
+  std::string method(route.method);
+  for (char& c : method) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  nlohmann::json::json_pointer pointer =
+      nlohmann::json::json_pointer("/paths") / std::string(route.path) / method;
+  return document.contains(pointer) ? document.at(pointer) : nlohmann::json();
+}
+
 TEST(OpenApiTest, DocumentIsOpenApi3) {
   nlohmann::json document = load_document();
   ASSERT_FALSE(document.is_discarded()) << KEEL_OPENAPI_JSON << " is not valid JSON";
@@ -64,9 +73,7 @@ TEST(OpenApiTest, QueryParametersMatchTheRouteTable) {
   nlohmann::json document = load_document();
   ASSERT_FALSE(document.is_discarded());
   for (const Route& route : routes()) {
-    std::string method(route.method);
-    for (char& c : method) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    const nlohmann::json& operation = document["paths"][std::string(route.path)][method];
+    const nlohmann::json operation = operation_of(document, route);
     std::set<std::string> documented;
     for (const nlohmann::json& parameter : operation.value("parameters", nlohmann::json::array())) {
       if (parameter.value("in", "") == "query") documented.insert(parameter.value("name", ""));
@@ -74,6 +81,24 @@ TEST(OpenApiTest, QueryParametersMatchTheRouteTable) {
     std::set<std::string> served(route.query_parameters.begin(), route.query_parameters.end());
     EXPECT_EQ(documented, served) << route.method << " " << route.path;
     EXPECT_TRUE(operation.contains("responses")) << route.path;
+  }
+}
+
+TEST(OpenApiTest, RequestBodyFieldsMatchTheRouteTable) {
+  nlohmann::json document = load_document();
+  ASSERT_FALSE(document.is_discarded());
+  for (const Route& route : routes()) {
+    const nlohmann::json operation = operation_of(document, route);
+    std::set<std::string> documented;
+    if (operation.contains("requestBody")) {
+      const nlohmann::json& schema =
+          operation["requestBody"]["content"]["application/json"]["schema"];
+      // items() refers to its object: keep it alive for the loop.
+      const nlohmann::json properties = schema.value("properties", nlohmann::json::object());
+      for (const auto& [name, property] : properties.items()) documented.insert(name);
+    }
+    std::set<std::string> served(route.body_fields.begin(), route.body_fields.end());
+    EXPECT_EQ(documented, served) << route.method << " " << route.path;
   }
 }
 

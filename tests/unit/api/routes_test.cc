@@ -59,6 +59,33 @@ TEST(RoutesTest, QueryParametersAreCheckedPerRoute) {
   EXPECT_EQ(routed.error->status, 400u);
 }
 
+TEST(RoutesTest, BalloonBody) {
+  std::string field;
+  Result<uint64_t> target = parse_balloon_body(R"({"target_mib": 0})", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, 0u);
+  target = parse_balloon_body(R"( {"target_mib": 18446744073709551615} )", field);
+  ASSERT_TRUE(target);
+  EXPECT_EQ(*target, UINT64_MAX);
+  EXPECT_TRUE(field.empty());
+  const std::pair<const char*, const char*> bad[] = {
+      {"", "body"},
+      {"{", "body"},
+      {"256", "body"},
+      {R"({"target_mib": 18446744073709551616})", "target_mib"},
+      {R"({"target_mib": 1e3})", "target_mib"},
+      {R"({"target_mib": true})", "target_mib"},
+      {R"({"target_mib": [1]})", "target_mib"},
+      {R"({"target_mib": -0})", "target_mib"},
+      {R"({"target": 1})", "target"},
+  };
+  for (const auto& [body, name] : bad) {
+    target = parse_balloon_body(body, field);
+    EXPECT_FALSE(target) << body;
+    EXPECT_EQ(field, name) << body;
+  }
+}
+
 TEST(RoutesTest, EventsQueryValues) {
   std::string field;
   Result<EventsQuery> parsed = parse_events_query({}, field);
@@ -136,6 +163,58 @@ TEST(PrometheusTest, RendersExitsMemoryAndState) {
   EXPECT_THAT(text, HasSubstr("keel_vm_boots_total 2\n"));
   // Every sample line belongs to a family announced before it.
   EXPECT_EQ(text.back(), '\n');
+}
+
+TEST(PrometheusTest, RendersDeviceCountersOneFamilyPerName) {
+  nlohmann::json metrics = nlohmann::json::parse(R"({"devices": [
+      {"type": "virtio-blk", "address": "0000:00:01.0",
+       "counters": {"read_bytes": 4096, "queue_notifications": 3}},
+      {"type": "virtio-net", "address": "0000:00:02.0",
+       "counters": {"queue_notifications": 5, "Bad-Name": 1, "negative": -1}}]})");
+  std::string text = prometheus_text(metrics);
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_read_bytes_total counter\n"
+                              "keel_virtio_read_bytes_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 4096\n"));
+  // Both devices' samples under one family header.
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_queue_notifications_total counter\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-blk\","
+                              "address=\"0000:00:01.0\"} 3\n"
+                              "keel_virtio_queue_notifications_total{device=\"virtio-net\","
+                              "address=\"0000:00:02.0\"} 5\n"));
+  EXPECT_EQ(text.find("Bad-Name"), std::string::npos) << "names that are no metric names are left out";
+  EXPECT_EQ(text.find("negative"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace keel::api
+
+namespace keel::api {
+namespace {
+
+std::string snapshot_field(std::string_view body) {
+  auto parsed = parse_snapshot_body(body);
+  const ApiError* error = std::get_if<ApiError>(&parsed);
+  return error == nullptr ? "" : error->field;
+}
+
+TEST(RoutesTest, SnapshotBodyTakesOneAbsolutePath) {
+  auto parsed = parse_snapshot_body(R"({"path": "/var/lib/keel/vm1.snap"})");
+  ASSERT_TRUE(std::holds_alternative<std::string>(parsed));
+  EXPECT_EQ(std::get<std::string>(parsed), "/var/lib/keel/vm1.snap");
+}
+
+TEST(RoutesTest, SnapshotBodyRefusalsNameTheField) {
+  EXPECT_EQ(snapshot_field(""), "body");
+  EXPECT_EQ(snapshot_field("[1]"), "body");
+  EXPECT_EQ(snapshot_field("{"), "body");
+  EXPECT_EQ(snapshot_field("{}"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": null})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": ""})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "vm.snap"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a\nb"})"), "path");
+  EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a", "zstd": 1})"), "zstd");
+  EXPECT_EQ(snapshot_field(nlohmann::json{{"path", "/" + std::string(5000, 'a')}}.dump()), "path");
 }
 
 }  // namespace

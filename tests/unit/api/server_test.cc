@@ -37,11 +37,12 @@ class FakeHandler : public CommandHandler {
   void submit(Command command, ReplyCallback done) override {
     std::unique_lock lock(mutex_);
     seen_.push_back(command.kind);
+    if (command.kind == CommandKind::Snapshot) snapshot_paths_.push_back(command.path);
     if (hold_) {
       held_.push_back(std::move(done));
       return;
     }
-    Reply reply = answer(command.kind);
+    Reply reply = answer(command);
     lock.unlock();
     // From another thread, as keel-vmm's main thread does.
     std::thread([done = std::move(done), reply = std::move(reply)] { done(reply); }).join();
@@ -50,6 +51,10 @@ class FakeHandler : public CommandHandler {
   std::vector<CommandKind> seen() {
     std::lock_guard lock(mutex_);
     return seen_;
+  }
+  std::vector<std::string> snapshot_paths() {
+    std::lock_guard lock(mutex_);
+    return snapshot_paths_;
   }
   void hold() {
     std::lock_guard lock(mutex_);
@@ -61,8 +66,8 @@ class FakeHandler : public CommandHandler {
   }
 
  private:
-  Reply answer(CommandKind kind) {
-    switch (kind) {
+  Reply answer(const Command& command) {
+    switch (command.kind) {
       case CommandKind::GetVm:
         return nlohmann::json{{"state", paused_ ? "paused" : "running"}, {"config", {{"cpus", 1}}}};
       case CommandKind::GetDevices: return nlohmann::json{{"devices", nlohmann::json::array()}};
@@ -80,12 +85,24 @@ class FakeHandler : public CommandHandler {
         return nlohmann::json{{"state", "running"}};
       case CommandKind::Reset:
       case CommandKind::Stop: return nlohmann::json{{"state", "stopping"}};
+      case CommandKind::PowerButton:
+        return nlohmann::json{{"state", "running"}, {"power_button", "pressed"}};
+      case CommandKind::SetBalloon:
+        // As the balloon does for a 1 GiB guest.
+        if (command.balloon_target_mib > 1024) {
+          return fail(Errc::OutOfRange, "a target of more than the guest's 1024 MiB");
+        }
+        return nlohmann::json{{"target_mib", command.balloon_target_mib}, {"actual_mib", 0}};
+      case CommandKind::Snapshot:
+        if (!paused_) return fail(Errc::Busy, "snapshot: the VM is not paused");
+        return nlohmann::json{{"path", "/x"}, {"bytes", 4096}};
     }
     return fail(Errc::Unsupported, "?");
   }
 
   std::mutex mutex_;
   std::vector<CommandKind> seen_;
+  std::vector<std::string> snapshot_paths_;
   bool paused_ = false;
   bool hold_ = false;
   std::vector<ReplyCallback> held_;
@@ -235,7 +252,8 @@ TEST_F(ApiServerTest, EveryRouteIsServed) {
   for (const Route& route : routes()) {
     std::string target(route.path);
     if (route.id == RouteId::Events) target += "?follow=false";
-    HttpReply reply = request(route.method, target);
+    std::string body = route.id == RouteId::Balloon ? R"({"target_mib": 0})" : "";
+    HttpReply reply = request(route.method, target, body);
     EXPECT_LT(reply.status, 500u) << route.method << " " << route.path << ": " << reply.body;
     EXPECT_NE(reply.status, 404u) << route.path;
     EXPECT_NE(reply.status, 405u) << route.path;
@@ -255,6 +273,27 @@ TEST_F(ApiServerTest, PauseResumeAndStateConflicts) {
   HttpReply not_paused = request("PUT", "/api/v1/vm/resume");
   EXPECT_EQ(not_paused.status, 409u);
   EXPECT_EQ(json_of(not_paused)["error"]["message"], "the VM is not paused");
+}
+
+TEST_F(ApiServerTest, SnapshotPassesThePathAndNeedsAPause) {
+  start();
+  HttpReply running = request("PUT", "/api/v1/vm/snapshot", R"({"path": "/tmp/a.snap"})");
+  EXPECT_EQ(running.status, 409u);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/pause").status, 200u);
+  HttpReply saved = request("PUT", "/api/v1/vm/snapshot", R"({"path": "/tmp/a.snap"})");
+  EXPECT_EQ(saved.status, 200u) << saved.body;
+  EXPECT_EQ(handler_.snapshot_paths(), (std::vector<std::string>{"/tmp/a.snap", "/tmp/a.snap"}));
+}
+
+TEST_F(ApiServerTest, SnapshotWithABadBodyIs400NamingTheFieldAndNeverReachesTheMachine) {
+  start();
+  for (const char* body : {"", R"({})", R"({"path": 5})", R"({"path": "rel"})",
+                           R"({"path": "/a", "compress": true})"}) {
+    HttpReply reply = request("PUT", "/api/v1/vm/snapshot", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_TRUE(json_of(reply)["error"].contains("field")) << body;
+  }
+  EXPECT_TRUE(handler_.snapshot_paths().empty());
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {
@@ -280,6 +319,54 @@ TEST_F(ApiServerTest, ActionBodyWithAFieldIs400NamingIt) {
   EXPECT_EQ(json_of(reply)["error"]["field"], "body");
   EXPECT_TRUE(handler_.seen().empty());
   EXPECT_EQ(request("PUT", "/api/v1/vm/stop", "{}").status, 200u);
+}
+
+TEST_F(ApiServerTest, BalloonTargetGoesToTheMachineSide) {
+  start();
+  HttpReply reply = request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 256})");
+  EXPECT_EQ(reply.status, 200u) << reply.body;
+  EXPECT_EQ(json_of(reply)["target_mib"], 256);
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::SetBalloon});
+}
+
+TEST_F(ApiServerTest, BadBalloonBodyIs400NamingTheFieldAndNeverReachesTheVm) {
+  start();
+  const std::pair<const char*, const char*> cases[] = {
+      {"", "body"},
+      {"[1]", "body"},
+      {R"({"target_mib": "256"})", "target_mib"},
+      {R"({"target_mib": -1})", "target_mib"},
+      {R"({"target_mib": 1.5})", "target_mib"},
+      {R"({"target_mib": null})", "target_mib"},
+      {R"({})", "target_mib"},
+      {R"({"target_mib": 1, "size": 2})", "size"},
+  };
+  for (const auto& [body, field] : cases) {
+    HttpReply reply = request("PUT", "/api/v1/vm/balloon", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_EQ(json_of(reply)["error"]["field"], field) << body;
+  }
+  EXPECT_TRUE(handler_.seen().empty());
+}
+
+TEST_F(ApiServerTest, BalloonTargetBeyondTheGuestsRamIs400NamingTheField) {
+  start();
+  HttpReply reply = request("PUT", "/api/v1/vm/balloon", R"({"target_mib": 4096})");
+  EXPECT_EQ(reply.status, 400u);
+  EXPECT_EQ(json_of(reply)["error"]["field"], "target_mib");
+  EXPECT_THAT(json_of(reply)["error"]["message"].get<std::string>(), HasSubstr("1024 MiB"));
+}
+
+TEST_F(ApiServerTest, PowerButtonIsAnActionWithoutParameters) {
+  start();
+  HttpReply reply = request("PUT", "/api/v1/vm/power-button", R"({"hold_ms": 5000})");
+  EXPECT_EQ(reply.status, 400u);
+  EXPECT_EQ(json_of(reply)["error"]["field"], "hold_ms");
+  EXPECT_TRUE(handler_.seen().empty());
+  reply = request("PUT", "/api/v1/vm/power-button");
+  EXPECT_EQ(reply.status, 200u);
+  EXPECT_EQ(json_of(reply)["power_button"], "pressed");
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::PowerButton});
 }
 
 TEST_F(ApiServerTest, BadQueryIs400NamingTheParameter) {
@@ -433,8 +520,10 @@ TEST_F(ApiServerTest, CommandQueueRefusesBeyondItsCapacity) {
   Result<CommandQueue> queue = CommandQueue::create(1);
   ASSERT_TRUE(queue);
   std::vector<Reply> replies;
-  queue->submit(Command{CommandKind::GetVm}, [&](Reply reply) { replies.push_back(reply); });
-  queue->submit(Command{CommandKind::GetVm}, [&](Reply reply) { replies.push_back(reply); });
+  queue->submit(Command{.kind = CommandKind::GetVm},
+                [&](Reply reply) { replies.push_back(reply); });
+  queue->submit(Command{.kind = CommandKind::GetVm},
+                [&](Reply reply) { replies.push_back(reply); });
   ASSERT_EQ(replies.size(), 1u) << "the second is refused at once";
   EXPECT_FALSE(replies[0]);
   EXPECT_EQ(queue->take().size(), 1u);

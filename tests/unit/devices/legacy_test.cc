@@ -1,15 +1,19 @@
 // The small legacy devices: the MC146818 RTC/CMOS, the i8042's reset line,
-// the ACPI hardware-reduced sleep/reset registers and the debug-exit port.
+// the ACPI hardware-reduced sleep/reset registers, the GED event register,
+// pvpanic and the debug-exit port.
 #include <time.h>
 
 #include <array>
+#include <cstring>
 #include <ctime>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "devices/acpi_pm.h"
+#include "devices/ged.h"
 #include "devices/i8042.h"
+#include "devices/pvpanic.h"
 #include "devices/rtc.h"
 
 namespace keel::devices {
@@ -252,6 +256,97 @@ TEST(DebugExitTest, PassesTheByte) {
   debug_exit.write(0, std::span<const std::byte>());
   EXPECT_EQ(codes, (std::vector<uint8_t>{0x2a, 0, 0xff, 7}));
   EXPECT_EQ(read_byte(debug_exit, 0), 0xff);
+}
+
+// The shared snapshot shape: save, mutate, save differs; restore, the
+// restored RTC saves equal to the first save and reads the same CMOS RAM.
+TEST(RtcTest, SaveAndRestoreKeepCmosRamAndTheSelectedRegister) {
+  Rtc rtc;
+  cmos_write(rtc, 0x40, 0xab);
+  cmos_write(rtc, 0x41, 0xcd);
+  RtcState first = rtc.save();
+  cmos_write(rtc, 0x40, 0x00);
+  EXPECT_NE(rtc.save(), first);
+
+  Result<std::unique_ptr<Rtc>> restored = Rtc::restore(first);
+  ASSERT_TRUE(restored) << restored.error().message();
+  EXPECT_EQ((*restored)->save(), first);
+  EXPECT_EQ(cmos_read(**restored, 0x40), 0xab);
+  EXPECT_EQ(cmos_read(**restored, 0x41), 0xcd);
+
+  RtcState bad = first;
+  bad.index = 0x80;
+  Result<std::unique_ptr<Rtc>> refused = Rtc::restore(bad);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), Errc::Corrupt);
+}
+
+// ---- GED ----
+
+uint32_t read_u32(IoHandler& device, uint64_t offset) {
+  std::array<std::byte, 4> bytes{};
+  device.read(offset, bytes);
+  uint32_t value = 0;
+  std::memcpy(&value, bytes.data(), sizeof(value));
+  return value;
+}
+
+TEST(GedTest, TriggerRaisesTheInterruptAndTheRegisterClearsOnRead) {
+  int interrupts = 0;
+  Ged ged([&interrupts] { ++interrupts; });
+  EXPECT_EQ(read_u32(ged, 0), 0u);
+  ged.trigger(1);
+  EXPECT_EQ(interrupts, 1);
+  EXPECT_EQ(ged.pending(), 1u);
+  EXPECT_EQ(read_u32(ged, 0), 1u);
+  EXPECT_EQ(read_u32(ged, 0), 0u) << "a read clears what it returned";
+  EXPECT_EQ(ged.pending(), 0u);
+}
+
+TEST(GedTest, EventsAccumulateUntilRead) {
+  int interrupts = 0;
+  Ged ged([&interrupts] { ++interrupts; });
+  ged.trigger(1);
+  ged.trigger(1u << 9);
+  EXPECT_EQ(interrupts, 2);
+  EXPECT_EQ(read_u32(ged, 0), 1u | (1u << 9));
+}
+
+TEST(GedTest, PartialReadsClearOnlyTheirBytesAndWritesAreIgnored) {
+  Ged ged([] {});
+  ged.trigger(0x0102);
+  write_byte(ged, 0, 0);
+  EXPECT_EQ(ged.pending(), 0x0102u) << "the guest cannot clear the register by writing";
+  EXPECT_EQ(read_byte(ged, 1), 0x01);
+  EXPECT_EQ(ged.pending(), 0x0002u);
+  EXPECT_EQ(read_byte(ged, 0), 0x02);
+  EXPECT_EQ(ged.pending(), 0u);
+  // Past the register: zeros, nothing cleared, no crash.
+  ged.trigger(1);
+  EXPECT_EQ(read_byte(ged, 7), 0);
+  std::array<std::byte, 8> wide{};
+  ged.read(2, wide);
+  EXPECT_EQ(ged.pending(), 1u);
+}
+
+// ---- pvpanic ----
+
+TEST(PvpanicTest, ReadGivesTheSupportedEvents) {
+  Pvpanic pvpanic([](uint8_t) {});
+  EXPECT_EQ(read_byte(pvpanic, 0), Pvpanic::kPanicked | Pvpanic::kCrashLoaded);
+}
+
+TEST(PvpanicTest, WritesReportSupportedEventsOnly) {
+  std::vector<uint8_t> events;
+  Pvpanic pvpanic([&events](uint8_t value) { events.push_back(value); });
+  write_byte(pvpanic, 0, Pvpanic::kPanicked);
+  write_byte(pvpanic, 0, Pvpanic::kCrashLoaded);
+  write_byte(pvpanic, 0, 0);     // nothing
+  write_byte(pvpanic, 0, 0xfc);  // only unsupported bits
+  write_byte(pvpanic, 0, 0xff);  // both supported ones, the rest dropped
+  pvpanic.write(0, std::span<const std::byte>());
+  EXPECT_EQ(events, (std::vector<uint8_t>{Pvpanic::kPanicked, Pvpanic::kCrashLoaded,
+                                          Pvpanic::kPanicked | Pvpanic::kCrashLoaded}));
 }
 
 }  // namespace

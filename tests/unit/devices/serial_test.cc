@@ -268,5 +268,42 @@ TEST_F(SerialTest, HostInputIsCappedAt64KiB) {
   EXPECT_EQ(last, 'y');
 }
 
+// The shared snapshot shape: save, mutate, save differs; restore, the
+// restored UART saves equal to the first save and behaves the same.
+TEST_F(SerialTest, SaveAndRestoreKeepRegistersAndQueuedInput) {
+  out(kLcr, 0x03);
+  out(kScr, 0x5a);
+  out(kIer, kIerRx);
+  enqueue("abc");
+  SerialState first = serial_.save();
+  out(kScr, 0x11);
+  ASSERT_EQ(in(kRbrThr), 'a');
+  EXPECT_NE(serial_.save(), first);
+
+  int restored_interrupts = 0;
+  Result<std::unique_ptr<Serial>> restored =
+      Serial::restore([](std::span<const std::byte>) {}, [&] { ++restored_interrupts; }, first);
+  ASSERT_TRUE(restored) << restored.error().message();
+  EXPECT_EQ((*restored)->save(), first);
+  std::byte value{};
+  (*restored)->read(kScr, std::span(&value, 1));
+  EXPECT_EQ(value, std::byte{0x5a});
+  std::string received;
+  for (int i = 0; i < 3; ++i) {
+    (*restored)->read(kRbrThr, std::span(&value, 1));
+    received.push_back(static_cast<char>(value));
+  }
+  EXPECT_EQ(received, "abc");
+}
+
+TEST_F(SerialTest, RestoreRefusesMoreInputThanAUartQueues) {
+  SerialState state = serial_.save();
+  state.input.assign(64 * 1024 + 1, 'x');
+  Result<std::unique_ptr<Serial>> restored =
+      Serial::restore([](std::span<const std::byte>) {}, [] {}, state);
+  ASSERT_FALSE(restored);
+  EXPECT_EQ(restored.error().code(), Errc::Corrupt);
+}
+
 }  // namespace
 }  // namespace keel::devices

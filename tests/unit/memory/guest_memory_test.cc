@@ -1,8 +1,12 @@
 #include "memory/guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -126,6 +130,40 @@ TEST(GuestMemoryTest, DiscardChecksItsRange) {
   EXPECT_FALSE(memory.discard(GuestAddr(kHoleEnd + 0x1ff000), 0x2000));
   EXPECT_FALSE(memory.discard(GuestAddr(0x1000), ~uint64_t{0xfff}));
   EXPECT_FALSE(memory.discard(GuestAddr(~uint64_t{0xfff}), 0x1000));
+}
+
+TEST(GuestMemoryTest, PrivateFileMappingReadsTheFileAndNeverWritesIt) {
+  // A file with a 4 KiB header, then two pages of "RAM": 'a's and 'b's.
+  std::string path = ::testing::TempDir() + "keel-guest-memory-private";
+  std::vector<std::byte> contents(3 * GuestMemory::kPageBytes, std::byte{'h'});
+  std::fill(contents.begin() + 4096, contents.begin() + 8192, std::byte{'a'});
+  std::fill(contents.begin() + 8192, contents.end(), std::byte{'b'});
+  {
+    Result<Fd> file = Fd::open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_TRUE(file);
+    ASSERT_TRUE(file->pwrite_all(contents, 0));
+  }
+  Result<Fd> file = Fd::open(path, O_RDONLY);
+  ASSERT_TRUE(file);
+  Result<GuestMemory> memory = GuestMemory::map_private(*file, 4096, 8192, 1 << 30, 1ull << 32);
+  ASSERT_TRUE(memory) << memory.error().message();
+  EXPECT_EQ(memory->backing(), GuestMemory::Backing::PrivateFile);
+  EXPECT_EQ(memory->size_bytes(), 8192u);
+  EXPECT_EQ(memory->read_obj<char>(GuestAddr(0)).value(), 'a');
+  EXPECT_EQ(memory->read_obj<char>(GuestAddr(4096)).value(), 'b');
+  ASSERT_TRUE(memory->write_obj(GuestAddr(0), 'z'));
+  EXPECT_EQ(memory->read_obj<char>(GuestAddr(0)).value(), 'z');
+  std::vector<std::byte> after(contents.size());
+  ASSERT_TRUE(file->pread_all(after, 0));
+  EXPECT_EQ(after, contents) << "the guest's write reached the file";
+  Result<void> discarded = memory->discard(GuestAddr(0), 4096);
+  ASSERT_FALSE(discarded);
+  EXPECT_EQ(discarded.error().code(), Errc::Unsupported);
+
+  EXPECT_FALSE(GuestMemory::map_private(*file, 100, 4096, 1 << 30, 1ull << 32));
+  EXPECT_FALSE(GuestMemory::map_private(*file, 4096, 3 * 4096, 1 << 30, 1ull << 32))
+      << "runs past the end of the file";
+  ::unlink(path.c_str());
 }
 
 }  // namespace

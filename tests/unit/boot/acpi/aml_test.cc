@@ -206,6 +206,29 @@ TEST(AmlObjectTest, EncodesMethods) {
   EXPECT_EQ(local(7), bytes({0x67}));
 }
 
+TEST(AmlObjectTest, EncodesRegionsFieldsAndStatements) {
+  // OperationRegion(EREG, SystemMemory, 0xFEB00000, 4)
+  EXPECT_EQ(operation_region("EREG", RegionSpace::SystemMemory, 0xfeb00000, 4),
+            join({bytes({0x5b, 0x80}), ascii("EREG"),
+                  bytes({0x00, 0x0c, 0x00, 0x00, 0xb0, 0xfe, 0x0a, 0x04})}));
+  // Field(EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }: flags 3 | 2 << 5,
+  // then the unit's width in bits as a PkgLength.
+  EXPECT_EQ(field("EREG", FieldAccess::DWord, FieldUpdate::WriteAsZeros, {{"ESEL", 32}}),
+            join({bytes({0x5b, 0x81, 0x0b}), ascii("EREG"), bytes({0x43}), ascii("ESEL"),
+                  bytes({0x20})}));
+  // A width past 63 bits takes a two-byte PkgLength.
+  EXPECT_EQ(field("R", FieldAccess::Byte, FieldUpdate::Preserve, {{"WIDE", 64}}),
+            join({bytes({0x5b, 0x81, 0x0c}), ascii("R___"), bytes({0x01}), ascii("WIDE"),
+                  bytes({0x40, 0x04})}));
+  EXPECT_EQ(store(reference("ESEL"), local(0)), join({bytes({0x70}), ascii("ESEL"), bytes({0x60})}));
+  // And(Local0, One) with no target: NullName.
+  EXPECT_EQ(bitwise_and(local(0), integer(1)), bytes({0x7b, 0x60, 0x01, 0x00}));
+  // If (Local0) { Notify(\_SB.PWRB, 0x80) }
+  EXPECT_EQ(if_then(local(0), {notify(reference("\\_SB.PWRB"), integer(0x80))}),
+            join({bytes({0xa0, 0x0f, 0x60, 0x86, 0x5c, 0x2e}), ascii("_SB_"), ascii("PWRB"),
+                  bytes({0x0a, 0x80})}));
+}
+
 TEST(AmlResourceTest, SmallDescriptorsAndEndTagChecksum) {
   ResourceTemplate crs;
   crs.io(0x3f8, 0x3f8, 1, 8).irq_no_flags(4);

@@ -186,6 +186,35 @@ TEST_F(AcpiIaslTest, DsdtDisassemblesAndRecompiles) {
   expect_recompiles_identically(dsdt, "dsdt");
 }
 
+TEST_F(AcpiIaslTest, DsdtHasAGedPowerButtonAndPvpanic) {
+  auto built =
+      build_tables(default_config(1, 0x200000000, layout::kPciMmio64Size), kBase, kMaxBytes);
+  ASSERT_TRUE(built.has_value());
+  auto dsdt = testing::parse(*built).get("DSDT");
+  std::string asl = disassemble(dsdt, "ged");
+  for (const char* expected :
+       {"Device (PWRB)",
+        "Name (_HID, EisaId (\"PNP0C0C\")",
+        "Device (GED0)",
+        "Name (_HID, \"ACPI0013\" /* Generic Event Device */)",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )\n {\n 0x00000009,\n }",
+        "OperationRegion (EREG, SystemMemory, 0xFEB00000, 0x04)",
+        "Field (EREG, DWordAcc, NoLock, WriteAsZeros)\n {\n ESEL, 32\n }",
+        "Method (_EVT, 1, Serialized)",
+        "Local0 = ESEL",
+        "If ((Local0 & One))",
+        "Notify (\\_SB.PWRB, 0x80)",
+        // The register is reserved as a motherboard resource.
+        "Memory32Fixed (ReadWrite,\n 0xFEB00000, // Address Base\n 0x00000004, // Address Length",
+        "Device (PEVT)",
+        "Name (_HID, \"QEMU0001\")",
+        "IO (Decode16,\n 0x0505, // Range Minimum\n 0x0505, // Range Maximum\n 0x01, // Alignment\n "
+        "0x01, // Length"}) {
+    EXPECT_NE(asl.find(expected), std::string::npos) << "missing: " << expected << "\n" << asl;
+  }
+  expect_recompiles_identically(dsdt, "ged");
+}
+
 TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   AcpiConfig config = default_config(1, 0, 0);  // no 64-bit window
   config.pci.ecam_base = 0x1000000000;          // ECAM above 4 GiB
@@ -194,6 +223,8 @@ TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   config.com1_port = 0x2f8;
   config.com1_irq = 3;
   config.s5_sleep_type = 0;
+  config.ged_address = 0;  // no GED, no power button
+  config.pvpanic_port = 0;
   auto built = build_tables(config, kBase, kMaxBytes);
   ASSERT_TRUE(built.has_value()) << built.error().message();
   auto dsdt = testing::parse(*built).get("DSDT");
@@ -210,6 +241,9 @@ TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   EXPECT_NE(asl.find("0x02F8, // Range Minimum"), std::string::npos) << asl;
   EXPECT_NE(asl.find("IRQNoFlags ()\n {3}"), std::string::npos) << asl;
   EXPECT_NE(asl.find("// _S5_: S5 System State\n {\n Zero, \n Zero"), std::string::npos) << asl;
+  EXPECT_EQ(asl.find("GED0"), std::string::npos) << asl;
+  EXPECT_EQ(asl.find("PWRB"), std::string::npos) << asl;
+  EXPECT_EQ(asl.find("QEMU0001"), std::string::npos) << asl;
   expect_recompiles_identically(dsdt, "variant");
 }
 

@@ -210,6 +210,29 @@ TEST_F(BlkTest, WriteThenReadBack) {
   EXPECT_EQ(fake_->bytes(built.buffers[1], 8192), data);
 }
 
+TEST_F(BlkTest, CountersCountRequestsBytesAndErrors) {
+  start();
+  auto counter = [&](std::string_view name) {
+    for (const auto& [key, value] : blk_->counters()) {
+      if (key == name) return value;
+    }
+    ADD_FAILURE() << "no counter " << name;
+    return uint64_t{0};
+  };
+  EXPECT_EQ(counter("requests"), 0u);
+  auto data = pattern(4096, 3);
+  auto write = write_chain(8, data);
+  EXPECT_EQ(run_one(write), kBlkStatusOk);
+  auto read = read_chain(8, 1024);
+  EXPECT_EQ(run_one(read), kBlkStatusOk);
+  auto past_end = read_chain(kDiskBytes / 512, 512);
+  EXPECT_EQ(run_one(past_end), kBlkStatusIoErr);
+  EXPECT_EQ(counter("requests"), 3u);
+  EXPECT_EQ(counter("errors"), 1u);
+  EXPECT_EQ(counter("write_bytes"), 4096u);
+  EXPECT_EQ(counter("read_bytes"), 1024u) << "a refused request moves no data";
+}
+
 TEST_F(BlkTest, Flush) {
   start();
   ChainBuilder chain(*fake_);

@@ -1,0 +1,234 @@
+// Snapshot and restore end to end through the real keel-vmm on the host's
+// /dev/kvm: pvh_check's `c` ending prints a, b, c, ... z, a, ... forever,
+// its position kept in guest RAM. One keel-vmm is paused and snapshotted
+// through the API and killed; a new keel-vmm --restore must go on printing
+// from the letter after the last one the first printed, which needs the
+// vCPU, the RAM and the serial port restored.
+#include <sys/stat.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "api/client.h"
+#include "kvm/kvm.h"
+#include "migration/snapshot.h"
+#include "tiny_guest.h"
+#include "vmm_process.h"
+
+namespace keel::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+
+constexpr auto kGuestTimeout = 20s;
+constexpr std::string_view kBanner = "pvh ok\n";
+
+// The console goes to a file: on real KVM the guest prints far faster than
+// a test reads a pipe, and a full pipe would block the vCPU in write().
+std::vector<std::string> counting_guest(const std::string& socket, const std::string& console) {
+  return {"--kernel",     std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf",
+          "--cmdline",    "pvh-test c",
+          "--memory",     "64",
+          "--debug-exit", "--no-acpi",
+          "--serial",     "file:" + console,
+          "--api-socket", socket};
+}
+
+// Waits until file holds at least bytes bytes; returns what it holds.
+std::string wait_for_file(const std::string& file, size_t bytes) {
+  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+    std::string text = read_text(file);
+    if (text.size() >= bytes) return text;
+    std::this_thread::sleep_for(20ms);
+  }
+  return read_text(file);
+}
+
+// The letters after the banner.
+std::string letters_of(const std::string& out) {
+  size_t start = out.find(kBanner);
+  return start == std::string::npos ? std::string() : out.substr(start + kBanner.size());
+}
+
+// True if every letter is the one after its predecessor (z wraps to a).
+bool in_sequence(const std::string& letters, char first) {
+  char expected = first;
+  for (char letter : letters) {
+    if (letter != expected) return false;
+    expected = expected == 'z' ? 'a' : static_cast<char>(expected + 1);
+  }
+  return true;
+}
+
+char next_letter(char letter) { return letter == 'z' ? 'a' : static_cast<char>(letter + 1); }
+
+class VmmSnapshotTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (auto reason = tiny_guest_unavailable_reason()) {
+      GTEST_SKIP() << "keel-vmm needs a usable /dev/kvm: " << *reason;
+    }
+    socket_ = dir_.file("api.sock");
+    snapshot_ = dir_.file("vm.snap");
+    console_ = dir_.file("console.txt");
+    restored_console_ = dir_.file("restored.txt");
+  }
+
+  void wait_for_api(const std::string& socket) {
+    Clock::time_point deadline = Clock::now() + kGuestTimeout;
+    while (Clock::now() < deadline) {
+      Result<api::HttpReply> reply = api::Client(socket, 10s).request("GET", "/api/v1/version");
+      if (reply && reply->status == 200) return;
+      std::this_thread::sleep_for(20ms);
+    }
+    FAIL() << "the API never answered on " << socket;
+  }
+
+  api::HttpReply call(const std::string& socket, std::string_view method, std::string_view target,
+                      std::string_view body = "") {
+    Result<api::HttpReply> reply = api::Client(socket, 30s).request(method, target, body);
+    EXPECT_TRUE(reply) << reply.error().message();
+    return reply ? *reply : api::HttpReply{};
+  }
+
+  // Runs the counting guest until it printed a few letters, pauses it and
+  // snapshots it through the API; returns the letters it printed in all.
+  std::string run_and_snapshot() {
+    VmmProcess vmm(counting_guest(socket_, console_));
+    EXPECT_GE(wait_for_file(console_, kBanner.size() + 3).size(), kBanner.size() + 3)
+        << vmm.wait(1s);
+    wait_for_api(socket_);
+    api::HttpReply running = call(socket_, "PUT", "/api/v1/vm/snapshot",
+                                  Json{{"path", snapshot_}}.dump());
+    EXPECT_EQ(running.status, 409u) << "a running VM is refused: " << running.body;
+    EXPECT_NE(::access(snapshot_.c_str(), F_OK), 0) << "nothing written for a refusal";
+
+    EXPECT_EQ(call(socket_, "PUT", "/api/v1/vm/pause").status, 200u);
+    api::HttpReply saved = call(socket_, "PUT", "/api/v1/vm/snapshot",
+                                Json{{"path", snapshot_}}.dump());
+    saved_status_ = saved.status;
+    saved_body_ = saved.body;
+    std::string letters = letters_of(read_text(console_));
+    Result<api::HttpReply> events =
+        api::Client(socket_, 10s).request("GET", "/api/v1/events?follow=false");
+    if (events) events_ = events->body;
+    vmm.send_signal(SIGKILL);  // the source is gone for good
+    vmm.wait(kGuestTimeout);
+    return letters;
+  }
+
+  TempDir dir_;
+  std::string socket_;
+  std::string snapshot_;
+  std::string console_;
+  std::string restored_console_;
+  unsigned saved_status_ = 0;
+  std::string saved_body_;
+  std::string events_;
+};
+
+TEST_F(VmmSnapshotTest, RestoredGuestContinuesInANewProcess) {
+  std::string before = run_and_snapshot();
+  if (HasFatalFailure()) return;
+  if (saved_status_ != 200 && kvm::Kvm::vendor_module() == "kvm_pvm") {
+    GTEST_SKIP() << "this host's KVM is PVM, which refuses part of the saved state: "
+                 << saved_body_;
+  }
+  ASSERT_EQ(saved_status_, 200u) << saved_body_;
+  Json saved = Json::parse(saved_body_, nullptr, false);
+  EXPECT_EQ(saved["path"], snapshot_);
+  struct stat info {};
+  ASSERT_EQ(::stat(snapshot_.c_str(), &info), 0);
+  EXPECT_EQ(saved["bytes"], static_cast<uint64_t>(info.st_size));
+  EXPECT_THAT(events_, HasSubstr("\"snapshot-saved\""));
+  EXPECT_NE(::access((snapshot_ + ".partial").c_str(), F_OK), 0);
+  ASSERT_GE(before.size(), 3u);
+  ASSERT_TRUE(in_sequence(before, 'a')) << before;
+
+  std::string restored_socket = dir_.file("restored.sock");
+  // --serial sends the restored console elsewhere than the snapshot's.
+  VmmProcess restored({"--restore", snapshot_, "--serial", "file:" + restored_console_,
+                       "--api-socket", restored_socket});
+  const char first = next_letter(before.back());
+  // Forty letters: more than a whole a..z round, so the position in RAM
+  // and the vCPU's loop both carried over.
+  std::string after = wait_for_file(restored_console_, 40);
+  ASSERT_GE(after.size(), 40u) << "the restored guest printed too little: " << restored.wait(1s);
+  EXPECT_EQ(after.find(kBanner), std::string::npos) << "the guest booted again instead";
+  EXPECT_TRUE(in_sequence(after, first))
+      << "expected a run from '" << first << "' after '" << before.back() << "', got " << after;
+
+  wait_for_api(restored_socket);
+  Json vm = Json::parse(call(restored_socket, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "running");
+  EXPECT_EQ(vm["config"]["cmdline"], "pvh-test c");
+  EXPECT_EQ(call(restored_socket, "PUT", "/api/v1/vm/stop").status, 200u);
+  Outcome outcome = restored.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+}
+
+TEST_F(VmmSnapshotTest, RestorePausedWaitsForResume) {
+  run_and_snapshot();
+  if (HasFatalFailure()) return;
+  if (saved_status_ != 200) GTEST_SKIP() << "no snapshot (see the test above): " << saved_body_;
+  std::string restored_socket = dir_.file("restored.sock");
+  VmmProcess restored({"--restore", snapshot_, "--restore-paused", "--serial",
+                       "file:" + restored_console_, "--api-socket", restored_socket});
+  wait_for_api(restored_socket);
+  Json vm = Json::parse(call(restored_socket, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "paused");
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(read_text(restored_console_), "") << "nothing runs before resume";
+  EXPECT_EQ(call(restored_socket, "PUT", "/api/v1/vm/resume").status, 200u);
+  EXPECT_FALSE(wait_for_file(restored_console_, 1).empty()) << "the guest runs after resume";
+  call(restored_socket, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(restored.wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmSnapshotTest, RestoreRefusesABadFileNamingIt) {
+  std::string bogus = dir_.write("bogus.snap", "not a snapshot at all");
+  VmmProcess restored({"--restore", bogus});
+  Outcome outcome = restored.wait(kGuestTimeout);
+  EXPECT_NE(outcome.exit_status, 0) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr(bogus));
+
+  VmmProcess missing({"--restore", dir_.file("missing.snap")});
+  outcome = missing.wait(kGuestTimeout);
+  EXPECT_NE(outcome.exit_status, 0) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("missing.snap"));
+}
+
+TEST_F(VmmSnapshotTest, RestoreRefusesBootOptions) {
+  VmmProcess restored({"--restore", dir_.file("any.snap"), "--kernel", "/x"});
+  Outcome outcome = restored.wait(kGuestTimeout);
+  EXPECT_NE(outcome.exit_status, 0) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("--restore"));
+}
+
+TEST_F(VmmSnapshotTest, VirtioMachineIsRefusedWithoutAFile) {
+  std::vector<std::string> args = counting_guest(socket_, console_);
+  args.push_back("--rng");
+  VmmProcess vmm(args);
+  ASSERT_FALSE(wait_for_file(console_, kBanner.size()).empty()) << vmm.wait(1s);
+  wait_for_api(socket_);
+  EXPECT_EQ(call(socket_, "PUT", "/api/v1/vm/pause").status, 200u);
+  api::HttpReply refused =
+      call(socket_, "PUT", "/api/v1/vm/snapshot", Json{{"path", snapshot_}}.dump());
+  EXPECT_EQ(refused.status, 501u) << refused.body;
+  EXPECT_THAT(refused.body, HasSubstr("virtio-rng"));
+  EXPECT_NE(::access(snapshot_.c_str(), F_OK), 0);
+  EXPECT_NE(::access((snapshot_ + ".partial").c_str(), F_OK), 0);
+  call(socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm.wait(kGuestTimeout).exit_status, 0);
+}
+
+}  // namespace
+}  // namespace keel::testing

@@ -1,0 +1,72 @@
+#!/bin/sh
+# keel-timeout: 400
+# Snapshot and restore of a real Linux guest (serial console only, no virtio
+# devices): a shell loop in the guest counts in /tmp/counter; the VM is
+# paused, snapshotted with keelctl, stopped, and a new keel-vmm --restore
+# must go on with the same processes and the same /tmp (guest RAM), the
+# counter continuing from where it was rather than starting over.
+set -euo pipefail
+KEEL_L2_VMM=keel
+. "$KEEL_SYSTEM_DIR/lib.sh"
+require_binary keelctl >/dev/null
+
+sock=$KEEL_WORKDIR/api.sock
+snap=$KEEL_WORKDIR/vm.snap
+ctl() { keelctl --socket "$sock" "$@"; }
+
+l2_boot vm --mem 256 --serial-agent --vmm-arg "--api-socket=$sock"
+
+l2_cmd vm 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
+assert_eq "$L2_OUTPUT" started "counter started"
+sleep 3
+l2_cmd vm 'cat /tmp/counter /tmp/counter.pid'
+before=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
+counter_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$before" '^[0-9]+$' "counter before the snapshot"
+assert_match "$counter_pid" '^[0-9]+$' "counter PID"
+[ "$before" -ge 2 ] || fail "the counter does not count ($before)"
+
+if ctl vm snapshot "$snap" 2> "$KEEL_WORKDIR/running.err"; then
+  fail "a snapshot of a running VM was accepted"
+fi
+assert_match "$(cat "$KEEL_WORKDIR/running.err")" 'not paused' "snapshot of a running VM refused"
+[ ! -e "$snap" ] || fail "a refused snapshot left a file"
+
+assert_eq "$(ctl vm pause)" paused "keelctl vm pause"
+saved=$(ctl vm snapshot "$snap") || fail "keelctl vm snapshot failed"
+log "$saved"
+assert_match "$saved" "^$snap: [0-9]+ bytes\$" "keelctl vm snapshot output"
+[ -f "$snap" ] || fail "no snapshot file"
+[ ! -e "$snap.partial" ] || fail "the partial file was left behind"
+assert_match "$(ctl --json vm events)" '"snapshot-saved"' "snapshot-saved event"
+assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop"
+l2_wait_exit vm 60 || fail "keel-vmm did not exit after the stop"
+assert_eq "$L2_EXIT_RC" 0 "first VMM's exit status"
+
+l2_restore vm "$snap" --vmm-arg "--api-socket=$sock"
+deadline=$(_deadline_cs 60)
+until ctl vm info > "$KEEL_WORKDIR/info" 2>/dev/null; do
+  _pid_alive "$(cat "$(_vm_dir vm)/pid")" ||
+    fail "the restored keel-vmm exited: $(cat "$(_vm_dir vm)/vmm.err")"
+  [ "$(_now_cs)" -lt "$deadline" ] ||
+    fail "the restored keel-vmm never answered: $(cat "$(_vm_dir vm)/vmm.err")"
+  sleep 0.2
+done
+assert_match "$(cat "$KEEL_WORKDIR/info")" '^state +running' "restored VM runs"
+
+l2_cmd vm "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive" 120
+printf '%s\n' "$L2_OUTPUT" | sed 's/^/restored| /'
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)" kept-in-tmp "/tmp survived"
+after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$after" '^[0-9]+$' "counter after the restore"
+[ "$after" -ge "$before" ] || fail "the counter started over: $before before, $after after"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)" alive "the counting process survived"
+sleep 2
+l2_cmd vm 'cat /tmp/counter'
+[ "$L2_OUTPUT" -gt "$after" ] || fail "the counter stopped after the restore ($after, then $L2_OUTPUT)"
+log "ok: counter $before before the snapshot, $after after the restore, then $L2_OUTPUT"
+
+assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the restore"
+l2_wait_exit vm 60 || fail "the restored keel-vmm did not exit"
+assert_eq "$L2_EXIT_RC" 0 "restored VMM's exit status"
+echo "KEEL-PASS"
