@@ -7,8 +7,15 @@
 // would; completions come through a real EventLoop watching the raw
 // backend's io_uring eventfd, as in keel-vmm. Driver and device share one
 // thread here, so the figures include the driver's work.
-// Phases: 4 KiB random reads, 1 MiB sequential reads, 1 MiB sequential
-// writes. Output: one "name iops=N mbps=N errors=N" line per phase.
+// The image is raw (io_uring, as keel-vmm) or qcow2 (the same Qcow2Image
+// keel-vmm serves, --format qcow2), so bench/qcow2.sh can set qcow2 against
+// raw and against qemu-img bench on the same image.
+// Phases: 4 KiB random reads and writes, 1 MiB sequential reads and writes.
+// --step BYTES makes every phase sequential with that distance between
+// requests, wrapping at the disk's end (qemu-img bench's -S); --requests N
+// ends a phase after N requests (qemu-img bench's -c) or its time, whichever
+// comes first.
+// Output: one "name iops=N mbps=N errors=N" line per phase.
 #include <getopt.h>
 
 #include <algorithm>
@@ -22,7 +29,7 @@
 
 #include "base/event_loop.h"
 #include "base/log.h"
-#include "block/raw/raw_file.h"
+#include "block/image.h"
 #include "devices/virtio/blk.h"
 
 namespace keel {
@@ -167,13 +174,23 @@ class Rng {
   uint64_t state_ = 0x9e3779b97f4a7c15ull;
 };
 
-Result<PhaseResult> run_phase(const std::string& path, const Phase& phase, uint32_t depth,
-                              double seconds) {
+struct Options {
+  std::string path;
+  block::ImageFormat format = block::ImageFormat::Raw;
+  double seconds = 5;
+  uint32_t depth = 32;
+  uint64_t step_bytes = 0;  // 0: each phase's own pattern
+  uint64_t requests = 0;    // stop after this many (0: only the time limit)
+};
+
+Result<PhaseResult> run_phase(const Options& options, const Phase& phase) {
+  const uint32_t depth = options.depth;
   GuestMemory memory = TRY(GuestMemory::create(kMemoryBytes, 0xc000'0000, 0x1'0000'0000));
   std::unique_ptr<EventLoop> loop = TRY(EventLoop::create());
-  std::unique_ptr<block::RawFile> raw = TRY(block::RawFile::open(path, block::Access::ReadWrite));
-  const uint64_t disk_bytes = raw->size_bytes();
-  std::unique_ptr<Blk> blk = TRY(Blk::create(std::move(raw), BlkConfig{"bench", block::Access::ReadWrite}));
+  std::unique_ptr<block::BlockBackend> disk =
+      TRY(block::open_image(options.path, options.format, block::Access::ReadWrite));
+  const uint64_t disk_bytes = disk->size_bytes();
+  std::unique_ptr<Blk> blk = TRY(Blk::create(std::move(disk), BlkConfig{"bench", block::Access::ReadWrite}));
   auto interrupt = std::make_shared<CountingInterrupt>();
 
   Driver driver(memory, depth);
@@ -190,18 +207,29 @@ Result<PhaseResult> run_phase(const std::string& path, const Phase& phase, uint3
   const uint64_t positions = disk_bytes / phase.request_bytes;
   Rng rng;
   uint64_t next_position = 0;
+  uint64_t next_offset = 0;
   auto next_sector = [&]() -> uint64_t {
+    if (options.step_bytes != 0) {  // as qemu-img bench: wrap when a request would not fit
+      if (next_offset + phase.request_bytes > disk_bytes) next_offset = 0;
+      const uint64_t offset = next_offset;
+      next_offset += options.step_bytes;
+      return offset / 512;
+    }
     uint64_t position = phase.random ? rng.next() % positions : next_position++ % positions;
     return position * request_sectors;
   };
 
   PhaseResult result;
-  for (uint16_t slot = 0; slot < depth; ++slot) driver.publish(slot, phase.type, next_sector());
+  uint64_t issued = 0;
+  auto more = [&] { return options.requests == 0 || issued < options.requests; };
+  uint32_t outstanding = 0;
+  for (uint16_t slot = 0; slot < depth && more(); ++slot, ++issued, ++outstanding) {
+    driver.publish(slot, phase.type, next_sector());
+  }
   auto start = std::chrono::steady_clock::now();
-  auto deadline = start + std::chrono::duration<double>(seconds);
+  auto deadline = start + std::chrono::duration<double>(options.seconds);
   blk->notify(0);
   bool stopping = false;
-  uint32_t outstanding = depth;
   while (outstanding > 0) {
     TRY(loop->run_once(1000));
     bool published = false;
@@ -209,8 +237,9 @@ Result<PhaseResult> run_phase(const std::string& path, const Phase& phase, uint3
       ++result.requests;
       --outstanding;
       if (status != 0) ++result.errors;
-      if (!stopping) {
+      if (!stopping && more()) {
         driver.publish(slot, phase.type, next_sector());
+        ++issued;
         ++outstanding;
         published = true;
       }
@@ -226,36 +255,50 @@ Result<PhaseResult> run_phase(const std::string& path, const Phase& phase, uint3
 
 int usage() {
   std::fprintf(stderr,
-               "usage: blk_bench --file PATH [--seconds S] [--depth N] [--phase NAME]...\n"
-               "  phases: randread-4k, seqread-1m, seqwrite-1m (default: all)\n");
+               "usage: blk_bench --file PATH [--format raw|qcow2] [--seconds S] [--depth N]\n"
+               "                 [--step BYTES] [--requests N] [--phase NAME]...\n"
+               "  phases: randread-4k, randwrite-4k, seqread-1m, seqwrite-1m (default: all)\n");
   return 2;
 }
 
 int run(int argc, char** argv) {
   log::init(log::Level::Warn, "blk_bench");
-  std::string path;
-  double seconds = 5;
-  uint32_t depth = 32;
+  Options options;
   std::vector<std::string> wanted;
   static const option kOptions[] = {{"file", required_argument, nullptr, 'f'},
+                                    {"format", required_argument, nullptr, 'F'},
                                     {"seconds", required_argument, nullptr, 's'},
                                     {"depth", required_argument, nullptr, 'd'},
+                                    {"step", required_argument, nullptr, 'S'},
+                                    {"requests", required_argument, nullptr, 'n'},
                                     {"phase", required_argument, nullptr, 'p'},
                                     {nullptr, 0, nullptr, 0}};
   int opt = 0;
-  while ((opt = getopt_long(argc, argv, "f:s:d:p:", kOptions, nullptr)) != -1) {
+  while ((opt = getopt_long(argc, argv, "f:F:s:d:S:n:p:", kOptions, nullptr)) != -1) {
     switch (opt) {
-      case 'f': path = optarg; break;
-      case 's': seconds = std::atof(optarg); break;
-      case 'd': depth = static_cast<uint32_t>(std::atoi(optarg)); break;
+      case 'f': options.path = optarg; break;
+      case 'F': {
+        auto format = block::parse_image_format(optarg);
+        if (!format) return usage();
+        options.format = *format;
+        break;
+      }
+      case 's': options.seconds = std::atof(optarg); break;
+      case 'd': options.depth = static_cast<uint32_t>(std::atoi(optarg)); break;
+      case 'S': options.step_bytes = std::strtoull(optarg, nullptr, 10); break;
+      case 'n': options.requests = std::strtoull(optarg, nullptr, 10); break;
       case 'p': wanted.emplace_back(optarg); break;
       default: return usage();
     }
   }
-  if (path.empty() || depth == 0 || depth > kMaxDepth || seconds <= 0) return usage();
+  if (options.path.empty() || options.depth == 0 || options.depth > kMaxDepth ||
+      options.seconds <= 0 || options.step_bytes % 512 != 0) {
+    return usage();
+  }
 
   const Phase phases[] = {
       {"randread-4k", devices::virtio::kBlkTypeIn, 4096, 4096, true},
+      {"randwrite-4k", devices::virtio::kBlkTypeOut, 4096, 4096, true},
       {"seqread-1m", devices::virtio::kBlkTypeIn, 1 << 20, 64 << 10, false},
       {"seqwrite-1m", devices::virtio::kBlkTypeOut, 1 << 20, 64 << 10, false},
   };
@@ -263,7 +306,7 @@ int run(int argc, char** argv) {
     if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), phase.name) == wanted.end()) {
       continue;
     }
-    Result<PhaseResult> result = run_phase(path, phase, depth, seconds);
+    Result<PhaseResult> result = run_phase(options, phase);
     if (!result) {
       std::fprintf(stderr, "blk_bench: %s: %s\n", phase.name, result.error().message().c_str());
       return 1;

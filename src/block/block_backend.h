@@ -87,7 +87,8 @@ class BlockBackend {
 
 // A BlockBackend whose asynchronous face runs each request synchronously
 // at submit() and queues the completion: correct for any format, and what
-// formats without a native asynchronous path derive from.
+// formats without a native asynchronous path derive from. The completion
+// eventfd is signalled when the queue stops being empty, not per request.
 class SyncBlockBackend : public BlockBackend {
  public:
   Result<void> submit(const BlockRequest& request) override;

@@ -1,7 +1,7 @@
 // Opening a disk image by format: the one place that maps a path and a
 // format name to a BlockBackend. Formats: raw (src/block/raw) and qcow2
 // (src/block/qcow2, QEMU docs/interop/qcow2.txt), whose backing images are
-// opened through here too (read-only, at most 64 deep).
+// opened through here too (read-only, at most 64 deep), each file locked.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +11,7 @@
 
 #include "base/result.h"
 #include "block/block_backend.h"
+#include "block/image_lock.h"
 
 namespace keel::block {
 
@@ -29,7 +30,11 @@ Result<ImageFormat> probe_image_format(const std::string& path);
 // opened as raw: the guest would see (and could rewrite) its metadata.
 // Probing trusts the file, and a guest can write the qcow2 magic into a raw
 // disk, so name the format of images a guest writes to.
+// Every file of the chain is locked as QEMU locks it (block/image_lock.h):
+// the backing files for reading, path for access; a file another process
+// (or another open here) writes, or that a writer holds, is Errc::Busy
+// naming it. ForceShare takes no locks.
 Result<std::unique_ptr<BlockBackend>> open_image(const std::string& path, ImageFormat format,
-                                                 Access access);
+                                                 Access access, Locking locking = Locking::Lock);
 
 }  // namespace keel::block

@@ -22,9 +22,12 @@ Result<void> parse_qcow2_options(const std::string& text, block::qcow2::CreateOp
                                  std::string_view what);
 
 // Opens a qcow2 image as a Qcow2Image (for what only qcow2 can do: resize,
-// compressed writes, cluster status), its backing chain read-only.
-Result<std::unique_ptr<block::qcow2::Qcow2Image>> open_qcow2(const std::string& path,
-                                                             block::Access access);
+// compressed writes, cluster status), its backing chain read-only except
+// the first backing file, opened for backing_access (commit writes it).
+// Every file is locked (block/image_lock.h).
+Result<std::unique_ptr<block::qcow2::Qcow2Image>> open_qcow2(
+    const std::string& path, block::Access access,
+    block::Access backing_access = block::Access::ReadOnly);
 
 // The image's own path, then its backing files' paths, top to bottom.
 std::vector<std::string> chain_files(block::BlockBackend& image, const std::string& path);
@@ -45,6 +48,7 @@ Result<void> convert(const ConvertArgs& args);
 struct MapArgs {
   std::string output = "human";  // or "json"
   std::string format = "auto";
+  block::Locking locking = block::Locking::Lock;  // -U: ForceShare
   std::string file;
 };
 Result<void> map(const MapArgs& args);

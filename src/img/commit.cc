@@ -62,18 +62,26 @@ Result<void> commit(const CommitArgs& args) {
     return fail(Errc::InvalidArgument,
                 fmt::format("{}: the image has no backing file to commit into", what));
   }
+  // Growing the backing file takes its write lock, which the overlay's read
+  // lock on it would refuse: the chain is closed meanwhile.
   const std::string backing_path = overlay->backing_path();
   const block::ImageFormat backing_format =
       TRY(block::parse_image_format(std::string(overlay->backing()->format_name())));
-  if (overlay->backing()->size_bytes() < overlay->size_bytes()) {
-    TRY_CONTEXT(resize_image(backing_path, backing_format, overlay->size_bytes(), false), what);
+  const uint64_t size = overlay->size_bytes();
+  const bool grow = overlay->backing()->size_bytes() < size;
+  overlay.reset();
+  if (grow) TRY_CONTEXT(resize_image(backing_path, backing_format, size, false), what);
+  // The backing file is written through the overlay's chain, opened with
+  // the backing file's write lock (as QEMU reopens it read-write).
+  overlay = TRY_CONTEXT(open_qcow2(args.file, overlay_access, block::Access::ReadWrite),
+                        fmt::format("{}: backing file", what));
+  if (overlay->backing() == nullptr) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: the image lost its backing file meanwhile", what));
   }
-  auto backing = TRY_CONTEXT(block::open_image(backing_path, backing_format,
-                                               block::Access::ReadWrite),
-                             fmt::format("{}: backing file", what));
+  block::BlockBackend& backing = *overlay->backing();
   Progress progress(args.progress);
-  TRY_CONTEXT(copy_allocated(*overlay, *backing, progress), what);
-  backing.reset();
+  TRY_CONTEXT(copy_allocated(*overlay, backing, progress), what);
   if (!args.keep_overlay) TRY_CONTEXT(overlay->make_empty(), what);
   progress.finish();
   std::printf("Image committed.\n");

@@ -75,9 +75,11 @@ Result<void> parse_qcow2_options(const std::string& text, block::qcow2::CreateOp
 }
 
 Result<std::unique_ptr<block::qcow2::Qcow2Image>> open_qcow2(const std::string& path,
-                                                             block::Access access) {
-  auto open_backing = [](const std::string& backing_path, block::ImageFormat format) {
-    return block::open_image(backing_path, format, block::Access::ReadOnly);
+                                                             block::Access access,
+                                                             block::Access backing_access) {
+  auto open_backing = [backing_access](const std::string& backing_path,
+                                       block::ImageFormat format) {
+    return block::open_image(backing_path, format, backing_access);
   };
   return block::qcow2::Qcow2Image::open(path, access, open_backing);
 }

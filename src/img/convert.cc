@@ -19,6 +19,7 @@
 
 #include "base/fd.h"
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "block/map.h"
 #include "block/qcow2/qcow2.h"
 #include "img/commands.h"
@@ -205,10 +206,17 @@ Result<void> convert(const ConvertArgs& args) {
     }
   }
   struct stat st {};
-  if (::stat(args.destination.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
-    return fail(Errc::InvalidArgument,
-                fmt::format("{}: {} is not a regular file (keel-img writes image files only)",
-                            what, args.destination));
+  block::ImageLock destination_lock;
+  if (::stat(args.destination.c_str(), &st) == 0) {
+    if (!S_ISREG(st.st_mode)) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("{}: {} is not a regular file (keel-img writes image files only)",
+                              what, args.destination));
+    }
+    // Replacing an image a VM has open would pull it from under the VM's
+    // feet: hold its write lock until the copy is renamed over it.
+    destination_lock = TRY_CONTEXT(
+        block::ImageLock::open(args.destination, block::Access::ReadWrite), what);
   }
 
   const uint64_t size = source->size_bytes();

@@ -19,6 +19,7 @@
 #include "base/fd.h"
 #include "base/log.h"
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "block/qcow2/check.h"
 #include "block/qcow2/create.h"
 #include "block/qcow2/header.h"
@@ -65,6 +66,13 @@ Result<void> create(const CreateArgs& args) {
 
   qcow2::CreateOptions options;
   TRY(parse_qcow2_options(args.options, options, what));
+  // Replacing an image a VM has open would corrupt what the VM sees: take
+  // the existing file's write lock first, as qemu-img create does.
+  block::ImageLock lock;
+  struct stat st {};
+  if (::stat(args.file.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    lock = TRY_CONTEXT(block::ImageLock::open(args.file, block::Access::ReadWrite), what);
+  }
 
   if (args.format == "raw") {
     if (!args.backing.empty() || !args.options.empty()) {
@@ -121,8 +129,11 @@ struct ImageInfo {
   std::string backing_format;
 };
 
-Result<ImageInfo> inspect(const std::string& path, ImageFormat format) {
+Result<ImageInfo> inspect(const std::string& path, ImageFormat format, block::Locking locking) {
   Fd fd = TRY_CONTEXT(Fd::open(path, O_RDONLY), fmt::format("image {}", path));
+  // As qemu-img info: an image another process writes is refused unless -U.
+  const block::ImageLock lock =
+      TRY(block::ImageLock::acquire(fd, path, block::Access::ReadOnly, locking));
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("image {}: fstat", path));
   ImageInfo info;
@@ -206,7 +217,8 @@ nlohmann::json to_json(const ImageInfo& info) {
   return j;
 }
 
-Result<void> info(const std::string& file, bool json, bool backing_chain) {
+Result<void> info(const std::string& file, bool json, bool backing_chain,
+                  block::Locking locking) {
   std::vector<ImageInfo> chain;
   std::string path = file;
   ImageFormat format = ImageFormat::Auto;
@@ -215,7 +227,7 @@ Result<void> info(const std::string& file, bool json, bool backing_chain) {
       return fail(Errc::Unsupported,
                   fmt::format("image {}: backing chain deeper than {} (a loop?)", file, kMaxChain));
     }
-    ImageInfo one = TRY(inspect(path, format));
+    ImageInfo one = TRY(inspect(path, format, locking));
     const std::string next = one.full_backing;
     const std::string next_format = one.backing_format;
     chain.push_back(std::move(one));
@@ -283,6 +295,10 @@ Result<int> check(const std::string& file, const std::string& repair) {
     std::printf("This image format (raw) does not support checks\n");
     return 0;
   }
+  // check_image and repair_leaks read and write through descriptors of
+  // their own; this one holds the lock: a repair must be the only user.
+  const block::ImageLock lock = TRY(block::ImageLock::open(
+      file, repair.empty() ? block::Access::ReadOnly : block::Access::ReadWrite));
   qcow2::CheckReport report = TRY(qcow2::check_image(file));
   if (repair == "all" && report.corruptions > 0) {
     return fail(Errc::Unsupported,
@@ -349,6 +365,10 @@ int main(int argc, char** argv) {
   CLI::App* info = app.add_subcommand("info", "Show an image's format, sizes and backing chain");
   info->add_flag("--json", info_json, "Print JSON (qemu-img info --output=json's field names)");
   info->add_flag("--backing-chain", info_chain, "Describe every image of the backing chain");
+  bool info_force_share = false;
+  info->add_flag("-U,--force-share", info_force_share,
+                 "Read the image even if another process writes it (what it shows may be "
+                 "changing)");
   info->add_option("FILE", info_file, "The image")->required();
 
   img::ConvertArgs convert_args;
@@ -382,6 +402,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"human", "json"}));
   map->add_option("-f,--format", map_args.format, "FILE's format: auto, raw or qcow2")
       ->check(CLI::IsMember({"auto", "qcow2", "raw"}));
+  bool map_force_share = false;
+  map->add_flag("-U,--force-share", map_force_share,
+                "Read the image even if another process writes it (what it shows may be changing)");
   map->add_option("FILE", map_args.file, "The image")->required();
 
   img::ResizeArgs resize_args;
@@ -447,7 +470,9 @@ int main(int argc, char** argv) {
     return done ? 0 : img::fail_with(done.error());
   }
   if (*info) {
-    Result<void> done = img::info(info_file, info_json, info_chain);
+    Result<void> done = img::info(info_file, info_json, info_chain,
+                                  info_force_share ? block::Locking::ForceShare
+                                                   : block::Locking::Lock);
     return done ? 0 : img::fail_with(done.error());
   }
   if (*convert) {
@@ -467,6 +492,7 @@ int main(int argc, char** argv) {
     return done ? 0 : img::fail_with(done.error());
   }
   if (*map) {
+    if (map_force_share) map_args.locking = block::Locking::ForceShare;
     Result<void> done = img::map(map_args);
     return done ? 0 : img::fail_with(done.error());
   }

@@ -47,7 +47,7 @@ Result<void> map(const MapArgs& args) {
                 fmt::format("map {}: --output '{}' (human or json)", args.file, args.output));
   }
   const block::ImageFormat format = TRY(block::parse_image_format(args.format));
-  auto image = TRY(block::open_image(args.file, format, block::Access::ReadOnly));
+  auto image = TRY(block::open_image(args.file, format, block::Access::ReadOnly, args.locking));
   const uint64_t size = image->size_bytes();
   if (!json) std::printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
   // Entries are printed merged: one line per run of equal ranges.

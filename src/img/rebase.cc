@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "block/qcow2/create.h"
 #include "block/qcow2/qcow2.h"
 #include "img/commands.h"
@@ -116,6 +117,8 @@ Result<void> rebase(const RebaseArgs& args) {
     image.reset();  // written back and closed before the header changes
     progress.finish();
   }
+  // The header is rewritten through a descriptor of set_backing_file's own.
+  const block::ImageLock lock = TRY(block::ImageLock::open(args.file, block::Access::ReadWrite));
   return qcow2::set_backing_file(args.file, args.backing, args.backing.empty() ? "" : recorded_format);
 }
 

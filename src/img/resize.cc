@@ -11,6 +11,7 @@
 
 #include "base/fd.h"
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "img/commands.h"
 
 namespace keel::img {
@@ -50,6 +51,7 @@ Result<void> resize_to(const std::string& path, block::ImageFormat format, const
   if (format == block::ImageFormat::Auto) format = TRY(block::probe_image_format(path));
   if (format == block::ImageFormat::Raw) {
     Fd fd = TRY_CONTEXT(Fd::open(path, O_RDWR), what);
+    const block::ImageLock lock = TRY(block::ImageLock::acquire(fd, path, block::Access::ReadWrite));
     const uint64_t current = TRY_CONTEXT(fd.size_bytes(), what);
     const uint64_t wanted = TRY(new_size(size, current, what));
     TRY(refuse_unasked_shrink(allow_shrink, current, wanted, what));

@@ -1,8 +1,10 @@
 // libFuzzer target: an arbitrary file opened as a qcow2 image, read, and
-// (opened again writable) written, discarded, zeroed and flushed. Whatever
-// the bytes, Keel must return errors, never crash, hang or read out of bounds.
-// Exercises the header and extension parser, L1/L2 lookups, compressed
-// cluster decoding, refcount tables and blocks, and allocation.
+// (opened again writable) written, discarded, zeroed, written compressed,
+// mapped (block_status and map_at, as keel-img map and convert), grown and
+// shrunk (keel-img resize), and flushed. Whatever the bytes, Keel must
+// return errors, never crash, hang or read out of bounds. Exercises the
+// header and extension parser, L1/L2 lookups, compressed cluster decoding
+// and packing, refcount tables and blocks, allocation and L1 growth.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -13,6 +15,7 @@
 
 #include "base/fd.h"
 #include "base/log.h"
+#include "block/map.h"
 #include "block/qcow2/check.h"
 #include "block/qcow2/qcow2.h"
 #include "block/raw/raw_file.h"
@@ -41,6 +44,23 @@ void read_some(block::BlockBackend& disk, std::vector<std::byte>& buffer) {
     const uint64_t length = std::min<uint64_t>(buffer.size(), size - at);
     iovec v{buffer.data(), length};
     (void)disk.read_at(at, std::span(&v, 1));
+  }
+}
+
+// What keel-img map and convert ask: a bounded number of extents.
+void map_some(block::qcow2::Qcow2Image& disk, const std::string& path) {
+  const uint64_t size = disk.size_bytes();
+  uint64_t at = 0;
+  for (int i = 0; i < 64 && at < size; ++i) {
+    auto extent = disk.block_status(at, size - at);
+    if (!extent || extent->length_bytes == 0) break;
+    at += extent->length_bytes;
+  }
+  at = 0;
+  for (int i = 0; i < 64 && at < size; ++i) {
+    auto entry = block::map_at(disk, path, at, size - at);
+    if (!entry || entry->length == 0) break;
+    at += entry->length;
   }
 }
 
@@ -84,8 +104,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       (void)(*disk)->write_zeroes(1000, 300000, block::Unmap::Yes);
       (void)(*disk)->discard(0, 1 << 20);
     }
-    (void)(*disk)->flush();
-    read_some(**disk, buffer);
+    block::qcow2::Qcow2Image& qcow2 = **disk;
+    // A compressed write into the first and the last cluster (one whole
+    // cluster each; the header bounds the cluster size to 2 MiB).
+    const uint64_t cluster = qcow2.header().cluster_size();
+    if (disk_size >= cluster) {
+      std::vector<std::byte> plain(cluster, std::byte{0x5a});
+      (void)qcow2.write_compressed(0, plain);
+      (void)qcow2.write_compressed((disk_size - 1) / cluster * cluster, plain);
+    }
+    map_some(qcow2, path_of(image));
+    // Grow (a larger L1 table, perhaps moved) and shrink back; bounded so a
+    // claimed exabyte disk does not make the fuzzer allocate its L1 table.
+    if (disk_size <= (1ull << 30)) {
+      (void)qcow2.resize(disk_size + (3 << 20));
+      (void)qcow2.resize(disk_size / 2 / 512 * 512);
+      map_some(qcow2, path_of(image));
+    }
+    (void)qcow2.flush();
+    read_some(qcow2, buffer);
   }
   return 0;
 }

@@ -28,6 +28,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "block/image_lock.h"
 #include "tiny_guest.h"
 #include "vmm_process.h"
 
@@ -285,6 +286,30 @@ TEST_F(VmmGuestTest, DefaultAcpiConfigBoots) {
 
 TEST_F(VmmGuestTest, SeveralVcpusBoot) {
   Outcome outcome = run_vmm(with(guest_args("pvh-test"), {"--cpus", "4"}));
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  EXPECT_EQ(outcome.out, "pvh ok\n");
+}
+
+TEST_F(VmmGuestTest, DiskThatAnotherProcessWritesIsRefusedNamingIt) {
+  const std::string disk = dir_.write("disk.raw", std::string(1 << 20, '\0'));
+  {
+    // Another writer: this test, through the image lock keel-vmm, keel-img
+    // and QEMU all take (src/block/image_lock.h).
+    auto writer = block::ImageLock::open(disk, block::Access::ReadWrite);
+    ASSERT_TRUE(writer.has_value()) << writer.error().message();
+    for (const std::string options : {",format=raw", ",format=raw,readonly=on"}) {
+      SCOPED_TRACE(options);
+      Outcome outcome = run_vmm(with(guest_args("pvh-test"), {"--disk", "path=" + disk + options}));
+      EXPECT_NE(outcome.exit_status, 0) << outcome;
+      EXPECT_THAT(outcome.err, HasSubstr(disk + " is in use by another process (lock held"));
+      EXPECT_EQ(outcome.out, "");
+    }
+  }
+  // A reader shares the file with a read-only disk.
+  auto reader = block::ImageLock::open(disk, block::Access::ReadOnly);
+  ASSERT_TRUE(reader.has_value()) << reader.error().message();
+  Outcome outcome =
+      run_vmm(with(guest_args("pvh-test"), {"--disk", "path=" + disk + ",format=raw,readonly=on"}));
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
   EXPECT_EQ(outcome.out, "pvh ok\n");
 }

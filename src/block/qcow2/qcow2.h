@@ -6,7 +6,8 @@
 // shorter backing image; zero clusters (v3 bit 0); compressed clusters (zlib,
 // zstd). Writes: in place to clusters whose refcount is 1; otherwise a new
 // cluster (copy-on-write of the rest of a partial cluster from what the old
-// mapping or the backing image held), new L2 tables, refcount updates,
+// mapping or the backing image held; nothing for a new cluster past the
+// file's end whose rest reads as zeroes), new L2 tables, refcount updates,
 // discard (drops allocated clusters; in an overlay v3 marks them zero, v2
 // leaves them), write_zeroes (v3 zero clusters for whole clusters), flush.
 // The dirty bit is honoured by refusing to write an image that has it; Keel
@@ -48,6 +49,7 @@
 #include "base/event_fd.h"
 #include "block/block_backend.h"
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "block/qcow2/header.h"
 #include "block/qcow2/image_file.h"
 #include "block/qcow2/l2_cache.h"
@@ -55,8 +57,8 @@
 
 namespace keel::block::qcow2 {
 
-// Opens a backing image (always read-only); open_image supplies one that
-// counts the chain's depth.
+// Opens a backing image (read-only, except where keel-img commit writes
+// through it); open_image supplies one that counts the chain's depth.
 using BackingOpener =
     std::function<Result<std::unique_ptr<BlockBackend>>(const std::string& path, ImageFormat)>;
 
@@ -78,8 +80,11 @@ class Qcow2Image final : public SyncBlockBackend {
   // Replaced clusters awaiting their refcount drop; more trigger write_back.
   static constexpr size_t kMaxPendingFrees = 4096;
 
+  // Takes the file's image lock for access (block/image_lock.h) before
+  // reading it, unless locking is ForceShare; open_backing locks the rest.
   static Result<std::unique_ptr<Qcow2Image>> open(const std::string& path, Access access,
-                                                  const BackingOpener& open_backing);
+                                                  const BackingOpener& open_backing,
+                                                  Locking locking = Locking::Lock);
   // Writes dirty metadata back (errors are logged).
   ~Qcow2Image() override;
   Qcow2Image(const Qcow2Image&) = delete;
@@ -137,8 +142,8 @@ class Qcow2Image final : public SyncBlockBackend {
     bool copied = false;            // bit 63: refcount exactly 1
   };
 
-  Qcow2Image(ImageFile file, Access access, Header header, std::vector<uint64_t> l1,
-             EventFd completion_event);
+  Qcow2Image(ImageFile file, ImageLock lock, Access access, Header header,
+             std::vector<uint64_t> l1, EventFd completion_event);
 
   Result<void> check_range(uint64_t offset, uint64_t length_bytes) const;
   Result<void> check_writable() const;
@@ -174,6 +179,7 @@ class Qcow2Image final : public SyncBlockBackend {
   Result<void> write_size_and_l1(uint64_t size_bytes, uint64_t l1_entries, uint64_t l1_offset);
 
   ImageFile file_;
+  ImageLock lock_;
   Access access_;
   Header header_;
   uint64_t size_bytes_;

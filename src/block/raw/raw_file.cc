@@ -28,9 +28,11 @@ bool is_transfer(BlockOp op) { return op == BlockOp::Read || op == BlockOp::Writ
 
 }  // namespace
 
-Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, Access access) {
+Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, Access access,
+                                               Locking locking) {
   int flags = access == Access::ReadOnly ? O_RDONLY : O_RDWR;
   Fd file = TRY(Fd::open(path, flags));
+  ImageLock lock = TRY(ImageLock::acquire(file, path, access, locking));
   struct stat st {};
   if (::fstat(file.get(), &st) < 0) return fail_errno(fmt::format("raw image {}: fstat", path));
   uint64_t size_bytes = 0;
@@ -53,7 +55,8 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, Access a
   EventFd completion_event = TRY_CONTEXT(EventFd::create(EventFdMode::NonBlocking),
                                          fmt::format("raw image {}", path));
   std::unique_ptr<RawFile> raw(
-      new RawFile(path, std::move(file), access, size_bytes, std::move(completion_event)));
+      new RawFile(path, std::move(file), std::move(lock), access, size_bytes,
+                  std::move(completion_event)));
   TRY_CONTEXT(raw->init_ring(), fmt::format("raw image {}", path));
   return raw;
 }

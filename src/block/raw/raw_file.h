@@ -28,6 +28,7 @@
 #include "base/event_fd.h"
 #include "base/fd.h"
 #include "block/block_backend.h"
+#include "block/image_lock.h"
 
 namespace keel::block {
 
@@ -39,7 +40,10 @@ class RawFile final : public BlockBackend {
   // Requests in flight at once; submit() beyond it is Busy.
   static constexpr uint32_t kMaxInFlight = 1024;
 
-  static Result<std::unique_ptr<RawFile>> open(const std::string& path, Access access);
+  // Takes the file's image lock for access (block/image_lock.h) unless
+  // locking is ForceShare.
+  static Result<std::unique_ptr<RawFile>> open(const std::string& path, Access access,
+                                               Locking locking = Locking::Lock);
   ~RawFile() override;
   RawFile(const RawFile&) = delete;
   RawFile& operator=(const RawFile&) = delete;
@@ -70,8 +74,9 @@ class RawFile final : public BlockBackend {
     uint64_t expected_bytes = 0;  // Read/Write: the iovecs' total
   };
 
-  RawFile(std::string path, Fd file, Access access, uint64_t size_bytes, EventFd completion_event)
-      : path_(std::move(path)), file_(std::move(file)), access_(access),
+  RawFile(std::string path, Fd file, ImageLock lock, Access access, uint64_t size_bytes,
+          EventFd completion_event)
+      : path_(std::move(path)), file_(std::move(file)), lock_(std::move(lock)), access_(access),
         size_bytes_(size_bytes), completion_event_(std::move(completion_event)) {}
   Result<void> init_ring();
 
@@ -88,6 +93,7 @@ class RawFile final : public BlockBackend {
 
   std::string path_;
   Fd file_;
+  ImageLock lock_;
   Access access_;
   uint64_t size_bytes_;
   EventFd completion_event_;  // registered with the ring; also signalled by us

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -221,6 +222,36 @@ TEST_F(Qcow2InteropTest, KeelWritesPassQemuCheckAndCompare) {
       expect_equal_to_raw(image, expected);
     }
   }
+}
+
+TEST_F(Qcow2InteropTest, PartialWritesToNewClustersPastTheEndWriteOnlyTheirBytes) {
+  const std::string image = dir_.file("fresh.qcow2");
+  qcow2::CreateOptions options;
+  options.size_bytes = 4 * kMiB;
+  ASSERT_TRUE(qcow2::create_image(image, options).has_value());
+  std::vector<std::byte> expected(4 * kMiB);
+  auto put = [&](BlockBackend& disk, uint64_t offset, size_t length, uint8_t seed) {
+    auto data = pattern(length, seed);
+    ASSERT_TRUE(write_bytes(disk, offset, data).has_value());
+    std::memcpy(expected.data() + offset, data.data(), length);
+  };
+  {
+    auto disk = open_image(image, ImageFormat::Qcow2, Access::ReadWrite);
+    ASSERT_TRUE(disk.has_value()) << disk.error().message();
+    put(**disk, 8192, 4096, 1);            // inside a new cluster
+    const uint64_t short_end = std::filesystem::file_size(image);
+    put(**disk, kMiB + 65024, 512, 2);     // the last sector of another one
+    // The first cluster was not filled out with zeroes: the file ends inside it.
+    EXPECT_EQ(short_end % 65536, 12288u);
+    put(**disk, 0, 512, 3);                // in place, into the short cluster
+    ASSERT_TRUE((*disk)->write_zeroes(2 * kMiB, 65536, Unmap::Yes).has_value());
+    put(**disk, 2 * kMiB + 4096, 4096, 4); // a zero cluster gets a new one
+    EXPECT_EQ(read_bytes(**disk, 0, 4 * kMiB), expected);
+    ASSERT_TRUE((*disk)->flush().has_value());
+  }
+  expect_clean(image);
+  expect_equal_to_raw(image, expected);
+  expect_same_as_qemu(image);
 }
 
 TEST_F(Qcow2InteropTest, KeelWritesIntoQemuImages) {

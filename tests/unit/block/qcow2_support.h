@@ -2,13 +2,18 @@
 // qemu-img when it is installed.
 #pragma once
 
+#include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -119,5 +124,66 @@ inline std::string output_of(const std::string& command) {
 inline bool have_program(const std::string& name) {
   return run("command -v " + name) == 0;
 }
+
+// Whether another open file description holds a lock on the byte at offset
+// of path (block/image_lock.h's lock bytes).
+inline bool lock_byte_held(const std::string& path, uint64_t offset) {
+  auto fd = Fd::open(path, O_RDONLY);
+  if (!fd) return false;
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = static_cast<off_t>(offset);
+  lock.l_len = 1;
+  if (::fcntl(fd->get(), F_OFD_GETLK, &lock) < 0) return false;
+  return lock.l_type != F_UNLCK;
+}
+
+// A qemu-io process that holds image open (read-write, or read-only with
+// "-r") until this goes away. held() says whether QEMU took its locks
+// (waited for, up to 10 s).
+class QemuIoHolder {
+ public:
+  explicit QemuIoHolder(const std::string& image, const std::string& mode = "") {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      auto null = Fd::open("/dev/null", O_WRONLY);
+      if (null) {
+        ::dup2(null->get(), STDOUT_FILENO);
+        ::dup2(null->get(), STDERR_FILENO);
+      }
+      if (mode.empty()) {
+        ::execlp("qemu-io", "qemu-io", "-c", "sleep 600000", image.c_str(), nullptr);
+      } else {
+        ::execlp("qemu-io", "qemu-io", mode.c_str(), "-c", "sleep 600000", image.c_str(), nullptr);
+      }
+      ::_exit(127);
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (pid_ > 0 && std::chrono::steady_clock::now() < deadline) {
+      if (lock_byte_held(image, 100)) {
+        held_ = true;
+        break;
+      }
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;  // it ended (could not open the image)
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  QemuIoHolder(const QemuIoHolder&) = delete;
+  QemuIoHolder& operator=(const QemuIoHolder&) = delete;
+  ~QemuIoHolder() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  bool held() const { return held_; }
+
+ private:
+  pid_t pid_ = -1;
+  bool held_ = false;
+};
 
 }  // namespace keel::block::testing

@@ -19,6 +19,7 @@ namespace {
 using testing::have_program;
 using testing::output_of;
 using testing::pattern;
+using testing::QemuIoHolder;
 using testing::read_be64;
 using testing::read_file;
 using testing::run;
@@ -502,6 +503,65 @@ TEST_F(KeelImgInteropTest, UnsupportedFeaturesAreRefusedByEverySubcommand) {
     }
     EXPECT_TRUE(read_file(file(image.file)) == before) << image.file;
   }
+}
+
+TEST_F(KeelImgInteropTest, RefusesImagesAnotherProcessHolds) {
+  sh("qemu-img create -f qcow2 base.qcow2 4M");
+  qemu_io("base.qcow2", {"write -P 0x41 0 1M"});
+  sh("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2");
+  qemu_io("top.qcow2", {"write -P 0x42 1M 1M"});
+  sh("qemu-img create -f raw other.raw 4M");
+  const auto top = read_file(file("top.qcow2"));
+  const auto base = read_file(file("base.qcow2"));
+  std::string out;
+  {
+    // A QEMU "VM" writing top.qcow2 (reading base.qcow2 under it).
+    QemuIoHolder vm(file("top.qcow2"));
+    ASSERT_TRUE(vm.held()) << "qemu-io did not lock top.qcow2";
+    for (const char* args :
+         {"resize top.qcow2 8M", "rebase -b '' top.qcow2", "rebase -u -b other.raw top.qcow2",
+          "commit top.qcow2", "commit -d top.qcow2", "convert -O raw other.raw top.qcow2",
+          "create -f qcow2 top.qcow2 1M", "create -f raw top.qcow2 1M", "info top.qcow2",
+          "map top.qcow2", "check top.qcow2", "check -r leaks top.qcow2"}) {
+      SCOPED_TRACE(args);
+      EXPECT_EQ(keel_img(args, &out), 1) << out;
+      EXPECT_NE(out.find("top.qcow2 is in use by another process (lock held"), std::string::npos)
+          << out;
+    }
+    // The backing file may be read, not written.
+    EXPECT_EQ(keel_img("info base.qcow2", &out), 0) << out;
+    EXPECT_EQ(keel_img("resize base.qcow2 8M", &out), 1) << out;
+    EXPECT_NE(out.find("base.qcow2 is in use by another process"), std::string::npos) << out;
+    // -U looks anyway.
+    EXPECT_EQ(keel_img("info -U top.qcow2", &out), 0) << out;
+    EXPECT_NE(out.find("backing file: base.qcow2"), std::string::npos) << out;
+    EXPECT_EQ(keel_img("info --force-share --backing-chain top.qcow2", &out), 0) << out;
+    EXPECT_EQ(keel_img("map -U --output json top.qcow2", &out), 0) << out;
+  }
+  {
+    // Committing into a backing file that another process writes.
+    QemuIoHolder writer(file("base.qcow2"));
+    ASSERT_TRUE(writer.held()) << "qemu-io did not lock base.qcow2";
+    EXPECT_EQ(keel_img("commit top.qcow2", &out), 1) << out;
+    EXPECT_NE(out.find("base.qcow2 is in use by another process"), std::string::npos) << out;
+  }
+  EXPECT_TRUE(read_file(file("top.qcow2")) == top);
+  EXPECT_TRUE(read_file(file("base.qcow2")) == base);
+  // Nothing is left holding either file.
+  EXPECT_EQ(keel_img("commit top.qcow2", &out), 0) << out;
+  expect_qemu_check_clean("base.qcow2");
+}
+
+TEST_F(KeelImgInteropTest, QemuImgAndKeelImgReadersShare) {
+  sh("qemu-img create -f qcow2 disk.qcow2 4M");
+  QemuIoHolder reader(file("disk.qcow2"), "-r");
+  ASSERT_TRUE(reader.held()) << "qemu-io -r did not lock disk.qcow2";
+  std::string out;
+  EXPECT_EQ(keel_img("info disk.qcow2", &out), 0) << out;
+  EXPECT_EQ(keel_img("check disk.qcow2", &out), 0) << out;
+  EXPECT_EQ(keel_img("convert -O qcow2 disk.qcow2 copy.qcow2", &out), 0) << out;
+  EXPECT_EQ(keel_img("resize disk.qcow2 8M", &out), 1) << out;
+  EXPECT_NE(out.find("disk.qcow2 is in use by another process"), std::string::npos) << out;
 }
 
 }  // namespace
