@@ -121,6 +121,21 @@ inline std::string output_of(const std::string& command) {
   return out;
 }
 
+// Runs a command once; returns its exit status (-1 if it did not run or
+// did not exit) and fills out with its stdout and stderr.
+inline int run_capturing(const std::string& command, std::string* out) {
+  std::string text;
+  FILE* pipe = ::popen(("(" + command + ") 2>&1").c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buffer[4096];
+  size_t n = 0;
+  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) text.append(buffer, n);
+  int status = ::pclose(pipe);
+  if (out != nullptr) *out = std::move(text);
+  if (status == -1 || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
 inline bool have_program(const std::string& name) {
   return run("command -v " + name) == 0;
 }

@@ -23,6 +23,7 @@ using testing::QemuIoHolder;
 using testing::read_be64;
 using testing::read_file;
 using testing::run;
+using testing::run_capturing;
 using testing::TempDir;
 using testing::write_be64;
 using testing::write_file;
@@ -48,14 +49,7 @@ class KeelImgInteropTest : public ::testing::Test {
   // fills out with stdout+stderr.
   // Runs it once: resize, rebase and commit change the image.
   int keel_img(const std::string& args, std::string* out = nullptr) {
-    const std::string line = "cd " + dir_.path() + " && " + kImg + " " + args;
-    std::string text = output_of("(" + line + ") 2>&1; echo \"exit=$?\"");
-    const size_t marker = text.rfind("exit=");
-    if (marker == std::string::npos) return -1;
-    const int status = std::stoi(text.substr(marker + 5));
-    text.resize(marker);
-    if (out != nullptr) *out = std::move(text);
-    return status;
+    return run_capturing("cd " + dir_.path() + " && " + kImg + " " + args, out);
   }
   void qemu_io(const std::string& image, const std::vector<std::string>& commands) {
     std::string line = "qemu-io";

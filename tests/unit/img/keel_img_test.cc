@@ -16,6 +16,7 @@ using testing::have_program;
 using testing::output_of;
 using testing::pattern;
 using testing::run;
+using testing::run_capturing;
 using testing::TempDir;
 using testing::write_be64;
 using testing::write_bytes;
@@ -23,11 +24,10 @@ using testing::write_file;
 
 const std::string kImg = KEEL_IMG_PATH;
 
-// Runs keel-img; returns its exit status and fills out with stdout+stderr.
+// Runs keel-img once; returns its exit status and fills out with
+// stdout+stderr of that same run.
 int keel_img(const std::string& args, std::string* out = nullptr) {
-  const std::string command = kImg + " " + args;
-  if (out != nullptr) *out = output_of(command + " 2>&1");
-  return run(command);
+  return run_capturing(kImg + " " + args, out);
 }
 
 TEST(KeelImgTest, HelpAndUsageErrors) {
