@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/client.h"
+#include "vmm_api_support.h"
 #include "tiny_guest.h"
 #include "vmm_process.h"
 
@@ -53,13 +54,7 @@ class VmmApiTest : public ::testing::Test {
   void start(std::vector<std::string> args) {
     vmm_ = std::make_unique<VmmProcess>(args);
     ASSERT_TRUE(vmm_->wait_for_stdout("pvh ok\n", kGuestTimeout)) << vmm_->wait(1s);
-    Clock::time_point deadline = Clock::now() + kGuestTimeout;
-    while (Clock::now() < deadline) {
-      Result<api::HttpReply> reply = client().request("GET", "/api/v1/version");
-      if (reply && reply->status == 200) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    FAIL() << "the API never answered on " << socket_;
+    ASSERT_TRUE(api_answers(socket_, kGuestTimeout)) << "the API never answered on " << socket_;
   }
 
   api::Client client() const { return api::Client(socket_, 10s); }

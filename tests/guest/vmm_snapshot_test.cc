@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/client.h"
+#include "vmm_api_support.h"
 #include "kvm/kvm.h"
 #include "migration/snapshot.h"
 #include "tiny_guest.h"
@@ -59,16 +60,16 @@ std::string letters_of(const std::string& out) {
 }
 
 // True if every letter is the one after its predecessor (z wraps to a).
+char next_letter(char letter) { return letter == 'z' ? 'a' : static_cast<char>(letter + 1); }
+
 bool in_sequence(const std::string& letters, char first) {
   char expected = first;
   for (char letter : letters) {
     if (letter != expected) return false;
-    expected = expected == 'z' ? 'a' : static_cast<char>(expected + 1);
+    expected = next_letter(expected);
   }
   return true;
 }
-
-char next_letter(char letter) { return letter == 'z' ? 'a' : static_cast<char>(letter + 1); }
 
 class VmmSnapshotTest : public ::testing::Test {
  protected:
@@ -83,13 +84,7 @@ class VmmSnapshotTest : public ::testing::Test {
   }
 
   void wait_for_api(const std::string& socket) {
-    Clock::time_point deadline = Clock::now() + kGuestTimeout;
-    while (Clock::now() < deadline) {
-      Result<api::HttpReply> reply = api::Client(socket, 10s).request("GET", "/api/v1/version");
-      if (reply && reply->status == 200) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    FAIL() << "the API never answered on " << socket;
+    EXPECT_TRUE(api_answers(socket, kGuestTimeout)) << "the API never answered on " << socket;
   }
 
   api::HttpReply call(const std::string& socket, std::string_view method, std::string_view target,
