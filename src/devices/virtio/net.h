@@ -136,6 +136,8 @@ class Net final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
 
   NetStats stats() const;
   // What the device waits for on the backend fd now (for tests): In while
