@@ -140,9 +140,11 @@ class VirtioDevice {
   // Snapshots. The caller has paused the vCPUs and holds the event loop
   // (EventLoop::hold), so no notify() or device callback runs meanwhile: it
   // owns the device's loop-side state and may call these from its thread.
-  // quiesce() finishes what the host still does for the guest (virtio-blk:
-  // waits for its backend's requests and pushes them used), at most timeout;
-  // Timeout names the device. Nothing new is taken from the queues.
+  // quiesce() finishes what the host still does for the guest, at most
+  // timeout (Timeout names the device); afterwards nothing the device holds
+  // is in flight on the host. virtio-blk also completes every request the
+  // driver made available before the pause, so the disk holds all of them.
+  // The default does nothing: the other devices do their work at once.
   virtual Result<void> quiesce(std::chrono::milliseconds /*timeout*/) { return ok(); }
   // The state of an active device. Unsupported, naming the device, where
   // snapshots are not implemented (the default).
