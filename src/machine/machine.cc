@@ -169,8 +169,9 @@ namespace {
 // The first device in config that a snapshot cannot hold yet, if any.
 std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
   // The balloon and vsock devices have no snapshot state yet (vsock would
-  // need its host connections). Also: the balloon gives pages back by punching holes in the memfd,
-  // which a restored machine's private file mapping cannot do.
+  // need its host connections). Also: the balloon gives pages back by
+  // punching holes in the memfd, which a restored machine's private file
+  // mapping cannot do.
   if (config.balloon) return "virtio-balloon";
   if (config.vsock) return "virtio-vsock";
   return std::nullopt;
