@@ -5,11 +5,12 @@
 // 4 KiB extended space that ECAM reaches.
 // Implemented: the type-0 header, per-byte write masks and write-1-to-clear
 // bits, I/O, 32-bit and 64-bit memory BARs with sizing, the standard
-// capability list (0x40-0xff). Missing: extended capabilities (0x100-0xfff
+// capability list (0x40-0xff), save()/restore_writable() for snapshots.
+// Missing: extended capabilities (0x100-0xfff
 // reads zero, which the PCIe spec's "Extended Capabilities in Configuration
 // Space" defines as "none"), expansion ROM
 // (its BAR reads zero: no ROM), type-1 (bridge) headers, multi-function
-// devices, save/restore.
+// devices.
 #pragma once
 
 #include <array>
