@@ -41,6 +41,21 @@ class MachineSnapshotTest : public ::testing::Test {
   void TearDown() override {
     if (!dir_.empty()) fs::remove_all(dir_);
   }
+  // Runs machine a moment (inside the spin loop by then), checks a running
+  // machine is not saved, pauses it, saves it to path and stops it.
+  static Result<void> run_pause_save(Machine& machine, const std::string& path) {
+    std::thread runner([&] { machine.run(); });
+    std::this_thread::sleep_for(100ms);
+    EXPECT_FALSE(machine.save(path)) << "saved a running machine";
+    Result<void> saved = machine.pause();
+    EXPECT_TRUE(saved) << saved.error().message();
+    if (saved) saved = machine.save(path);
+    (void)machine.resume();
+    machine.stop(StopReason::Stopped);
+    runner.join();
+    return saved;
+  }
+
   std::string dir_;
 };
 
@@ -57,18 +72,8 @@ TEST_F(MachineSnapshotTest, PausedMachineSavesItsConfigVcpusAndRam) {
   Result<std::unique_ptr<Machine>> machine =
       Machine::create(config, *kvm, [](std::span<const std::byte>) {});
   ASSERT_TRUE(machine) << machine.error().message();
-  std::thread runner([&] { (*machine)->run(); });
-  std::this_thread::sleep_for(100ms);  // inside the spin loop by then
-
   std::string path = dir_ + "/vm.snap";
-  Result<void> refused = (*machine)->save(path);
-  EXPECT_FALSE(refused) << "saved a running machine";
-  Result<void> paused = (*machine)->pause();
-  ASSERT_TRUE(paused) << paused.error().message();
-  Result<void> saved = (*machine)->save(path);
-  (void)(*machine)->resume();
-  (*machine)->stop(StopReason::Stopped);
-  runner.join();
+  Result<void> saved = run_pause_save(**machine, path);
   if (!saved && kvm::Kvm::vendor_module() == "kvm_pvm") {
     GTEST_SKIP() << "PVM refuses part of the saved state: " << saved.error().message();
   }
@@ -110,15 +115,8 @@ TEST_F(MachineSnapshotTest, VirtioFunctionsAreSavedAndADifferentDeviceSetIsRefus
   auto quiet = [](std::span<const std::byte>) {};
   Result<std::unique_ptr<Machine>> machine = Machine::create(config, *kvm, quiet, quiet);
   ASSERT_TRUE(machine) << machine.error().message();
-  std::thread runner([&] { (*machine)->run(); });
-  std::this_thread::sleep_for(100ms);
   std::string path = dir_ + "/vm.snap";
-  Result<void> paused = (*machine)->pause();
-  ASSERT_TRUE(paused) << paused.error().message();
-  Result<void> saved = (*machine)->save(path);
-  (void)(*machine)->resume();
-  (*machine)->stop(StopReason::Stopped);
-  runner.join();
+  Result<void> saved = run_pause_save(**machine, path);
   if (!saved && kvm::Kvm::vendor_module() == "kvm_pvm") {
     GTEST_SKIP() << "PVM refuses part of the saved state: " << saved.error().message();
   }
