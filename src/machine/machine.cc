@@ -399,6 +399,9 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
     const std::string what = fmt::format("net {} (tap '{}')", index, nic.tap);
     const net::MacAddress mac = nic.mac.empty() ? default_mac(index)
                                                 : TRY_CONTEXT(net::MacAddress::parse(nic.mac), what);
+    // The config records the MAC the guest sees, so that a snapshot's config
+    // restores the NIC with it rather than with a new random one.
+    if (nic.mac.empty()) config_.nets[index].mac = mac.to_string();
     auto tap = TRY_CONTEXT(
         net::Tap::open({.name = nic.tap, .mtu = nic.mtu, .bridge = nic.bridge}), what);
     LOG_INFO("{}: {} {}, MAC {}, MTU {}{}", what, tap->created() ? "created" : "attached to",
