@@ -51,11 +51,18 @@ struct AcpiConfig {
   uint32_t ged_gsi;
   // QEMU's ISA pvpanic (QEMU0001), one I/O port; 0: none.
   uint16_t pvpanic_port;
+  // ACPI PCI hotplug (src/devices/pci_hotplug.h): the MMIO address of its
+  // register block; 0: none. Needs the GED, whose kGedEventPciHotplug bit
+  // runs \_SB.PCI0.PCNT, which notifies slot objects S01..S1F.
+  uint64_t pci_hotplug_address;
 };
 
 // The GED event register's bits: which event the interrupt was for.
 inline constexpr uint32_t kGedEventPowerButton = 1u << 0;
+inline constexpr uint32_t kGedEventPciHotplug = 1u << 1;
 inline constexpr uint64_t kGedRegisterBytes = 4;
+// The PCI hotplug register block: PCIU, PCID, B0EJ (32 bits each).
+inline constexpr uint64_t kPciHotplugRegisterBytes = 12;
 
 struct AcpiTables {
   std::vector<std::byte> bytes;  // to be copied to guest memory at `base`
