@@ -3,7 +3,8 @@
 // §5.2.6.1/§5.2.6.2 driver and device requirements.
 // Implemented: one request queue (max size 256); SEG_MAX, BLK_SIZE, FLUSH,
 // RO, DISCARD and WRITE_ZEROES (one segment per request, unmap flag),
-// GET_ID; requests go to the backend's asynchronous face with their iovecs
+// GET_ID; growing the disk at run time (resize(): capacity, then a
+// configuration change notification, §5.2.4, §2.4.2); requests go to the backend's asynchronous face with their iovecs
 // pointing straight into guest RAM, many in flight, completions taken on
 // the event loop from backend->completion_fd(); counters (requests,
 // errors, bytes) for the control API's metrics.
@@ -130,6 +131,14 @@ class Blk final : public VirtioDevice {
   void reset() override;
   // requests, errors, read_bytes, write_bytes.
   VirtioDevice::Counters counters() const override;
+
+  // Grows the backend to new_size_bytes (a multiple of 512) and the
+  // capacity with it, then tells an active driver through a configuration
+  // change notification. Shrinking is refused (InvalidArgument): the guest
+  // would lose data it believes is there. Call on the device I/O thread
+  // (the backend's submitting thread) or before the loop runs.
+  Result<void> resize(uint64_t new_size_bytes);
+  uint64_t size_bytes() const;
 
   // For tests and the benchmark: take completions now, as the event-loop
   // watch on the backend's completion fd would.
