@@ -72,8 +72,8 @@ class BlockBackend {
   // Makes the range read as zeroes.
   virtual Result<void> write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap unmap) = 0;
   // Changes size_bytes() to new_size_bytes (a multiple of 512): a disk
-  // resized while the guest runs. Call it from the thread that submits
-  // requests, with none being submitted. Formats that cannot: Unsupported.
+  // resized while the guest runs. No other call may run on the backend
+  // meanwhile (virtio-blk holds its lock). Formats that cannot: Unsupported.
   virtual Result<void> resize(uint64_t new_size_bytes);
 
   // Asynchronous I/O. submit() validates and queues; an error means the

@@ -135,8 +135,8 @@ class Blk final : public VirtioDevice {
   // Grows the backend to new_size_bytes (a multiple of 512) and the
   // capacity with it, then tells an active driver through a configuration
   // change notification. Shrinking is refused (InvalidArgument): the guest
-  // would lose data it believes is there. Call on the device I/O thread
-  // (the backend's submitting thread) or before the loop runs.
+  // would lose data it believes is there. Any thread: the device's lock
+  // keeps requests (and completions) off the backend meanwhile.
   Result<void> resize(uint64_t new_size_bytes);
   uint64_t size_bytes() const;
 

@@ -70,7 +70,7 @@ struct VirtioPciLayout {
   static constexpr uint64_t kBarSize = 0x8000;
 };
 
-class VirtioPci : public PciDevice {
+class VirtioPci : public PciDevice, public std::enable_shared_from_this<VirtioPci> {
  public:
   // fabric and event_loop outlive the function; memory outlives it too.
   static Result<std::shared_ptr<VirtioPci>> create(std::shared_ptr<VirtioDevice> device,
