@@ -7,8 +7,9 @@
 // sleep control/status and reset registers), MADT (xAPIC entries for APIC
 // IDs below 255, x2APIC entries above; one IOAPIC; IRQ0 -> GSI2 override;
 // LINT1 NMI), MCFG (one segment), DSDT (PCI0 host bridge with _CRS and a
-// GSI-routed _PRT, an ECAM motherboard resource, COM1, a GED with a power
-// button, a pvpanic device, \_S5).
+// GSI-routed _PRT and ACPI PCI hotplug slots, an ECAM motherboard resource,
+// COM1, a GED with a power button and the hotplug event, a pvpanic device,
+// \_S5).
 // Missing: no RSDT (64-bit-aware OSes only), no FACS (hardware-reduced
 // needs none), no processor objects in the DSDT, no _OSC on PCI0 (Linux
 // keeps native PCIe hotplug/AER/PME off), no HPET/SRAT/SLIT, no S1-S4.
