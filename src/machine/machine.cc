@@ -712,7 +712,9 @@ std::string pci_address(uint8_t slot) { return fmt::format("0000:00:{:02x}.0", s
 
 Result<std::string> Machine::add_disk(const HotplugDisk& disk) {
   if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
-  const DiskConfig config{.path = disk.path, .read_only = disk.read_only, .serial = disk.id,
+  // The guest sees the id as the disk's serial (GET_ID), cut to its 20 bytes.
+  const DiskConfig config{.path = disk.path, .read_only = disk.read_only,
+                          .serial = disk.id.substr(0, devices::virtio::kBlkIdBytes),
                           .format = disk.format};
   auto blk = TRY(open_disk(config, fmt::format("disk '{}' ({})", disk.id, disk.path)));
   return hotplug(HotplugKind::Disk, disk.id, std::move(blk));

@@ -302,6 +302,12 @@ TEST_F(VmmApiTest, HotplugOfADiskTheGuestNeverEjectsTimesOut) {
     EXPECT_TRUE(reply) << reply.error().message();
     return reply ? *reply : api::HttpReply{};
   };
+  const std::string long_image = dir_.file("long.raw");
+  { std::ofstream(long_image, std::ios::binary).put('\0'); }
+  std::filesystem::resize_file(long_image, 1 << 20);
+  EXPECT_EQ(put("/api/v1/vm/disks", {{"id", std::string(32, 'x')}, {"path", long_image},
+                                     {"readonly", true}}).status, 200u)
+      << "an id longer than a virtio-blk serial is cut for the serial";
   api::HttpReply added =
       put("/api/v1/vm/disks", {{"id", "hot1"}, {"path", image}, {"format", "raw"}});
   ASSERT_EQ(added.status, 200u) << added.body;

@@ -46,8 +46,8 @@ assert_match "$(ctl vm devices)" 'virtio-blk +pci +0000:00:[0-9a-f]{2}\.0.*id=ho
 if ctl vm disk-add hot0 "$disk" 2> "$KEEL_WORKDIR/dup.err"; then fail "a second hot0 was accepted"; fi
 log "ok: a second disk-add of the same image refused: $(cat "$KEEL_WORKDIR/dup.err")"
 
-l2_cmd vm 'for i in $(seq 1 150); do [ -b /dev/vda ] && break; sleep 0.2; done; cat /sys/block/vda/size'
-assert_eq "$L2_OUTPUT" 131072 "the hot-plugged disk's sectors in the guest"
+l2_cmd vm 'for i in $(seq 1 150); do [ -b /dev/vda ] && break; sleep 0.2; done; cat /sys/block/vda/size /sys/block/vda/serial'
+assert_eq "$(printf '%s' "$L2_OUTPUT" | tr '\n' ' ')" "131072 hot0" "the hot-plugged disk's sectors and serial in the guest"
 l2_cmd vm 'dd if=/dev/urandom of=/tmp/p bs=1M count=2 2>/dev/null && dd if=/tmp/p of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1M skip=8 count=2 2>/dev/null | cmp - /tmp/p && echo PATTERN-OK'
 assert_eq "$L2_OUTPUT" PATTERN-OK "pattern written and read back on the hot-plugged disk"
 
