@@ -648,6 +648,15 @@ Result<void> Machine::save(const std::string& path) {
                 "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
                 "is a private mapping of that file is not supported yet");
   }
+  {
+    // The snapshot's config would not describe this machine's devices.
+    std::lock_guard lock(hotplug_mutex_);
+    if (hotplug_changed_) {
+      return fail(Errc::Unsupported,
+                  "snapshot: devices were hot-plugged or unplugged since the VM started, and "
+                  "the snapshot's config cannot describe them yet");
+    }
+  }
   // Refused before anything is written: a snapshot without a device's
   // state would restore into a guest whose driver disagrees with the device.
   if (auto virtio = virtio_devices(); !virtio.empty()) {
@@ -749,6 +758,7 @@ Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
     virtio_devices_.push_back(pci);
     named_.push_back(Named{.kind = kind, .id = id, .slot = slot, .pci = pci, .done = {},
                            .timer = {}, .timer_watch = {}});
+    hotplug_changed_ = true;
   }
   pci_hotplug_->plugged(slot);
   ged_->trigger(boot::acpi::kGedEventPciHotplug);
@@ -812,6 +822,7 @@ void Machine::ejected(uint8_t slot) {
     gone = std::move(*it);
     named_.erase(it);
     std::erase(virtio_devices_, gone->pci);
+    hotplug_changed_ = true;
   }
   // Waits for a timeout callback that may be running; it finds nothing.
   if (gone->timer_watch) io_loop_->remove(*gone->timer_watch);

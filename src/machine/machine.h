@@ -163,6 +163,8 @@ class Machine {
   // devices (their state is not saved yet) or one restored from a snapshot
   // (its RAM is a private file mapping, not the memfd the writer copies).
   // A machine of serial console, RTC, i8042 and ACPI is saved whole.
+  // Unsupported too once a device was hot-plugged or ejected: the
+  // snapshot's config would not describe the machine.
   Result<void> save(const std::string& path);
 
   // Presses the ACPI power button: the GED raises its interrupt and the
@@ -275,6 +277,7 @@ class Machine {
   mutable std::mutex hotplug_mutex_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::vector<Named> named_;
+  bool hotplug_changed_ = false;  // a device was plugged or ejected at run time
   size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
