@@ -27,9 +27,30 @@ enum class CommandKind {
   SetBalloon,  // {target_mib, actual_mib}; Busy (409) without a balloon device
   PowerButton,  // {state}; Busy (409) without ACPI or while stopping
   Snapshot,   // {path, bytes}; Command::path is where
+  // Hotplug (Command::device): {id, address}; the guest is notified through
+  // ACPI. Removal asks the guest to eject; device-removed or eject-timeout
+  // events say how it ended.
+  AddDisk,
+  RemoveDisk,
+  ResizeDisk,  // {id, size_bytes}
+  AddNet,
+  RemoveNet,
 };
 
 std::string_view command_name(CommandKind kind);
+
+// The body of a hotplug route, checked by parse_device_body; which fields
+// are set depends on the route.
+struct DeviceRequest {
+  std::string id;
+  std::string path;             // AddDisk
+  std::string format = "auto";  // AddDisk: auto, raw, qcow2
+  bool read_only = false;       // AddDisk
+  uint64_t size_bytes = 0;      // ResizeDisk
+  std::string tap;              // AddNet
+  std::string mac;              // AddNet; empty: random
+  uint64_t timeout_ms = 0;      // RemoveDisk, RemoveNet
+};
 
 struct Command {
   CommandKind kind;
@@ -37,6 +58,7 @@ struct Command {
   // the machine side checks it against the guest's RAM.
   uint64_t balloon_target_mib = 0;
   std::string path{};  // Snapshot: the file to write (checked by parse_snapshot_body)
+  DeviceRequest device{};  // the hotplug commands
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

@@ -18,6 +18,11 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::SetBalloon: return "set-balloon";
     case CommandKind::PowerButton: return "power-button";
     case CommandKind::Snapshot: return "snapshot";
+    case CommandKind::AddDisk: return "add-disk";
+    case CommandKind::RemoveDisk: return "remove-disk";
+    case CommandKind::ResizeDisk: return "resize-disk";
+    case CommandKind::AddNet: return "add-net";
+    case CommandKind::RemoveNet: return "remove-net";
   }
   return "?";
 }

@@ -1,5 +1,6 @@
 #include "api/routes.h"
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 
@@ -11,6 +12,10 @@ namespace {
 constexpr std::string_view kEventsParameters[] = {"after", "follow"};
 constexpr std::string_view kBalloonFields[] = {"target_mib"};
 constexpr std::string_view kSnapshotFields[] = {"path"};
+constexpr std::string_view kAddDiskFields[] = {"id", "path", "format", "readonly"};
+constexpr std::string_view kResizeDiskFields[] = {"id", "size_bytes"};
+constexpr std::string_view kAddNetFields[] = {"id", "tap", "mac"};
+constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -28,6 +33,14 @@ const std::array kRoutes = {
           kBalloonFields},
     Route{"PUT", "/api/v1/vm/snapshot", RouteId::Snapshot, CommandKind::Snapshot, {},
           kSnapshotFields},
+    Route{"PUT", "/api/v1/vm/disks", RouteId::AddDisk, CommandKind::AddDisk, {}, kAddDiskFields},
+    Route{"PUT", "/api/v1/vm/disks/remove", RouteId::RemoveDisk, CommandKind::RemoveDisk, {},
+          kRemoveFields},
+    Route{"PUT", "/api/v1/vm/disks/resize", RouteId::ResizeDisk, CommandKind::ResizeDisk, {},
+          kResizeDiskFields},
+    Route{"PUT", "/api/v1/vm/nets", RouteId::AddNet, CommandKind::AddNet, {}, kAddNetFields},
+    Route{"PUT", "/api/v1/vm/nets/remove", RouteId::RemoveNet, CommandKind::RemoveNet, {},
+          kRemoveFields},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
 };
 
@@ -168,18 +181,11 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
   return field->get<uint64_t>();
 }
 
-std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
-  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
-  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
-  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
-  for (const auto& [key, value] : json.items()) {
-    if (key != "path") {
-      return ApiError{400, fmt::format("unknown field '{}': snapshot takes only 'path'", key), key};
-    }
-  }
-  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
-  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
-  std::string path = json["path"].get<std::string>();
+namespace {
+
+// An absolute file path: at most 4096 bytes, no control characters, not
+// ending in '/'.
+std::optional<ApiError> check_file_path(const std::string& path) {
   constexpr size_t kMaxPathBytes = 4096;
   if (path.empty() || path.front() != '/') {
     return ApiError{400, fmt::format("path: '{}' is not an absolute path", path), "path"};
@@ -196,7 +202,162 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
   if (path.back() == '/') {
     return ApiError{400, fmt::format("path: '{}' names a directory, not a file", path), "path"};
   }
+  return std::nullopt;
+}
+
+// The body as a JSON object holding only fields, or the 400 to send.
+std::variant<nlohmann::json, ApiError> parse_object(std::string_view body,
+                                                    std::span<const std::string_view> fields,
+                                                    std::string_view what) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
+  for (const auto& [key, value] : json.items()) {
+    if (std::find(fields.begin(), fields.end(), key) == fields.end()) {
+      std::string names;
+      for (std::string_view field : fields) {
+        names += names.empty() ? "" : ", ";
+        names += fmt::format("'{}'", field);
+      }
+      return ApiError{400, fmt::format("unknown field '{}': {} takes only {}", key, what, names),
+                      key};
+    }
+  }
+  return json;
+}
+
+bool all_of_chars(std::string_view text, std::string_view extra) {
+  for (char c : text) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              extra.find(c) != std::string_view::npos;
+    if (!ok) return false;
+  }
+  return true;
+}
+
+std::string shown(const nlohmann::json& value) {
+  return value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+bool is_mac(std::string_view text) {
+  if (text.size() != 17) return false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    const bool hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+    if (i % 3 == 2 ? c != ':' : !hex) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
+  auto parsed = parse_object(body, kSnapshotFields, "snapshot");
+  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
+  const nlohmann::json& json = std::get<nlohmann::json>(parsed);
+  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
+  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
+  std::string path = json["path"].get<std::string>();
+  if (auto bad = check_file_path(path)) return *bad;
   return path;
+}
+
+std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std::string_view body) {
+  auto parsed = parse_object(body, route.body_fields, route.path);
+  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
+  const nlohmann::json& json = std::get<nlohmann::json>(parsed);
+  auto has = [&route](std::string_view field) {
+    return std::find(route.body_fields.begin(), route.body_fields.end(), field) !=
+           route.body_fields.end();
+  };
+  // A required string field's value, or the 400 naming it.
+  auto text = [&json](const char* field, bool required) -> std::variant<std::string, ApiError> {
+    if (!json.contains(field)) {
+      if (required) return ApiError{400, fmt::format("{}: required", field), field};
+      return std::string();
+    }
+    if (!json[field].is_string()) {
+      return ApiError{400, fmt::format("{}: {} is not a string", field, shown(json[field])), field};
+    }
+    return json[field].get<std::string>();
+  };
+  auto number = [&json](const char* field) -> std::variant<std::optional<uint64_t>, ApiError> {
+    if (!json.contains(field)) return std::optional<uint64_t>();
+    if (!json[field].is_number_unsigned()) {
+      return ApiError{400, fmt::format("{}: {} is not a whole number", field, shown(json[field])),
+                      field};
+    }
+    return std::optional<uint64_t>(json[field].get<uint64_t>());
+  };
+#define KEEL_TAKE(variable, expression)                               \
+  auto variable##_parsed = (expression);                              \
+  if (auto* bad = std::get_if<ApiError>(&variable##_parsed)) return *bad; \
+  auto variable = std::get<0>(std::move(variable##_parsed))
+
+  DeviceRequest request;
+  KEEL_TAKE(id, text("id", true));
+  constexpr size_t kMaxIdBytes = 32;
+  if (id.empty() || id.size() > kMaxIdBytes || !all_of_chars(id, "_-")) {
+    return ApiError{400, fmt::format("id: '{}' is not 1-{} letters, digits, '_' or '-'", id,
+                                     kMaxIdBytes), "id"};
+  }
+  request.id = std::move(id);
+  if (has("path")) {
+    KEEL_TAKE(path, text("path", true));
+    if (auto bad = check_file_path(path)) return *bad;
+    request.path = std::move(path);
+  }
+  if (has("format")) {
+    KEEL_TAKE(format, text("format", false));
+    if (!format.empty()) request.format = std::move(format);
+    if (request.format != "auto" && request.format != "raw" && request.format != "qcow2") {
+      return ApiError{400, fmt::format("format: '{}' is not auto, raw or qcow2", request.format),
+                      "format"};
+    }
+  }
+  if (has("readonly") && json.contains("readonly")) {
+    if (!json["readonly"].is_boolean()) {
+      return ApiError{400, fmt::format("readonly: {} is not true or false", shown(json["readonly"])),
+                      "readonly"};
+    }
+    request.read_only = json["readonly"].get<bool>();
+  }
+  if (has("size_bytes")) {
+    KEEL_TAKE(size, number("size_bytes"));
+    if (!size) return ApiError{400, "size_bytes: required", "size_bytes"};
+    if (*size == 0 || *size % 512 != 0) {
+      return ApiError{400, fmt::format("size_bytes: {} is not a positive multiple of 512", *size),
+                      "size_bytes"};
+    }
+    request.size_bytes = *size;
+  }
+  if (has("tap")) {
+    KEEL_TAKE(tap, text("tap", true));
+    constexpr size_t kMaxInterfaceName = 15;  // IFNAMSIZ - 1
+    if (tap.empty() || tap.size() > kMaxInterfaceName || !all_of_chars(tap, "_.-")) {
+      return ApiError{400, fmt::format("tap: '{}' is not an interface name (1-{} of letters, "
+                                       "digits, '_', '.', '-')", tap, kMaxInterfaceName), "tap"};
+    }
+    request.tap = std::move(tap);
+  }
+  if (has("mac")) {
+    KEEL_TAKE(mac, text("mac", false));
+    if (json.contains("mac") && !is_mac(mac)) {
+      return ApiError{400, fmt::format("mac: '{}' is not xx:xx:xx:xx:xx:xx", mac), "mac"};
+    }
+    request.mac = std::move(mac);
+  }
+  if (has("timeout_ms")) {
+    KEEL_TAKE(timeout, number("timeout_ms"));
+    constexpr uint64_t kMaxTimeoutMs = 600000;
+    request.timeout_ms = timeout.value_or(kDefaultEjectTimeoutMs);
+    if (request.timeout_ms == 0 || request.timeout_ms > kMaxTimeoutMs) {
+      return ApiError{400, fmt::format("timeout_ms: {} is not 1 to {}", request.timeout_ms,
+                                       kMaxTimeoutMs), "timeout_ms"};
+    }
+  }
+#undef KEEL_TAKE
+  return request;
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

@@ -32,6 +32,11 @@ enum class RouteId {
   Balloon,
   PowerButton,
   Snapshot,
+  AddDisk,
+  RemoveDisk,
+  ResizeDisk,
+  AddNet,
+  RemoveNet,
   Events,
 };
 
@@ -88,6 +93,17 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
 // must be absolute, at most 4096 bytes, without NUL or control characters,
 // and not end in '/'; a 400 names the field at fault otherwise.
 std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
+
+// The hotplug routes' bodies (PUT /api/v1/vm/disks, disks/remove,
+// disks/resize, nets, nets/remove): a JSON object with only the route's
+// body_fields. id: 1-32 of [A-Za-z0-9_-], required everywhere. disks: path
+// (as parse_snapshot_body's), format (auto, raw, qcow2; default auto),
+// readonly (bool). disks/resize: size_bytes, a positive multiple of 512.
+// nets: tap (an interface name, 1-15 of [A-Za-z0-9_.-]), mac
+// (xx:xx:xx:xx:xx:xx). remove: timeout_ms, 1 to 600000 (default 30000),
+// how long the guest has to eject. A 400 names the field at fault.
+inline constexpr uint64_t kDefaultEjectTimeoutMs = 30000;
+std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std::string_view body);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

@@ -259,6 +259,16 @@ class Session : public std::enable_shared_from_this<Session> {
         return submit(Command{.kind = CommandKind::Snapshot,
                               .path = std::get<std::string>(std::move(parsed))});
       }
+      case RouteId::AddDisk:
+      case RouteId::RemoveDisk:
+      case RouteId::ResizeDisk:
+      case RouteId::AddNet:
+      case RouteId::RemoveNet: {
+        auto parsed = parse_device_body(*route_, request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = *route_->command,
+                              .device = std::get<DeviceRequest>(std::move(parsed))});
+      }
       case RouteId::GetVm:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:

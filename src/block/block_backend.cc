@@ -2,6 +2,8 @@
 
 #include <cerrno>
 
+#include <fmt/format.h>
+
 namespace keel::block {
 namespace {
 
@@ -18,6 +20,10 @@ int64_t to_result(Result<void> result) {
 }
 
 }  // namespace
+
+Result<void> BlockBackend::resize(uint64_t /*new_size_bytes*/) {
+  return fail(Errc::Unsupported, fmt::format("{} images cannot be resized", format_name()));
+}
 
 Result<void> SyncBlockBackend::submit(const BlockRequest& request) {
   int64_t result = 0;

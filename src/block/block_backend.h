@@ -71,6 +71,10 @@ class BlockBackend {
   virtual Result<void> discard(uint64_t offset, uint64_t length_bytes) = 0;
   // Makes the range read as zeroes.
   virtual Result<void> write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap unmap) = 0;
+  // Changes size_bytes() to new_size_bytes (a multiple of 512): a disk
+  // resized while the guest runs. No other call may run on the backend
+  // meanwhile (virtio-blk holds its lock). Formats that cannot: Unsupported.
+  virtual Result<void> resize(uint64_t new_size_bytes);
 
   // Asynchronous I/O. submit() validates and queues; an error means the
   // request was not queued (and will not complete). kick() hands queued

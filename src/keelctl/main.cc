@@ -214,6 +214,21 @@ void print_power_button(const Json& reply) {
               text(reply.value("state", Json())).c_str());
 }
 
+void print_hotplug(const Json& reply) {
+  std::string line = fmt::format("{} {} at {}", text(reply.value("kind", Json())),
+                                 text(reply.value("id", Json())),
+                                 text(reply.value("address", Json())));
+  if (reply.contains("state")) {
+    line += ": eject requested (keelctl vm events shows device-removed or eject-timeout)";
+  }
+  std::printf("%s\n", line.c_str());
+}
+
+void print_resize(const Json& reply) {
+  std::printf("disk %s is now %s bytes\n", text(reply.value("id", Json())).c_str(),
+              text(reply.value("size_bytes", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
@@ -260,6 +275,66 @@ int run(int argc, char** argv) {
     chosen = &kBalloon;
     request_body = Json{{"target_mib", target_mib}}.dump();
   });
+  // Hotplug: each sets chosen and the body when CLI11 picks it.
+  static const VmCommand kDiskAdd = {"disk-add", "PUT", "/api/v1/vm/disks", "", print_hotplug};
+  static const VmCommand kDiskRemove = {"disk-remove", "PUT", "/api/v1/vm/disks/remove", "",
+                                        print_hotplug};
+  static const VmCommand kDiskResize = {"disk-resize", "PUT", "/api/v1/vm/disks/resize", "",
+                                        print_resize};
+  static const VmCommand kNetAdd = {"net-add", "PUT", "/api/v1/vm/nets", "", print_hotplug};
+  static const VmCommand kNetRemove = {"net-remove", "PUT", "/api/v1/vm/nets/remove", "",
+                                       print_hotplug};
+  std::string device_id, disk_path, disk_format = "auto", tap, mac;
+  bool read_only = false;
+  uint64_t size_bytes = 0, eject_timeout_ms = 30000;
+  CLI::App* disk_add = vm->add_subcommand(
+      "disk-add", "Hot-plug a virtio-blk disk (the guest sees it without a rescan)");
+  disk_add->add_option("id", device_id, "A name for the disk (letters, digits, _ and -)")->required();
+  disk_add->add_option("path", disk_path, "The image (made absolute)")->required();
+  disk_add->add_option("--format", disk_format, "auto, raw or qcow2 (default auto)");
+  disk_add->add_flag("--readonly", read_only, "Plug it read-only");
+  disk_add->callback([&] {
+    chosen = &kDiskAdd;
+    std::error_code error;
+    std::string absolute = std::filesystem::absolute(disk_path, error).string();
+    request_body = Json{{"id", device_id},
+                        {"path", error ? disk_path : absolute},
+                        {"format", disk_format},
+                        {"readonly", read_only}}
+                       .dump();
+  });
+  CLI::App* disk_resize =
+      vm->add_subcommand("disk-resize", "Grow a disk; the guest is told its new size");
+  disk_resize->add_option("id", device_id, "The disk (disk0, ... for the config's)")->required();
+  disk_resize->add_option("size_bytes", size_bytes, "The new size in bytes, a multiple of 512")
+      ->required();
+  disk_resize->callback([&] {
+    chosen = &kDiskResize;
+    request_body = Json{{"id", device_id}, {"size_bytes", size_bytes}}.dump();
+  });
+  CLI::App* net_add = vm->add_subcommand("net-add", "Hot-plug a virtio-net NIC on a tap device");
+  net_add->add_option("id", device_id, "A name for the NIC (letters, digits, _ and -)")->required();
+  net_add->add_option("tap", tap, "The tap device (created if missing)")->required();
+  net_add->add_option("--mac", mac, "The guest's MAC (default: random)");
+  net_add->callback([&] {
+    chosen = &kNetAdd;
+    Json body = {{"id", device_id}, {"tap", tap}};
+    if (!mac.empty()) body["mac"] = mac;
+    request_body = body.dump();
+  });
+  for (const VmCommand* command : {&kDiskRemove, &kNetRemove}) {
+    const bool disk = command == &kDiskRemove;
+    CLI::App* remove = vm->add_subcommand(
+        command->name, disk ? "Ask the guest to eject a disk; it is closed once ejected"
+                            : "Ask the guest to eject a NIC; its tap is closed once ejected");
+    remove->add_option("id", device_id, disk ? "The disk" : "The NIC")->required();
+    remove->add_option("--timeout-ms", eject_timeout_ms,
+                       "How long the guest has to eject it (default 30000)");
+    remove->callback([&, command] {
+      chosen = command;
+      request_body = Json{{"id", device_id}, {"timeout_ms", eject_timeout_ms}}.dump();
+    });
+  }
   uint64_t after = 0;
   bool follow = false;
   bool events_chosen = false;

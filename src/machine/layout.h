@@ -74,6 +74,8 @@ inline constexpr uint16_t kPvpanicPort = 0x505;
 // ECAM and the IOAPIC) and its interrupt, an ISA line nothing else uses.
 inline constexpr uint64_t kGedStart = 0xfeb00000;
 inline constexpr uint32_t kGedGsi = 9;
+// ACPI PCI hotplug registers (src/devices/pci_hotplug.h), next to the GED.
+inline constexpr uint64_t kPciHotplugStart = 0xfeb01000;
 // Tiny test guests write their result here (like QEMU's isa-debug-exit).
 inline constexpr uint16_t kDebugExitPort = 0xf4;
 

@@ -1,7 +1,9 @@
 #include "machine/machine.h"
 
 #include <signal.h>
+#include <sys/timerfd.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include <fmt/format.h>
@@ -95,9 +97,18 @@ Machine::Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory,
       stopped_event_(std::move(stopped_event)) {}
 
 Machine::~Machine() {
+  // Pending unplug timeouts first (their callbacks take hotplug_mutex_).
+  std::vector<EventLoop::WatchId> timers;
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    for (Named& named : named_) {
+      if (named.timer_watch) timers.push_back(*named.timer_watch);
+    }
+  }
+  for (EventLoop::WatchId id : timers) io_loop_->remove(id);
   // Devices stop their I/O (and drop their event-loop watches) before the
   // loop goes away; a guest reset ends the Machine the same way.
-  for (auto& device : virtio_devices_) device->reset();
+  for (auto& device : virtio_devices()) device->reset();
   stop_io_thread();
 }
 
@@ -337,6 +348,9 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
       }
     });
     TRY(mmio_bus_.map(layout::kGedStart, devices::Ged::kRegisterBytes, ged_));
+    pci_hotplug_ = std::make_shared<devices::PciHotplug>([this](uint8_t slot) { ejected(slot); });
+    TRY(mmio_bus_.map(layout::kPciHotplugStart, devices::PciHotplug::kRegisterBytes,
+                      pci_hotplug_));
   }
   // PCI: the host bridge on bus 0, reachable through mechanism #1 and ECAM,
   // with the same windows the ACPI _CRS announces.
@@ -370,49 +384,74 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
   return ok();
 }
 
-Result<void> Machine::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device) {
+Result<std::shared_ptr<devices::virtio::VirtioPci>> Machine::add_virtio(
+    std::shared_ptr<devices::virtio::VirtioDevice> device) {
   const std::string name(device->name());
   auto pci = TRY_CONTEXT(
       devices::virtio::VirtioPci::create(std::move(device), memory_, interrupt_fabric_, *io_loop_),
       name);
+  std::lock_guard lock(hotplug_mutex_);
   uint8_t slot = TRY_CONTEXT(pci_bus_->add_device(pci), name);
   LOG_DEBUG("{} at PCI 00:{:02x}.0", name, slot);
-  virtio_devices_.push_back(std::move(pci));
-  return ok();
+  virtio_devices_.push_back(pci);
+  return pci;
+}
+
+Result<std::shared_ptr<devices::virtio::Blk>> Machine::open_disk(const DiskConfig& disk,
+                                                                 const std::string& what) {
+  const block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(disk.format), what);
+  const block::Access access = disk.read_only ? block::Access::ReadOnly : block::Access::ReadWrite;
+  auto backend = TRY_CONTEXT(block::open_image(disk.path, format, access), what);
+  std::shared_ptr<devices::virtio::Blk> blk =
+      TRY_CONTEXT(devices::virtio::Blk::create(
+                      std::move(backend),
+                      devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
+                  what);
+  return blk;
+}
+
+Result<std::shared_ptr<devices::virtio::Net>> Machine::open_nic(const NetConfig& nic, size_t index,
+                                                                const std::string& what) {
+  const net::MacAddress mac = nic.mac.empty() ? default_mac(index)
+                                              : TRY_CONTEXT(net::MacAddress::parse(nic.mac), what);
+  auto tap =
+      TRY_CONTEXT(net::Tap::open({.name = nic.tap, .mtu = nic.mtu, .bridge = nic.bridge}), what);
+  LOG_INFO("{}: {} {}, MAC {}, MTU {}{}", what, tap->created() ? "created" : "attached to",
+           tap->name(), mac.to_string(), nic.mtu,
+           nic.bridge.empty() ? "" : fmt::format(", bridge {}", nic.bridge));
+  std::shared_ptr<devices::virtio::Net> device = TRY_CONTEXT(
+      devices::virtio::Net::create(
+          std::move(tap), devices::virtio::NetDeviceConfig{
+                              .mac = mac.bytes, .mtu = static_cast<uint16_t>(nic.mtu)}),
+      what);
+  return device;
 }
 
 Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) {
+  // The config's disks and NICs get names, so the API can resize and
+  // unplug them as it does hot-plugged ones.
+  auto name = [this](HotplugKind kind, std::string id,
+                     const std::shared_ptr<devices::virtio::VirtioPci>& pci) {
+    for (uint8_t slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+      if (pci_bus_->device(slot) != pci) continue;
+      std::lock_guard lock(hotplug_mutex_);
+      named_.push_back(Named{.kind = kind, .id = std::move(id), .slot = slot, .pci = pci,
+                             .done = {}, .timer = {}, .timer_watch = {}});
+      return;
+    }
+  };
   for (size_t index = 0; index < config_.disks.size(); ++index) {
     const DiskConfig& disk = config_.disks[index];
-    const std::string what = fmt::format("disk {} '{}'", index, disk.path);
-    const block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(disk.format), what);
-    const block::Access access = disk.read_only ? block::Access::ReadOnly : block::Access::ReadWrite;
-    auto backend = TRY_CONTEXT(block::open_image(disk.path, format, access), what);
-    auto blk = TRY_CONTEXT(devices::virtio::Blk::create(
-                               std::move(backend),
-                               devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
-                           what);
-    TRY(add_virtio(std::move(blk)));
+    auto blk = TRY(open_disk(disk, fmt::format("disk {} '{}'", index, disk.path)));
+    name(HotplugKind::Disk, fmt::format("disk{}", index), TRY(add_virtio(std::move(blk))));
   }
   for (size_t index = 0; index < config_.nets.size(); ++index) {
-    const NetConfig& nic = config_.nets[index];
-    const std::string what = fmt::format("net {} (tap '{}')", index, nic.tap);
-    const net::MacAddress mac = nic.mac.empty() ? default_mac(index)
-                                                : TRY_CONTEXT(net::MacAddress::parse(nic.mac), what);
     // The config records the MAC the guest sees, so that a snapshot's config
     // restores the NIC with it rather than with a new random one.
-    if (nic.mac.empty()) config_.nets[index].mac = mac.to_string();
-    auto tap = TRY_CONTEXT(
-        net::Tap::open({.name = nic.tap, .mtu = nic.mtu, .bridge = nic.bridge}), what);
-    LOG_INFO("{}: {} {}, MAC {}, MTU {}{}", what, tap->created() ? "created" : "attached to",
-             tap->name(), mac.to_string(), nic.mtu,
-             nic.bridge.empty() ? "" : fmt::format(", bridge {}", nic.bridge));
-    auto device = TRY_CONTEXT(
-        devices::virtio::Net::create(
-            std::move(tap), devices::virtio::NetDeviceConfig{
-                                .mac = mac.bytes, .mtu = static_cast<uint16_t>(nic.mtu)}),
-        what);
-    TRY(add_virtio(std::move(device)));
+    if (config_.nets[index].mac.empty()) config_.nets[index].mac = default_mac(index).to_string();
+    const NetConfig& nic = config_.nets[index];
+    auto device = TRY(open_nic(nic, index, fmt::format("net {} (tap '{}')", index, nic.tap)));
+    name(HotplugKind::Net, fmt::format("net{}", index), TRY(add_virtio(std::move(device))));
   }
   if (config_.rng) {
     std::shared_ptr<devices::virtio::Rng> rng = TRY(devices::virtio::Rng::create());
@@ -704,6 +743,15 @@ Result<void> Machine::save(const std::string& path) {
                 "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
                 "is a private mapping of that file is not supported yet");
   }
+  {
+    // The snapshot's config would not describe this machine's devices.
+    std::lock_guard lock(hotplug_mutex_);
+    if (hotplug_changed_) {
+      return fail(Errc::Unsupported,
+                  "snapshot: devices were hot-plugged or unplugged since the VM started, and "
+                  "the snapshot's config cannot describe them yet");
+    }
+  }
   // Refused before anything is written: a snapshot without a device's
   // state would restore into a guest whose driver disagrees with the device.
   if (auto device = unsupported_snapshot_device(config_)) {
@@ -752,13 +800,183 @@ Result<void> Machine::press_power_button() {
   return ok();
 }
 
+// ---- Hotplug: ACPI PCI hotplug of virtio-blk and virtio-net ----
+
+std::string_view hotplug_kind_name(HotplugKind kind) {
+  return kind == HotplugKind::Disk ? "disk" : "net";
+}
+
+namespace {
+
+std::string pci_address(uint8_t slot) { return fmt::format("0000:00:{:02x}.0", slot); }
+
+}  // namespace
+
+Result<std::string> Machine::add_disk(const HotplugDisk& disk) {
+  if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
+  // The guest sees the id as the disk's serial (GET_ID), cut to its 20 bytes.
+  const DiskConfig config{.path = disk.path, .read_only = disk.read_only,
+                          .serial = disk.id.substr(0, devices::virtio::kBlkIdBytes),
+                          .format = disk.format};
+  auto blk = TRY(open_disk(config, fmt::format("disk '{}' ({})", disk.id, disk.path)));
+  return hotplug(HotplugKind::Disk, disk.id, std::move(blk));
+}
+
+Result<std::string> Machine::add_net(const HotplugNet& nic) {
+  if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
+  const NetConfig config{.tap = nic.tap, .mac = nic.mac, .mtu = 1500, .bridge = ""};
+  auto device = TRY(open_nic(config, config_.nets.size() + hot_nets_,
+                             fmt::format("net '{}' (tap '{}')", nic.id, nic.tap)));
+  ++hot_nets_;
+  return hotplug(HotplugKind::Net, nic.id, std::move(device));
+}
+
+Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
+                                     std::shared_ptr<devices::virtio::VirtioDevice> device) {
+  if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  const std::string name(device->name());
+  auto pci = TRY_CONTEXT(
+      devices::virtio::VirtioPci::create(std::move(device), memory_, interrupt_fabric_, *io_loop_),
+      name);
+  uint8_t slot = 0;
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    for (const Named& named : named_) {
+      if (named.kind == kind && named.id == id) {
+        return fail(Errc::Busy, fmt::format("id: a {} named '{}' exists", hotplug_kind_name(kind), id));
+      }
+    }
+    // BARs unassigned and decode off: the guest's acpiphp places them.
+    slot = TRY_CONTEXT(pci_bus_->add_device(pci), name);
+    virtio_devices_.push_back(pci);
+    named_.push_back(Named{.kind = kind, .id = id, .slot = slot, .pci = pci, .done = {},
+                           .timer = {}, .timer_watch = {}});
+    hotplug_changed_ = true;
+  }
+  pci_hotplug_->plugged(slot);
+  ged_->trigger(boot::acpi::kGedEventPciHotplug);
+  LOG_INFO("hotplug: {} '{}' ({}) plugged at {}", hotplug_kind_name(kind), id, name,
+           pci_address(slot));
+  return pci_address(slot);
+}
+
+Result<std::string> Machine::request_unplug(HotplugKind kind, const std::string& id,
+                                            std::chrono::milliseconds timeout, UnplugDone done) {
+  if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
+  if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  int raw = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (raw < 0) return fail_errno("unplug: timerfd_create");
+  Fd timer(raw);
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+  itimerspec when{};
+  when.it_value.tv_sec = seconds.count();
+  when.it_value.tv_nsec =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(timeout - seconds).count();
+  if (when.it_value.tv_sec == 0 && when.it_value.tv_nsec == 0) when.it_value.tv_nsec = 1;
+  if (::timerfd_settime(timer.get(), 0, &when, nullptr) < 0) {
+    return fail_errno("unplug: timerfd_settime");
+  }
+  uint8_t slot = 0;
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    auto it = std::find_if(named_.begin(), named_.end(), [&](const Named& named) {
+      return named.kind == kind && named.id == id;
+    });
+    if (it == named_.end()) {
+      return fail(Errc::NotFound, fmt::format("id: no {} named '{}'", hotplug_kind_name(kind), id));
+    }
+    if (it->done) {
+      return fail(Errc::Busy, fmt::format("{} '{}': an unplug is already pending",
+                                          hotplug_kind_name(kind), id));
+    }
+    const int timer_fd = timer.get();
+    it->timer_watch = TRY_CONTEXT(
+        io_loop_->add(timer_fd, Ready::In, [this, kind, id](uint32_t) { unplug_timed_out(kind, id); }),
+        "unplug: watch the timeout");
+    it->timer = std::move(timer);
+    it->done = std::move(done);
+    slot = it->slot;
+    pci_hotplug_->request_eject(slot);
+  }
+  ged_->trigger(boot::acpi::kGedEventPciHotplug);
+  LOG_INFO("hotplug: asked the guest to eject {} '{}' at {}", hotplug_kind_name(kind), id,
+           pci_address(slot));
+  return pci_address(slot);
+}
+
+void Machine::ejected(uint8_t slot) {
+  std::optional<Named> gone;
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    auto it = std::find_if(named_.begin(), named_.end(),
+                           [slot](const Named& named) { return named.slot == slot; });
+    // PciHotplug passes only slots whose eject was requested.
+    if (it == named_.end() || !it->done) return;
+    gone = std::move(*it);
+    named_.erase(it);
+    std::erase(virtio_devices_, gone->pci);
+    hotplug_changed_ = true;
+  }
+  // Waits for a timeout callback that may be running; it finds nothing.
+  if (gone->timer_watch) io_loop_->remove(*gone->timer_watch);
+  (void)pci_bus_->remove_device(slot);
+  // The guest's driver let go already; the reset stops any I/O left and
+  // drops the device's event-loop watches before it is destroyed.
+  gone->pci->reset();
+  LOG_INFO("hotplug: the guest ejected {} '{}' at {}", hotplug_kind_name(gone->kind), gone->id,
+           pci_address(slot));
+  gone->done(UnplugOutcome{.kind = gone->kind, .id = gone->id, .address = pci_address(slot),
+                           .ejected = true});
+  // gone->pci, the last owner but an access in flight on another vCPU,
+  // goes here: the backend closes and the image lock is released.
+}
+
+void Machine::unplug_timed_out(HotplugKind kind, const std::string& id) {
+  std::optional<Named> pending;  // just what the callback needs
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    auto it = std::find_if(named_.begin(), named_.end(), [&](const Named& named) {
+      return named.kind == kind && named.id == id && named.done;
+    });
+    if (it == named_.end()) return;
+    pending = Named{.kind = it->kind, .id = it->id, .slot = it->slot, .pci = nullptr,
+                    .done = std::exchange(it->done, nullptr), .timer = std::move(it->timer),
+                    .timer_watch = it->timer_watch};
+    it->timer.reset();
+    it->timer_watch.reset();
+    pci_hotplug_->cancel_eject(it->slot);
+  }
+  io_loop_->remove(*pending->timer_watch);  // from its own callback: returns at once
+  LOG_WARN("hotplug: the guest did not eject {} '{}' at {}; it stays plugged",
+           hotplug_kind_name(pending->kind), id, pci_address(pending->slot));
+  pending->done(UnplugOutcome{.kind = pending->kind, .id = id,
+                              .address = pci_address(pending->slot), .ejected = false});
+}
+
+Result<uint64_t> Machine::resize_disk(const std::string& id, uint64_t size_bytes) {
+  std::shared_ptr<devices::virtio::VirtioPci> pci;
+  {
+    std::lock_guard lock(hotplug_mutex_);
+    for (const Named& named : named_) {
+      if (named.kind == HotplugKind::Disk && named.id == id) pci = named.pci;
+    }
+  }
+  if (pci == nullptr) return fail(Errc::NotFound, fmt::format("id: no disk named '{}'", id));
+  auto* blk = dynamic_cast<devices::virtio::Blk*>(&pci->device());
+  CHECK(blk != nullptr, "a named disk is a virtio-blk");
+  // The device's lock keeps requests out while the backend grows.
+  TRY_CONTEXT(blk->resize(size_bytes), fmt::format("disk '{}'", id));
+  LOG_INFO("hotplug: disk '{}' is now {} bytes", id, blk->size_bytes());
+  return blk->size_bytes();
+}
+
 std::vector<DeviceInfo> Machine::devices() const {
   std::vector<DeviceInfo> list;
   for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
     std::shared_ptr<devices::PciDevice> device = pci_bus_->device(static_cast<uint8_t>(slot));
     if (device == nullptr) continue;
     DeviceInfo info{.type = "pci-device", .bus = "pci",
-                    .address = fmt::format("0000:00:{:02x}.0", slot), .properties = {}};
+                    .address = pci_address(static_cast<uint8_t>(slot)), .properties = {}};
     if (slot == devices::PciBus::kHostBridgeSlot) {
       info.type = "pci-host-bridge";
       info.properties = {
@@ -782,8 +1000,17 @@ std::vector<DeviceInfo> Machine::devices() const {
             "actual_mib",
             std::to_string(balloon->actual_pages() / devices::virtio::kBalloonPagesPerMib));
       }
+      if (auto* blk = dynamic_cast<const devices::virtio::Blk*>(&inner)) {
+        info.properties.emplace_back("size_bytes", std::to_string(blk->size_bytes()));
+      }
       if (auto bar = pci_bus_->mapped_bar_address(static_cast<uint8_t>(slot), 0)) {
         info.properties.emplace_back("bar0", fmt::format("{:#x}", *bar));
+      }
+      std::lock_guard lock(hotplug_mutex_);
+      for (const Named& named : named_) {
+        if (named.pci != virtio) continue;
+        info.properties.emplace_back("id", named.id);
+        if (named.done) info.properties.emplace_back("unplug", "pending");
       }
     }
     list.push_back(std::move(info));
@@ -800,7 +1027,10 @@ std::vector<DeviceInfo> Machine::devices() const {
   list.push_back({"pvpanic", "io", port(layout::kPvpanicPort), {}});
   if (ged_ != nullptr) {
     list.push_back({"acpi-ged", "mmio", fmt::format("{:#x}", layout::kGedStart),
-                    {{"gsi", std::to_string(layout::kGedGsi)}, {"events", "power-button"}}});
+                    {{"gsi", std::to_string(layout::kGedGsi)},
+                     {"events", "power-button,pci-hotplug"}}});
+    list.push_back({"acpi-pci-hotplug", "mmio", fmt::format("{:#x}", layout::kPciHotplugStart),
+                    {{"slots", "1-31"}}});
   }
   if (config_.debug_exit) list.push_back({"debug-exit", "io", port(layout::kDebugExitPort), {}});
   return list;
@@ -812,7 +1042,7 @@ std::vector<DeviceCounters> Machine::device_counters() const {
     auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
         pci_bus_->device(static_cast<uint8_t>(slot)));
     if (virtio == nullptr) continue;
-    list.push_back({std::string(virtio->device().name()), fmt::format("0000:00:{:02x}.0", slot),
+    list.push_back({std::string(virtio->device().name()), pci_address(static_cast<uint8_t>(slot)),
                     virtio->counters()});
   }
   return list;

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <span>
@@ -22,16 +23,20 @@
 #include <vector>
 
 #include "base/event_fd.h"
+#include "base/fd.h"
 #include "base/event_loop.h"
 #include "base/result.h"
 #include "devices/ged.h"
 #include "devices/io_bus.h"
 #include "devices/pci/pci_bus.h"
+#include "devices/pci_hotplug.h"
 #include "devices/rtc.h"
 #include "devices/serial.h"
 #include "devices/virtio/balloon.h"
+#include "devices/virtio/blk.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
+#include "devices/virtio/net.h"
 #include "devices/virtio/pci_transport.h"
 #include "kvm/kvm.h"
 #include "machine/kvm_interrupts.h"
@@ -67,6 +72,38 @@ struct DeviceCounters {
   std::string address;  // "0000:00:01.0"
   devices::virtio::VirtioDevice::Counters counters;
 };
+
+// Devices plugged while the guest runs (the control API's disks and nets),
+// through ACPI PCI hotplug (src/devices/pci_hotplug.h). Disks and NICs of
+// the config are named disk0, disk1, ... and net0, ... and can be resized
+// and unplugged the same way. A reboot starts from the config again.
+enum class HotplugKind { Disk, Net };
+std::string_view hotplug_kind_name(HotplugKind kind);  // "disk", "net"
+
+struct HotplugDisk {
+  std::string id;
+  std::string path;
+  std::string format = "auto";
+  bool read_only = false;
+};
+
+struct HotplugNet {
+  std::string id;
+  std::string tap;
+  std::string mac;  // empty: a random locally administered address
+};
+
+// How an unplug ended: the guest ejected the device (it is gone, its
+// backend closed), or it did not within the timeout (the device stays).
+struct UnplugOutcome {
+  HotplugKind kind;
+  std::string id;
+  std::string address;  // "0000:00:05.0"
+  bool ejected = false;
+};
+// Called once per unplug, on the thread that saw the end (a vCPU thread
+// for the guest's eject, the device I/O thread for a timeout).
+using UnplugDone = std::function<void(const UnplugOutcome&)>;
 
 struct DeviceInfo {
   std::string type;
@@ -127,8 +164,10 @@ class Machine {
   // (resume and retry); Timeout if a device's host I/O does not finish.
   // Call from the thread that paused. Unsupported, before anything is
   // written, for a machine with a virtio-balloon or virtio-vsock (their
-  // state is not saved yet) or one restored from a snapshot (its RAM is a
-  // private file mapping, not the memfd the writer copies).
+  // state is not saved yet), one restored from a snapshot (its RAM is a
+  // private file mapping, not the memfd the writer copies), or one whose
+  // devices were hot-plugged or ejected (the snapshot's config would not
+  // describe the machine).
   Result<void> save(const std::string& path);
 
   // The device side of a save, for snapshots and migration alike. While the
@@ -163,6 +202,22 @@ class Machine {
   // choice (Linux reports KEY_POWER to userspace). Busy without ACPI.
   Result<void> press_power_button();
 
+  // Hotplug (thread: the one that owns the Machine, keel-vmm's main).
+  // Busy without ACPI, while stopping, or when no slot is free; the id
+  // must be new. Returns the PCI address; the guest sees the device after
+  // its ACPI notification, with no rescan.
+  Result<std::string> add_disk(const HotplugDisk& disk);
+  Result<std::string> add_net(const HotplugNet& net);
+  // Asks the guest to eject the device: done runs when it did (the device
+  // is reset, unplugged and its backend closed, its image unlocked) or when
+  // timeout passed without it. NotFound for an unknown id, Busy if an
+  // unplug of it is already pending.
+  Result<std::string> request_unplug(HotplugKind kind, const std::string& id,
+                                     std::chrono::milliseconds timeout, UnplugDone done);
+  // Grows disk id to size_bytes (see devices::virtio::Blk::resize), on the
+  // device I/O thread; waits for it. Returns the new size.
+  Result<uint64_t> resize_disk(const std::string& id, uint64_t size_bytes);
+
   const VmConfig& config() const { return config_; }
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
@@ -175,7 +230,8 @@ class Machine {
   // Host input for the virtio console; dropped if there is none.
   void virtio_console_input(std::span<const std::byte> bytes);
   // The virtio devices on the PCI bus, in the order they were plugged.
-  const std::vector<std::shared_ptr<devices::virtio::VirtioPci>>& virtio_devices() const {
+  std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices() const {
+    std::lock_guard lock(hotplug_mutex_);
     return virtio_devices_;
   }
   // The balloon, if the config has one (also in virtio_devices()).
@@ -199,7 +255,19 @@ class Machine {
   // Applies each virtio-pci function's saved section (restore only).
   Result<void> restore_virtio_devices(std::span<const migration::DeviceState> saved);
   void kick_virtio_queues();
-  Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
+  // Plugs device into the lowest free slot; returns its VirtioPci.
+  Result<std::shared_ptr<devices::virtio::VirtioPci>> add_virtio(
+      std::shared_ptr<devices::virtio::VirtioDevice> device);
+  Result<std::shared_ptr<devices::virtio::Blk>> open_disk(const DiskConfig& disk,
+                                                          const std::string& what);
+  Result<std::shared_ptr<devices::virtio::Net>> open_nic(const NetConfig& nic, size_t index,
+                                                         const std::string& what);
+  // A run-time plug: the device in a free slot, then the guest notified.
+  Result<std::string> hotplug(HotplugKind kind, const std::string& id,
+                              std::shared_ptr<devices::virtio::VirtioDevice> device);
+  // The guest's _EJ0 (vCPU thread) and the unplug timeout (I/O thread).
+  void ejected(uint8_t slot);
+  void unplug_timed_out(HotplugKind kind, const std::string& id);
   void start_io_thread();
   void stop_io_thread();
   void vcpu_loop(kvm::Vcpu& vcpu);
@@ -224,7 +292,26 @@ class Machine {
   std::shared_ptr<devices::Rtc> rtc_;
   std::shared_ptr<devices::Ged> ged_;  // with ACPI only
   std::shared_ptr<devices::PciBus> pci_bus_;
+  std::shared_ptr<devices::PciHotplug> pci_hotplug_;  // with ACPI only
+  // A virtio-blk or virtio-net function the API can name (config or hot).
+  struct Named {
+    HotplugKind kind;
+    std::string id;
+    uint8_t slot = 0;
+    std::shared_ptr<devices::virtio::VirtioPci> pci;
+    // While an unplug is pending: who waits, and its timeout's timerfd.
+    UnplugDone done;
+    std::optional<Fd> timer;
+    std::optional<EventLoop::WatchId> timer_watch;
+  };
+  // Guards virtio_devices_ (changed by hotplug on the main thread and by
+  // the guest's eject on a vCPU thread) and named_. Taken before the PCI
+  // bus's lock; never held while waiting for the event loop.
+  mutable std::mutex hotplug_mutex_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
+  std::vector<Named> named_;
+  bool hotplug_changed_ = false;  // a device was plugged or ejected at run time
+  size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;

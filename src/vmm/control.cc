@@ -167,6 +167,47 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       events_.publish("snapshot-saved", {{"boot", boot_}, {"path", command.path}, {"bytes", bytes}});
       return nlohmann::json{{"state", "paused"}, {"path", command.path}, {"bytes", bytes}};
     }
+    case CommandKind::AddDisk:
+    case CommandKind::AddNet: {
+      const api::DeviceRequest& request = command.device;
+      const bool disk = command.kind == CommandKind::AddDisk;
+      std::string address =
+          disk ? TRY(machine.add_disk({.id = request.id, .path = request.path,
+                                       .format = request.format, .read_only = request.read_only}))
+               : TRY(machine.add_net({.id = request.id, .tap = request.tap, .mac = request.mac}));
+      const std::string_view kind = disk ? "disk" : "net";
+      events_.publish("device-added",
+                      {{"boot", boot_}, {"kind", kind}, {"id", request.id}, {"address", address}});
+      return nlohmann::json{{"kind", kind}, {"id", request.id}, {"address", address}};
+    }
+    case CommandKind::RemoveDisk:
+    case CommandKind::RemoveNet: {
+      const machine::HotplugKind kind = command.kind == CommandKind::RemoveDisk
+                                            ? machine::HotplugKind::Disk
+                                            : machine::HotplugKind::Net;
+      // The end comes later, on a vCPU thread (the guest's eject) or the
+      // device I/O thread (timeout); the EventLog takes events from any.
+      auto done = [events = &events_, boot = boot_](const machine::UnplugOutcome& outcome) {
+        events->publish(outcome.ejected ? "device-removed" : "eject-timeout",
+                        {{"boot", boot},
+                         {"kind", machine::hotplug_kind_name(outcome.kind)},
+                         {"id", outcome.id},
+                         {"address", outcome.address}});
+      };
+      std::string address =
+          TRY(machine.request_unplug(kind, command.device.id,
+                                     std::chrono::milliseconds(command.device.timeout_ms), done));
+      return nlohmann::json{{"kind", machine::hotplug_kind_name(kind)},
+                            {"id", command.device.id},
+                            {"address", address},
+                            {"state", "eject-requested"}};
+    }
+    case CommandKind::ResizeDisk: {
+      uint64_t size = TRY(machine.resize_disk(command.device.id, command.device.size_bytes));
+      events_.publish("disk-resized",
+                      {{"boot", boot_}, {"id", command.device.id}, {"size_bytes", size}});
+      return nlohmann::json{{"id", command.device.id}, {"size_bytes", size}};
+    }
   }
   return fail(Errc::Unsupported, "unknown command");
 }

@@ -2,8 +2,9 @@
 // thread queues Commands (api::CommandQueue); keel-vmm's main thread, which
 // owns the Machine, polls fd() and answers them here, and publishes the
 // lifecycle events (created, running, paused, resumed, power-button,
-// balloon, guest-panic, stopping, stopped, reset) to the EventLog the events
-// stream reads.
+// balloon, guest-panic, stopping, stopped, reset, device-added,
+// device-removed, eject-timeout, disk-resized) to the EventLog the events
+// stream reads; an unplug's end is published from the thread that saw it.
 #pragma once
 
 #include <chrono>

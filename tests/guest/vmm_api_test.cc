@@ -5,6 +5,8 @@
 // steady stream of io-in exits: they stop while paused and go on after a
 // resume, which is how these tests see that a pause really holds the vCPUs.
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +24,7 @@ namespace keel::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using namespace std::chrono_literals;
 using Json = nlohmann::json;
 
@@ -258,6 +261,10 @@ TEST_F(VmmApiTest, BalloonAndPowerButtonAreConflictsWithoutTheirDevice) {
   ASSERT_TRUE(reply);
   EXPECT_EQ(reply->status, 409u) << reply->body;
   EXPECT_THAT(reply->body, HasSubstr("--no-acpi"));
+  reply = client().request("PUT", "/api/v1/vm/nets", R"({"id": "n", "tap": "keel-never0"})");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->status, 409u) << reply->body;
+  EXPECT_THAT(reply->body, HasSubstr("no ACPI"));
   EXPECT_EQ(call("GET", "/api/v1/vm")["state"], "running");
   call("PUT", "/api/v1/vm/stop");
   EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
@@ -277,6 +284,81 @@ TEST_F(VmmApiTest, PowerButtonIsPressedAndPublished) {
   EXPECT_THAT(pressed.out, HasSubstr("power button pressed"));
   Outcome events = keelctl(ctl({"--json", "vm", "events"}));
   EXPECT_THAT(events.out, HasSubstr("\"type\":\"power-button\""));
+  call("PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
+}
+
+// The tiny guest has no ACPI interpreter, so it never ejects: the unplug
+// times out, is published as eject-timeout, and the disk stays plugged.
+TEST_F(VmmApiTest, HotplugOfADiskTheGuestNeverEjectsTimesOut) {
+  std::vector<std::string> args = polling_guest(socket_);
+  std::erase(args, "--no-acpi");
+  start(args);
+  const std::string image = dir_.file("hot.raw");
+  { std::ofstream(image, std::ios::binary).put('\0'); }
+  std::filesystem::resize_file(image, 1 << 20);
+  auto put = [this](std::string_view target, const Json& body) {
+    Result<api::HttpReply> reply = client().request("PUT", target, body.dump());
+    EXPECT_TRUE(reply) << reply.error().message();
+    return reply ? *reply : api::HttpReply{};
+  };
+  const std::string long_image = dir_.file("long.raw");
+  { std::ofstream(long_image, std::ios::binary).put('\0'); }
+  std::filesystem::resize_file(long_image, 1 << 20);
+  EXPECT_EQ(put("/api/v1/vm/disks", {{"id", std::string(32, 'x')}, {"path", long_image},
+                                     {"readonly", true}}).status, 200u)
+      << "an id longer than a virtio-blk serial is cut for the serial";
+  api::HttpReply added =
+      put("/api/v1/vm/disks", {{"id", "hot1"}, {"path", image}, {"format", "raw"}});
+  ASSERT_EQ(added.status, 200u) << added.body;
+  const std::string address = Json::parse(added.body)["address"];
+  EXPECT_EQ(put("/api/v1/vm/disks", {{"id", "hot1"}, {"path", image}}).status, 409u)
+      << "the image is locked by the first disk";
+  auto hot1_properties = [this]() {
+    const Json devices = call("GET", "/api/v1/vm/devices")["devices"];
+    for (const Json& device : devices) {
+      if (device["properties"].value("id", "") == "hot1") return device["properties"];
+    }
+    return Json();
+  };
+  ASSERT_FALSE(hot1_properties().is_null()) << call("GET", "/api/v1/vm/devices").dump();
+  EXPECT_EQ(hot1_properties()["size_bytes"], std::to_string(1 << 20));
+
+  api::HttpReply resized = put("/api/v1/vm/disks/resize", {{"id", "hot1"}, {"size_bytes", 4 << 20}});
+  EXPECT_EQ(resized.status, 200u) << resized.body;
+  EXPECT_EQ(std::filesystem::file_size(image), 4u << 20);
+  EXPECT_EQ(hot1_properties()["size_bytes"], std::to_string(4 << 20));
+  EXPECT_EQ(put("/api/v1/vm/disks/resize", {{"id", "hot1"}, {"size_bytes", 1 << 20}}).status, 400u);
+  EXPECT_EQ(put("/api/v1/vm/disks/resize", {{"id", "nope"}, {"size_bytes", 1 << 20}}).status, 404u);
+
+  api::HttpReply removing = put("/api/v1/vm/disks/remove", {{"id", "hot1"}, {"timeout_ms", 300}});
+  EXPECT_EQ(removing.status, 200u) << removing.body;
+  EXPECT_EQ(Json::parse(removing.body)["state"], "eject-requested");
+  EXPECT_EQ(hot1_properties()["unplug"], "pending");
+  EXPECT_EQ(put("/api/v1/vm/disks/remove", {{"id", "hot1"}}).status, 409u) << "already pending";
+  EXPECT_EQ(put("/api/v1/vm/nets/remove", {{"id", "hot1"}}).status, 404u) << "hot1 is a disk";
+  bool timed_out = false;
+  for (auto deadline = std::chrono::steady_clock::now() + 10s;
+       !timed_out && std::chrono::steady_clock::now() < deadline;) {
+    Outcome events = keelctl(ctl({"--json", "vm", "events"}));
+    timed_out = events.out.find("\"type\":\"eject-timeout\"") != std::string::npos;
+    if (!timed_out) std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_TRUE(timed_out) << "no eject-timeout event";
+  Json still = hot1_properties();
+  ASSERT_FALSE(still.is_null()) << "the disk stays after a timed-out unplug";
+  EXPECT_FALSE(still.contains("unplug"));
+  Outcome events = keelctl(ctl({"--json", "vm", "events"}));
+  EXPECT_THAT(events.out, HasSubstr("\"type\":\"device-added\""));
+  EXPECT_THAT(events.out, HasSubstr("\"address\":\"" + address + "\""));
+  EXPECT_THAT(events.out, HasSubstr("\"type\":\"disk-resized\""));
+  EXPECT_THAT(events.out, Not(HasSubstr("device-removed")));
+  // The snapshot's config could not describe the hot-plugged disks.
+  call("PUT", "/api/v1/vm/pause");
+  api::HttpReply snapshot = put("/api/v1/vm/snapshot", {{"path", dir_.file("vm.snap")}});
+  EXPECT_EQ(snapshot.status, 501u) << snapshot.body;
+  EXPECT_THAT(snapshot.body, HasSubstr("hot-plugged"));
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("vm.snap")));
   call("PUT", "/api/v1/vm/stop");
   EXPECT_EQ(vmm_->wait(kGuestTimeout).exit_status, 0);
 }

@@ -120,7 +120,7 @@ class Qcow2Image final : public SyncBlockBackend {
 
   // Changes the virtual size (a multiple of 512). Shrinking drops the data
   // past the new end; callers ask the user first (keel-img resize --shrink).
-  Result<void> resize(uint64_t new_size_bytes);
+  Result<void> resize(uint64_t new_size_bytes) override;
 
   // Drops every cluster: the image reads its backing image (or zeroes)
   // everywhere again (keel-img commit, after the backing image took the data).

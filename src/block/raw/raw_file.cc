@@ -207,6 +207,19 @@ Result<void> RawFile::discard(uint64_t offset, uint64_t length_bytes) {
   return ok();
 }
 
+Result<void> RawFile::resize(uint64_t new_size_bytes) {
+  TRY(check_writable());
+  if (new_size_bytes % 512 != 0 || new_size_bytes > static_cast<uint64_t>(INT64_MAX)) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("raw image {}: size {} is not a multiple of 512", path_, new_size_bytes));
+  }
+  if (::ftruncate(file_.get(), static_cast<off_t>(new_size_bytes)) < 0) {
+    return fail_errno(fmt::format("raw image {}: ftruncate to {} bytes", path_, new_size_bytes));
+  }
+  size_bytes_ = new_size_bytes;
+  return ok();
+}
+
 Result<void> RawFile::write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap unmap) {
   TRY(check_writable());
   TRY(check_range(offset, length_bytes));

@@ -60,6 +60,8 @@ class RawFile final : public BlockBackend {
   Result<void> flush() override;
   Result<void> discard(uint64_t offset, uint64_t length_bytes) override;
   Result<void> write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap unmap) override;
+  // ftruncate: growing reads as zeroes, shrinking drops the tail.
+  Result<void> resize(uint64_t new_size_bytes) override;
 
   Result<void> submit(const BlockRequest& request) override;
   Result<void> kick() override;

@@ -96,6 +96,16 @@ Result<void> validate(const AcpiConfig& config, uint64_t base, uint64_t max_byte
       return invalid(fmt::format("GED GSI {} is not a free IOAPIC pin", config.ged_gsi));
     }
   }
+  if (config.pci_hotplug_address != 0) {
+    if (config.ged_address == 0) {
+      return invalid("PCI hotplug needs the GED to signal it");
+    }
+    if (config.pci_hotplug_address % 4 != 0 ||
+        config.pci_hotplug_address > UINT32_MAX - kPciHotplugRegisterBytes) {
+      return invalid(fmt::format("PCI hotplug registers {:#x}: not an aligned address below 4 GiB",
+                                 config.pci_hotplug_address));
+    }
+  }
   if (madt_size(config.cpu_count) > max_bytes) {
     return fail(Errc::OutOfRange, fmt::format("ACPI tables: the MADT for {} CPUs exceeds {} bytes",
                                               config.cpu_count, max_bytes));
@@ -133,6 +143,7 @@ AcpiConfig default_config(uint32_t cpu_count, uint64_t mmio64_base, uint64_t mmi
       .ged_address = layout::kGedStart,
       .ged_gsi = layout::kGedGsi,
       .pvpanic_port = layout::kPvpanicPort,
+      .pci_hotplug_address = layout::kPciHotplugStart,
   };
 }
 

@@ -7,8 +7,9 @@
 // sleep control/status and reset registers), MADT (xAPIC entries for APIC
 // IDs below 255, x2APIC entries above; one IOAPIC; IRQ0 -> GSI2 override;
 // LINT1 NMI), MCFG (one segment), DSDT (PCI0 host bridge with _CRS and a
-// GSI-routed _PRT, an ECAM motherboard resource, COM1, a GED with a power
-// button, a pvpanic device, \_S5).
+// GSI-routed _PRT and ACPI PCI hotplug slots, an ECAM motherboard resource,
+// COM1, a GED with a power button and the hotplug event, a pvpanic device,
+// \_S5).
 // Missing: no RSDT (64-bit-aware OSes only), no FACS (hardware-reduced
 // needs none), no processor objects in the DSDT, no _OSC on PCI0 (Linux
 // keeps native PCIe hotplug/AER/PME off), no HPET/SRAT/SLIT, no S1-S4.
@@ -51,11 +52,18 @@ struct AcpiConfig {
   uint32_t ged_gsi;
   // QEMU's ISA pvpanic (QEMU0001), one I/O port; 0: none.
   uint16_t pvpanic_port;
+  // ACPI PCI hotplug (src/devices/pci_hotplug.h): the MMIO address of its
+  // register block; 0: none. Needs the GED, whose kGedEventPciHotplug bit
+  // runs \_SB.PCI0.PCNT, which notifies slot objects S01..S1F.
+  uint64_t pci_hotplug_address;
 };
 
 // The GED event register's bits: which event the interrupt was for.
 inline constexpr uint32_t kGedEventPowerButton = 1u << 0;
+inline constexpr uint32_t kGedEventPciHotplug = 1u << 1;
 inline constexpr uint64_t kGedRegisterBytes = 4;
+// The PCI hotplug register block: PCIU, PCID, B0EJ (32 bits each).
+inline constexpr uint64_t kPciHotplugRegisterBytes = 12;
 
 struct AcpiTables {
   std::vector<std::byte> bytes;  // to be copied to guest memory at `base`

@@ -16,12 +16,21 @@
 //              kGedEventPowerButton is set. Hardware-reduced ACPI has no
 //              fixed power button event, so this is how one reaches Linux
 //              (drivers/acpi/evged.c, then the button driver).
+//              kGedEventPciHotplug calls \_SB.PCI0.PCNT.
+//   \_SB.PCI0.Sxx  ACPI PCI hotplug slots 1-31 (the scheme of QEMU's
+//              acpi-pci-hotplug, which Linux's acpiphp serves): _ADR, _SUN
+//              (section 6.1.12) and _EJ0 (section 6.3.3), which writes the
+//              slot's bit to B0EJ; PCNT reads PCIU and PCID from the
+//              register block (src/devices/pci_hotplug.h) and notifies each
+//              slot named: Device Check (1) for an insertion, Eject Request
+//              (3) for a removal (section 5.6.6).
 //   \_SB.PEVT  QEMU0001 pvpanic: one I/O port Linux's pvpanic-mmio
 //              driver writes when the guest panics
 //   \_S5       soft-off, the SLP_TYP for the FADT's sleep control register
-// Missing: processor objects, _OSC, PCI hotplug (a GED event bit when it
-// comes), the RTC and i8042 as namespace devices (Linux finds them
-// without).
+// Missing: processor objects, _OSC, the RTC and i8042 as namespace
+// devices (Linux finds them without).
+#include <fmt/format.h>
+
 #include "boot/acpi/aml.h"
 #include "boot/acpi/tables.h"
 
@@ -83,10 +92,14 @@ Bytes motherboard_crs(const AcpiConfig& config) {
   const PciHostConfig& pci = config.pci;
   uint64_t size = (uint64_t{pci.bus_end} + 1) * kEcamBusSize;
   ResourceTemplate crs;
-  // The GED's register: nothing may put a BAR there.
+  // The GED's and the hotplug registers: nothing may put a BAR there.
   if (config.ged_address != 0) {
     crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(config.ged_address),
                        static_cast<uint32_t>(kGedRegisterBytes));
+  }
+  if (config.pci_hotplug_address != 0) {
+    crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(config.pci_hotplug_address),
+                       static_cast<uint32_t>(kPciHotplugRegisterBytes));
   }
   if (pci.ecam_base + size <= (uint64_t{1} << 32)) {
     crs.memory32_fixed(MemoryAccess::ReadWrite, static_cast<uint32_t>(pci.ecam_base),
@@ -105,6 +118,51 @@ Bytes com1_crs(const AcpiConfig& config) {
   return crs.to_buffer();
 }
 
+std::string slot_name(uint32_t slot) { return fmt::format("S{:02X}", slot); }
+
+// The hotplug register block and the slot objects inside \_SB.PCI0 (see
+// the top of the file). Slot 0 is the host bridge, never plugged.
+std::vector<Bytes> pci_hotplug_objects(const AcpiConfig& config) {
+  using aml::FieldAccess;
+  using aml::FieldUpdate;
+  using aml::integer;
+  using aml::local;
+  using aml::name;
+  using aml::reference;
+  std::vector<Bytes> objects;
+  objects.push_back(aml::operation_region("PCST", aml::RegionSpace::SystemMemory,
+                                          config.pci_hotplug_address, kPciHotplugRegisterBytes));
+  objects.push_back(aml::field("PCST", FieldAccess::DWord, FieldUpdate::WriteAsZeros,
+                               {{"PCIU", 32}, {"PCID", 32}, {"B0EJ", 32}}));
+  std::vector<Bytes> notifications = {
+      aml::store(reference("PCIU"), local(0)),
+      aml::store(reference("PCID"), local(1)),
+  };
+  for (uint32_t slot = 1; slot < kPciSlotCount; ++slot) {
+    const uint64_t bit = uint64_t{1} << slot;
+    const std::string slot_object = slot_name(slot);
+    // clang-format off
+    objects.push_back(aml::device(slot_object, {
+        name("_ADR", integer(uint64_t{slot} << 16)),
+        name("_SUN", integer(slot)),
+        // Method(_EJ0, 1) { B0EJ = bit }: the guest let the device go.
+        aml::method("_EJ0", 1, aml::MethodSerialization::NotSerialized, {
+            aml::store(integer(bit), reference("B0EJ")),
+        }),
+    }));
+    notifications.push_back(aml::if_then(aml::bitwise_and(local(0), integer(bit)), {
+        aml::notify(reference(slot_object), integer(1)),  // Device Check
+    }));
+    notifications.push_back(aml::if_then(aml::bitwise_and(local(1), integer(bit)), {
+        aml::notify(reference(slot_object), integer(3)),  // Eject Request
+    }));
+    // clang-format on
+  }
+  objects.push_back(
+      aml::method("PCNT", 0, aml::MethodSerialization::Serialized, notifications));
+  return objects;
+}
+
 // \_SB.PWRB and \_SB.GED0 (see the top of the file).
 std::vector<Bytes> power_button_devices(const AcpiConfig& config) {
   using aml::FieldAccess;
@@ -115,6 +173,18 @@ std::vector<Bytes> power_button_devices(const AcpiConfig& config) {
   crs.interrupt(aml::InterruptTrigger::Edge, aml::InterruptPolarity::ActiveHigh,
                 aml::InterruptSharing::Exclusive, config.ged_gsi);
   // clang-format off
+  std::vector<Bytes> evt = {
+      aml::store(aml::reference("ESEL"), aml::local(0)),
+      aml::if_then(aml::bitwise_and(aml::local(0), integer(kGedEventPowerButton)), {
+          // 0x80: "the power button was pressed" (section 5.6.6, table 5.168).
+          aml::notify(aml::reference("\\_SB.PWRB"), integer(0x80)),
+      }),
+  };
+  if (config.pci_hotplug_address != 0) {
+    evt.push_back(aml::if_then(aml::bitwise_and(aml::local(0), integer(kGedEventPciHotplug)), {
+        aml::reference("\\_SB.PCI0.PCNT"),  // a method call: PCNT takes no arguments
+    }));
+  }
   Bytes power_button = aml::device("PWRB", {
       name("_HID", integer(aml::eisa_id("PNP0C0C"))),
       name("_UID", integer(0)),
@@ -129,14 +199,9 @@ std::vector<Bytes> power_button_devices(const AcpiConfig& config) {
       // Method(_EVT, 1, Serialized) {
       //   Local0 = ESEL
       //   If (Local0 & kGedEventPowerButton) { Notify(\_SB.PWRB, 0x80) }
+      //   If (Local0 & kGedEventPciHotplug) { \_SB.PCI0.PCNT() }
       // }
-      aml::method("_EVT", 1, aml::MethodSerialization::Serialized, {
-          aml::store(aml::reference("ESEL"), aml::local(0)),
-          aml::if_then(aml::bitwise_and(aml::local(0), integer(kGedEventPowerButton)), {
-              // 0x80: "the power button was pressed" (section 5.6.6, table 5.168).
-              aml::notify(aml::reference("\\_SB.PWRB"), integer(0x80)),
-          }),
-      }),
+      aml::method("_EVT", 1, aml::MethodSerialization::Serialized, evt),
   });
   // clang-format on
   return {power_button, ged};
@@ -164,7 +229,7 @@ Bytes build_dsdt(const AcpiConfig& config) {
 
   // One object per line, as in the ASL this encodes.
   // clang-format off
-  Bytes pci0 = device("PCI0", {
+  std::vector<Bytes> pci0_objects = {
       name("_HID", integer(eisa_id("PNP0A08"))),  // PCI Express root bridge
       name("_CID", integer(eisa_id("PNP0A03"))),  // compatible: PCI root bridge
       name("_SEG", integer(0)),
@@ -172,7 +237,13 @@ Bytes build_dsdt(const AcpiConfig& config) {
       name("_UID", integer(0)),
       name("_CRS", pci_host_crs(config.pci)),
       name("_PRT", pci_routing_table()),
-  });
+  };
+  // clang-format on
+  if (config.pci_hotplug_address != 0) {
+    for (Bytes& object : pci_hotplug_objects(config)) pci0_objects.push_back(std::move(object));
+  }
+  Bytes pci0 = device("PCI0", pci0_objects);
+  // clang-format off
   Bytes motherboard_resources = device("MRES", {
       name("_HID", integer(eisa_id("PNP0C02"))),
       name("_UID", integer(0)),

@@ -6,8 +6,8 @@
 // hot add/remove of devices, BAR mapping on the MMIO and port I/O buses that
 // follows the guest's BAR and command writes, firmware-style BAR assignment.
 // Missing: other buses (no PCI-to-PCI bridges), functions 1-7, INTx routing
-// (interrupt line/pin are left to the device; virtio uses MSI-X), hotplug
-// signalling to the guest (ACPI or native PCIe hotplug).
+// (interrupt line/pin are left to the device; virtio uses MSI-X). Hotplug
+// signalling to the guest is ACPI's (devices/pci_hotplug.h), not here.
 #pragma once
 
 #include <array>

@@ -73,9 +73,39 @@ uint64_t Blk::features() const {
 }
 
 void Blk::read_config(uint32_t offset, std::span<std::byte> data) {
-  // The transport checked the range; the config space never changes.
+  // The transport checked the range; only resize() changes the capacity.
+  std::lock_guard lock(mutex_);
   std::memcpy(data.data(), reinterpret_cast<const std::byte*>(&config_space_) + offset,
               data.size());
+}
+
+Result<void> Blk::resize(uint64_t new_size_bytes) {
+  std::lock_guard lock(mutex_);
+  const uint64_t old_size_bytes = config_space_.capacity * kSectorBytes;
+  if (config_.access == block::Access::ReadOnly) {
+    return fail(Errc::InvalidArgument, "virtio-blk: a read-only disk cannot be resized");
+  }
+  if (new_size_bytes % kSectorBytes != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("virtio-blk: size {} is not a multiple of 512", new_size_bytes));
+  }
+  if (new_size_bytes < old_size_bytes) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("virtio-blk: size {} is smaller than the disk's {} bytes (shrinking "
+                            "would drop data the guest has)",
+                            new_size_bytes, old_size_bytes));
+  }
+  if (new_size_bytes == old_size_bytes) return ok();
+  // Under mutex_, so no request is being submitted meanwhile.
+  TRY_CONTEXT(backend_->resize(new_size_bytes), "virtio-blk: resize");
+  config_space_.capacity = backend_->size_bytes() / kSectorBytes;
+  if (active_ && !broken_) interrupt_->notify_config();
+  return ok();
+}
+
+uint64_t Blk::size_bytes() const {
+  std::lock_guard lock(mutex_);
+  return config_space_.capacity * kSectorBytes;
 }
 
 Result<void> Blk::activate(ActivateContext context) {

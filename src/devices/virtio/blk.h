@@ -3,7 +3,8 @@
 // §5.2.6.1/§5.2.6.2 driver and device requirements.
 // Implemented: one request queue (max size 256); SEG_MAX, BLK_SIZE, FLUSH,
 // RO, DISCARD and WRITE_ZEROES (one segment per request, unmap flag),
-// GET_ID; requests go to the backend's asynchronous face with their iovecs
+// GET_ID; growing the disk at run time (resize(): capacity, then a
+// configuration change notification, §5.2.4, §2.4.2); requests go to the backend's asynchronous face with their iovecs
 // pointing straight into guest RAM, many in flight, completions taken on
 // the event loop from backend->completion_fd(); counters (requests,
 // errors, bytes) for the control API's metrics.
@@ -135,6 +136,14 @@ class Blk final : public VirtioDevice {
   Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
   // requests, errors, read_bytes, write_bytes.
   VirtioDevice::Counters counters() const override;
+
+  // Grows the backend to new_size_bytes (a multiple of 512) and the
+  // capacity with it, then tells an active driver through a configuration
+  // change notification. Shrinking is refused (InvalidArgument): the guest
+  // would lose data it believes is there. Any thread: the device's lock
+  // keeps requests (and completions) off the backend meanwhile.
+  Result<void> resize(uint64_t new_size_bytes);
+  uint64_t size_bytes() const;
 
   // For tests and the benchmark: take completions now, as the event-loop
   // watch on the backend's completion fd would.

@@ -94,16 +94,26 @@ class VirtioPci::Link : public Interrupt {
 };
 
 namespace {
+// Holds the function weakly: a hot-unplugged function may be destroyed
+// while another vCPU's access, which took this handler off the IoBus before
+// the unmap, is still on its way; that access then keeps it alive to the
+// end, or finds it gone and reads all ones.
 class BarHandler : public IoHandler {
  public:
-  explicit BarHandler(VirtioPci& owner) : owner_(owner) {}
-  void read(uint64_t offset, std::span<std::byte> data) override { owner_.bar_read(offset, data); }
+  explicit BarHandler(std::weak_ptr<VirtioPci> owner) : owner_(std::move(owner)) {}
+  void read(uint64_t offset, std::span<std::byte> data) override {
+    if (auto owner = owner_.lock()) {
+      owner->bar_read(offset, data);
+    } else {
+      std::memset(data.data(), 0xff, data.size());
+    }
+  }
   void write(uint64_t offset, std::span<const std::byte> data) override {
-    owner_.bar_write(offset, data);
+    if (auto owner = owner_.lock()) owner->bar_write(offset, data);
   }
 
  private:
-  VirtioPci& owner_;
+  std::weak_ptr<VirtioPci> owner_;
 };
 }  // namespace
 
@@ -182,7 +192,7 @@ Result<void> VirtioPci::build() {
   if (msix_->table_size_bytes() > L::kMsixPbaOffset - L::kMsixTableOffset) {
     return fail(Errc::InvalidArgument, "MSI-X table does not fit its BAR region");
   }
-  bar_handler_ = std::make_shared<BarHandler>(*this);
+  bar_handler_ = std::make_shared<BarHandler>(weak_from_this());
   link_ = std::make_shared<Link>(*this);
   return ok();
 }

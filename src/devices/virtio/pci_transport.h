@@ -106,7 +106,7 @@ struct VirtioPciState {
   bool operator==(const VirtioPciState&) const = default;
 };
 
-class VirtioPci : public PciDevice {
+class VirtioPci : public PciDevice, public std::enable_shared_from_this<VirtioPci> {
  public:
   // fabric and event_loop outlive the function; memory outlives it too.
   static Result<std::shared_ptr<VirtioPci>> create(std::shared_ptr<VirtioDevice> device,

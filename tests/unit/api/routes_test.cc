@@ -219,3 +219,106 @@ TEST(RoutesTest, SnapshotBodyRefusalsNameTheField) {
 
 }  // namespace
 }  // namespace keel::api
+
+namespace keel::api {
+namespace {
+
+const Route& route_for(std::string_view path) {
+  Routed routed = route_request("PUT", path);
+  EXPECT_NE(routed.route, nullptr) << path;
+  return *routed.route;
+}
+
+// The field a hotplug body's 400 names, or "" if the body is accepted.
+std::string device_field(std::string_view path, std::string_view body) {
+  auto parsed = parse_device_body(route_for(path), body);
+  const ApiError* error = std::get_if<ApiError>(&parsed);
+  if (error != nullptr) {
+    EXPECT_EQ(error->status, 400u) << body;
+  }
+  return error == nullptr ? "" : error->field;
+}
+
+TEST(RoutesTest, HotplugRoutesCarryTheirCommands) {
+  EXPECT_EQ(route_for("/api/v1/vm/disks").command, CommandKind::AddDisk);
+  EXPECT_EQ(route_for("/api/v1/vm/disks/remove").command, CommandKind::RemoveDisk);
+  EXPECT_EQ(route_for("/api/v1/vm/disks/resize").command, CommandKind::ResizeDisk);
+  EXPECT_EQ(route_for("/api/v1/vm/nets").command, CommandKind::AddNet);
+  EXPECT_EQ(route_for("/api/v1/vm/nets/remove").command, CommandKind::RemoveNet);
+  EXPECT_NE(route_request("GET", "/api/v1/vm/disks").error, std::nullopt);
+}
+
+TEST(RoutesTest, AddDiskBody) {
+  auto parsed = parse_device_body(
+      route_for("/api/v1/vm/disks"),
+      R"({"id": "data-1", "path": "/var/lib/keel/d.qcow2", "format": "qcow2", "readonly": true})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(parsed));
+  const auto& request = std::get<DeviceRequest>(parsed);
+  EXPECT_EQ(request.id, "data-1");
+  EXPECT_EQ(request.path, "/var/lib/keel/d.qcow2");
+  EXPECT_EQ(request.format, "qcow2");
+  EXPECT_TRUE(request.read_only);
+  auto defaults = parse_device_body(route_for("/api/v1/vm/disks"), R"({"id": "d", "path": "/d"})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(defaults));
+  EXPECT_EQ(std::get<DeviceRequest>(defaults).format, "auto");
+  EXPECT_FALSE(std::get<DeviceRequest>(defaults).read_only);
+}
+
+TEST(RoutesTest, AddDiskRefusalsNameTheField) {
+  const char* disks = "/api/v1/vm/disks";
+  EXPECT_EQ(device_field(disks, ""), "body");
+  EXPECT_EQ(device_field(disks, "[]"), "body");
+  EXPECT_EQ(device_field(disks, R"({"path": "/d"})"), "id");
+  EXPECT_EQ(device_field(disks, R"({"id": "", "path": "/d"})"), "id");
+  EXPECT_EQ(device_field(disks, R"({"id": "a/b", "path": "/d"})"), "id");
+  EXPECT_EQ(device_field(disks, R"({"id": 7, "path": "/d"})"), "id");
+  EXPECT_EQ(device_field(disks, nlohmann::json{{"id", std::string(33, 'a')}, {"path", "/d"}}.dump()),
+            "id");
+  EXPECT_EQ(device_field(disks, R"({"id": "d"})"), "path");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "rel/d"})"), "path");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "format": "vmdk"})"), "format");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "readonly": "yes"})"), "readonly");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "tap": "t0"})"), "tap");
+}
+
+TEST(RoutesTest, ResizeAndRemoveBodies) {
+  const char* resize = "/api/v1/vm/disks/resize";
+  auto parsed = parse_device_body(route_for(resize), R"({"id": "d", "size_bytes": 1073741824})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(parsed));
+  EXPECT_EQ(std::get<DeviceRequest>(parsed).size_bytes, 1073741824u);
+  EXPECT_EQ(device_field(resize, R"({"id": "d"})"), "size_bytes");
+  EXPECT_EQ(device_field(resize, R"({"id": "d", "size_bytes": 0})"), "size_bytes");
+  EXPECT_EQ(device_field(resize, R"({"id": "d", "size_bytes": 1000})"), "size_bytes");
+  EXPECT_EQ(device_field(resize, R"({"id": "d", "size_bytes": -512})"), "size_bytes");
+  EXPECT_EQ(device_field(resize, R"({"id": "d", "size_bytes": 1.5e9})"), "size_bytes");
+
+  for (const char* remove : {"/api/v1/vm/disks/remove", "/api/v1/vm/nets/remove"}) {
+    auto removed = parse_device_body(route_for(remove), R"({"id": "d"})");
+    ASSERT_TRUE(std::holds_alternative<DeviceRequest>(removed));
+    EXPECT_EQ(std::get<DeviceRequest>(removed).timeout_ms, kDefaultEjectTimeoutMs);
+    EXPECT_EQ(device_field(remove, R"({"id": "d", "timeout_ms": 5000})"), "");
+    EXPECT_EQ(device_field(remove, R"({"id": "d", "timeout_ms": 0})"), "timeout_ms");
+    EXPECT_EQ(device_field(remove, R"({"id": "d", "timeout_ms": 600001})"), "timeout_ms");
+    EXPECT_EQ(device_field(remove, R"({"id": "d", "path": "/d"})"), "path");
+    EXPECT_EQ(device_field(remove, R"({})"), "id");
+  }
+}
+
+TEST(RoutesTest, AddNetBody) {
+  const char* nets = "/api/v1/vm/nets";
+  auto parsed =
+      parse_device_body(route_for(nets), R"({"id": "n1", "tap": "tap-1", "mac": "52:54:00:ab:cd:EF"})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(parsed));
+  EXPECT_EQ(std::get<DeviceRequest>(parsed).tap, "tap-1");
+  EXPECT_EQ(std::get<DeviceRequest>(parsed).mac, "52:54:00:ab:cd:EF");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "t"})"), "");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1"})"), "tap");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "a-very-long-name0"})"), "tap");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "../x"})"), "tap");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "t", "mac": "52:54:00:ab:cd"})"), "mac");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "t", "mac": "52-54-00-ab-cd-ef"})"), "mac");
+  EXPECT_EQ(device_field(nets, R"({"id": "n1", "tap": "t", "mac": "zz:54:00:ab:cd:ef"})"), "mac");
+}
+
+}  // namespace
+}  // namespace keel::api

@@ -96,6 +96,15 @@ class FakeHandler : public CommandHandler {
       case CommandKind::Snapshot:
         if (!paused_) return fail(Errc::Busy, "snapshot: the VM is not paused");
         return nlohmann::json{{"path", "/x"}, {"bytes", 4096}};
+      case CommandKind::AddDisk:
+      case CommandKind::AddNet:
+        return nlohmann::json{{"id", command.device.id}, {"address", "0000:00:05.0"}};
+      case CommandKind::RemoveDisk:
+      case CommandKind::RemoveNet:
+        if (command.device.id == "missing") return fail(Errc::NotFound, "id: no such device");
+        return nlohmann::json{{"id", command.device.id}, {"state", "eject-requested"}};
+      case CommandKind::ResizeDisk:
+        return nlohmann::json{{"id", command.device.id}, {"size_bytes", command.device.size_bytes}};
     }
     return fail(Errc::Unsupported, "?");
   }
@@ -294,6 +303,44 @@ TEST_F(ApiServerTest, SnapshotWithABadBodyIs400NamingTheFieldAndNeverReachesTheM
     EXPECT_TRUE(json_of(reply)["error"].contains("field")) << body;
   }
   EXPECT_TRUE(handler_.snapshot_paths().empty());
+}
+
+TEST_F(ApiServerTest, HotplugBodiesReachTheMachineSideChecked) {
+  start();
+  HttpReply added = request("PUT", "/api/v1/vm/disks",
+                            R"({"id": "d1", "path": "/tmp/d1.qcow2", "format": "qcow2"})");
+  EXPECT_EQ(added.status, 200u) << added.body;
+  EXPECT_EQ(json_of(added)["id"], "d1");
+  HttpReply resized =
+      request("PUT", "/api/v1/vm/disks/resize", R"({"id": "d1", "size_bytes": 2097152})");
+  EXPECT_EQ(json_of(resized)["size_bytes"], 2097152);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/nets", R"({"id": "n1", "tap": "tap0"})").status, 200u);
+  HttpReply removed = request("PUT", "/api/v1/vm/nets/remove", R"({"id": "n1"})");
+  EXPECT_EQ(json_of(removed)["state"], "eject-requested");
+  HttpReply missing = request("PUT", "/api/v1/vm/disks/remove", R"({"id": "missing"})");
+  EXPECT_EQ(missing.status, 404u);
+  EXPECT_EQ(handler_.seen(),
+            (std::vector<CommandKind>{CommandKind::AddDisk, CommandKind::ResizeDisk,
+                                      CommandKind::AddNet, CommandKind::RemoveNet,
+                                      CommandKind::RemoveDisk}));
+}
+
+TEST_F(ApiServerTest, BadHotplugBodiesAre400NamingTheFieldAndNeverReachTheMachine) {
+  start();
+  const std::tuple<const char*, const char*, const char*> cases[] = {
+      {"/api/v1/vm/disks", R"({"path": "/d"})", "id"},
+      {"/api/v1/vm/disks", R"({"id": "d", "path": "d"})", "path"},
+      {"/api/v1/vm/disks", R"({"id": "d", "path": "/d", "cache": "none"})", "cache"},
+      {"/api/v1/vm/disks/resize", R"({"id": "d", "size_bytes": 513})", "size_bytes"},
+      {"/api/v1/vm/nets", R"({"id": "n", "tap": "x", "mac": "nope"})", "mac"},
+      {"/api/v1/vm/nets/remove", R"({"id": "n", "timeout_ms": -1})", "timeout_ms"},
+  };
+  for (const auto& [path, body, field] : cases) {
+    HttpReply reply = request("PUT", path, body);
+    EXPECT_EQ(reply.status, 400u) << path << " " << body;
+    EXPECT_EQ(json_of(reply)["error"]["field"], field) << path << " " << body;
+  }
+  EXPECT_TRUE(handler_.seen().empty());
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {

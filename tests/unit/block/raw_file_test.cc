@@ -74,6 +74,33 @@ TEST(RawFileTest, SizeIsRoundedDownToSectors) {
   EXPECT_EQ(raw->size_bytes(), 4096u);
 }
 
+TEST(RawFileTest, ResizeGrowsAndShrinksTheFileAndRangeChecksFollow) {
+  TempImage image(64 << 10);
+  auto raw = open_raw(image.path());
+  ASSERT_TRUE(raw->resize(256 << 10).has_value());
+  EXPECT_EQ(raw->size_bytes(), 256u << 10);
+  struct stat info {};
+  ASSERT_EQ(::stat(image.path().c_str(), &info), 0);
+  EXPECT_EQ(info.st_size, 256 << 10);
+  std::vector<std::byte> data(512, std::byte{0x5a});
+  iovec iov{data.data(), data.size()};
+  EXPECT_TRUE(raw->write_at((256 << 10) - 512, std::span(&iov, 1)).has_value())
+      << "the grown tail is writable";
+  ASSERT_TRUE(raw->resize(32 << 10).has_value());
+  EXPECT_EQ(raw->size_bytes(), 32u << 10);
+  EXPECT_FALSE(raw->read_at(32 << 10, std::span(&iov, 1)).has_value()) << "past the new end";
+  auto odd = raw->resize((64 << 10) + 1);
+  ASSERT_FALSE(odd.has_value());
+  EXPECT_EQ(odd.error().code(), Errc::InvalidArgument);
+  raw.reset();
+  auto read_only = RawFile::open(image.path(), Access::ReadOnly);
+  ASSERT_TRUE(read_only.has_value());
+  auto refused = (*read_only)->resize(128 << 10);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code(), Errc::PermissionDenied);
+  EXPECT_EQ((*read_only)->size_bytes(), 32u << 10);
+}
+
 TEST(RawFileTest, MissingFileNamesThePath) {
   auto raw = RawFile::open("/nonexistent/keel-disk.img", Access::ReadOnly);
   ASSERT_FALSE(raw.has_value());

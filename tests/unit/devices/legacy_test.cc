@@ -1,6 +1,6 @@
 // The small legacy devices: the MC146818 RTC/CMOS, the i8042's reset line,
 // the ACPI hardware-reduced sleep/reset registers, the GED event register,
-// pvpanic and the debug-exit port.
+// the ACPI PCI hotplug registers, pvpanic and the debug-exit port.
 #include <time.h>
 
 #include <array>
@@ -13,6 +13,7 @@
 #include "devices/acpi_pm.h"
 #include "devices/ged.h"
 #include "devices/i8042.h"
+#include "devices/pci_hotplug.h"
 #include "devices/pvpanic.h"
 #include "devices/rtc.h"
 
@@ -327,6 +328,68 @@ TEST(GedTest, PartialReadsClearOnlyTheirBytesAndWritesAreIgnored) {
   std::array<std::byte, 8> wide{};
   ged.read(2, wide);
   EXPECT_EQ(ged.pending(), 1u);
+}
+
+// ---- ACPI PCI hotplug ----
+
+void write_u32(IoHandler& device, uint64_t offset, uint32_t value) {
+  std::array<std::byte, 4> bytes{};
+  std::memcpy(bytes.data(), &value, sizeof(value));
+  device.write(offset, bytes);
+}
+
+TEST(PciHotplugTest, PlugSetsTheUpBitWhichAReadClears) {
+  std::vector<uint8_t> ejected;
+  PciHotplug hotplug([&ejected](uint8_t slot) { ejected.push_back(slot); });
+  hotplug.plugged(3);
+  hotplug.plugged(31);
+  EXPECT_EQ(read_u32(hotplug, PciHotplug::kUpOffset), (1u << 3) | (1u << 31));
+  EXPECT_EQ(read_u32(hotplug, PciHotplug::kUpOffset), 0u) << "PCIU clears on read";
+  EXPECT_EQ(read_u32(hotplug, PciHotplug::kDownOffset), 0u);
+  EXPECT_TRUE(ejected.empty());
+}
+
+TEST(PciHotplugTest, EjectOfARequestedSlotCompletesOnceAndClearsTheDownBit) {
+  std::vector<uint8_t> ejected;
+  PciHotplug hotplug([&ejected](uint8_t slot) { ejected.push_back(slot); });
+  hotplug.request_eject(5);
+  EXPECT_EQ(read_u32(hotplug, PciHotplug::kDownOffset), 1u << 5);
+  EXPECT_EQ(read_u32(hotplug, PciHotplug::kDownOffset), 1u << 5) << "PCID stays until ejected";
+  write_u32(hotplug, PciHotplug::kEjectOffset, 1u << 5);
+  EXPECT_EQ(ejected, std::vector<uint8_t>{5});
+  EXPECT_EQ(hotplug.down(), 0u);
+  write_u32(hotplug, PciHotplug::kEjectOffset, 1u << 5);
+  EXPECT_EQ(ejected, std::vector<uint8_t>{5}) << "a second _EJ0 of the same slot does nothing";
+}
+
+TEST(PciHotplugTest, TheGuestCannotEjectASlotTheHostDidNotOffer) {
+  std::vector<uint8_t> ejected;
+  PciHotplug hotplug([&ejected](uint8_t slot) { ejected.push_back(slot); });
+  hotplug.request_eject(2);
+  write_u32(hotplug, PciHotplug::kEjectOffset, 0xffffffffu);
+  EXPECT_EQ(ejected, std::vector<uint8_t>{2});
+  hotplug.request_eject(4);
+  hotplug.cancel_eject(4);
+  write_u32(hotplug, PciHotplug::kEjectOffset, 1u << 4);
+  EXPECT_EQ(ejected, std::vector<uint8_t>{2}) << "a withdrawn request cannot be ejected";
+}
+
+TEST(PciHotplugTest, OddAccessesAreIgnored) {
+  std::vector<uint8_t> ejected;
+  PciHotplug hotplug([&ejected](uint8_t slot) { ejected.push_back(slot); });
+  hotplug.plugged(1);
+  hotplug.request_eject(6);
+  EXPECT_EQ(read_byte(hotplug, PciHotplug::kUpOffset), 0) << "1-byte reads see zero";
+  EXPECT_EQ(hotplug.up(), 1u << 1) << "and clear nothing";
+  write_byte(hotplug, PciHotplug::kEjectOffset, 1u << 6);
+  write_u32(hotplug, PciHotplug::kUpOffset, 0xffffffffu);
+  write_u32(hotplug, PciHotplug::kDownOffset, 0);
+  EXPECT_TRUE(ejected.empty());
+  EXPECT_EQ(hotplug.down(), 1u << 6) << "PCID is not writable";
+  EXPECT_EQ(read_u32(hotplug, 0x40), 0u);
+  // Plugging a slot again withdraws its pending eject request.
+  hotplug.plugged(6);
+  EXPECT_EQ(hotplug.down(), 0u);
 }
 
 // ---- pvpanic ----

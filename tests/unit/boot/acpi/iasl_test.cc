@@ -215,6 +215,34 @@ TEST_F(AcpiIaslTest, DsdtHasAGedPowerButtonAndPvpanic) {
   expect_recompiles_identically(dsdt, "ged");
 }
 
+TEST_F(AcpiIaslTest, DsdtHasPciHotplugSlotsNotifiedByTheGed) {
+  auto built =
+      build_tables(default_config(1, 0x200000000, layout::kPciMmio64Size), kBase, kMaxBytes);
+  ASSERT_TRUE(built.has_value());
+  auto dsdt = testing::parse(*built).get("DSDT");
+  std::string asl = disassemble(dsdt, "hotplug");
+  for (const char* expected :
+       {"OperationRegion (PCST, SystemMemory, 0xFEB01000, 0x0C)",
+        "Field (PCST, DWordAcc, NoLock, WriteAsZeros)\n {\n PCIU, 32, \n PCID, 32, \n B0EJ, 32\n }",
+        "Device (S01)\n {\n Name (_ADR, 0x00010000) // _ADR: Address\n Name (_SUN, One)",
+        "Device (S1F)\n {\n Name (_ADR, 0x001F0000) // _ADR: Address\n Name (_SUN, 0x1F)",
+        "Method (_EJ0, 1, NotSerialized) // _EJx: Eject Device, x=0-9\n {\n B0EJ = 0x02\n }",
+        "B0EJ = 0x80000000",
+        "Method (PCNT, 0, Serialized)",
+        "Local0 = PCIU",
+        "Local1 = PCID",
+        "If ((Local0 & 0x02))\n {\n Notify (S01, One) // Device Check",
+        "If ((Local1 & 0x80000000))\n {\n Notify (S1F, 0x03) // Eject Request",
+        "If ((Local0 & 0x02))\n {\n \\_SB.PCI0.PCNT ()",
+        // The registers are reserved as a motherboard resource.
+        "Memory32Fixed (ReadWrite,\n 0xFEB01000, // Address Base\n 0x0000000C, // Address Length"}) {
+    EXPECT_NE(asl.find(expected), std::string::npos) << "missing: " << expected << "\n" << asl;
+  }
+  EXPECT_EQ(count(asl, "Method (_EJ0"), 31u);
+  EXPECT_EQ(asl.find("Device (S00)"), std::string::npos) << "slot 0 is the host bridge";
+  expect_recompiles_identically(dsdt, "hotplug");
+}
+
 TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   AcpiConfig config = default_config(1, 0, 0);  // no 64-bit window
   config.pci.ecam_base = 0x1000000000;          // ECAM above 4 GiB
@@ -224,6 +252,7 @@ TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   config.com1_irq = 3;
   config.s5_sleep_type = 0;
   config.ged_address = 0;  // no GED, no power button
+  config.pci_hotplug_address = 0;  // which needs the GED
   config.pvpanic_port = 0;
   auto built = build_tables(config, kBase, kMaxBytes);
   ASSERT_TRUE(built.has_value()) << built.error().message();
@@ -244,6 +273,8 @@ TEST_F(AcpiIaslTest, DsdtVariantsDisassembleAndRecompile) {
   EXPECT_EQ(asl.find("GED0"), std::string::npos) << asl;
   EXPECT_EQ(asl.find("PWRB"), std::string::npos) << asl;
   EXPECT_EQ(asl.find("QEMU0001"), std::string::npos) << asl;
+  EXPECT_EQ(asl.find("PCNT"), std::string::npos) << asl;
+  EXPECT_EQ(asl.find("_EJ0"), std::string::npos) << asl;
   expect_recompiles_identically(dsdt, "variant");
 }
 

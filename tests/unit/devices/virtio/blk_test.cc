@@ -2,12 +2,13 @@
 // Covered: config space and features, IN/OUT/FLUSH/GET_ID/DISCARD/
 // WRITE_ZEROES on a real raw file through io_uring, completions through a
 // real EventLoop, many requests in flight, a stalled queue resuming,
-// reset with requests in flight, and hostile requests (each an error
+// reset with requests in flight, growing the disk at run time, and hostile requests (each an error
 // status or needs_reset, never a crash or a hang).
 #include "devices/virtio/blk.h"
 
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 
 #include <gtest/gtest.h>
 
@@ -143,6 +144,51 @@ TEST_F(BlkTest, FeaturesAndConfigSpace) {
   uint32_t high = 0xffffffff;
   blk_->read_config(4, std::as_writable_bytes(std::span(&high, 1)));
   EXPECT_EQ(high, 0u);
+}
+
+TEST_F(BlkTest, ResizeGrowsTheFileAndCapacityAndNotifiesTheDriver) {
+  start();
+  constexpr uint64_t kGrown = 3 * kDiskBytes;
+  ASSERT_TRUE(blk_->resize(kGrown).has_value());
+  EXPECT_EQ(blk_->size_bytes(), kGrown);
+  EXPECT_EQ(std::filesystem::file_size(image_.path()), kGrown);
+  uint64_t capacity = 0;
+  blk_->read_config(0, std::as_writable_bytes(std::span(&capacity, 1)));
+  EXPECT_EQ(capacity, kGrown / 512);
+  EXPECT_EQ(interrupt_->config_notifications(), 1);
+  // The new sectors are usable at once: write past the old end, read back.
+  std::vector<std::byte> data = pattern(4096, 7);
+  auto write = write_chain(kGrown / 512 - 8, data);
+  EXPECT_EQ(run_one(write), kBlkStatusOk);
+  auto read = read_chain(kGrown / 512 - 8, 4096);
+  uint16_t before = fake_->used_idx();
+  auto built = read.build();
+  blk_->notify(0);
+  run_until_used(static_cast<uint16_t>(before + 1));
+  EXPECT_EQ(status_of(built), kBlkStatusOk);
+  auto back = fake_->bytes(built.buffers[1], 4096);
+  EXPECT_EQ(0, std::memcmp(back.data(), data.data(), 4096));
+  // The same size again changes nothing and notifies nobody.
+  ASSERT_TRUE(blk_->resize(kGrown).has_value());
+  EXPECT_EQ(interrupt_->config_notifications(), 1);
+}
+
+TEST_F(BlkTest, ResizeRefusesShrinkingOddSizesAndReadOnlyDisks) {
+  start();
+  auto smaller = blk_->resize(kDiskBytes / 2);
+  ASSERT_FALSE(smaller.has_value());
+  EXPECT_EQ(smaller.error().code(), Errc::InvalidArgument);
+  EXPECT_NE(smaller.error().message().find("smaller"), std::string::npos)
+      << smaller.error().message();
+  EXPECT_FALSE(blk_->resize(kDiskBytes + 100).has_value());
+  EXPECT_EQ(blk_->size_bytes(), kDiskBytes);
+  EXPECT_EQ(std::filesystem::file_size(image_.path()), kDiskBytes);
+  EXPECT_EQ(interrupt_->config_notifications(), 0);
+  blk_->reset();
+  blk_.reset();  // releases the image's write lock
+  start(Access::ReadOnly, kBlkFeatureFlush | kBlkFeatureRo);
+  EXPECT_FALSE(blk_->resize(2 * kDiskBytes).has_value());
+  EXPECT_EQ(std::filesystem::file_size(image_.path()), kDiskBytes);
 }
 
 TEST_F(BlkTest, CreateChecksItsArguments) {

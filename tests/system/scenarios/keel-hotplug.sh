@@ -1,0 +1,111 @@
+#!/bin/sh
+# keel-timeout: 600
+# ACPI PCI hotplug on a real Linux guest (acpiphp, built into the cloud
+# kernel), driven with keelctl: a qcow2 disk made by keel-img is plugged into
+# a guest that booted without disks and appears with no rescan; the guest
+# writes and reads a pattern; the disk is grown and the guest sees the new
+# size (a virtio config change); it is unplugged, disappears from the guest,
+# and its image is unlocked. Then a NIC on a tap in an L1 bridge: plugged,
+# pinged both ways, unplugged. The events stream and the device list follow.
+set -euo pipefail
+KEEL_L2_VMM=keel
+. "$KEEL_SYSTEM_DIR/lib.sh"
+require_binary keelctl >/dev/null
+require_binary keel-img >/dev/null
+
+sock=$KEEL_WORKDIR/api.sock
+ctl() { keelctl --socket "$sock" "$@"; }
+events=$KEEL_WORKDIR/events.jsonl
+
+# Waits (in L1) until the events stream has an event of type $1 for id $2.
+wait_event() {
+  local deadline
+  deadline=$(_deadline_cs 60)
+  until grep -E -q "\"type\":\"$1\".*\"id\":\"$2\"|\"id\":\"$2\".*\"type\":\"$1\"" "$events"; do
+    [ "$(_now_cs)" -lt "$deadline" ] || fail "no $1 event for $2 within 60 s"
+    sleep 0.2
+  done
+  log "ok: $1 event for $2"
+}
+
+disk=$KEEL_WORKDIR/hot.qcow2
+keel-img create -f qcow2 "$disk" 64M >/dev/null || fail "keel-img create failed"
+
+l2_boot vm --cpus 2 --mem 256 --serial-agent --vmm-arg "--api-socket=$sock"
+ctl --json vm events --follow > "$events" 2> "$KEEL_WORKDIR/events.err" &
+
+l2_cmd vm 'dmesg | grep -i -m 3 "acpiphp\|hotplug"; ls /sys/bus/pci/slots | tr "\n" " "; echo; ls /sys/block | grep -c "^vd" || true'
+assert_eq "$(printf '%s' "$L2_OUTPUT" | tail -n 1)" 0 "no disks at boot"
+
+# 1. Disk: plug, use, grow, unplug.
+added=$(ctl vm disk-add hot0 "$disk" --format qcow2) || fail "keelctl vm disk-add failed"
+log "disk-add: $added"
+assert_match "$added" '^disk hot0 at 0000:00:[0-9a-f]{2}\.0$' "disk-add reply"
+wait_event device-added hot0
+assert_match "$(ctl vm devices)" 'virtio-blk +pci +0000:00:[0-9a-f]{2}\.0.*id=hot0' "hot0 in the device list"
+if ctl vm disk-add hot0 "$disk" 2> "$KEEL_WORKDIR/dup.err"; then fail "a second hot0 was accepted"; fi
+log "ok: a second disk-add of the same image refused: $(cat "$KEEL_WORKDIR/dup.err")"
+
+l2_cmd vm 'for i in $(seq 1 150); do [ -b /dev/vda ] && break; sleep 0.2; done; cat /sys/block/vda/size /sys/block/vda/serial'
+assert_eq "$(printf '%s' "$L2_OUTPUT" | tr '\n' ' ')" "131072 hot0" "the hot-plugged disk's sectors and serial in the guest"
+l2_cmd vm 'dd if=/dev/urandom of=/tmp/p bs=1M count=2 2>/dev/null && dd if=/tmp/p of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1M skip=8 count=2 2>/dev/null | cmp - /tmp/p && echo PATTERN-OK'
+assert_eq "$L2_OUTPUT" PATTERN-OK "pattern written and read back on the hot-plugged disk"
+
+resized=$(ctl vm disk-resize hot0 134217728) || fail "keelctl vm disk-resize failed"
+assert_eq "$resized" "disk hot0 is now 134217728 bytes" "disk-resize reply"
+wait_event disk-resized hot0
+l2_cmd vm 'for i in $(seq 1 150); do [ "$(cat /sys/block/vda/size)" = 262144 ] && break; sleep 0.2; done; cat /sys/block/vda/size'
+assert_eq "$L2_OUTPUT" 262144 "the guest sees the grown size"
+l2_cmd vm 'dd if=/tmp/p of=/dev/vda bs=1M seek=120 conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1M skip=120 count=2 2>/dev/null | cmp - /tmp/p && echo GROWN-OK'
+assert_eq "$L2_OUTPUT" GROWN-OK "pattern past the old end"
+if ctl vm disk-resize hot0 1048576 2> "$KEEL_WORKDIR/shrink.err"; then fail "a shrink was accepted"; fi
+assert_match "$(cat "$KEEL_WORKDIR/shrink.err")" 'smaller' "shrinking refused"
+
+removed=$(ctl vm disk-remove hot0) || fail "keelctl vm disk-remove failed"
+assert_match "$removed" 'eject requested' "disk-remove reply"
+wait_event device-removed hot0
+l2_cmd vm 'for i in $(seq 1 150); do [ -e /sys/block/vda ] || break; sleep 0.2; done; ls /sys/block | grep -c "^vd" || true'
+assert_eq "$L2_OUTPUT" 0 "the unplugged disk is gone from the guest"
+if ctl vm devices | grep -q 'id=hot0'; then fail "hot0 still in the device list"; fi
+# Unlocked and whole: keel-img takes the write lock and finds no damage.
+keel-img check "$disk" >/dev/null || fail "keel-img check of the unplugged image failed"
+size=$(keel-img info --json "$disk" | tr -d ' \n' | sed -n 's/.*"virtual-size":\([0-9]*\).*/\1/p')
+assert_eq "$size" 134217728 "the image's virtual size after the resize"
+if ctl vm disk-remove hot0 2> "$KEEL_WORKDIR/gone.err"; then fail "removing a removed disk was accepted"; fi
+log "ok: removing it again refused: $(cat "$KEEL_WORKDIR/gone.err")"
+
+# 2. NIC: plug on a tap in an L1 bridge, ping both ways, unplug.
+bridge=keelbr0
+brctl addbr "$bridge" || fail "cannot create bridge $bridge"
+ip addr add 10.78.0.1/24 dev "$bridge"
+ip link set "$bridge" up
+added=$(ctl vm net-add nic0 keelhot0 --mac 52:54:00:78:00:11) || fail "keelctl vm net-add failed"
+assert_match "$added" '^net nic0 at 0000:00:[0-9a-f]{2}\.0$' "net-add reply"
+wait_event device-added nic0
+ip link set keelhot0 master "$bridge"
+ip link set keelhot0 up
+l2_cmd vm 'for i in $(seq 1 150); do [ -e /sys/class/net/eth0 ] && break; sleep 0.2; done; cat /sys/class/net/eth0/address'
+assert_eq "$L2_OUTPUT" 52:54:00:78:00:11 "the hot-plugged NIC's MAC in the guest"
+l2_cmd vm 'ip link set eth0 up && ip addr add 10.78.0.11/24 dev eth0 && ping -c 3 -W 5 10.78.0.1 >/dev/null && echo PING-OK'
+assert_eq "$L2_OUTPUT" PING-OK "the guest pings L1 over the hot-plugged NIC"
+ping -c 3 -W 5 10.78.0.11 >/dev/null || fail "L1 cannot ping the guest"
+log "ok: L1 pings the guest"
+
+ctl vm net-remove nic0 >/dev/null || fail "keelctl vm net-remove failed"
+wait_event device-removed nic0
+l2_cmd vm 'for i in $(seq 1 150); do [ -e /sys/class/net/eth0 ] || break; sleep 0.2; done; ls /sys/class/net | grep -c "^eth" || true'
+assert_eq "$L2_OUTPUT" 0 "the unplugged NIC is gone from the guest"
+# keel-vmm created the tap, so it goes when keel-vmm closes it.
+deadline=$(_deadline_cs 30)
+while [ -e /sys/class/net/keelhot0 ]; do
+  [ "$(_now_cs)" -lt "$deadline" ] || fail "the tap keelhot0 outlived the unplug"
+  sleep 0.2
+done
+log "ok: the tap is gone"
+
+l2_cmd vm 'echo still-here'
+assert_eq "$L2_OUTPUT" still-here "the guest works on after the unplugs"
+l2_send vm keel-exit
+l2_wait_exit vm 60 || fail "VMM did not exit after the guest powered off"
+assert_eq "$L2_EXIT_RC" 0 "VMM exit status"
+echo "KEEL-PASS"
