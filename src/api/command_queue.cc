@@ -18,6 +18,9 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::SetBalloon: return "set-balloon";
     case CommandKind::PowerButton: return "power-button";
     case CommandKind::Snapshot: return "snapshot";
+    case CommandKind::GetConfig: return "get-config";
+    case CommandKind::Configure: return "configure";
+    case CommandKind::Start: return "start";
   }
   return "?";
 }

@@ -88,7 +88,7 @@ std::string prometheus_text(const nlohmann::json& metrics) {
   if (metrics.contains("state") && metrics["state"].is_string()) {
     family(out, "keel_vm_state", "gauge", "1 for the state the VM is in.");
     std::string state = metrics["state"].get<std::string>();
-    for (std::string_view name : {"running", "paused"}) {
+    for (std::string_view name : {"not-configured", "configured", "running", "paused"}) {
       out += fmt::format("keel_vm_state{{state=\"{}\"}} {}\n", name, state == name ? 1 : 0);
     }
   }

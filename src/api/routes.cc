@@ -1,5 +1,6 @@
 #include "api/routes.h"
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 
@@ -11,6 +12,11 @@ namespace {
 constexpr std::string_view kEventsParameters[] = {"after", "follow"};
 constexpr std::string_view kBalloonFields[] = {"target_mib"};
 constexpr std::string_view kSnapshotFields[] = {"path"};
+// The top-level keys of the VM config (docs/vm-config.md); a unit test holds
+// them equal to machine::json_keys().
+constexpr std::string_view kConfigFields[] = {
+    "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
+    "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -29,6 +35,10 @@ const std::array kRoutes = {
     Route{"PUT", "/api/v1/vm/snapshot", RouteId::Snapshot, CommandKind::Snapshot, {},
           kSnapshotFields},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
+    Route{"GET", "/api/v1/vm/config", RouteId::GetConfig, CommandKind::GetConfig, {}, {}},
+    Route{"PUT", "/api/v1/vm/config", RouteId::PutConfig, CommandKind::Configure, {},
+          kConfigFields},
+    Route{"PUT", "/api/v1/vm/start", RouteId::Start, CommandKind::Start, {}, {}},
 };
 
 // Query values here are numbers and words; anything needing escapes is
@@ -197,6 +207,32 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
     return ApiError{400, fmt::format("path: '{}' names a directory, not a file", path), "path"};
   }
   return path;
+}
+
+std::optional<ApiError> check_config_body(std::string_view body,
+                                          std::span<const std::string_view> fields) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) {
+    return ApiError{400, "the body must be a JSON object: the VM config (docs/vm-config.md)",
+                    "body"};
+  }
+  for (const auto& [key, value] : json.items()) {
+    if (std::find(fields.begin(), fields.end(), key) == fields.end()) {
+      return ApiError{400, fmt::format("unknown field '{}' (see docs/vm-config.md)", key), key};
+    }
+  }
+  return std::nullopt;
+}
+
+std::string field_named_by(std::string_view message, std::span<const std::string_view> fields) {
+  for (std::string_view field : fields) {
+    if (message.size() > field.size() && message.starts_with(field) &&
+        std::string_view(":[ ").find(message[field.size()]) != std::string_view::npos) {
+      return std::string(field);
+    }
+  }
+  return "";
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

@@ -33,6 +33,9 @@ enum class RouteId {
   PowerButton,
   Snapshot,
   Events,
+  GetConfig,
+  PutConfig,
+  Start,
 };
 
 struct Route {
@@ -88,6 +91,15 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
 // must be absolute, at most 4096 bytes, without NUL or control characters,
 // and not end in '/'; a 400 names the field at fault otherwise.
 std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
+
+// PUT /api/v1/vm/config, on the API thread: the body must be a JSON object
+// whose keys are all the route's body_fields (the config schema's keys); a
+// 400 names the body or the unknown key. Values are the machine side's to check.
+std::optional<ApiError> check_config_body(std::string_view body, std::span<const std::string_view> fields);
+
+// The field a machine-side 400 names for a route with several body fields:
+// the one its message starts with (followed by ':', '[' or ' '), or "".
+std::string field_named_by(std::string_view message, std::span<const std::string_view> fields);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

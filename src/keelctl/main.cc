@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -214,7 +216,21 @@ void print_power_button(const Json& reply) {
               text(reply.value("state", Json())).c_str());
 }
 
+void print_config(const Json& config) { std::printf("%s\n", config.dump(2).c_str()); }
+
+void print_created(const Json& reply) {
+  const Json config = reply.value("config", Json::object());
+  std::printf("%s: kernel %s, %s vCPUs, %s MiB (start it with: keelctl vm start)\n",
+              text(reply.value("state", Json())).c_str(),
+              text(config.value("kernel", Json())).c_str(),
+              text(config.value("cpus", Json())).c_str(),
+              text(config.value("memory_mib", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
+    {"start", "PUT", "/api/v1/vm/start", "Start the VM configured with `vm create`", print_state},
+    {"config", "GET", "/api/v1/vm/config", "Print the VM's configuration (JSON, docs/vm-config.md)",
+     print_config},
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
      print_devices},
@@ -268,6 +284,13 @@ int run(int argc, char** argv) {
   events->add_option("--after", after, "Only events after this sequence number (default 0: all kept)");
   events->add_flag("--follow,-f", follow, "Keep printing new events until keel-vmm exits");
   events->callback([&events_chosen] { events_chosen = true; });
+  std::string config_path;
+  CLI::App* create = vm->add_subcommand(
+      "create", "Configure a keel-vmm started with only --api-socket from a JSON config file "
+                "(docs/vm-config.md); replaces an earlier one until `vm start`");
+  create->add_option("config", config_path, "The VM's JSON configuration")->required();
+  static const VmCommand kCreate = {"create", "PUT", "/api/v1/vm/config", "", print_created};
+  create->callback([&chosen] { chosen = &kCreate; });
   std::string snapshot_path;
   bool snapshot_chosen = false;
   CLI::App* snapshot = vm->add_subcommand(
@@ -325,6 +348,16 @@ int run(int argc, char** argv) {
     return kExitOk;
   }
   CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");
+  if (chosen == &kCreate) {
+    std::ifstream file(config_path);
+    if (!file) {
+      std::fprintf(stderr, "keelctl: vm create: cannot read '%s'\n", config_path.c_str());
+      return kExitUsage;
+    }
+    std::stringstream contents;
+    contents << file.rdbuf();
+    request_body = contents.str();
+  }
   Result<api::HttpReply> reply = client.request(chosen->method, chosen->path, request_body);
   if (!reply) return unreachable(client, reply.error());
   if (reply->status != 200) return refused(chosen->name, *reply);

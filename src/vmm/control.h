@@ -1,13 +1,17 @@
 // ApiControl: the machine side of the control API in keel-vmm. The API
 // thread queues Commands (api::CommandQueue); keel-vmm's main thread, which
 // owns the Machine, polls fd() and answers them here, and publishes the
-// lifecycle events (created, running, paused, resumed, power-button,
-// balloon, guest-panic, stopping, stopped, reset) to the EventLog the events
-// stream reads.
+// lifecycle events (configured, created, running, paused, resumed,
+// power-button, balloon, guest-panic, stopping, stopped, reset) to the
+// EventLog the events stream reads. Before start (keel-vmm --api-socket
+// without --kernel or --config) there is no Machine yet: serve_setup answers
+// then, in the states not-configured and configured.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <optional>
 
 #include "api/command_queue.h"
 #include "api/event_log.h"
@@ -33,8 +37,26 @@ class ApiControl {
   // stopped the VM (so a reset racing with it does not reboot).
   void serve(machine::Machine& machine, bool& host_stop);
 
+  // Before start: the configuration PUT /api/v1/vm/config sets, checked
+  // against this host, and the start that builds the first Machine from it.
+  struct Setup {
+    uint32_t max_vcpus = 1;
+    uint64_t host_memory_bytes = 0;
+    std::optional<machine::VmConfig> config;
+    // Opens the consoles and builds the first Machine; on error nothing is
+    // left behind and the VM stays configured.
+    std::function<Result<void>(const machine::VmConfig&)> start;
+    bool started = false;  // set once start succeeded
+  };
+  // Answers every pending command before start; PUT /api/v1/vm/stop sets
+  // host_stop (keel-vmm exits without starting).
+  void serve_setup(Setup& setup, bool& host_stop);
+
  private:
   api::Reply execute(const api::Command& command, machine::Machine& machine, bool& host_stop);
+  api::Reply execute_setup(const api::Command& command, Setup& setup, bool& host_stop);
+  // Answers every pending command with execute.
+  void serve_with(const std::function<api::Reply(const api::Command&)>& execute);
   double uptime_seconds() const;
 
   api::CommandQueue& queue_;

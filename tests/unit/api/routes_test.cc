@@ -217,5 +217,30 @@ TEST(RoutesTest, SnapshotBodyRefusalsNameTheField) {
   EXPECT_EQ(snapshot_field(nlohmann::json{{"path", "/" + std::string(5000, 'a')}}.dump()), "path");
 }
 
+constexpr std::string_view kSomeConfigFields[] = {"kernel", "cpus", "disks"};
+
+TEST(RoutesTest, ConfigBodyIsAnObjectOfKnownKeys) {
+  EXPECT_FALSE(check_config_body(R"({"kernel": "/k", "cpus": "two"})", kSomeConfigFields))
+      << "values are the machine side's to check";
+  EXPECT_FALSE(check_config_body("{}", kSomeConfigFields));
+  for (auto [body, field] : {std::pair{"", "body"}, std::pair{"{", "body"},
+                             std::pair{"[]", "body"}, std::pair{"3", "body"},
+                             std::pair{R"({"kernel": "/k", "memory": 64})", "memory"}}) {
+    std::optional<ApiError> error = check_config_body(body, kSomeConfigFields);
+    ASSERT_TRUE(error) << body;
+    EXPECT_EQ(error->status, 400u);
+    EXPECT_EQ(error->field, field) << body;
+  }
+}
+
+TEST(RoutesTest, FieldNamedByAMachineSideMessage) {
+  EXPECT_EQ(field_named_by("cpus: must be at least 1", kSomeConfigFields), "cpus");
+  EXPECT_EQ(field_named_by("disks[0] (/d): cannot open", kSomeConfigFields), "disks");
+  EXPECT_EQ(field_named_by("kernel \"x\" is bad", kSomeConfigFields), "kernel");
+  EXPECT_EQ(field_named_by("cpusx: no", kSomeConfigFields), "");
+  EXPECT_EQ(field_named_by("cpus", kSomeConfigFields), "");
+  EXPECT_EQ(field_named_by("the VM is running", kSomeConfigFields), "");
+}
+
 }  // namespace
 }  // namespace keel::api

@@ -96,6 +96,16 @@ class FakeHandler : public CommandHandler {
       case CommandKind::Snapshot:
         if (!paused_) return fail(Errc::Busy, "snapshot: the VM is not paused");
         return nlohmann::json{{"path", "/x"}, {"bytes", 4096}};
+      case CommandKind::GetConfig: return nlohmann::json{{"cpus", 1}};
+      case CommandKind::Configure: {
+        // As keel-vmm's validation does: the context starts with the key.
+        nlohmann::json config = nlohmann::json::parse(command.body);
+        if (config.value("cpus", 1) == 0) {
+          return fail(Errc::InvalidArgument, "cpus: must be at least 1 (got 0)");
+        }
+        return nlohmann::json{{"state", "configured"}, {"config", config}};
+      }
+      case CommandKind::Start: return fail(Errc::Busy, "the VM is already running");
     }
     return fail(Errc::Unsupported, "?");
   }
@@ -294,6 +304,30 @@ TEST_F(ApiServerTest, SnapshotWithABadBodyIs400NamingTheFieldAndNeverReachesTheM
     EXPECT_TRUE(json_of(reply)["error"].contains("field")) << body;
   }
   EXPECT_TRUE(handler_.snapshot_paths().empty());
+}
+
+TEST_F(ApiServerTest, ConfigBodyIsCheckedHereAndValuesOnTheMachineSide) {
+  start();
+  // Not an object of known keys: refused here, naming the field.
+  for (auto [body, field] : {std::pair{"", "body"}, std::pair{"[1]", "body"},
+                             std::pair{R"({"kernel": "/k", "colour": "red"})", "colour"}}) {
+    HttpReply reply = request("PUT", "/api/v1/vm/config", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_EQ(json_of(reply)["error"]["field"], field) << reply.body;
+  }
+  EXPECT_TRUE(handler_.seen().empty());
+  // A value the machine side refuses: the field is the key its message starts with.
+  HttpReply refused = request("PUT", "/api/v1/vm/config", R"({"kernel": "/k", "cpus": 0})");
+  EXPECT_EQ(refused.status, 400u);
+  EXPECT_EQ(json_of(refused)["error"]["field"], "cpus") << refused.body;
+  HttpReply accepted = request("PUT", "/api/v1/vm/config", R"({"kernel": "/k", "cpus": 2})");
+  EXPECT_EQ(accepted.status, 200u) << accepted.body;
+  EXPECT_EQ(json_of(accepted)["config"]["cpus"], 2);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/start", R"({"now": true})").status, 400u);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/start").status, 409u);
+  EXPECT_EQ(handler_.seen(),
+            (std::vector<CommandKind>{CommandKind::Configure, CommandKind::Configure,
+                                      CommandKind::Start}));
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {
