@@ -106,6 +106,31 @@ void print_devices(const Json& reply) {
   print_table(rows);
 }
 
+// A device's counters, with each latency histogram's buckets folded into
+// its summary: "requests=4 ... request_latency_us=p50:12.5,p99:80,n:4".
+std::string device_counters(const Json& device) {
+  const Json latency = device.value("latency", Json::object());
+  const Json counters = device.value("counters", Json::object());
+  std::string joined;
+  auto add = [&joined](const std::string& item) {
+    if (!joined.empty()) joined += ' ';
+    joined += item;
+  };
+  for (const auto& [key, value] : counters.items()) {
+    bool in_histogram = false;
+    for (const auto& [name, summary] : latency.items()) {
+      in_histogram = in_histogram || key.starts_with(name + "_bucket_le_") ||
+                     key == name + "_sum_us" || key == name + "_count";
+    }
+    if (!in_histogram) add(key + "=" + text(value));
+  }
+  for (const auto& [name, summary] : latency.items()) {
+    add(fmt::format("{}=p50:{:.0f},p99:{:.0f},n:{}", name, summary.value("p50_us", 0.0),
+                    summary.value("p99_us", 0.0), text(summary.value("count", Json()))));
+  }
+  return joined;
+}
+
 void print_metrics(const Json& metrics) {
   // Only the exit kinds some vCPU saw, in the order the API lists them.
   std::vector<std::string> kinds;
@@ -130,7 +155,7 @@ void print_metrics(const Json& metrics) {
     Table device_rows = {{"DEVICE", "ADDRESS", "COUNTERS"}};
     for (const Json& device : devices) {
       device_rows.push_back({text(device.value("type", Json())),
-                             text(device.value("address", Json())), key_values(device, "counters")});
+                             text(device.value("address", Json())), device_counters(device)});
     }
     print_table(device_rows);
   }

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "api/prometheus.h"
 #include "base/log.h"
 
 namespace keel::vmm {
@@ -136,8 +137,12 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       for (const machine::DeviceCounters& device : machine.device_counters()) {
         nlohmann::json counters = nlohmann::json::object();
         for (const auto& [name, value] : device.counters) counters[std::string(name)] = value;
-        devices.push_back(
-            {{"type", device.type}, {"address", device.address}, {"counters", counters}});
+        nlohmann::json entry = {
+            {"type", device.type}, {"address", device.address}, {"counters", counters}};
+        if (nlohmann::json latency = api::latency_summaries(counters); !latency.empty()) {
+          entry["latency"] = std::move(latency);
+        }
+        devices.push_back(std::move(entry));
       }
       return nlohmann::json{
           {"state", state_name(machine)},

@@ -6,13 +6,15 @@
 // GET_ID; requests go to the backend's asynchronous face with their iovecs
 // pointing straight into guest RAM, many in flight, completions taken on
 // the event loop from backend->completion_fd(); counters (requests,
-// errors, bytes) for the control API's metrics.
+// errors, bytes, and a histogram of the backend's service time: submit to
+// completion) for the control API's metrics.
 // Missing: MQ, TOPOLOGY, CONFIG_WCE (the cache is always write-back, and a
 // driver that does not accept FLUSH gets no write-through), SECURE_ERASE,
 // GET_LIFETIME, snapshot state (in-flight requests would have to drain).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -22,6 +24,7 @@
 
 #include "block/block_backend.h"
 #include "devices/virtio/device.h"
+#include "devices/virtio/latency.h"
 
 namespace keel::devices::virtio {
 
@@ -128,7 +131,8 @@ class Blk final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
-  // requests, errors, read_bytes, write_bytes.
+  // requests, errors, read_bytes, write_bytes, and request_latency_us_*
+  // (LatencyHistogram: submit to completion of the requests the backend served).
   VirtioDevice::Counters counters() const override;
 
   // For tests and the benchmark: take completions now, as the event-loop
@@ -143,6 +147,7 @@ class Blk final : public VirtioDevice {
     std::byte* status = nullptr;  // host address of the status byte
     uint32_t data_bytes = 0;      // bytes the device writes into the chain on success (IN)
     std::vector<iovec> iov;       // capacity reserved once; points into guest RAM
+    std::chrono::steady_clock::time_point submitted{};
   };
 
   Blk(std::unique_ptr<block::BlockBackend> backend, BlkConfig config);
@@ -174,6 +179,7 @@ class Blk final : public VirtioDevice {
   const std::unique_ptr<block::BlockBackend> backend_;
   const BlkConfig config_;
   Counters counters_;
+  LatencyHistogram request_latency_{"request_latency_us"};
   BlkConfigSpace config_space_{};
 
   mutable std::mutex mutex_;  // guards everything below
