@@ -267,8 +267,14 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Start:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
-      case RouteId::GetConfig:
       case RouteId::GetVm:
+        if (state_.options.vm_status != nullptr) {
+          if (std::optional<nlohmann::json> vm = state_.options.vm_status->current()) {
+            return send(200, kJson, dump(*vm));
+          }
+        }
+        break;
+      case RouteId::GetConfig:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:
       case RouteId::PrometheusMetrics: break;

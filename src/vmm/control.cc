@@ -46,12 +46,37 @@ void ApiControl::created(uint64_t boot) {
   events_.publish("created", {{"boot", boot}});
 }
 
-void ApiControl::running() {
+void ApiControl::running(const machine::Machine& machine) {
   started_ = std::chrono::steady_clock::now();
+  published_state_ = "";
+  publish(machine);
   events_.publish("running", {{"boot", boot_}});
 }
 
+void ApiControl::publish(const machine::Machine& machine) {
+  std::string_view state = state_name(machine);
+  if (state == published_state_ && boot_ == published_boot_) return;
+  published_state_ = state;
+  published_boot_ = boot_;
+  status_.publish(
+      {{"state", state}, {"boot", boot_}, {"config", config_json(machine.config())}}, started_);
+}
+
+void ApiControl::publish(const Setup& setup) {
+  published_state_ = "";
+  if (setup.started) {
+    // The Machine runs as soon as this command is answered.
+    status_.publish({{"state", "running"}, {"boot", 1}, {"config", config_json(*setup.config)}},
+                    std::chrono::steady_clock::now());
+    return;
+  }
+  nlohmann::json vm = {{"state", setup.config ? "configured" : "not-configured"}, {"boot", 0}};
+  if (setup.config) vm["config"] = config_json(*setup.config);
+  status_.publish(std::move(vm), std::nullopt);
+}
+
 void ApiControl::stopping(const machine::Machine& machine) {
+  publish(machine);
   std::optional<machine::StopStatus> status = machine.stop_status();
   nlohmann::json data = {{"boot", boot_}};
   if (status && status->reason == machine::StopReason::GuestPanic) {
@@ -78,11 +103,19 @@ double ApiControl::uptime_seconds() const {
 }
 
 void ApiControl::serve(machine::Machine& machine, bool& host_stop) {
-  serve_with([&](const api::Command& command) { return execute(command, machine, host_stop); });
+  serve_with([&](const api::Command& command) {
+    api::Reply reply = execute(command, machine, host_stop);
+    publish(machine);  // before the reply, so the client's next GET sees it
+    return reply;
+  });
 }
 
 void ApiControl::serve_setup(Setup& setup, bool& host_stop) {
-  serve_with([&](const api::Command& command) { return execute_setup(command, setup, host_stop); });
+  serve_with([&](const api::Command& command) {
+    api::Reply reply = execute_setup(command, setup, host_stop);
+    publish(setup);
+    return reply;
+  });
 }
 
 void ApiControl::serve_with(const std::function<api::Reply(const api::Command&)>& execute) {

@@ -15,20 +15,23 @@
 
 #include "api/command_queue.h"
 #include "api/event_log.h"
+#include "api/vm_status.h"
 #include "machine/machine.h"
 
 namespace keel::vmm {
 
 class ApiControl {
  public:
-  ApiControl(api::CommandQueue& queue, api::EventLog& events) : queue_(queue), events_(events) {}
+  // status: where GET /api/v1/vm's answer is published for the API thread.
+  ApiControl(api::CommandQueue& queue, api::EventLog& events, api::VmStatus& status)
+      : queue_(queue), events_(events), status_(status) {}
   // Anything still queued is refused: no machine will answer it.
   ~ApiControl() { queue_.close("keel-vmm is exiting"); }
 
   int fd() const { return queue_.ready_event().get(); }
 
   void created(uint64_t boot);
-  void running();
+  void running(const machine::Machine& machine);
   void stopping(const machine::Machine& machine);
   // rebooting: main builds the next Machine for a guest (or API) reset.
   void stopped(const machine::StopStatus& status, bool rebooting);
@@ -58,9 +61,16 @@ class ApiControl {
   // Answers every pending command with execute.
   void serve_with(const std::function<api::Reply(const api::Command&)>& execute);
   double uptime_seconds() const;
+  // Publishes GET /api/v1/vm's answer if the state or boot changed since
+  // the last time (the configuration changes only with the boot).
+  void publish(const machine::Machine& machine);
+  void publish(const Setup& setup);
 
   api::CommandQueue& queue_;
   api::EventLog& events_;
+  api::VmStatus& status_;
+  std::string_view published_state_;  // "" forces the next publish
+  uint64_t published_boot_ = 0;
   uint64_t boot_ = 0;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };

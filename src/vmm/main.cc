@@ -95,7 +95,7 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console,
                                 bool& host_stop) {
   machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
   std::thread runner([&] { status = machine.run(); });
-  control.running();
+  control.running(machine);
   for (;;) {
     // A negative fd is ignored by poll().
     pollfd fds[5] = {
@@ -393,11 +393,12 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "keel-vmm: %s\n", commands.error().message().c_str());
     return kExitFailure;
   }
-  ApiControl control(*commands, events);
+  api::VmStatus vm_status;
+  ApiControl control(*commands, events, vm_status);
   std::unique_ptr<api::ApiServer> api_server;
   if (!api_socket.empty()) {
-    Result<std::unique_ptr<api::ApiServer>> server =
-        api::ApiServer::start(api_socket, *commands, events);
+    Result<std::unique_ptr<api::ApiServer>> server = api::ApiServer::start(
+        api_socket, *commands, events, api::ServerOptions{.vm_status = &vm_status});
     if (!server) return config_error(Error(server.error()).wrap("--api-socket"));
     api_server = std::move(*server);
   }

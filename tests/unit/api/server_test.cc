@@ -249,6 +249,25 @@ TEST_F(ApiServerTest, GetVmIsACommandForTheMachineSide) {
   EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm});
 }
 
+TEST_F(ApiServerTest, GetVmIsAnsweredFromThePublishedStatus) {
+  VmStatus status;
+  start(ServerOptions{.vm_status = &status});
+  // Nothing published yet: the machine side answers.
+  EXPECT_EQ(json_of(request("GET", "/api/v1/vm"))["state"], "running");
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm});
+  status.publish({{"state", "paused"}, {"boot", 3}}, VmStatus::Clock::now() - 2s);
+  nlohmann::json vm = json_of(request("GET", "/api/v1/vm"));
+  EXPECT_EQ(vm["state"], "paused");
+  EXPECT_EQ(vm["boot"], 3);
+  EXPECT_GE(vm["uptime_seconds"].get<double>(), 2.0);
+  status.publish({{"state", "configured"}, {"boot", 0}}, std::nullopt);
+  vm = json_of(request("GET", "/api/v1/vm"));
+  EXPECT_EQ(vm["state"], "configured");
+  EXPECT_EQ(vm["uptime_seconds"], 0.0);
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm})
+      << "answered on the API thread";
+}
+
 TEST_F(ApiServerTest, SocketIsPrivate) {
   start();
   struct stat info {};
