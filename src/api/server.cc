@@ -269,8 +269,8 @@ class Session : public std::enable_shared_from_this<Session> {
         break;
       case RouteId::GetVm:
         if (state_.options.vm_status != nullptr) {
-          if (std::optional<nlohmann::json> vm = state_.options.vm_status->current()) {
-            return send(200, kJson, dump(*vm));
+          if (std::optional<std::string> vm = state_.options.vm_status->current()) {
+            return send(200, kJson, std::move(*vm));
           }
         }
         break;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -22,12 +23,14 @@ class VmStatus {
   // vm: {state, boot, config?} without uptime_seconds; running_since: when
   // the current boot started running (uptime_seconds counts from it; 0 without).
   void publish(nlohmann::json vm, std::optional<Clock::time_point> running_since);
-  // The reply now, uptime_seconds included; nullopt until the first publish.
-  std::optional<nlohmann::json> current() const;
+  // The reply's JSON text now, uptime_seconds included (serialized once per
+  // publish, not per request); nullopt until the first publish.
+  std::optional<std::string> current() const;
 
  private:
-  mutable std::mutex mutex_;  // guards vm_ and running_since_
-  std::shared_ptr<const nlohmann::json> vm_;
+  mutable std::mutex mutex_;  // guards text_ and running_since_
+  // The published object serialized without its closing brace.
+  std::shared_ptr<const std::string> text_;
   std::optional<Clock::time_point> running_since_;
 };
 

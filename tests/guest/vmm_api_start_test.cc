@@ -80,6 +80,16 @@ class VmmApiStartTest : public ::testing::Test {
   std::unique_ptr<VmmProcess> vmm_;
 };
 
+// Checked before KVM is opened: no skip.
+TEST(VmmApiStartFlagsTest, FlagsThatMakePartOfAConfigNeedKernelOrConfig) {
+  TempDir dir;
+  VmmProcess vmm({"--api-socket", dir.file("api.sock"), "--cpus", "2"});
+  Outcome outcome = vmm.wait(kTimeout);
+  EXPECT_EQ(outcome.exit_status, 2) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("--cpus needs --kernel or --config"));
+  EXPECT_THAT(outcome.err, HasSubstr("PUT /api/v1/vm/config"));
+}
+
 TEST_F(VmmApiStartTest, WaitsUnconfiguredAndRefusesWhatNeedsAVm) {
   Json vm = call("GET", "/api/v1/vm");
   EXPECT_EQ(vm["state"], "not-configured");
