@@ -35,6 +35,9 @@ enum class CommandKind {
   ResizeDisk,  // {id, size_bytes}
   AddNet,
   RemoveNet,
+  GetConfig,  // the VM's configuration (docs/vm-config.md); Busy before one is set
+  Configure,  // {state: configured, config}; Command::body is the JSON config; Busy once started
+  Start,      // {state, boot}; Busy if not configured or already started
 };
 
 std::string_view command_name(CommandKind kind);
@@ -59,10 +62,16 @@ struct Command {
   uint64_t balloon_target_mib = 0;
   std::string path{};  // Snapshot: the file to write (checked by parse_snapshot_body)
   DeviceRequest device{};  // the hotplug commands
+  // Configure: the JSON document, already checked to be an object of known
+  // keys; the machine side parses and validates it.
+  std::string body{};
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP
-// status (see http_status_for): Busy is a state conflict (409).
+// status (see http_status_for): Busy is a state conflict (409). A 400 for a
+// route with a single body field names that field; for a route with several
+// (PUT /api/v1/vm/config) the context starts with the one at fault
+// ("cpus: ...", see field_named_by in routes.h).
 using Reply = Result<nlohmann::json>;
 using ReplyCallback = std::function<void(Reply)>;
 

@@ -23,6 +23,9 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::ResizeDisk: return "resize-disk";
     case CommandKind::AddNet: return "add-net";
     case CommandKind::RemoveNet: return "remove-net";
+    case CommandKind::GetConfig: return "get-config";
+    case CommandKind::Configure: return "configure";
+    case CommandKind::Start: return "start";
   }
   return "?";
 }

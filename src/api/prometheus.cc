@@ -1,7 +1,12 @@
 #include "api/prometheus.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
+#include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -35,7 +40,88 @@ bool plain_name(std::string_view name) {
   return true;
 }
 
+// A latency histogram found in a device's counters.
+struct Histogram {
+  std::vector<std::pair<double, uint64_t>> buckets;  // (upper bound in us, cumulative)
+  uint64_t inf = 0;  // every sample
+  uint64_t sum_us = 0;
+  uint64_t count = 0;
+};
+
+constexpr std::string_view kBucketInfix = "_bucket_le_";
+
+// The histograms in counters by NAME, and the counter names they take.
+std::map<std::string, Histogram> histograms_in(const nlohmann::json& counters,
+                                               std::set<std::string>* taken = nullptr) {
+  std::map<std::string, Histogram> found;
+  if (!counters.is_object()) return found;
+  for (const auto& [key, value] : counters.items()) {
+    size_t at = key.rfind(kBucketInfix);
+    if (at == std::string::npos || at == 0 || !value.is_number_unsigned()) continue;
+    std::string name = key.substr(0, at);
+    std::string bound = key.substr(at + kBucketInfix.size());
+    Histogram& histogram = found[name];
+    if (bound == "inf") {
+      histogram.inf = value.get<uint64_t>();
+    } else {
+      char* end = nullptr;
+      double micros = std::strtod(bound.c_str(), &end);
+      if (bound.empty() || end != bound.c_str() + bound.size()) continue;
+      histogram.buckets.emplace_back(micros, value.get<uint64_t>());
+    }
+  }
+  for (auto& [name, histogram] : found) {
+    std::sort(histogram.buckets.begin(), histogram.buckets.end());
+    histogram.sum_us = counters.value(name + "_sum_us", uint64_t{0});
+    histogram.count = counters.value(name + "_count", histogram.inf);
+    if (taken != nullptr) {
+      for (const auto& [key, value] : counters.items()) {
+        if (key.starts_with(name + std::string(kBucketInfix)) || key == name + "_sum_us" ||
+            key == name + "_count") {
+          taken->insert(key);
+        }
+      }
+    }
+  }
+  return found;
+}
+
+double quantile_us(const Histogram& histogram, double q) {
+  if (histogram.inf == 0) return 0;
+  const double rank = q * static_cast<double>(histogram.inf);
+  double lower = 0;
+  uint64_t below = 0;
+  for (const auto& [bound, cumulative] : histogram.buckets) {
+    if (static_cast<double>(cumulative) >= rank && cumulative > below) {
+      double within = (rank - static_cast<double>(below)) / static_cast<double>(cumulative - below);
+      return lower + (bound - lower) * within;
+    }
+    lower = bound;
+    below = cumulative;
+  }
+  return lower;  // in +Inf: the last finite bound
+}
+
+std::string seconds_name(const std::string& name) {
+  std::string base = name.ends_with("_us") ? name.substr(0, name.size() - 3) : name;
+  return fmt::format("keel_virtio_{}_seconds", base);
+}
+
 }  // namespace
+
+nlohmann::json latency_summaries(const nlohmann::json& counters) {
+  nlohmann::json summaries = nlohmann::json::object();
+  for (const auto& [name, histogram] : histograms_in(counters)) {
+    double mean = histogram.count == 0 ? 0.0
+                                       : static_cast<double>(histogram.sum_us) /
+                                             static_cast<double>(histogram.count);
+    summaries[name] = {{"count", histogram.count},
+                       {"mean_us", mean},
+                       {"p50_us", quantile_us(histogram, 0.5)},
+                       {"p99_us", quantile_us(histogram, 0.99)}};
+  }
+  return summaries;
+}
 
 std::string prometheus_text(const nlohmann::json& metrics) {
   std::string out;
@@ -55,12 +141,29 @@ std::string prometheus_text(const nlohmann::json& metrics) {
     // One family per counter name (keel_virtio_read_bytes_total, ...), each
     // sample labelled with the device and its PCI address.
     std::map<std::string, std::string> families;
+    std::map<std::string, std::string> histogram_families;
     for (const nlohmann::json& device : metrics["devices"]) {
       if (!device.contains("counters") || !device["counters"].is_object()) continue;
       const std::string labels =
           fmt::format("device=\"{}\",address=\"{}\"", label_value(device.value("type", "")),
                       label_value(device.value("address", "")));
+      std::set<std::string> taken;
+      for (const auto& [name, histogram] : histograms_in(device["counters"], &taken)) {
+        if (!plain_name(name)) continue;
+        const std::string family_name = seconds_name(name);
+        std::string& samples = histogram_families[family_name];
+        for (const auto& [bound, cumulative] : histogram.buckets) {
+          samples += fmt::format("{}_bucket{{{},le=\"{}\"}} {}\n", family_name, labels,
+                                 bound / 1e6, cumulative);
+        }
+        samples += fmt::format("{}_bucket{{{},le=\"+Inf\"}} {}\n", family_name, labels,
+                               histogram.inf);
+        samples += fmt::format("{}_sum{{{}}} {}\n", family_name, labels,
+                               static_cast<double>(histogram.sum_us) / 1e6);
+        samples += fmt::format("{}_count{{{}}} {}\n", family_name, labels, histogram.count);
+      }
       for (const auto& [name, value] : device["counters"].items()) {
+        if (taken.contains(name)) continue;
         if (!plain_name(name) || !value.is_number_unsigned()) continue;
         families[name] += fmt::format("keel_virtio_{}_total{{{}}} {}\n", name, labels,
                                       value.get<uint64_t>());
@@ -69,6 +172,10 @@ std::string prometheus_text(const nlohmann::json& metrics) {
     for (const auto& [name, samples] : families) {
       family(out, fmt::format("keel_virtio_{}_total", name), "counter",
              fmt::format("Virtio device counter {}, by device.", name));
+      out += samples;
+    }
+    for (const auto& [name, samples] : histogram_families) {
+      family(out, name, "histogram", "Virtio device service time in seconds, by device.");
       out += samples;
     }
   }
@@ -88,7 +195,7 @@ std::string prometheus_text(const nlohmann::json& metrics) {
   if (metrics.contains("state") && metrics["state"].is_string()) {
     family(out, "keel_vm_state", "gauge", "1 for the state the VM is in.");
     std::string state = metrics["state"].get<std::string>();
-    for (std::string_view name : {"running", "paused"}) {
+    for (std::string_view name : {"not-configured", "configured", "running", "paused"}) {
       out += fmt::format("keel_vm_state{{state=\"{}\"}} {}\n", name, state == name ? 1 : 0);
     }
   }

@@ -16,6 +16,11 @@ constexpr std::string_view kAddDiskFields[] = {"id", "path", "format", "readonly
 constexpr std::string_view kResizeDiskFields[] = {"id", "size_bytes"};
 constexpr std::string_view kAddNetFields[] = {"id", "tap", "mac"};
 constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
+// The top-level keys of the VM config (docs/vm-config.md); a unit test holds
+// them equal to machine::json_keys().
+constexpr std::string_view kConfigFields[] = {
+    "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
+    "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -42,6 +47,10 @@ const std::array kRoutes = {
     Route{"PUT", "/api/v1/vm/nets/remove", RouteId::RemoveNet, CommandKind::RemoveNet, {},
           kRemoveFields},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
+    Route{"GET", "/api/v1/vm/config", RouteId::GetConfig, CommandKind::GetConfig, {}, {}},
+    Route{"PUT", "/api/v1/vm/config", RouteId::PutConfig, CommandKind::Configure, {},
+          kConfigFields},
+    Route{"PUT", "/api/v1/vm/start", RouteId::Start, CommandKind::Start, {}, {}},
 };
 
 // Query values here are numbers and words; anything needing escapes is
@@ -358,6 +367,30 @@ std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std:
   }
 #undef KEEL_TAKE
   return request;
+std::optional<ApiError> check_config_body(std::string_view body,
+                                          std::span<const std::string_view> fields) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) {
+    return ApiError{400, "the body must be a JSON object: the VM config (docs/vm-config.md)",
+                    "body"};
+  }
+  for (const auto& [key, value] : json.items()) {
+    if (std::find(fields.begin(), fields.end(), key) == fields.end()) {
+      return ApiError{400, fmt::format("unknown field '{}' (see docs/vm-config.md)", key), key};
+    }
+  }
+  return std::nullopt;
+}
+
+std::string field_named_by(std::string_view message, std::span<const std::string_view> fields) {
+  for (std::string_view field : fields) {
+    if (message.size() > field.size() && message.starts_with(field) &&
+        std::string_view(":[ ").find(message[field.size()]) != std::string_view::npos) {
+      return std::string(field);
+    }
+  }
+  return "";
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

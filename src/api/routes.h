@@ -38,6 +38,9 @@ enum class RouteId {
   AddNet,
   RemoveNet,
   Events,
+  GetConfig,
+  PutConfig,
+  Start,
 };
 
 struct Route {
@@ -104,6 +107,14 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 // how long the guest has to eject. A 400 names the field at fault.
 inline constexpr uint64_t kDefaultEjectTimeoutMs = 30000;
 std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std::string_view body);
+// PUT /api/v1/vm/config, on the API thread: the body must be a JSON object
+// whose keys are all the route's body_fields (the config schema's keys); a
+// 400 names the body or the unknown key. Values are the machine side's to check.
+std::optional<ApiError> check_config_body(std::string_view body, std::span<const std::string_view> fields);
+
+// The field a machine-side 400 names for a route with several body fields:
+// the one its message starts with (followed by ':', '[' or ' '), or "".
+std::string field_named_by(std::string_view message, std::span<const std::string_view> fields);
 
 struct EventsQuery {
   uint64_t after = 0;  // send events with seq > after

@@ -269,7 +269,22 @@ class Session : public std::enable_shared_from_this<Session> {
         return submit(Command{.kind = *route_->command,
                               .device = std::get<DeviceRequest>(std::move(parsed))});
       }
+      case RouteId::PutConfig:
+        if (auto bad = check_config_body(request.body(), route_->body_fields)) {
+          return send_error(*bad);
+        }
+        return submit(Command{.kind = CommandKind::Configure, .body = request.body()});
+      case RouteId::Start:
+        if (auto bad = check_empty_body(request.body())) return send_error(*bad);
+        break;
       case RouteId::GetVm:
+        if (state_.options.vm_status != nullptr) {
+          if (std::optional<std::string> vm = state_.options.vm_status->current()) {
+            return send(200, kJson, std::move(*vm));
+          }
+        }
+        break;
+      case RouteId::GetConfig:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:
       case RouteId::PrometheusMetrics: break;
@@ -302,6 +317,8 @@ class Session : public std::enable_shared_from_this<Session> {
       // target against its RAM): name the field when there is only one.
       if (error.status == 400 && route_->body_fields.size() == 1) {
         error.field = std::string(route_->body_fields.front());
+      } else if (error.status == 400) {
+        error.field = field_named_by(error.message, route_->body_fields);
       }
       return send_error(error);
     }

@@ -4,8 +4,8 @@
 // Beast session, so a slow or stuck client holds only its own connection:
 // requests have a size limit and read/write timeouts, connections a cap,
 // and machine commands a reply timeout. Requests that need the machine
-// become Commands for the CommandHandler; the events stream and the
-// version are answered here.
+// become Commands for the CommandHandler; the events stream, the version
+// and (from the published VmStatus) the VM's state are answered here.
 #pragma once
 
 #include <chrono>
@@ -15,6 +15,7 @@
 
 #include "api/command.h"
 #include "api/event_log.h"
+#include "api/vm_status.h"
 #include "base/result.h"
 
 namespace keel::api {
@@ -29,6 +30,9 @@ struct ServerOptions {
   std::chrono::milliseconds write_timeout{30'000};
   // How long a request waits for the machine side before a 503.
   std::chrono::milliseconds command_timeout{15'000};
+  // If set, GET /api/v1/vm is answered from it on the API thread once the
+  // machine side has published (else it is a command like the others).
+  const VmStatus* vm_status = nullptr;
 };
 
 class ApiServer {

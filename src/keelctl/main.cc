@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -104,6 +106,31 @@ void print_devices(const Json& reply) {
   print_table(rows);
 }
 
+// A device's counters, with each latency histogram's buckets folded into
+// its summary: "requests=4 ... request_latency_us=p50:12.5,p99:80,n:4".
+std::string device_counters(const Json& device) {
+  const Json latency = device.value("latency", Json::object());
+  const Json counters = device.value("counters", Json::object());
+  std::string joined;
+  auto add = [&joined](const std::string& item) {
+    if (!joined.empty()) joined += ' ';
+    joined += item;
+  };
+  for (const auto& [key, value] : counters.items()) {
+    bool in_histogram = false;
+    for (const auto& [name, summary] : latency.items()) {
+      in_histogram = in_histogram || key.starts_with(name + "_bucket_le_") ||
+                     key == name + "_sum_us" || key == name + "_count";
+    }
+    if (!in_histogram) add(key + "=" + text(value));
+  }
+  for (const auto& [name, summary] : latency.items()) {
+    add(fmt::format("{}=p50:{:.0f},p99:{:.0f},n:{}", name, summary.value("p50_us", 0.0),
+                    summary.value("p99_us", 0.0), text(summary.value("count", Json()))));
+  }
+  return joined;
+}
+
 void print_metrics(const Json& metrics) {
   // Only the exit kinds some vCPU saw, in the order the API lists them.
   std::vector<std::string> kinds;
@@ -128,7 +155,7 @@ void print_metrics(const Json& metrics) {
     Table device_rows = {{"DEVICE", "ADDRESS", "COUNTERS"}};
     for (const Json& device : devices) {
       device_rows.push_back({text(device.value("type", Json())),
-                             text(device.value("address", Json())), key_values(device, "counters")});
+                             text(device.value("address", Json())), device_counters(device)});
     }
     print_table(device_rows);
   }
@@ -229,7 +256,21 @@ void print_resize(const Json& reply) {
               text(reply.value("size_bytes", Json())).c_str());
 }
 
+void print_config(const Json& config) { std::printf("%s\n", config.dump(2).c_str()); }
+
+void print_created(const Json& reply) {
+  const Json config = reply.value("config", Json::object());
+  std::printf("%s: kernel %s, %s vCPUs, %s MiB (start it with: keelctl vm start)\n",
+              text(reply.value("state", Json())).c_str(),
+              text(config.value("kernel", Json())).c_str(),
+              text(config.value("cpus", Json())).c_str(),
+              text(config.value("memory_mib", Json())).c_str());
+}
+
 const VmCommand kVmCommands[] = {
+    {"start", "PUT", "/api/v1/vm/start", "Start the VM configured with `vm create`", print_state},
+    {"config", "GET", "/api/v1/vm/config", "Print the VM's configuration (JSON, docs/vm-config.md)",
+     print_config},
     {"info", "GET", "/api/v1/vm", "Show the VM's state and configuration", print_info},
     {"devices", "GET", "/api/v1/vm/devices", "List every device with its bus address",
      print_devices},
@@ -343,6 +384,13 @@ int run(int argc, char** argv) {
   events->add_option("--after", after, "Only events after this sequence number (default 0: all kept)");
   events->add_flag("--follow,-f", follow, "Keep printing new events until keel-vmm exits");
   events->callback([&events_chosen] { events_chosen = true; });
+  std::string config_path;
+  CLI::App* create = vm->add_subcommand(
+      "create", "Configure a keel-vmm started with only --api-socket from a JSON config file "
+                "(docs/vm-config.md); replaces an earlier one until `vm start`");
+  create->add_option("config", config_path, "The VM's JSON configuration")->required();
+  static const VmCommand kCreate = {"create", "PUT", "/api/v1/vm/config", "", print_created};
+  create->callback([&chosen] { chosen = &kCreate; });
   std::string snapshot_path;
   bool snapshot_chosen = false;
   CLI::App* snapshot = vm->add_subcommand(
@@ -400,6 +448,16 @@ int run(int argc, char** argv) {
     return kExitOk;
   }
   CHECK(chosen != nullptr, "CLI11 requires a vm subcommand");
+  if (chosen == &kCreate) {
+    std::ifstream file(config_path);
+    if (!file) {
+      std::fprintf(stderr, "keelctl: vm create: cannot read '%s'\n", config_path.c_str());
+      return kExitUsage;
+    }
+    std::stringstream contents;
+    contents << file.rdbuf();
+    request_body = contents.str();
+  }
   Result<api::HttpReply> reply = client.request(chosen->method, chosen->path, request_body);
   if (!reply) return unreachable(client, reply.error());
   if (reply->status != 200) return refused(chosen->name, *reply);

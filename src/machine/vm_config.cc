@@ -3,6 +3,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -14,6 +16,10 @@ namespace {
 using nlohmann::json;
 
 constexpr uint64_t kMinimumMemoryMib = 16;
+
+constexpr std::array<std::string_view, 15> kJsonKeys = {
+    "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
+    "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
 
 Result<const json*> member(const json& object, const char* key, json::value_t type,
                            const std::string& source) {
@@ -284,12 +290,8 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
   if (!document.is_object()) {
     return fail(Errc::InvalidArgument, fmt::format("{}: the top level must be an object", source));
   }
-  static const char* const kKnownKeys[] = {
-      "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial", "reboot",  "debug_exit",
-      "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
   for (const auto& [key, value] : document.items()) {
-    if (std::find_if(std::begin(kKnownKeys), std::end(kKnownKeys),
-                     [&key](const char* known) { return key == known; }) == std::end(kKnownKeys)) {
+    if (std::find(kJsonKeys.begin(), kJsonKeys.end(), key) == kJsonKeys.end()) {
       return fail(Errc::InvalidArgument,
                   fmt::format("{}: unknown key \"{}\" (known: kernel, initrd, cmdline, cpus, "
                               "memory_mib, serial, reboot, debug_exit, acpi, disks, nets, rng, virtio_console, "
@@ -359,7 +361,7 @@ Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_
                 fmt::format("cpus: {} is more than this host's KVM allows ({})", config.cpus, limit));
   }
   for (size_t i = 0; i < config.disks.size(); ++i) {
-    const std::string field = fmt::format("disk {} ({})", i, config.disks[i].path);
+    const std::string field = fmt::format("disks[{}] ({})", i, config.disks[i].path);
     if (::access(config.disks[i].path.c_str(), config.disks[i].read_only ? R_OK : R_OK | W_OK) != 0) {
       return fail(Errc::NotFound, fmt::format("{}: cannot open for {}: {}", field,
                                               config.disks[i].read_only ? "reading" : "writing",
@@ -370,19 +372,42 @@ Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_
                     (config.virtio_console && config.virtio_console->kind == SerialConfig::Kind::Stdio);
   if (stdio_users > 1) {
     return fail(Errc::InvalidArgument,
-                "virtio-console: stdio is already the serial console (use --serial none)");
+                "virtio_console: stdio is already the serial console (use --serial none)");
   }
   if (config.memory_mib < kMinimumMemoryMib) {
     return fail(Errc::InvalidArgument,
-                fmt::format("memory: {} MiB is too little (at least {} MiB)", config.memory_mib,
+                fmt::format("memory_mib: {} MiB is too little (at least {} MiB)", config.memory_mib,
                             kMinimumMemoryMib));
   }
   if (config.memory_mib > (host_memory_bytes >> 20)) {
     return fail(Errc::InvalidArgument,
-                fmt::format("memory: {} MiB is more than this host has ({} MiB)", config.memory_mib,
+                fmt::format("memory_mib: {} MiB is more than this host has ({} MiB)", config.memory_mib,
                             host_memory_bytes >> 20));
   }
   return ok();
+}
+
+std::span<const std::string_view> json_keys() { return kJsonKeys; }
+
+Result<VmConfig> config_from_json(const std::string& json_text, uint32_t max_vcpus,
+                                  uint64_t host_memory_bytes) {
+  json document = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (document.is_discarded()) return fail(Errc::InvalidArgument, "body: not valid JSON");
+  if (!document.is_object()) {
+    return fail(Errc::InvalidArgument, "body: the configuration must be a JSON object");
+  }
+  // One key at a time, with the key as the source, so that every error
+  // starts with the key at fault.
+  VmConfig config;
+  for (const auto& [key, value] : document.items()) {
+    TRY(merge_json(json{{key, value}}.dump(), key, config));
+  }
+  // A missing or unreadable file is still a bad request (400), not a
+  // missing route.
+  if (Result<void> valid = validate(config, max_vcpus, host_memory_bytes); !valid) {
+    return fail(Errc::InvalidArgument, valid.error().context());
+  }
+  return config;
 }
 
 std::string to_json(const VmConfig& config) {

@@ -5,7 +5,9 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/result.h"
@@ -86,7 +88,18 @@ Result<VsockConfig> parse_vsock(const std::string& text);
 Result<void> merge_json(const std::string& json_text, const std::string& source, VmConfig& config);
 
 // Checks the whole config against this host (CPU and memory limits, files).
+// Each error's context starts with the JSON key at fault ("memory_mib: ...").
 Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_memory_bytes);
+
+// The top-level keys of the JSON schema, in the order docs/vm-config.md lists them.
+std::span<const std::string_view> json_keys();
+
+// PUT /api/v1/vm/config: json_text alone is the whole configuration (the
+// defaults for every key it leaves out), parsed as merge_json and checked as
+// validate does. Every error's context starts with the top-level key at
+// fault ("cpus: ...", "disks: ..."), which the API reports as the field.
+Result<VmConfig> config_from_json(const std::string& json_text, uint32_t max_vcpus,
+                                  uint64_t host_memory_bytes);
 
 std::string to_json(const VmConfig& config);
 

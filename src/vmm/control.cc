@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "api/prometheus.h"
 #include "base/log.h"
 
 namespace keel::vmm {
@@ -27,6 +28,14 @@ uint64_t resident_bytes() {
   return fields == 2 && page_size > 0 ? resident_pages * static_cast<uint64_t>(page_size) : 0;
 }
 
+nlohmann::json config_json(const machine::VmConfig& config) {
+  return nlohmann::json::parse(machine::to_json(config), nullptr, false);
+}
+
+nlohmann::json memory_json(uint64_t guest_bytes) {
+  return {{"guest_bytes", guest_bytes}, {"resident_bytes", resident_bytes()}};
+}
+
 // The first line: a failure's detail carries a register dump after it.
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
@@ -37,12 +46,37 @@ void ApiControl::created(uint64_t boot) {
   events_.publish("created", {{"boot", boot}});
 }
 
-void ApiControl::running() {
+void ApiControl::running(const machine::Machine& machine) {
   started_ = std::chrono::steady_clock::now();
+  published_state_ = "";
+  publish(machine);
   events_.publish("running", {{"boot", boot_}});
 }
 
+void ApiControl::publish(const machine::Machine& machine) {
+  std::string_view state = state_name(machine);
+  if (state == published_state_ && boot_ == published_boot_) return;
+  published_state_ = state;
+  published_boot_ = boot_;
+  status_.publish(
+      {{"state", state}, {"boot", boot_}, {"config", config_json(machine.config())}}, started_);
+}
+
+void ApiControl::publish(const Setup& setup) {
+  published_state_ = "";
+  if (setup.started) {
+    // The Machine runs as soon as this command is answered.
+    status_.publish({{"state", "running"}, {"boot", 1}, {"config", config_json(*setup.config)}},
+                    std::chrono::steady_clock::now());
+    return;
+  }
+  nlohmann::json vm = {{"state", setup.config ? "configured" : "not-configured"}, {"boot", 0}};
+  if (setup.config) vm["config"] = config_json(*setup.config);
+  status_.publish(std::move(vm), std::nullopt);
+}
+
 void ApiControl::stopping(const machine::Machine& machine) {
+  publish(machine);
   std::optional<machine::StopStatus> status = machine.stop_status();
   nlohmann::json data = {{"boot", boot_}};
   if (status && status->reason == machine::StopReason::GuestPanic) {
@@ -69,8 +103,24 @@ double ApiControl::uptime_seconds() const {
 }
 
 void ApiControl::serve(machine::Machine& machine, bool& host_stop) {
+  serve_with([&](const api::Command& command) {
+    api::Reply reply = execute(command, machine, host_stop);
+    publish(machine);  // before the reply, so the client's next GET sees it
+    return reply;
+  });
+}
+
+void ApiControl::serve_setup(Setup& setup, bool& host_stop) {
+  serve_with([&](const api::Command& command) {
+    api::Reply reply = execute_setup(command, setup, host_stop);
+    publish(setup);
+    return reply;
+  });
+}
+
+void ApiControl::serve_with(const std::function<api::Reply(const api::Command&)>& execute) {
   for (api::CommandQueue::Pending& pending : queue_.take()) {
-    api::Reply reply = execute(pending.command, machine, host_stop);
+    api::Reply reply = execute(pending.command);
     if (!reply) {
       LOG_INFO("api: {} refused: {}", api::command_name(pending.command.kind),
                reply.error().message());
@@ -83,14 +133,19 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
                                bool& host_stop) {
   using api::CommandKind;
   switch (command.kind) {
-    case CommandKind::GetVm: {
-      nlohmann::json config =
-          nlohmann::json::parse(machine::to_json(machine.config()), nullptr, false);
+    case CommandKind::GetVm:
       return nlohmann::json{{"state", state_name(machine)},
                             {"boot", boot_},
                             {"uptime_seconds", uptime_seconds()},
-                            {"config", config}};
-    }
+                            {"config", config_json(machine.config())}};
+    case CommandKind::GetConfig: return config_json(machine.config());
+    case CommandKind::Configure:
+      return fail(Errc::Busy, fmt::format("the VM is {}: its configuration can only be set "
+                                          "before PUT /api/v1/vm/start",
+                                          state_name(machine)));
+    case CommandKind::Start:
+      return fail(Errc::Busy, fmt::format("the VM has started already (it is {})",
+                                          state_name(machine)));
     case CommandKind::GetDevices: {
       nlohmann::json devices = nlohmann::json::array();
       for (const machine::DeviceInfo& device : machine.devices()) {
@@ -115,8 +170,12 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       for (const machine::DeviceCounters& device : machine.device_counters()) {
         nlohmann::json counters = nlohmann::json::object();
         for (const auto& [name, value] : device.counters) counters[std::string(name)] = value;
-        devices.push_back(
-            {{"type", device.type}, {"address", device.address}, {"counters", counters}});
+        nlohmann::json entry = {
+            {"type", device.type}, {"address", device.address}, {"counters", counters}};
+        if (nlohmann::json latency = api::latency_summaries(counters); !latency.empty()) {
+          entry["latency"] = std::move(latency);
+        }
+        devices.push_back(std::move(entry));
       }
       return nlohmann::json{
           {"state", state_name(machine)},
@@ -124,8 +183,7 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
           {"uptime_seconds", uptime_seconds()},
           {"vcpus", vcpus},
           {"devices", devices},
-          {"memory",
-           {{"guest_bytes", machine.config().memory_mib << 20}, {"resident_bytes", resident_bytes()}}},
+          {"memory", memory_json(machine.config().memory_mib << 20)},
       };
     }
     case CommandKind::Pause:
@@ -210,6 +268,57 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
     }
   }
   return fail(Errc::Unsupported, "unknown command");
+}
+
+api::Reply ApiControl::execute_setup(const api::Command& command, Setup& setup, bool& host_stop) {
+  using api::CommandKind;
+  const char* state = setup.config ? "configured" : "not-configured";
+  switch (command.kind) {
+    case CommandKind::GetVm: {
+      nlohmann::json vm = {{"state", state}, {"boot", 0}, {"uptime_seconds", 0.0}};
+      if (setup.config) vm["config"] = config_json(*setup.config);
+      return vm;
+    }
+    case CommandKind::GetMetrics:
+      return nlohmann::json{
+          {"state", state},
+          {"boot", 0},
+          {"uptime_seconds", 0.0},
+          {"vcpus", nlohmann::json::array()},
+          {"devices", nlohmann::json::array()},
+          {"memory", memory_json(0)},
+      };
+    case CommandKind::GetConfig:
+      if (!setup.config) {
+        return fail(Errc::Busy, "the VM is not configured yet (PUT /api/v1/vm/config)");
+      }
+      return config_json(*setup.config);
+    case CommandKind::Configure: {
+      bool replaced = setup.config.has_value();
+      setup.config = TRY(machine::config_from_json(command.body, setup.max_vcpus,
+                                                   setup.host_memory_bytes));
+      events_.publish("configured", {{"replaced", replaced},
+                                     {"kernel", setup.config->kernel},
+                                     {"cpus", setup.config->cpus},
+                                     {"memory_mib", setup.config->memory_mib}});
+      return nlohmann::json{{"state", "configured"}, {"config", config_json(*setup.config)}};
+    }
+    case CommandKind::Start:
+      if (!setup.config) {
+        return fail(Errc::Busy, "the VM is not configured yet (PUT /api/v1/vm/config first)");
+      }
+      TRY_CONTEXT(setup.start(*setup.config), "start");
+      setup.started = true;
+      return nlohmann::json{{"state", "running"}, {"boot", 1}};
+    case CommandKind::Stop:
+      host_stop = true;
+      return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};
+    default: break;  // everything else needs a Machine
+  }
+  return fail(Errc::Busy,
+              fmt::format("{}: the VM is {}; configure it (PUT /api/v1/vm/config) and start it "
+                          "(PUT /api/v1/vm/start) first",
+                          api::command_name(command.kind), state));
 }
 
 }  // namespace keel::vmm

@@ -1,31 +1,39 @@
 // ApiControl: the machine side of the control API in keel-vmm. The API
 // thread queues Commands (api::CommandQueue); keel-vmm's main thread, which
 // owns the Machine, polls fd() and answers them here, and publishes the
-// lifecycle events (created, running, paused, resumed, power-button,
-// balloon, guest-panic, stopping, stopped, reset, device-added,
+// lifecycle events (configured, created, running, paused, resumed,
+// power-button, balloon, guest-panic, stopping, stopped, reset, device-added,
 // device-removed, eject-timeout, disk-resized) to the EventLog the events
 // stream reads; an unplug's end is published from the thread that saw it.
+// Before start (keel-vmm --api-socket without --kernel or --config) there is
+// no Machine yet: serve_setup answers then, in the states not-configured and
+// configured.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <optional>
 
 #include "api/command_queue.h"
 #include "api/event_log.h"
+#include "api/vm_status.h"
 #include "machine/machine.h"
 
 namespace keel::vmm {
 
 class ApiControl {
  public:
-  ApiControl(api::CommandQueue& queue, api::EventLog& events) : queue_(queue), events_(events) {}
+  // status: where GET /api/v1/vm's answer is published for the API thread.
+  ApiControl(api::CommandQueue& queue, api::EventLog& events, api::VmStatus& status)
+      : queue_(queue), events_(events), status_(status) {}
   // Anything still queued is refused: no machine will answer it.
   ~ApiControl() { queue_.close("keel-vmm is exiting"); }
 
   int fd() const { return queue_.ready_event().get(); }
 
   void created(uint64_t boot);
-  void running();
+  void running(const machine::Machine& machine);
   void stopping(const machine::Machine& machine);
   // rebooting: main builds the next Machine for a guest (or API) reset.
   void stopped(const machine::StopStatus& status, bool rebooting);
@@ -34,12 +42,37 @@ class ApiControl {
   // stopped the VM (so a reset racing with it does not reboot).
   void serve(machine::Machine& machine, bool& host_stop);
 
+  // Before start: the configuration PUT /api/v1/vm/config sets, checked
+  // against this host, and the start that builds the first Machine from it.
+  struct Setup {
+    uint32_t max_vcpus = 1;
+    uint64_t host_memory_bytes = 0;
+    std::optional<machine::VmConfig> config;
+    // Opens the consoles and builds the first Machine; on error nothing is
+    // left behind and the VM stays configured.
+    std::function<Result<void>(const machine::VmConfig&)> start;
+    bool started = false;  // set once start succeeded
+  };
+  // Answers every pending command before start; PUT /api/v1/vm/stop sets
+  // host_stop (keel-vmm exits without starting).
+  void serve_setup(Setup& setup, bool& host_stop);
+
  private:
   api::Reply execute(const api::Command& command, machine::Machine& machine, bool& host_stop);
+  api::Reply execute_setup(const api::Command& command, Setup& setup, bool& host_stop);
+  // Answers every pending command with execute.
+  void serve_with(const std::function<api::Reply(const api::Command&)>& execute);
   double uptime_seconds() const;
+  // Publishes GET /api/v1/vm's answer if the state or boot changed since
+  // the last time (the configuration changes only with the boot).
+  void publish(const machine::Machine& machine);
+  void publish(const Setup& setup);
 
   api::CommandQueue& queue_;
   api::EventLog& events_;
+  api::VmStatus& status_;
+  std::string_view published_state_;  // "" forces the next publish
+  uint64_t published_boot_ = 0;
   uint64_t boot_ = 0;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };

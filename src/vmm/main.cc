@@ -43,6 +43,10 @@ Exit status:
   4  the guest panicked (reported through pvpanic; the VM is stopped, not rebooted)
   N  with --debug-exit, the byte a test guest wrote to port 0xf4
 
+API: with --api-socket and neither --kernel nor --config, keel-vmm waits for
+the VM's configuration (PUT /api/v1/vm/config, keelctl vm create) and
+PUT /api/v1/vm/start (keelctl vm start).
+
 Console: with --serial stdio on a terminal, the terminal is in raw mode; type
 Ctrl-A x to stop the VM. The JSON config schema is in docs/vm-config.md.)";
 
@@ -91,7 +95,7 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console,
                                 bool& host_stop) {
   machine::StopStatus status{machine::StopReason::Error, 0, "not run"};
   std::thread runner([&] { status = machine.run(); });
-  control.running();
+  control.running(machine);
   for (;;) {
     // A negative fd is ignored by poll().
     pollfd fds[5] = {
@@ -142,6 +146,44 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console,
   }
   runner.join();
   return status;
+}
+
+// Boot's Machine from config, writing to the consoles (which outlive it).
+Result<std::unique_ptr<machine::Machine>> build_machine(const machine::VmConfig& config,
+                                                        kvm::Kvm& kvm, Console& console,
+                                                        Console* virtio_console) {
+  return machine::Machine::create(
+      config, kvm, [&console](std::span<const std::byte> bytes) { console.write(bytes); },
+      [virtio_console](std::span<const std::byte> bytes) {
+        if (virtio_console != nullptr) virtio_console->write(bytes);
+      });
+}
+
+// keel-vmm --api-socket without --kernel or --config: serves the API on this
+// thread until PUT /api/v1/vm/start has built the first Machine (true), or a
+// signal or PUT /api/v1/vm/stop ends the wait (false).
+bool wait_for_start(ApiControl& control, ApiControl::Setup& setup, const Fd& signals) {
+  for (;;) {
+    pollfd fds[2] = {{signals.get(), POLLIN, 0}, {control.fd(), POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      LOG_ERROR("poll: {}", std::strerror(errno));
+      return false;
+    }
+    if (fds[0].revents) {
+      signalfd_siginfo info{};
+      if (::read(signals.get(), &info, sizeof(info)) == sizeof(info)) {
+        LOG_INFO("signal {} received before start: exiting", info.ssi_signo);
+        return false;
+      }
+    }
+    if (fds[1].revents) {
+      bool host_stop = false;
+      control.serve_setup(setup, host_stop);
+      if (setup.started) return true;
+      if (host_stop) return false;
+    }
+  }
 }
 
 int run(int argc, char** argv) {
@@ -288,10 +330,28 @@ int run(int argc, char** argv) {
     std::printf("%s\n", machine::to_json(config).c_str());
     return 0;
   }
+  // Without a kernel or a config file, the API configures the VM and starts
+  // it (PUT /api/v1/vm/config, PUT /api/v1/vm/start); the body is the whole
+  // configuration, so flags that would make part of it are refused.
+  const bool await_config = !api_socket.empty() && !snapshot && config_file.empty() && !kernel;
+  if (await_config) {
+    for (const char* name : {"--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--disk",
+                             "--net", "--rng", "--virtio-console", "--balloon", "--vsock",
+                             "--no-reboot", "--no-acpi", "--debug-exit"}) {
+      if (app.count(name) > 0) {
+        std::fprintf(stderr,
+                     "keel-vmm: %s needs --kernel or --config; without them the VM is "
+                     "configured through the API (PUT /api/v1/vm/config)\n",
+                     name);
+        return kExitBadConfig;
+      }
+    }
+  }
 
   // Everything that does not need KVM is checked first, so a bad
   // configuration is reported as such on any host.
-  if (Result<void> valid = machine::validate(config, kMaxXapicVcpus, host_memory_bytes()); !valid) {
+  if (Result<void> valid = machine::validate(config, kMaxXapicVcpus, host_memory_bytes());
+      !await_config && !valid) {
     return config_error(valid.error());
   }
   Result<kvm::Kvm> kvm = kvm::Kvm::open();
@@ -300,7 +360,8 @@ int run(int argc, char** argv) {
     return kExitFailure;
   }
   uint32_t max_vcpus = static_cast<uint32_t>(kvm->check_extension(kvm::Capability::MaxVcpus).value_or(1));
-  if (Result<void> valid = machine::validate(config, max_vcpus, host_memory_bytes()); !valid) {
+  if (Result<void> valid = machine::validate(config, max_vcpus, host_memory_bytes());
+      !await_config && !valid) {
     return config_error(valid.error());
   }
 
@@ -309,13 +370,21 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "keel-vmm: %s\n", signals.error().message().c_str());
     return kExitFailure;
   }
-  Result<std::unique_ptr<Console>> console = Console::open(config.serial);
-  if (!console) return config_error(console.error());
+  // The consoles outlive every Machine; opened once the config is known.
+  std::unique_ptr<Console> console;
   std::unique_ptr<Console> virtio_console;
-  if (config.virtio_console) {
-    Result<std::unique_ptr<Console>> opened = Console::open(*config.virtio_console);
-    if (!opened) return config_error(Error(opened.error()).wrap("--virtio-console"));
-    virtio_console = std::move(*opened);
+  auto open_consoles = [&console, &virtio_console](const machine::VmConfig& chosen) -> Result<void> {
+    std::unique_ptr<Console> serial = TRY_CONTEXT(Console::open(chosen.serial), "serial");
+    std::unique_ptr<Console> virtio;
+    if (chosen.virtio_console) {
+      virtio = TRY_CONTEXT(Console::open(*chosen.virtio_console), "--virtio-console");
+    }
+    console = std::move(serial);
+    virtio_console = std::move(virtio);
+    return ok();
+  };
+  if (!await_config) {
+    if (Result<void> opened = open_consoles(config); !opened) return config_error(opened.error());
   }
 
   api::EventLog events;
@@ -324,33 +393,58 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "keel-vmm: %s\n", commands.error().message().c_str());
     return kExitFailure;
   }
-  ApiControl control(*commands, events);
+  api::VmStatus vm_status;
+  ApiControl control(*commands, events, vm_status);
   std::unique_ptr<api::ApiServer> api_server;
   if (!api_socket.empty()) {
-    Result<std::unique_ptr<api::ApiServer>> server =
-        api::ApiServer::start(api_socket, *commands, events);
+    Result<std::unique_ptr<api::ApiServer>> server = api::ApiServer::start(
+        api_socket, *commands, events, api::ServerOptions{.vm_status = &vm_status});
     if (!server) return config_error(Error(server.error()).wrap("--api-socket"));
     api_server = std::move(*server);
   }
 
+  // Built by PUT /api/v1/vm/start, so that a start that fails is refused
+  // and the VM stays configured.
+  std::unique_ptr<machine::Machine> first_machine;
+  if (await_config) {
+    ApiControl::Setup setup{
+        .max_vcpus = max_vcpus,
+        .host_memory_bytes = host_memory_bytes(),
+        .config = std::nullopt,
+        .start = [&](const machine::VmConfig& chosen) -> Result<void> {
+          TRY(open_consoles(chosen));
+          Result<std::unique_ptr<machine::Machine>> built =
+              build_machine(chosen, *kvm, *console, virtio_console.get());
+          if (!built) {
+            console.reset();
+            virtio_console.reset();
+            return fail(std::move(built).error());
+          }
+          config = chosen;
+          first_machine = std::move(*built);
+          return ok();
+        },
+    };
+    LOG_INFO("waiting for PUT /api/v1/vm/config and PUT /api/v1/vm/start on {}", api_socket);
+    if (!wait_for_start(control, setup, *signals)) return kExitPowerOff;
+  }
+
   for (uint64_t boot = 1;; ++boot) {
-    Console* sink = console->get();
-    Console* virtio_sink = virtio_console.get();
-    auto serial_output = [sink](std::span<const std::byte> bytes) { sink->write(bytes); };
     // The snapshot is the first boot; a guest reset after it boots afresh.
     Result<std::unique_ptr<machine::Machine>> machine =
-        boot == 1 && snapshot
-            ? machine::Machine::restore(restore_path, *snapshot, config, *kvm, serial_output)
-            : machine::Machine::create(config, *kvm, serial_output,
-                                       [virtio_sink](std::span<const std::byte> bytes) {
-                                         if (virtio_sink != nullptr) virtio_sink->write(bytes);
-                                       });
+        first_machine ? Result<std::unique_ptr<machine::Machine>>(std::move(first_machine))
+        : boot == 1 && snapshot
+            ? machine::Machine::restore(restore_path, *snapshot, config, *kvm,
+                                        [sink = console.get()](std::span<const std::byte> bytes) {
+                                          sink->write(bytes);
+                                        })
+            : build_machine(config, *kvm, *console, virtio_console.get());
     if (machine && boot == 1 && snapshot) {
       snapshot.reset();  // the RAM mapping keeps what it needs of the file
       if (restore_paused) (*machine)->start_paused();
     }
     if (!machine) {
-      console->reset();  // restore the terminal before printing
+      console.reset();  // restore the terminal before printing
       virtio_console.reset();  // whichever of the two holds the terminal
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
       // A syscall that failed (KVM, memory) is the host's problem; an error
@@ -360,7 +454,7 @@ int run(int argc, char** argv) {
     control.created(boot);
     bool host_stop = false;
     machine::StopStatus status =
-        run_machine(**machine, **console, virtio_console.get(), *signals, control, host_stop);
+        run_machine(**machine, *console, virtio_console.get(), *signals, control, host_stop);
     if (host_stop && status.reason == machine::StopReason::Reset) {
       status = {machine::StopReason::Stopped, 0, "stopped by the host during a guest reset"};
     }
@@ -372,7 +466,7 @@ int run(int argc, char** argv) {
       case machine::StopReason::Stopped: return kExitPowerOff;
       case machine::StopReason::DebugExit: return status.debug_exit_code;
       case machine::StopReason::GuestPanic:
-        console->reset();
+        console.reset();
         std::fprintf(stderr, "keel-vmm: the guest panicked: %s\n", status.detail.c_str());
         return kExitGuestPanic;
       case machine::StopReason::Reset:
@@ -381,7 +475,7 @@ int run(int argc, char** argv) {
         continue;
       case machine::StopReason::TripleFault:
       case machine::StopReason::Error:
-        console->reset();
+        console.reset();
         std::fprintf(stderr, "keel-vmm: VM failed: %s: %s\n",
                      std::string(machine::stop_reason_name(status.reason)).c_str(),
                      status.detail.c_str());

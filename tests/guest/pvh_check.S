@@ -13,6 +13,8 @@
      m  read the PCI host bridge's ID through ECAM (MMIO) and through
         ports 0xcf8/0xcfc, then exit 0
      k  report a panic through pvpanic (write 1 to port 0x505), then halt
+     h  halt for ever with interrupts off (an idle VM: the vCPU sleeps in
+        KVM, for benchmarks of keel-vmm itself)
      c  count forever: print a..z, a..z, ... one letter per step, the
         position kept in RAM (so a restored snapshot goes on from the
         letter after the last one printed)
@@ -88,6 +90,8 @@ print:
 	je panic
 	cmp $'c', %edi
 	je count
+	cmp $'h', %edi
+	je halt
 	xor %eax, %eax                  /* every check passed */
 fail:
 	out %al, $0xf4

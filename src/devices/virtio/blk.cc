@@ -325,6 +325,7 @@ void Blk::submit(block::BlockRequest& request, std::byte* status, uint32_t data_
   slot.head = chain_.head;
   slot.status = status;
   slot.data_bytes = data_bytes;
+  slot.submitted = std::chrono::steady_clock::now();
 }
 
 void Blk::complete_now(uint16_t head, std::byte* status, uint8_t value, uint32_t written_len) {
@@ -345,6 +346,7 @@ void Blk::take_completions() {
     InFlight& slot = slots_[index];
     free_slots_.push_back(index);
     if (!deliver) continue;
+    request_latency_.record(std::chrono::steady_clock::now() - slot.submitted);
     if (completion.result < 0) {
       LOG_RATELIMITED(warn, "virtio-blk: backend request failed: {}",
                       std::strerror(static_cast<int>(-completion.result)));
@@ -357,10 +359,13 @@ void Blk::take_completions() {
 }
 
 VirtioDevice::Counters Blk::counters() const {
-  return {{"requests", counters_.requests.load(std::memory_order_relaxed)},
-          {"errors", counters_.errors.load(std::memory_order_relaxed)},
-          {"read_bytes", counters_.read_bytes.load(std::memory_order_relaxed)},
-          {"write_bytes", counters_.write_bytes.load(std::memory_order_relaxed)}};
+  VirtioDevice::Counters all = {
+      {"requests", counters_.requests.load(std::memory_order_relaxed)},
+      {"errors", counters_.errors.load(std::memory_order_relaxed)},
+      {"read_bytes", counters_.read_bytes.load(std::memory_order_relaxed)},
+      {"write_bytes", counters_.write_bytes.load(std::memory_order_relaxed)}};
+  request_latency_.append_to(all);
+  return all;
 }
 
 void Blk::signal_used() {

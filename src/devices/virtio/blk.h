@@ -7,7 +7,8 @@
 // configuration change notification, §5.2.4, §2.4.2); requests go to the backend's asynchronous face with their iovecs
 // pointing straight into guest RAM, many in flight, completions taken on
 // the event loop from backend->completion_fd(); counters (requests,
-// errors, bytes) for the control API's metrics.
+// errors, bytes, and a histogram of the backend's service time: submit to
+// completion) for the control API's metrics.
 // Missing: MQ, TOPOLOGY, CONFIG_WCE (the cache is always write-back, and a
 // driver that does not accept FLUSH gets no write-through), SECURE_ERASE,
 // GET_LIFETIME. Snapshots: quiesce() finishes every request the driver
@@ -16,6 +17,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -25,6 +27,7 @@
 
 #include "block/block_backend.h"
 #include "devices/virtio/device.h"
+#include "devices/virtio/latency.h"
 
 namespace keel::devices::virtio {
 
@@ -134,7 +137,8 @@ class Blk final : public VirtioDevice {
   Result<void> quiesce(std::chrono::milliseconds timeout) override;
   Result<VirtioDeviceState> save_state() const override;
   Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
-  // requests, errors, read_bytes, write_bytes.
+  // requests, errors, read_bytes, write_bytes, and request_latency_us_*
+  // (LatencyHistogram: submit to completion of the requests the backend served).
   VirtioDevice::Counters counters() const override;
 
   // Grows the backend to new_size_bytes (a multiple of 512) and the
@@ -157,6 +161,7 @@ class Blk final : public VirtioDevice {
     std::byte* status = nullptr;  // host address of the status byte
     uint32_t data_bytes = 0;      // bytes the device writes into the chain on success (IN)
     std::vector<iovec> iov;       // capacity reserved once; points into guest RAM
+    std::chrono::steady_clock::time_point submitted{};
   };
 
   Blk(std::unique_ptr<block::BlockBackend> backend, BlkConfig config);
@@ -190,6 +195,7 @@ class Blk final : public VirtioDevice {
   const std::unique_ptr<block::BlockBackend> backend_;
   const BlkConfig config_;
   Counters counters_;
+  LatencyHistogram request_latency_{"request_latency_us"};
   BlkConfigSpace config_space_{};
 
   mutable std::mutex mutex_;  // guards everything below

@@ -328,6 +328,7 @@ void Net::process_tx() {
         Result<bool> popped = tx_queue_->pop_into(tx_chain_);
         if (!popped) return mark_broken("tx pop");
         if (!*popped) break;
+        tx_popped_ = std::chrono::steady_clock::now();
         if (!prepare_tx()) continue;
       }
       ssize_t sent = ::writev(backend_->fd(), tx_iov_.data(), static_cast<int>(tx_iov_.size()));
@@ -344,9 +345,11 @@ void Net::process_tx() {
       if (sent < 0) {
         // EINVAL: the tap refused the header (bad GSO or checksum fields).
         ++stats_.tx_dropped;
+        ++stats_.tx_errors;
         LOG_RATELIMITED(warn, "virtio-net: {} refused a {}-byte frame: {}", backend_->name(),
                         tx_frame_bytes_ - kHeaderBytes, std::strerror(errno));
       } else {
+        tx_latency_.record(std::chrono::steady_clock::now() - tx_popped_);
         ++stats_.tx_frames;
         stats_.tx_bytes += tx_frame_bytes_ - kHeaderBytes;
       }
@@ -475,6 +478,18 @@ void Net::mark_broken(std::string_view why) {
 NetStats Net::stats() const {
   std::lock_guard lock(mutex_);
   return stats_;
+}
+
+VirtioDevice::Counters Net::counters() const {
+  const NetStats now = stats();
+  VirtioDevice::Counters all = {
+      {"rx_packets", now.rx_frames}, {"rx_bytes", now.rx_bytes},
+      {"rx_dropped", now.rx_dropped}, {"rx_errors", now.rx_bad_buffers},
+      {"tx_packets", now.tx_frames}, {"tx_bytes", now.tx_bytes},
+      {"tx_dropped", now.tx_dropped}, {"tx_errors", now.tx_errors},
+  };
+  tx_latency_.append_to(all);
+  return all;
 }
 
 bool Net::watching_input() const {

@@ -14,7 +14,9 @@
 // only read once a buffer is held, and a frame waiting for more buffers is
 // kept, never dropped. Without rx buffers the tap is not watched until the
 // driver notifies queue 0. Each wakeup handles a bounded number of frames.
-// Frames dropped (bad chains, too big for the buffers) are counted.
+// Frames dropped (bad chains, too big for the buffers) are counted;
+// counters() gives the API packets, bytes, drops and errors each way, and a
+// histogram of tx service time (a frame popped to the backend taking it).
 // Snapshots: the queues, with held rx buffers and a blocked transmit given
 // back as still available (a frame read for those buffers is lost).
 // Missing: CTRL_VQ (promiscuous/MAC filters, announce, GUEST_OFFLOADS; so
@@ -26,6 +28,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,6 +38,7 @@
 
 #include "base/event_fd.h"
 #include "devices/virtio/device.h"
+#include "devices/virtio/latency.h"
 #include "net/net_backend.h"
 
 namespace keel::devices::virtio {
@@ -109,6 +113,7 @@ struct NetStats {
   uint64_t tx_frames = 0;
   uint64_t tx_bytes = 0;            // without the virtio header
   uint64_t tx_dropped = 0;          // chains returned unsent (malformed, refused by the backend)
+  uint64_t tx_errors = 0;           // of those, frames the backend refused (writev failed)
 };
 
 class Net final : public VirtioDevice {
@@ -141,6 +146,9 @@ class Net final : public VirtioDevice {
   void reset() override;
   Result<VirtioDeviceState> save_state() const override;
   Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
+  // rx_packets, rx_bytes, rx_dropped, rx_errors (rx_bad_buffers), tx_packets,
+  // tx_bytes, tx_dropped, tx_errors, and tx_latency_us_* (LatencyHistogram).
+  VirtioDevice::Counters counters() const override;
 
   NetStats stats() const;
   // What the device waits for on the backend fd now (for tests): In while
@@ -204,6 +212,8 @@ class Net final : public VirtioDevice {
 
   // TX: the chain being sent; pending while the backend is full.
   DescriptorChain tx_chain_;
+  std::chrono::steady_clock::time_point tx_popped_{};  // when tx_chain_ was taken
+  LatencyHistogram tx_latency_{"tx_latency_us"};       // read without mutex_
   bool tx_pending_ = false;
   NetHeader tx_header_{};
   std::vector<iovec> tx_iov_;

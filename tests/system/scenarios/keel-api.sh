@@ -7,7 +7,9 @@
 # through the API (MemTotal shrinks), metrics, the events stream in order,
 # and a forced stop through the API. Then two more guests: one shut down
 # with the ACPI power button (keel-vmm exits 0), one that panics (pvpanic:
-# a guest-panic event, keel-vmm exits 4).
+# a guest-panic event, keel-vmm exits 4). Last, a guest configured and
+# started through the API (keel-vmm --api-socket alone, keelctl vm create,
+# vm start) that boots to its init and powers off.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -145,4 +147,37 @@ l2_cmd panic 'ls /sys/bus/platform/drivers/pvpanic-mmio/ | grep -c QEMU0001'
 assert_eq "$L2_OUTPUT" 1 "pvpanic-mmio bound to QEMU0001"
 l2_send panic 'echo c > /proc/sysrq-trigger'
 check_end panic 4 "created running guest-panic stopping stopped " guest-panic
+
+# --- a VM configured and started through the API ----------------------------
+# The kit's init with keel.shell=0 and no test prints KEEL-INIT-READY and powers off.
+cfg_sock=$KEEL_WORKDIR/cfg.sock
+cfg_console=$KEEL_WORKDIR/cfg.console
+keel-vmm --api-socket "$cfg_sock" < /dev/null > "$KEEL_WORKDIR/cfg.out" 2>&1 &
+cfg_pid=$!
+deadline=$(_deadline_cs 30)
+until [ -S "$cfg_sock" ]; do
+  [ "$(_now_cs)" -lt "$deadline" ] || fail "keel-vmm --api-socket alone never served $cfg_sock"
+  sleep 0.1
+done
+assert_match "$(keelctl --socket "$cfg_sock" vm info)" '^state +not-configured' "state before create"
+cat > "$KEEL_WORKDIR/cfg.json" <<EOF
+{"kernel": "$KEEL_KIT/vmlinuz", "initrd": "$KEEL_KIT/initramfs.cpio.gz",
+ "cmdline": "console=ttyS0 panic=-1 quiet keel.shell=0", "cpus": 1, "memory_mib": 256,
+ "serial": "file:$cfg_console", "reboot": false}
+EOF
+assert_match "$(keelctl --socket "$cfg_sock" vm create "$KEEL_WORKDIR/cfg.json")" '^configured' \
+  "keelctl vm create"
+assert_match "$(keelctl --socket "$cfg_sock" vm start)" '^running' "keelctl vm start"
+deadline=$(_deadline_cs 240)
+while kill -0 "$cfg_pid" 2>/dev/null; do
+  [ "$(_now_cs)" -lt "$deadline" ] ||
+    fail "the API-started guest did not power off: $(tail -n 5 "$cfg_console")"
+  sleep 0.5
+done
+cfg_rc=0
+wait "$cfg_pid" || cfg_rc=$?
+sed 's/^/cfg| /' "$KEEL_WORKDIR/cfg.out"
+grep -a -q '^KEEL-INIT-READY' "$cfg_console" || fail "the API-started guest never reached its init"
+assert_eq "$cfg_rc" 0 "exit status of the API-started keel-vmm"
+log "ok: a VM configured and started through the API booted to its init"
 echo "KEEL-PASS"

@@ -197,6 +197,55 @@ std::string snapshot_field(std::string_view body) {
   return error == nullptr ? "" : error->field;
 }
 
+// Counters as LatencyHistogram lays them out: 2 samples up to 10 us, 1 up
+// to 100 us, 1 beyond 1 s.
+nlohmann::json latency_counters() {
+  return nlohmann::json::parse(R"({"requests": 4,
+      "request_latency_us_bucket_le_10": 2, "request_latency_us_bucket_le_100": 3,
+      "request_latency_us_bucket_le_1000000": 3, "request_latency_us_bucket_le_inf": 4,
+      "request_latency_us_sum_us": 2000070, "request_latency_us_count": 4})");
+}
+
+TEST(PrometheusTest, LatencyCountersAreAHistogramInSeconds) {
+  nlohmann::json metrics = {{"devices", {{{"type", "virtio-blk"},
+                                          {"address", "0000:00:01.0"},
+                                          {"counters", latency_counters()}}}}};
+  std::string text = prometheus_text(metrics);
+  const std::string labels = "device=\"virtio-blk\",address=\"0000:00:01.0\"";
+  EXPECT_THAT(text, HasSubstr("# TYPE keel_virtio_request_latency_seconds histogram\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_request_latency_seconds_bucket{" + labels +
+                              ",le=\"1e-05\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_request_latency_seconds_bucket{" + labels +
+                              ",le=\"0.0001\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_request_latency_seconds_bucket{" + labels +
+                              ",le=\"+Inf\"} 4\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_request_latency_seconds_sum{" + labels + "} 2.00007\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_request_latency_seconds_count{" + labels + "} 4\n"));
+  EXPECT_THAT(text, HasSubstr("keel_virtio_requests_total{" + labels + "} 4\n"));
+  EXPECT_EQ(text.find("bucket_le"), std::string::npos) << "no bucket is a counter of its own";
+  EXPECT_EQ(text.find("latency_us"), std::string::npos) << text;
+}
+
+TEST(PrometheusTest, LatencySummariesEstimateQuantilesFromBuckets) {
+  nlohmann::json summaries = latency_summaries(latency_counters());
+  ASSERT_TRUE(summaries.contains("request_latency_us")) << summaries.dump();
+  const nlohmann::json& summary = summaries["request_latency_us"];
+  EXPECT_EQ(summary["count"], 4);
+  EXPECT_DOUBLE_EQ(summary["mean_us"].get<double>(), 500017.5);
+  // Rank 2 of 4 is the last of the first bucket's 2: its upper bound.
+  EXPECT_DOUBLE_EQ(summary["p50_us"].get<double>(), 10.0);
+  // Rank 3.96 falls in +Inf: the last finite bound.
+  EXPECT_DOUBLE_EQ(summary["p99_us"].get<double>(), 1e6);
+  EXPECT_TRUE(latency_summaries(nlohmann::json{{"requests", 1}}).empty());
+  nlohmann::json none = latency_summaries(nlohmann::json::parse(
+      R"({"x_us_bucket_le_10": 0, "x_us_bucket_le_inf": 0, "x_us_sum_us": 0, "x_us_count": 0})"));
+  EXPECT_EQ(none["x_us"]["p99_us"], 0.0);
+  // Within a bucket, linearly: 4 samples in (10, 100] us, p50 at rank 2.
+  nlohmann::json spread = latency_summaries(nlohmann::json::parse(
+      R"({"y_bucket_le_10": 0, "y_bucket_le_100": 4, "y_bucket_le_inf": 4, "y_count": 4})"));
+  EXPECT_DOUBLE_EQ(spread["y"]["p50_us"].get<double>(), 55.0);
+}
+
 TEST(RoutesTest, SnapshotBodyTakesOneAbsolutePath) {
   auto parsed = parse_snapshot_body(R"({"path": "/var/lib/keel/vm1.snap"})");
   ASSERT_TRUE(std::holds_alternative<std::string>(parsed));
@@ -215,6 +264,31 @@ TEST(RoutesTest, SnapshotBodyRefusalsNameTheField) {
   EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a\nb"})"), "path");
   EXPECT_EQ(snapshot_field(R"({"path": "/tmp/a", "zstd": 1})"), "zstd");
   EXPECT_EQ(snapshot_field(nlohmann::json{{"path", "/" + std::string(5000, 'a')}}.dump()), "path");
+}
+
+constexpr std::string_view kSomeConfigFields[] = {"kernel", "cpus", "disks"};
+
+TEST(RoutesTest, ConfigBodyIsAnObjectOfKnownKeys) {
+  EXPECT_FALSE(check_config_body(R"({"kernel": "/k", "cpus": "two"})", kSomeConfigFields))
+      << "values are the machine side's to check";
+  EXPECT_FALSE(check_config_body("{}", kSomeConfigFields));
+  for (auto [body, field] : {std::pair{"", "body"}, std::pair{"{", "body"},
+                             std::pair{"[]", "body"}, std::pair{"3", "body"},
+                             std::pair{R"({"kernel": "/k", "memory": 64})", "memory"}}) {
+    std::optional<ApiError> error = check_config_body(body, kSomeConfigFields);
+    ASSERT_TRUE(error) << body;
+    EXPECT_EQ(error->status, 400u);
+    EXPECT_EQ(error->field, field) << body;
+  }
+}
+
+TEST(RoutesTest, FieldNamedByAMachineSideMessage) {
+  EXPECT_EQ(field_named_by("cpus: must be at least 1", kSomeConfigFields), "cpus");
+  EXPECT_EQ(field_named_by("disks[0] (/d): cannot open", kSomeConfigFields), "disks");
+  EXPECT_EQ(field_named_by("kernel \"x\" is bad", kSomeConfigFields), "kernel");
+  EXPECT_EQ(field_named_by("cpusx: no", kSomeConfigFields), "");
+  EXPECT_EQ(field_named_by("cpus", kSomeConfigFields), "");
+  EXPECT_EQ(field_named_by("the VM is running", kSomeConfigFields), "");
 }
 
 }  // namespace

@@ -105,6 +105,16 @@ class FakeHandler : public CommandHandler {
         return nlohmann::json{{"id", command.device.id}, {"state", "eject-requested"}};
       case CommandKind::ResizeDisk:
         return nlohmann::json{{"id", command.device.id}, {"size_bytes", command.device.size_bytes}};
+      case CommandKind::GetConfig: return nlohmann::json{{"cpus", 1}};
+      case CommandKind::Configure: {
+        // As keel-vmm's validation does: the context starts with the key.
+        nlohmann::json config = nlohmann::json::parse(command.body);
+        if (config.value("cpus", 1) == 0) {
+          return fail(Errc::InvalidArgument, "cpus: must be at least 1 (got 0)");
+        }
+        return nlohmann::json{{"state", "configured"}, {"config", config}};
+      }
+      case CommandKind::Start: return fail(Errc::Busy, "the VM is already running");
     }
     return fail(Errc::Unsupported, "?");
   }
@@ -248,6 +258,25 @@ TEST_F(ApiServerTest, GetVmIsACommandForTheMachineSide) {
   EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm});
 }
 
+TEST_F(ApiServerTest, GetVmIsAnsweredFromThePublishedStatus) {
+  VmStatus status;
+  start(ServerOptions{.vm_status = &status});
+  // Nothing published yet: the machine side answers.
+  EXPECT_EQ(json_of(request("GET", "/api/v1/vm"))["state"], "running");
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm});
+  status.publish({{"state", "paused"}, {"boot", 3}}, VmStatus::Clock::now() - 2s);
+  nlohmann::json vm = json_of(request("GET", "/api/v1/vm"));
+  EXPECT_EQ(vm["state"], "paused");
+  EXPECT_EQ(vm["boot"], 3);
+  EXPECT_GE(vm["uptime_seconds"].get<double>(), 2.0);
+  status.publish({{"state", "configured"}, {"boot", 0}}, std::nullopt);
+  vm = json_of(request("GET", "/api/v1/vm"));
+  EXPECT_EQ(vm["state"], "configured");
+  EXPECT_EQ(vm["uptime_seconds"], 0.0);
+  EXPECT_EQ(handler_.seen(), std::vector<CommandKind>{CommandKind::GetVm})
+      << "answered on the API thread";
+}
+
 TEST_F(ApiServerTest, SocketIsPrivate) {
   start();
   struct stat info {};
@@ -341,6 +370,30 @@ TEST_F(ApiServerTest, BadHotplugBodiesAre400NamingTheFieldAndNeverReachTheMachin
     EXPECT_EQ(json_of(reply)["error"]["field"], field) << path << " " << body;
   }
   EXPECT_TRUE(handler_.seen().empty());
+}
+
+TEST_F(ApiServerTest, ConfigBodyIsCheckedHereAndValuesOnTheMachineSide) {
+  start();
+  // Not an object of known keys: refused here, naming the field.
+  for (auto [body, field] : {std::pair{"", "body"}, std::pair{"[1]", "body"},
+                             std::pair{R"({"kernel": "/k", "colour": "red"})", "colour"}}) {
+    HttpReply reply = request("PUT", "/api/v1/vm/config", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_EQ(json_of(reply)["error"]["field"], field) << reply.body;
+  }
+  EXPECT_TRUE(handler_.seen().empty());
+  // A value the machine side refuses: the field is the key its message starts with.
+  HttpReply refused = request("PUT", "/api/v1/vm/config", R"({"kernel": "/k", "cpus": 0})");
+  EXPECT_EQ(refused.status, 400u);
+  EXPECT_EQ(json_of(refused)["error"]["field"], "cpus") << refused.body;
+  HttpReply accepted = request("PUT", "/api/v1/vm/config", R"({"kernel": "/k", "cpus": 2})");
+  EXPECT_EQ(accepted.status, 200u) << accepted.body;
+  EXPECT_EQ(json_of(accepted)["config"]["cpus"], 2);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/start", R"({"now": true})").status, 400u);
+  EXPECT_EQ(request("PUT", "/api/v1/vm/start").status, 409u);
+  EXPECT_EQ(handler_.seen(),
+            (std::vector<CommandKind>{CommandKind::Configure, CommandKind::Configure,
+                                      CommandKind::Start}));
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {

@@ -12,6 +12,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "api/routes.h"
+
 namespace keel::machine {
 namespace {
 
@@ -252,7 +254,7 @@ TEST_F(ValidateTest, MemoryTooSmall) {
   config_.memory_mib = 15;
   Result<void> valid = validate(config_, 8, 16 * kGiB);
   ASSERT_FALSE(valid);
-  EXPECT_THAT(valid.error().message(), HasSubstr("memory: 15 MiB is too little"));
+  EXPECT_THAT(valid.error().message(), HasSubstr("memory_mib: 15 MiB is too little"));
   config_.memory_mib = 0;
   EXPECT_FALSE(validate(config_, 8, 16 * kGiB));
 }
@@ -264,7 +266,7 @@ TEST_F(ValidateTest, MemoryTooLarge) {
   Result<void> valid = validate(config_, 8, 4 * kGiB);
   ASSERT_FALSE(valid);
   EXPECT_THAT(valid.error().message(),
-              HasSubstr("memory: 4097 MiB is more than this host has (4096 MiB)"));
+              HasSubstr("memory_mib: 4097 MiB is more than this host has (4096 MiB)"));
   config_.memory_mib = ~uint64_t{0};
   EXPECT_FALSE(validate(config_, 8, 4 * kGiB));
 }
@@ -424,7 +426,92 @@ TEST(DeviceValidateTest, MissingDiskIsNamed) {
   config.disks = {DiskConfig{"/nonexistent/disk.img", false, "", "auto"}};
   Result<void> valid = validate(config, 8, 64 * kGiB);
   ASSERT_FALSE(valid);
-  EXPECT_THAT(valid.error().message(), AllOf(HasSubstr("disk 0"), HasSubstr("/nonexistent/disk.img")));
+  EXPECT_THAT(valid.error().message(), AllOf(HasSubstr("disks[0]"), HasSubstr("/nonexistent/disk.img")));
+}
+
+// ---- config_from_json (PUT /api/v1/vm/config) ----
+
+// Every error starts with the top-level key at fault: the API reports it as
+// the field.
+struct ApiConfigCase {
+  const char* name;
+  std::string body;
+  const char* field;
+  const char* message;
+};
+
+class ConfigFromJsonTest : public ::testing::TestWithParam<ApiConfigCase> {};
+
+TEST_P(ConfigFromJsonTest, ErrorsStartWithTheField) {
+  Result<VmConfig> config = config_from_json(GetParam().body, 8, 4 * kGiB);
+  ASSERT_FALSE(config);
+  const std::string& context = config.error().context();
+  // As the API reads it (api::field_named_by): the key, then ':', '[' or ' '.
+  const std::string field = GetParam().field;
+  ASSERT_GT(context.size(), field.size()) << context;
+  EXPECT_TRUE(context.starts_with(field) &&
+              std::string_view(":[ ").find(context[field.size()]) != std::string_view::npos)
+      << context;
+  EXPECT_THAT(context, HasSubstr(GetParam().message));
+  EXPECT_EQ(config.error().code(), Errc::InvalidArgument) << context;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Bodies, ConfigFromJsonTest,
+    ::testing::Values(
+        ApiConfigCase{"NotJson", "{", "body", "not valid JSON"},
+        ApiConfigCase{"NotAnObject", "[1]", "body", "must be a JSON object"},
+        ApiConfigCase{"UnknownKey", R"({"kernel": "/proc/self/exe", "colour": 1})", "colour",
+                      "unknown key \"colour\""},
+        ApiConfigCase{"WrongType", R"({"kernel": "/proc/self/exe", "cpus": "two"})", "cpus",
+                      "must be a whole number"},
+        ApiConfigCase{"BadDisk", R"({"kernel": "/proc/self/exe", "disks": [{"format": "vmdk"}]})",
+                      "disks", "format='vmdk'"},
+        ApiConfigCase{"NoKernel", R"({"cpus": 1})", "kernel", "no kernel given"},
+        ApiConfigCase{"MissingKernel", R"({"kernel": "/nonexistent/keel/vmlinuz"})", "kernel",
+                      "cannot open"},
+        ApiConfigCase{"TooManyCpus", R"({"kernel": "/proc/self/exe", "cpus": 9})", "cpus",
+                      "more than this host's KVM allows (8)"},
+        ApiConfigCase{"TooLittleMemory", R"({"kernel": "/proc/self/exe", "memory_mib": 15})",
+                      "memory_mib", "too little"},
+        ApiConfigCase{"MissingDisk",
+                      R"({"kernel": "/proc/self/exe", "disks": [{"path": "/nonexistent/d.img"}]})",
+                      "disks", "/nonexistent/d.img"},
+        ApiConfigCase{"TwoStdioConsoles",
+                      R"({"kernel": "/proc/self/exe", "virtio_console": "stdio"})",
+                      "virtio_console", "already the serial console"}),
+    [](const ::testing::TestParamInfo<ApiConfigCase>& param_info) { return param_info.param.name; });
+
+TEST(ConfigFromJsonTest, TheBodyIsTheWholeConfigOverTheDefaults) {
+  Result<VmConfig> config = config_from_json(
+      R"({"kernel": "/proc/self/exe", "cmdline": "pvh-test", "memory_mib": 64, "serial": "none",
+          "debug_exit": true})",
+      8, 4 * kGiB);
+  ASSERT_TRUE(config) << config.error().message();
+  EXPECT_EQ(config->kernel, "/proc/self/exe");
+  EXPECT_EQ(config->cmdline, "pvh-test");
+  EXPECT_EQ(config->memory_mib, 64u);
+  EXPECT_EQ(config->serial.kind, SerialConfig::Kind::None);
+  EXPECT_TRUE(config->debug_exit);
+  EXPECT_EQ(config->cpus, VmConfig{}.cpus);
+  EXPECT_EQ(config->reboot, VmConfig{}.reboot);
+  // What GET /api/v1/vm/config returns goes back in unchanged.
+  Result<VmConfig> again = config_from_json(to_json(*config), 8, 4 * kGiB);
+  ASSERT_TRUE(again) << again.error().message();
+  EXPECT_EQ(to_json(*again), to_json(*config));
+}
+
+// PUT /api/v1/vm/config's body fields (routes.cc, checked against
+// docs/api/openapi.json) are exactly the schema's keys.
+TEST(ConfigFromJsonTest, TheApiRouteTakesExactlyTheSchemaKeys) {
+  const api::Route* route = nullptr;
+  for (const api::Route& candidate : api::routes()) {
+    if (candidate.method == "PUT" && candidate.path == "/api/v1/vm/config") route = &candidate;
+  }
+  ASSERT_NE(route, nullptr);
+  std::vector<std::string_view> fields(route->body_fields.begin(), route->body_fields.end());
+  std::vector<std::string_view> keys(json_keys().begin(), json_keys().end());
+  EXPECT_EQ(fields, keys);
 }
 
 }  // namespace

@@ -277,6 +277,11 @@ TEST_F(BlkTest, CountersCountRequestsBytesAndErrors) {
   EXPECT_EQ(counter("errors"), 1u);
   EXPECT_EQ(counter("write_bytes"), 4096u);
   EXPECT_EQ(counter("read_bytes"), 1024u) << "a refused request moves no data";
+  // Service time of the two requests the backend served (the refused one
+  // never reached it).
+  EXPECT_EQ(counter("request_latency_us_count"), 2u);
+  EXPECT_EQ(counter("request_latency_us_bucket_le_inf"), 2u);
+  EXPECT_LE(counter("request_latency_us_bucket_le_10"), 2u);
 }
 
 TEST_F(BlkTest, Flush) {

@@ -278,6 +278,19 @@ TEST_F(NetTest, TxSendsTheHeaderAndFrameAsOneMessage) {
   EXPECT_EQ(net_->stats().tx_frames, 1u);
   EXPECT_EQ(net_->stats().tx_bytes, frame.size());
   EXPECT_EQ(interrupt_->resets(), 0);
+  // The API's view of the same.
+  std::map<std::string, uint64_t, std::less<>> counters;
+  for (const auto& [name, value] : net_->counters()) counters[std::string(name)] = value;
+  EXPECT_EQ(counters["tx_packets"], 1u);
+  EXPECT_EQ(counters["tx_bytes"], frame.size());
+  EXPECT_EQ(counters["tx_dropped"], 0u);
+  EXPECT_EQ(counters["tx_errors"], 0u);
+  EXPECT_EQ(counters["rx_packets"], 0u);
+  EXPECT_EQ(counters["tx_latency_us_count"], 1u) << "one frame's service time";
+  EXPECT_EQ(counters["tx_latency_us_bucket_le_inf"], 1u);
+  EXPECT_TRUE(counters.contains("rx_bytes"));
+  EXPECT_TRUE(counters.contains("rx_dropped"));
+  EXPECT_TRUE(counters.contains("rx_errors"));
 }
 
 TEST_F(NetTest, TxHeaderSplitOverDescriptorsAndIndirect) {
@@ -418,6 +431,7 @@ TEST_F(NetTest, TxZeroLengthDescriptorsAreSkipped) {
   ASSERT_TRUE(sent.has_value());
   EXPECT_EQ(*sent, concat(header_bytes({}), frame));
   EXPECT_EQ(net_->stats().tx_dropped, 1u);
+  EXPECT_EQ(net_->stats().tx_errors, 0u) << "malformed, never offered to the backend";
   EXPECT_EQ(interrupt_->resets(), 0);
 }
 
@@ -906,6 +920,7 @@ TEST_F(NetOnTapTest, AHeaderTheTapRefusesDropsThePacket) {
   net_->notify(Net::kTxQueue);
   EXPECT_EQ(tx_->used_idx(), 2);
   EXPECT_EQ(net_->stats().tx_dropped, 1u);
+  EXPECT_EQ(net_->stats().tx_errors, 1u) << "the tap refused it";
   EXPECT_EQ(net_->stats().tx_frames, 1u);
   auto seen = far_recv();
   ASSERT_TRUE(seen.has_value());
