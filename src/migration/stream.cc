@@ -1,14 +1,13 @@
 #include "migration/stream.h"
 
+#include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include <cerrno>
 #include <cstring>
-
-#include <fmt/format.h>
-#include <zstd.h>
 
 #include "migration/bytes.h"
 
@@ -35,12 +34,18 @@ bool known_frame(uint16_t type) {
 
 std::string_view frame_type_name(FrameType type) {
   switch (type) {
-    case FrameType::Hello: return "hello";
-    case FrameType::Pages: return "pages";
-    case FrameType::MachineState: return "machine state";
-    case FrameType::End: return "end";
-    case FrameType::Ack: return "ack";
-    case FrameType::Abort: return "abort";
+    case FrameType::Hello:
+      return "hello";
+    case FrameType::Pages:
+      return "pages";
+    case FrameType::MachineState:
+      return "machine state";
+    case FrameType::End:
+      return "end";
+    case FrameType::Ack:
+      return "ack";
+    case FrameType::Abort:
+      return "abort";
   }
   return "unknown";
 }
@@ -99,7 +104,8 @@ Result<void> StreamReader::read_exact(std::span<std::byte> out, std::string_view
     }
     if (ready == 0) {
       return fail(Errc::Timeout, fmt::format("migration stream from {}: nothing for {} ms while "
-                                             "reading the {}", peer_, timeout_ms, what));
+                                             "reading the {}",
+                                             peer_, timeout_ms, what));
     }
     ssize_t n = ::read(fd_.get(), out.data() + done, out.size() - done);
     if (n < 0) {
@@ -109,7 +115,8 @@ Result<void> StreamReader::read_exact(std::span<std::byte> out, std::string_view
     }
     if (n == 0) {
       return fail(Errc::Io, fmt::format("migration stream from {}: the connection closed after {} "
-                                        "bytes, in the {}", peer_, bytes_received_, what));
+                                        "bytes, in the {}",
+                                        peer_, bytes_received_, what));
     }
     done += static_cast<size_t>(n);
     bytes_received_ += static_cast<uint64_t>(n);
@@ -126,13 +133,13 @@ Result<void> StreamReader::read_preamble(int timeout_ms) {
   auto version = TRY(in.get<uint32_t>("version"));
   auto crc = TRY(in.get<uint32_t>("preamble crc"));
   if (magic != kStreamMagic) {
-    return fail(Errc::Corrupt,
-                fmt::format("migration stream from {}: not a Keel migration stream (bad magic)",
-                            peer_));
+    return fail(
+        Errc::Corrupt,
+        fmt::format("migration stream from {}: not a Keel migration stream (bad magic)", peer_));
   }
   if (crc != snapshot_crc32(std::span(bytes).first(12))) {
-    return fail(Errc::Corrupt, fmt::format("migration stream from {}: preamble CRC mismatch",
-                                           peer_));
+    return fail(Errc::Corrupt,
+                fmt::format("migration stream from {}: preamble CRC mismatch", peer_));
   }
   if (version != kStreamVersion) {
     return fail(Errc::Unsupported,
@@ -153,27 +160,29 @@ Result<Frame> StreamReader::next(int timeout_ms) {
   const uint64_t offset = bytes_received_ - kFrameHeaderBytes;
   if (!known_frame(type)) {
     return fail(Errc::Corrupt, fmt::format("migration stream from {}: unknown frame type {} at "
-                                           "byte {}", peer_, type, offset));
+                                           "byte {}",
+                                           peer_, type, offset));
   }
   auto frame_type = static_cast<FrameType>(type);
   if (flags != 0) {
     return fail(Errc::Corrupt, fmt::format("migration stream from {}: {} frame at byte {} has "
-                                           "flags {:#x}", peer_, frame_type_name(frame_type),
-                                           offset, flags));
+                                           "flags {:#x}",
+                                           peer_, frame_type_name(frame_type), offset, flags));
   }
   if (length > kMaxFramePayloadBytes) {
     return fail(Errc::Corrupt, fmt::format("migration stream from {}: {} frame at byte {} of {} "
-                                           "bytes (at most {})", peer_,
-                                           frame_type_name(frame_type), offset, length,
+                                           "bytes (at most {})",
+                                           peer_, frame_type_name(frame_type), offset, length,
                                            kMaxFramePayloadBytes));
   }
   Frame frame{frame_type, std::vector<std::byte>(length)};
   TRY(read_exact(frame.payload, fmt::format("{} frame", frame_type_name(frame_type)), timeout_ms));
   uint32_t actual = snapshot_crc32(frame.payload, snapshot_crc32(std::span(header).first(8)));
   if (actual != crc) {
-    return fail(Errc::Corrupt, fmt::format("migration stream from {}: {} frame at byte {}: CRC "
-                                           "{:#010x}, expected {:#010x}", peer_,
-                                           frame_type_name(frame_type), offset, actual, crc));
+    return fail(Errc::Corrupt,
+                fmt::format("migration stream from {}: {} frame at byte {}: CRC "
+                            "{:#010x}, expected {:#010x}",
+                            peer_, frame_type_name(frame_type), offset, actual, crc));
   }
   return frame;
 }
@@ -196,8 +205,8 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
     return fail(Errc::Corrupt, fmt::format("hello frame: {} bytes too many", in.remaining()));
   }
   if (page_bytes != kPageBytes) {
-    return fail(Errc::Unsupported, fmt::format("hello frame: pages of {} bytes, not {}",
-                                               page_bytes, kPageBytes));
+    return fail(Errc::Unsupported,
+                fmt::format("hello frame: pages of {} bytes, not {}", page_bytes, kPageBytes));
   }
   if (hello.ram_bytes == 0 || hello.ram_bytes % kPageBytes != 0) {
     return fail(Errc::Corrupt,
@@ -211,9 +220,9 @@ Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint
   const uint64_t ram_pages = ram.size() / kPageBytes;
   if (page_count == 0 || page_count > kMaxPagesPerFrame || first_page > ram_pages ||
       page_count > ram_pages - first_page) {
-    return fail(Errc::InvalidArgument, fmt::format("pages {}+{} of {} (at most {} a frame)",
-                                                   first_page, page_count, ram_pages,
-                                                   kMaxPagesPerFrame));
+    return fail(Errc::InvalidArgument,
+                fmt::format("pages {}+{} of {} (at most {} a frame)", first_page, page_count,
+                            ram_pages, kMaxPagesPerFrame));
   }
   std::span<const std::byte> pages =
       ram.subspan(first_page * kPageBytes, uint64_t{page_count} * kPageBytes);
@@ -222,9 +231,9 @@ Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint
   std::vector<std::byte>& bytes = out.data();
   if (compression == Compression::Zstd) {
     bytes.resize(sizeof(PagesHeader) + ZSTD_compressBound(pages.size()));
-    size_t packed = ZSTD_compress(bytes.data() + sizeof(PagesHeader),
-                                  bytes.size() - sizeof(PagesHeader), pages.data(), pages.size(),
-                                  kZstdLevel);
+    size_t packed =
+        ZSTD_compress(bytes.data() + sizeof(PagesHeader), bytes.size() - sizeof(PagesHeader),
+                      pages.data(), pages.size(), kZstdLevel);
     if (!ZSTD_isError(packed) && packed < pages.size()) {
       bytes.resize(sizeof(PagesHeader) + packed);
       uint32_t zstd = static_cast<uint32_t>(Compression::Zstd);
@@ -245,8 +254,8 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
       header.first_page > ram_pages || header.page_count > ram_pages - header.first_page) {
     return fail(Errc::Corrupt,
                 fmt::format("pages frame: pages {}+{} outside RAM of {} pages (at most {} a "
-                            "frame)", header.first_page, header.page_count, ram_pages,
-                            kMaxPagesPerFrame));
+                            "frame)",
+                            header.first_page, header.page_count, ram_pages, kMaxPagesPerFrame));
   }
   const size_t bytes = size_t{header.page_count} * kPageBytes;
   std::span<std::byte> target = ram.subspan(header.first_page * kPageBytes, bytes);
@@ -265,14 +274,15 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
       buffer.resize(bytes);
       size_t unpacked = ZSTD_decompress(buffer.data(), buffer.size(), data.data(), data.size());
       if (ZSTD_isError(unpacked)) {
-        return fail(Errc::Corrupt, fmt::format("pages frame {}+{}: bad zstd data ({})",
-                                               header.first_page, header.page_count,
-                                               ZSTD_getErrorName(unpacked)));
+        return fail(Errc::Corrupt,
+                    fmt::format("pages frame {}+{}: bad zstd data ({})", header.first_page,
+                                header.page_count, ZSTD_getErrorName(unpacked)));
       }
       if (unpacked != bytes) {
-        return fail(Errc::Corrupt, fmt::format("pages frame {}+{}: zstd data of {} bytes, "
-                                               "expected {}", header.first_page,
-                                               header.page_count, unpacked, bytes));
+        return fail(Errc::Corrupt,
+                    fmt::format("pages frame {}+{}: zstd data of {} bytes, "
+                                "expected {}",
+                                header.first_page, header.page_count, unpacked, bytes));
       }
       std::memcpy(target.data(), buffer.data(), bytes);
       return header.page_count;
@@ -315,7 +325,8 @@ Result<Verdict> decode_verdict(std::span<const std::byte> payload) {
     return fail(Errc::Corrupt, fmt::format("ack frame: a message of {} bytes", in.remaining()));
   }
   auto text = in.get_bytes(in.remaining(), "message").value();
-  Verdict verdict{status == 0, std::string(reinterpret_cast<const char*>(text.data()), text.size())};
+  Verdict verdict{status == 0,
+                  std::string(reinterpret_cast<const char*>(text.data()), text.size())};
   // The message reaches logs and the API: keep it printable.
   for (char& c : verdict.message) {
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';

@@ -26,14 +26,22 @@ constexpr size_t kRamPages = 64;
 void decode_payload(migration::FrameType type, std::span<const std::byte> payload,
                     std::span<std::byte> ram) {
   switch (type) {
-    case migration::FrameType::Hello: (void)migration::decode_hello(payload); break;
-    case migration::FrameType::Pages: (void)migration::apply_pages(payload, ram); break;
+    case migration::FrameType::Hello:
+      (void)migration::decode_hello(payload);
+      break;
+    case migration::FrameType::Pages:
+      (void)migration::apply_pages(payload, ram);
+      break;
     case migration::FrameType::MachineState:
       (void)migration::decode_machine_state(payload, "fuzz");
       break;
-    case migration::FrameType::End: (void)migration::decode_end(payload); break;
+    case migration::FrameType::End:
+      (void)migration::decode_end(payload);
+      break;
     case migration::FrameType::Ack:
-    case migration::FrameType::Abort: (void)migration::decode_verdict(payload); break;
+    case migration::FrameType::Abort:
+      (void)migration::decode_verdict(payload);
+      break;
   }
 }
 
@@ -47,9 +55,9 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static std::vector<std::byte> ram(kRamPages * migration::kPageBytes);
   auto bytes = std::as_bytes(std::span(data, size));
-  for (auto type : {migration::FrameType::Hello, migration::FrameType::Pages,
-                    migration::FrameType::MachineState, migration::FrameType::End,
-                    migration::FrameType::Ack}) {
+  for (auto type :
+       {migration::FrameType::Hello, migration::FrameType::Pages,
+        migration::FrameType::MachineState, migration::FrameType::End, migration::FrameType::Ack}) {
     decode_payload(type, bytes, ram);
   }
 

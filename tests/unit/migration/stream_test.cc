@@ -1,12 +1,11 @@
 #include "migration/stream.h"
 
+#include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "migration/snapshot.h"
 
@@ -76,8 +75,9 @@ TEST(StreamTest, RoundTripsEveryFrame) {
     ASSERT_TRUE(applied) << applied.error().message();
     EXPECT_EQ(*applied, 6u);
   }
-  EXPECT_EQ(std::memcmp(target.data() + 2 * kPageBytes, source.data() + 2 * kPageBytes,
-                        6 * kPageBytes), 0);
+  EXPECT_EQ(
+      std::memcmp(target.data() + 2 * kPageBytes, source.data() + 2 * kPageBytes, 6 * kPageBytes),
+      0);
   EXPECT_EQ(target[0], std::byte{0}) << "pages outside the run stay untouched";
   Frame state = *reader.next(1000);
   ASSERT_EQ(state.type, FrameType::MachineState);
@@ -168,12 +168,14 @@ std::optional<Error> read_all(std::span<const std::byte> bytes) {
   }
 }
 
-TEST(StreamTest, SampleStreamReadsWhole) { EXPECT_FALSE(read_all(sample_stream())); }
+TEST(StreamTest, SampleStreamReadsWhole) {
+  EXPECT_FALSE(read_all(sample_stream()));
+}
 
 TEST(StreamTest, TruncatedStreamsAreRejected) {
   std::vector<std::byte> whole = sample_stream();
-  for (size_t length : {size_t{0}, size_t{7}, size_t{16}, size_t{20}, whole.size() / 2,
-                        whole.size() - 1}) {
+  for (size_t length :
+       {size_t{0}, size_t{7}, size_t{16}, size_t{20}, whole.size() / 2, whole.size() - 1}) {
     std::optional<Error> error = read_all(std::span(whole).first(length));
     ASSERT_TRUE(error) << "a stream cut at " << length << " bytes was accepted";
     EXPECT_NE(error->context().find("closed"), std::string::npos) << error->message();
