@@ -27,6 +27,18 @@ enum class CommandKind {
   SetBalloon,  // {target_mib, actual_mib}; Busy (409) without a balloon device
   PowerButton,  // {state}; Busy (409) without ACPI or while stopping
   Snapshot,   // {path, bytes}; Command::path is where
+  Migrate,          // starts a live migration (Command::migrate); {phase, destination}
+  GetMigration,     // the last migration's progress and statistics; {phase: none} if none
+  CancelMigration,  // the source keeps running; 409 when there is nothing to cancel
+};
+
+// PUT /api/v1/vm/migrate, its types checked by parse_migrate_body; the
+// machine side parses the destination address.
+struct MigrateRequest {
+  std::string destination;     // unix:PATH or tcp:HOST:PORT
+  uint64_t downtime_ms = 300;  // 1 to 60000
+  uint64_t bandwidth_mib = 0;  // MiB/s, 0 for no limit
+  bool compress = false;
 };
 
 std::string_view command_name(CommandKind kind);
@@ -37,6 +49,7 @@ struct Command {
   // the machine side checks it against the guest's RAM.
   uint64_t balloon_target_mib = 0;
   std::string path{};  // Snapshot: the file to write (checked by parse_snapshot_body)
+  MigrateRequest migrate{};  // Migrate
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

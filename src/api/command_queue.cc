@@ -18,6 +18,9 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::SetBalloon: return "set-balloon";
     case CommandKind::PowerButton: return "power-button";
     case CommandKind::Snapshot: return "snapshot";
+    case CommandKind::Migrate: return "migrate";
+    case CommandKind::GetMigration: return "get-migration";
+    case CommandKind::CancelMigration: return "cancel-migration";
   }
   return "?";
 }

@@ -259,6 +259,16 @@ class Session : public std::enable_shared_from_this<Session> {
         return submit(Command{.kind = CommandKind::Snapshot,
                               .path = std::get<std::string>(std::move(parsed))});
       }
+      case RouteId::Migrate: {
+        auto parsed = parse_migrate_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Migrate,
+                              .migrate = std::get<MigrateRequest>(std::move(parsed))});
+      }
+      case RouteId::CancelMigration:
+        if (auto bad = check_empty_body(request.body())) return send_error(*bad);
+        break;
+      case RouteId::GetMigration:
       case RouteId::GetVm:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:

@@ -37,6 +37,7 @@
 #include "machine/kvm_interrupts.h"
 #include "machine/vm_config.h"
 #include "memory/guest_memory.h"
+#include "migration/dirty_bitmap.h"
 #include "migration/snapshot.h"
 
 namespace keel::machine {
@@ -49,6 +50,7 @@ enum class StopReason {
   DebugExit,   // a test guest wrote to the debug-exit port
   Stopped,     // stop() from the host (signal, API)
   GuestPanic,  // the guest reported a panic through pvpanic
+  Migrated,    // the guest runs on a migration's destination now
 };
 
 struct StopStatus {
@@ -127,6 +129,33 @@ class Machine {
   // (its RAM is a private file mapping, not the memfd the writer copies).
   // A machine of serial console, RTC, i8042 and ACPI is saved whole.
   Result<void> save(const std::string& path);
+  // What save() writes, without the RAM, for a migration's final state:
+  // the same checks but the RAM backing (migration reads RAM from the
+  // mapping, whatever backs it). Call from the thread that paused.
+  Result<migration::MachineState> save_state();
+  // Unsupported (naming the device) for a machine whose state save_state
+  // cannot hold yet: any virtio device. Checked before a migration starts.
+  Result<void> check_state_saveable() const;
+
+  // Dirty tracking for live migration (docs/migration-protocol.md): every
+  // memory slot logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES) and
+  // GuestMemory marks the VMM's own. collect_dirty_pages ORs the pages
+  // dirtied since the last call into dirty (by RAM offset) and those the
+  // VMM wrote also into vmm_written. From one thread at a time (the
+  // migration's).
+  Result<void> start_dirty_log();
+  Result<void> collect_dirty_pages(migration::DirtyBitmap& dirty,
+                                   migration::DirtyBitmap& vmm_written);
+  Result<void> stop_dirty_log();
+
+  // Restore as constructor from a migration: the machine state the stream
+  // carried (decoded, not yet checked) and its RAM, already received into
+  // memory (a fresh memfd of config's size). The same checks as restore(),
+  // errors starting with label.
+  static Result<std::unique_ptr<Machine>> restore_migrated(
+      const std::string& label, const migration::MachineState& saved,
+      const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
+      memory::GuestMemory memory, devices::Serial::Output serial_output);
 
   // Presses the ACPI power button: the GED raises its interrupt and the
   // guest's _EVT notifies \_SB.PWRB; what happens then is the guest's
@@ -159,6 +188,16 @@ class Machine {
   // A VM with the in-kernel devices and memory's regions, then the Machine.
   static Result<std::unique_ptr<Machine>> assemble(const VmConfig& config, const kvm::Kvm& kvm,
                                                    memory::GuestMemory memory);
+  // restore() and restore_migrated(): the checks, then the machine.
+  static Result<void> check_restorable(const std::string& label,
+                                       const migration::MachineState& saved,
+                                       const migration::HostCpuSummary& source,
+                                       const VmConfig& config, const kvm::Kvm& kvm);
+  static Result<std::unique_ptr<Machine>> rebuild(const std::string& label,
+                                                  const migration::MachineState& saved,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  memory::GuestMemory memory,
+                                                  devices::Serial::Output serial_output);
 
   // saved: the device sections of a snapshot to restore the serial port and
   // RTC from; empty for a fresh machine.

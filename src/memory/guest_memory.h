@@ -98,6 +98,9 @@ class GuestMemory {
   // page_count() bits) and clears the marks.
   void take_dirty_pages(std::span<uint64_t> bitmap) const;
   uint64_t page_count() const { return size_bytes_ / kPageBytes; }
+  // All of RAM by that offset (the low region, then the high one): what a
+  // migration sends and receives.
+  std::span<std::byte> ram() const { return {mapping_.data(), size_bytes_}; }
 
  private:
   struct DirtyLog {

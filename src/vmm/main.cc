@@ -20,7 +20,9 @@
 #include "base/log.h"
 #include "kvm/kvm.h"
 #include "machine/machine.h"
+#include "machine/migration.h"
 #include "migration/snapshot.h"
+#include "migration/transport.h"
 #include "vmm/console.h"
 #include "vmm/control.h"
 
@@ -36,7 +38,8 @@ constexpr uint32_t kMaxXapicVcpus = 254;
 
 constexpr const char* kFooter = R"(
 Exit status:
-  0  the guest powered off, or keel-vmm was stopped by SIGTERM/SIGINT
+  0  the guest powered off, keel-vmm was stopped by SIGTERM/SIGINT, or the VM
+     was migrated to another keel-vmm (PUT /api/v1/vm/migrate)
   1  the VM failed (triple fault, KVM error, unhandled exit); registers are printed
   2  the configuration is invalid (the message names the field)
   3  the guest rebooted and --no-reboot was given
@@ -141,7 +144,19 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console,
     }
   }
   runner.join();
+  control.machine_ended();
   return status;
+}
+
+// --incoming: waits for a source's connection and receives the machine.
+// Nothing runs until the whole state arrived and was rebuilt.
+Result<std::unique_ptr<machine::Machine>> receive_incoming(
+    const migration::StreamAddress& address, const Fd& listener, const machine::VmConfig& config,
+    const kvm::Kvm& kvm, devices::Serial::Output serial_output) {
+  LOG_INFO("waiting for a migration on {}", address.text);
+  Fd connection = TRY(migration::accept_stream(listener, address));
+  return machine::receive_migration(connection, address.text, config, kvm,
+                                    std::move(serial_output));
 }
 
 int run(int argc, char** argv) {
@@ -197,6 +212,11 @@ int run(int argc, char** argv) {
                  "--no-reboot, --api-socket and --log-level may be given with it");
   app.add_flag("--restore-paused", restore_paused,
                "With --restore: hold the vCPUs until PUT /api/v1/vm/resume (default: run at once)");
+  std::string incoming_text;
+  app.add_option("--incoming", incoming_text,
+                 "Receive a live migration on unix:PATH or tcp:HOST:PORT instead of booting: give "
+                 "the source's machine flags (--cpus, --memory, devices; host paths may differ); "
+                 "the VM runs once the whole state arrived (docs/migration-protocol.md)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
   try {
     app.parse(argc, argv);
@@ -237,6 +257,16 @@ int run(int argc, char** argv) {
   } else if (restore_paused) {
     std::fprintf(stderr, "keel-vmm: --restore-paused needs --restore\n");
     return kExitBadConfig;
+  }
+  std::optional<migration::StreamAddress> incoming;
+  if (!incoming_text.empty()) {
+    if (!restore_path.empty()) {
+      std::fprintf(stderr, "keel-vmm: --incoming and --restore exclude each other\n");
+      return kExitBadConfig;
+    }
+    Result<migration::StreamAddress> address = migration::parse_stream_address(incoming_text);
+    if (!address) return config_error(Error(address.error()).wrap("--incoming"));
+    incoming = std::move(*address);
   }
   if (!config_file.empty()) {
     Result<std::string> text = read_text_file(config_file);
@@ -333,6 +363,15 @@ int run(int argc, char** argv) {
     api_server = std::move(*server);
   }
 
+  // Listening before anything else can fail late, so a source may connect
+  // as soon as keel-vmm is up.
+  Fd incoming_listener;
+  if (incoming) {
+    Result<Fd> listener = migration::listen_stream(*incoming);
+    if (!listener) return config_error(Error(listener.error()).wrap("--incoming"));
+    incoming_listener = std::move(*listener);
+  }
+
   for (uint64_t boot = 1;; ++boot) {
     Console* sink = console->get();
     Console* virtio_sink = virtio_console.get();
@@ -341,10 +380,18 @@ int run(int argc, char** argv) {
     Result<std::unique_ptr<machine::Machine>> machine =
         boot == 1 && snapshot
             ? machine::Machine::restore(restore_path, *snapshot, config, *kvm, serial_output)
+        : boot == 1 && incoming
+            ? receive_incoming(*incoming, incoming_listener, config, *kvm, serial_output)
             : machine::Machine::create(config, *kvm, serial_output,
                                        [virtio_sink](std::span<const std::byte> bytes) {
                                          if (virtio_sink != nullptr) virtio_sink->write(bytes);
                                        });
+    if (boot == 1 && incoming) {
+      incoming_listener.reset();
+      if (incoming->kind == migration::StreamAddress::Kind::Unix) {
+        ::unlink(incoming->path.c_str());
+      }
+    }
     if (machine && boot == 1 && snapshot) {
       snapshot.reset();  // the RAM mapping keeps what it needs of the file
       if (restore_paused) (*machine)->start_paused();
@@ -355,6 +402,8 @@ int run(int argc, char** argv) {
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
       // A syscall that failed (KVM, memory) is the host's problem; an error
       // without errno is about the input (a bad kernel image, sizes).
+      // An incoming migration that failed is a failure, whatever the cause.
+      if (boot == 1 && incoming) return kExitFailure;
       return machine.error().sys_errno() != 0 ? kExitFailure : kExitBadConfig;
     }
     control.created(boot);
@@ -369,7 +418,8 @@ int run(int argc, char** argv) {
     control.stopped(status, status.reason == machine::StopReason::Reset && config.reboot);
     switch (status.reason) {
       case machine::StopReason::PowerOff:
-      case machine::StopReason::Stopped: return kExitPowerOff;
+      case machine::StopReason::Stopped:
+      case machine::StopReason::Migrated: return kExitPowerOff;
       case machine::StopReason::DebugExit: return status.debug_exit_code;
       case machine::StopReason::GuestPanic:
         console->reset();
