@@ -148,6 +148,31 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
 }
 
+TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {
+  std::unique_ptr<VmmProcess> source_process = start_source();
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  VmmProcess status({"--socket", source_socket_, "vm", "migrate-status"}, std::nullopt, -1,
+                    KEEL_KEELCTL_BINARY);
+  Outcome before = status.wait(kGuestTimeout);
+  EXPECT_EQ(before.exit_status, 0) << before;
+  EXPECT_THAT(before.out, HasSubstr("migration none"));
+
+  VmmProcess destination(destination_args());
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  VmmProcess keelctl({"--socket", source_socket_, "vm", "migrate", "unix:" + migration_socket_,
+                      "--downtime-ms", "50"},
+                     std::nullopt, -1, KEEL_KEELCTL_BINARY);
+  Outcome migrated = keelctl.wait(kGuestTimeout);
+  EXPECT_EQ(migrated.exit_status, 0) << migrated;
+  EXPECT_THAT(migrated.out, HasSubstr("migrated to unix:" + migration_socket_));
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+  EXPECT_FALSE(wait_for_file(destination_console_, 10).empty()) << "the destination runs";
+  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+  call(destination_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
+}
+
 TEST_F(VmmMigrateTest, KillingTheDestinationLeavesTheSourceRunning) {
   std::unique_ptr<VmmProcess> source_process = start_source();
   ASSERT_FALSE(HasFailure());
