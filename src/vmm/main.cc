@@ -154,9 +154,21 @@ Result<std::unique_ptr<machine::Machine>> receive_incoming(
     const migration::StreamAddress& address, const Fd& listener, const machine::VmConfig& config,
     const kvm::Kvm& kvm, devices::Serial::Output serial_output) {
   LOG_INFO("waiting for a migration on {}", address.text);
-  Fd connection = TRY(migration::accept_stream(listener, address));
-  return machine::receive_migration(connection, address.text, config, kvm,
-                                    std::move(serial_output));
+  // No machine runs yet, so no signalfd is watched: let SIGTERM/SIGINT/
+  // SIGHUP end the wait (their default action) instead of being ignored.
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGHUP);
+  pthread_sigmask(SIG_UNBLOCK, &mask, nullptr);
+  Result<Fd> connection = migration::accept_stream(listener, address);
+  Result<std::unique_ptr<machine::Machine>> machine =
+      connection ? machine::receive_migration(*connection, address.text, config, kvm,
+                                              std::move(serial_output))
+                 : Result<std::unique_ptr<machine::Machine>>(fail(connection.error()));
+  pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+  return machine;
 }
 
 int run(int argc, char** argv) {

@@ -1,0 +1,79 @@
+#!/bin/sh
+# keel-timeout: 500
+# Live migration of a real Linux guest (serial console only, no virtio
+# devices) between two keel-vmm processes over a unix socket: a shell loop
+# in the guest counts in /tmp/counter. First a destination is killed in the
+# middle of a bandwidth-limited migration: the source must run on. Then a
+# second destination receives the guest: the same processes and /tmp go on
+# there, the counter continuing, and the source exits 0.
+set -euo pipefail
+KEEL_L2_VMM=keel
+. "$KEEL_SYSTEM_DIR/lib.sh"
+require_binary keelctl >/dev/null
+
+sock=$KEEL_WORKDIR/source.sock
+ctl() { keelctl --socket "$sock" "$@"; }
+wait_for_socket() {
+  local deadline
+  deadline=$(_deadline_cs 30)
+  until [ -S "$1" ]; do
+    [ "$(_now_cs)" -lt "$deadline" ] || fail "no listener on $1"
+    sleep 0.1
+  done
+}
+
+l2_boot src --mem 256 --serial-agent --vmm-arg "--api-socket=$sock"
+l2_cmd src 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
+assert_eq "$L2_OUTPUT" started "counter started"
+sleep 2
+l2_cmd src 'cat /tmp/counter /tmp/counter.pid'
+first=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
+counter_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$first" '^[0-9]+$' "counter before the migrations"
+assert_match "$counter_pid" '^[0-9]+$' "counter PID"
+
+# 1. The destination dies mid-migration (1 MiB/s: 256 MiB take minutes).
+doomed=$KEEL_WORKDIR/doomed.sock
+l2_incoming doomed "unix:$doomed" --vmm-arg "--api-socket=$KEEL_WORKDIR/doomed-api.sock"
+wait_for_socket "$doomed"
+ctl vm migrate "unix:$doomed" --bandwidth 1 > "$KEEL_WORKDIR/doomed.out" 2> "$KEEL_WORKDIR/doomed.err" &
+migrate_pid=$!
+sleep 3
+assert_match "$(ctl --json vm migrate-status)" '"phase": "copying"' "migration in progress"
+l2_kill doomed
+if wait "$migrate_pid"; then fail "keelctl vm migrate succeeded with a dead destination"; fi
+log "keelctl: $(cat "$KEEL_WORKDIR/doomed.err")"
+assert_match "$(cat "$KEEL_WORKDIR/doomed.err")" 'runs on here' "keelctl reports the failure"
+assert_match "$(ctl vm migrate-status)" '^migration failed' "the migration failed"
+assert_match "$(ctl vm info)" 'state +running' "the source runs on"
+l2_cmd src 'cat /tmp/counter'
+middle=$L2_OUTPUT
+[ "$middle" -gt "$first" ] || fail "the source's counter stopped ($first, then $middle)"
+
+# 2. A real migration.
+mig=$KEEL_WORKDIR/migration.sock
+dsock=$KEEL_WORKDIR/destination.sock
+l2_incoming dst "unix:$mig" --vmm-arg "--api-socket=$dsock"
+wait_for_socket "$mig"
+out=$(ctl vm migrate "unix:$mig" --downtime-ms 300) || fail "keelctl vm migrate failed: $out"
+log "$out"
+assert_match "$out" "migrated to unix:$mig" "keelctl vm migrate output"
+l2_wait_exit src 60 || fail "the source did not exit after the migration"
+assert_eq "$L2_EXIT_RC" 0 "source exit status"
+
+l2_cmd dst "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive" 120
+printf '%s\n' "$L2_OUTPUT" | sed 's/^/migrated| /'
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)" kept-in-tmp "/tmp survived"
+after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$after" '^[0-9]+$' "counter after the migration"
+[ "$after" -ge "$middle" ] || fail "the counter started over: $middle before, $after after"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)" alive "the counting process survived"
+sleep 2
+l2_cmd dst 'cat /tmp/counter'
+[ "$L2_OUTPUT" -gt "$after" ] || fail "the counter stopped on the destination ($after, then $L2_OUTPUT)"
+log "ok: counter $first, $middle after the failed migration, $after after the migration, then $L2_OUTPUT"
+
+assert_match "$(keelctl --socket "$dsock" vm stop)" '^stopping' "keelctl vm stop on the destination"
+l2_wait_exit dst 60 || fail "the destination did not exit"
+assert_eq "$L2_EXIT_RC" 0 "destination exit status"
+echo "KEEL-PASS"
