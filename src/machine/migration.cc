@@ -83,13 +83,16 @@ MigrationStats MigrationSender::stats() const {
 
 Result<void> MigrationSender::cancel() {
   if (finished_.load()) return fail(Errc::Busy, "the migration is over");
-  if (committed_.load()) {
-    return fail(Errc::Busy, "the destination has the machine: too late to cancel");
+  std::lock_guard lock(mutex_);
+  // Once the end is sent the destination may already be taking the machine
+  // over; dropping the connection then could lose its ack and leave the
+  // guest running twice. Its answer (or the ack timeout) decides instead.
+  if (committed_.load() || stats_.phase == MigrationPhase::AwaitingAck) {
+    return fail(Errc::Busy, "the destination is taking the machine over: too late to cancel");
   }
   cancelled_.store(true);
-  std::lock_guard lock(mutex_);
-  // Unblocks a send or a wait for the ack; the sender thread sees the
-  // flag and resumes the machine.
+  // Unblocks a send; the sender thread sees the flag and resumes the
+  // machine.
   if (connection_fd_ >= 0) ::shutdown(connection_fd_, SHUT_RDWR);
   return ok();
 }

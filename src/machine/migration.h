@@ -74,7 +74,7 @@ class MigrationSender {
   MigrationStats stats() const;
   bool finished() const { return finished_.load(); }
   // Asks the migration to give up (the source keeps running); Busy once
-  // it is past the point of no return (the ack arrived) or over.
+  // the end was sent (the destination's answer decides then) or it is over.
   Result<void> cancel();
   // Joins the migration thread (after a cancel, or once it finished).
   void wait();
