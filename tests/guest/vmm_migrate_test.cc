@@ -173,6 +173,43 @@ TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {
   EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
 }
 
+// A machine restored from a snapshot has its RAM in a private mapping of
+// the file, not a memfd: migration reads it from the mapping all the same.
+TEST_F(VmmMigrateTest, RestoredMachineMigrates) {
+  std::string snapshot = dir_.file("vm.snap");
+  {
+    std::unique_ptr<VmmProcess> first = start_source();
+    ASSERT_FALSE(HasFailure());
+    EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/pause").status, 200u);
+    api::HttpReply saved =
+        call(source_socket_, "PUT", "/api/v1/vm/snapshot", Json{{"path", snapshot}}.dump());
+    ASSERT_EQ(saved.status, 200u) << saved.body;
+    call(source_socket_, "PUT", "/api/v1/vm/stop");
+    EXPECT_EQ(first->wait(kGuestTimeout).exit_status, 0);
+  }
+  std::string restored_console = dir_.file("restored.txt");
+  VmmProcess source({"--restore", snapshot, "--serial", "file:" + restored_console, "--api-socket",
+                     source_socket_});
+  ASSERT_FALSE(wait_for_file(restored_console, 5).empty()) << source.wait(1s);
+  ASSERT_TRUE(api_answers(source_socket_, kGuestTimeout));
+  VmmProcess destination(destination_args());
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                Json{{"destination", "unix:" + migration_socket_}}.dump());
+  ASSERT_EQ(started.status, 200u) << started.body;
+  Outcome source_outcome = source.wait(kGuestTimeout);
+  EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  std::string before = read_text(restored_console);
+  ASSERT_FALSE(before.empty());
+  std::string after = wait_for_file(destination_console_, 40);
+  ASSERT_GE(after.size(), 40u) << destination.wait(1s);
+  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+      << "after '" << before.back() << "': " << after;
+  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+  call(destination_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
+}
+
 TEST_F(VmmMigrateTest, KillingTheDestinationLeavesTheSourceRunning) {
   std::unique_ptr<VmmProcess> source_process = start_source();
   ASSERT_FALSE(HasFailure());
