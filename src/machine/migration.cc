@@ -199,6 +199,26 @@ Result<void> MigrationSender::migrate() {
   TRY(check_cancelled());
   migration::StreamWriter writer(connection);
   migration::StreamReader reader(connection, address.text);
+  Result<void> result = transfer(writer, reader);
+  if (!result && !cancelled_.load()) {
+    // A destination that refuses (another RAM size, a bad frame) says why
+    // in an ack before it closes; that beats "broken pipe".
+    Result<migration::Frame> answer = reader.next(500);
+    if (answer && (answer->type == migration::FrameType::Ack ||
+                   answer->type == migration::FrameType::Abort)) {
+      Result<migration::Verdict> verdict = migration::decode_verdict(answer->payload);
+      if (verdict && !verdict->ok) {
+        return fail(Errc::Io, fmt::format("migrate: {} refused the machine: {}", address.text,
+                                          verdict->message));
+      }
+    }
+  }
+  return result;
+}
+
+Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
+                                       migration::StreamReader& reader) {
+  const migration::StreamAddress& address = options_.destination;
   TRY(writer.write_preamble());
   const memory::GuestMemory& memory = machine_.memory();
   TRY(writer.send(

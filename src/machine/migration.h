@@ -83,6 +83,8 @@ class MigrationSender {
   MigrationSender(Machine& machine, MigrationOptions options, Report report);
   void run();
   Result<void> migrate();
+  // Everything after connecting: the copy rounds, the final state, the ack.
+  Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
   Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
   Result<void> check_cancelled() const;
   void set_phase(MigrationPhase phase);

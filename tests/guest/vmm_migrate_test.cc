@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -283,6 +284,31 @@ TEST_F(VmmMigrateTest, NoDestinationFailsAndTheSourceRunsOn) {
   api::HttpReply bad = call(source_socket_, "PUT", "/api/v1/vm/migrate",
                             Json{{"destination", "tcp:host-without-port"}}.dump());
   EXPECT_EQ(bad.status, 400u) << bad.body;
+  call(source_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+TEST_F(VmmMigrateTest, ADestinationOfAnotherSizeRefusesSayingWhy) {
+  std::unique_ptr<VmmProcess> source_process = start_source();
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  auto memory = std::find(args.begin(), args.end(), "--memory");
+  ASSERT_NE(memory, args.end());
+  *(memory + 1) = "32";
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  ASSERT_EQ(call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                 Json{{"destination", "unix:" + migration_socket_}}.dump())
+                .status,
+            200u);
+  Json stats = wait_for_migration_end(source_socket_);
+  EXPECT_EQ(stats["phase"], "failed");
+  EXPECT_THAT(stats.value("error", ""), HasSubstr("32 MiB")) << stats.dump();
+  Outcome outcome = destination.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 1) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("32 MiB"));
+  expect_source_runs_on();
   call(source_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
