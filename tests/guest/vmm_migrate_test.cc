@@ -93,6 +93,15 @@ class VmmMigrateTest : public ::testing::Test {
     return stats;
   }
 
+  // Starts a migration to the unix socket with default options; its
+  // statistics once it ended.
+  Json migrate_to_an_end() {
+    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                  Json{{"destination", "unix:" + migration_socket_}}.dump());
+    EXPECT_EQ(started.status, 200u) << started.body;
+    return wait_for_migration_end(source_socket_);
+  }
+
   // The source goes on printing letters in order.
   void expect_source_runs_on() {
     size_t printed = read_text(source_console_).size();
@@ -273,11 +282,7 @@ TEST_F(VmmMigrateTest, NoDestinationFailsAndTheSourceRunsOn) {
   std::unique_ptr<VmmProcess> source_process = start_source();
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
-  ASSERT_EQ(call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                 Json{{"destination", "unix:" + migration_socket_}}.dump())
-                .status,
-            200u);
-  Json stats = wait_for_migration_end(source_socket_);
+  Json stats = migrate_to_an_end();
   EXPECT_EQ(stats["phase"], "failed");
   EXPECT_THAT(stats.value("error", ""), HasSubstr(migration_socket_));
   expect_source_runs_on();
@@ -298,11 +303,7 @@ TEST_F(VmmMigrateTest, ADestinationOfAnotherSizeRefusesSayingWhy) {
   *(memory + 1) = "32";
   VmmProcess destination(args);
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
-  ASSERT_EQ(call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                 Json{{"destination", "unix:" + migration_socket_}}.dump())
-                .status,
-            200u);
-  Json stats = wait_for_migration_end(source_socket_);
+  Json stats = migrate_to_an_end();
   EXPECT_EQ(stats["phase"], "failed");
   EXPECT_THAT(stats.value("error", ""), HasSubstr("32 MiB")) << stats.dump();
   Outcome outcome = destination.wait(kGuestTimeout);
