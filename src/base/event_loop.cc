@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <thread>
 
+#include <fmt/format.h>
+
 #include "base/check.h"
 #include "base/log.h"
 
@@ -74,17 +76,74 @@ void EventLoop::remove(WatchId id) {
   callback_done_.wait(lock, [&] { return running_id_ != id; });
 }
 
+EventLoop::Hold::~Hold() {
+  if (loop_ != nullptr) loop_->release_hold();
+}
+
+Result<EventLoop::Hold> EventLoop::hold(std::chrono::milliseconds timeout) {
+  if (loop_thread_id_.load() == this_thread_tag()) {
+    return fail(Errc::Busy, "event loop: hold() from one of its own callbacks");
+  }
+  std::unique_lock lock(mutex_);
+  if (hold_requested_) return fail(Errc::Busy, "event loop: already held");
+  hold_requested_ = true;
+  if (in_run_) {
+    (void)wake_.signal();  // out of epoll_wait, so that run() parks
+    if (!hold_changed_.wait_for(lock, timeout, [this] { return parked_ || !in_run_; })) {
+      hold_requested_ = false;
+      hold_changed_.notify_all();
+      return fail(Errc::Timeout, fmt::format("event loop: a callback still runs after {} ms",
+                                             timeout.count()));
+    }
+  }
+  return Hold(this);
+}
+
+void EventLoop::release_hold() {
+  {
+    std::lock_guard lock(mutex_);
+    hold_requested_ = false;
+  }
+  hold_changed_.notify_all();
+}
+
+void EventLoop::park_while_held() {
+  std::unique_lock lock(mutex_);
+  if (!hold_requested_) return;
+  parked_ = true;
+  hold_changed_.notify_all();
+  hold_changed_.wait(lock, [this] { return !hold_requested_ || stopping_.load(); });
+  parked_ = false;
+}
+
 void EventLoop::run() {
+  {
+    std::lock_guard lock(mutex_);
+    in_run_ = true;
+  }
   while (!stopping_.load()) {
+    park_while_held();
+    if (stopping_.load()) break;
     Result<int> ran = run_once(-1);
     if (!ran) {
       LOG_RATELIMITED(error, "event loop: {}", ran.error().message());
     }
   }
+  {
+    std::lock_guard lock(mutex_);
+    in_run_ = false;
+  }
+  hold_changed_.notify_all();
 }
 
 void EventLoop::stop() {
-  stopping_.store(true);
+  {
+    // Under the lock, so a parked run() cannot miss it between its check
+    // and its wait.
+    std::lock_guard lock(mutex_);
+    stopping_.store(true);
+  }
+  hold_changed_.notify_all();
   (void)wake_.signal();
 }
 

@@ -169,12 +169,10 @@ namespace {
 
 // The first device in config that a snapshot cannot hold yet, if any.
 std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
-  if (!config.disks.empty()) return "virtio-blk (disk 0)";
-  if (!config.nets.empty()) return "virtio-net (net 0)";
-  if (config.rng) return "virtio-rng";
-  if (config.virtio_console) return "virtio-console";
-  // Also: the balloon gives pages back by punching holes in the memfd,
-  // which a restored machine's private file mapping cannot do.
+  // The balloon and vsock devices have no snapshot state yet (vsock would
+  // need its host connections). Also: the balloon gives pages back by
+  // punching holes in the memfd, which a restored machine's private file
+  // mapping cannot do.
   if (config.balloon) return "virtio-balloon";
   if (config.vsock) return "virtio-vsock";
   return std::nullopt;
@@ -228,7 +226,8 @@ Result<void> Machine::check_restorable(const std::string& label,
                                              saved.vcpus.size(), config.cpus));
   }
   for (const migration::DeviceState& device : saved.devices) {
-    if (device.name != migration::kSerialSectionName && device.name != migration::kRtcSectionName) {
+    if (device.name != migration::kSerialSectionName && device.name != migration::kRtcSectionName &&
+        !migration::parse_pci_section_name(device.name)) {
       return refuse(Errc::Unsupported,
                     fmt::format("device section '{}' is one this Keel cannot restore", device.name));
     }
@@ -249,6 +248,7 @@ Result<std::unique_ptr<Machine>> Machine::rebuild(const std::string& label,
                                                   devices::Serial::Output serial_output) {
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
   TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices), label);
+  TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), label);
   TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("{}: vm", label));
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
@@ -257,7 +257,57 @@ Result<std::unique_ptr<Machine>> Machine::rebuild(const std::string& label,
     machine->vcpus_.push_back(std::move(vcpu));
     machine->cpuids_.push_back(saved.vcpus[index].cpuid);
   }
+  // A notification the guest sent just before the save may never have been
+  // seen; the doorbells run as soon as the device I/O loop starts.
+  machine->kick_virtio_queues();
   return machine;
+}
+
+Result<void> Machine::restore_virtio_devices(std::span<const migration::DeviceState> saved) {
+  auto section_for = [&saved](const std::string& name) -> const migration::DeviceState* {
+    for (const migration::DeviceState& device : saved) {
+      if (device.name == name) return &device;
+    }
+    return nullptr;
+  };
+  // Every saved function must meet the same device in the same slot.
+  for (const migration::DeviceState& device : saved) {
+    std::optional<devices::PciAddress> address = migration::parse_pci_section_name(device.name);
+    if (!address) continue;
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        address->bus == 0 && address->function == 0 ? pci_bus_->device(address->device) : nullptr);
+    if (virtio == nullptr) {
+      return fail(Errc::Corrupt, fmt::format("the snapshot has a virtio device at {}, which this "
+                                             "config does not (a different device set)",
+                                             device.name));
+    }
+  }
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    const std::string name = migration::pci_section_name({0, static_cast<uint8_t>(slot), 0});
+    const std::string_view type = virtio->device().name();
+    const migration::DeviceState* section = section_for(name);
+    if (section == nullptr) {
+      return fail(Errc::Corrupt, fmt::format("the config has {} at {}, which the snapshot does "
+                                             "not (a different device set)", type, name));
+    }
+    devices::virtio::VirtioPciState state =
+        TRY(migration::decode_virtio_pci_state(section->data, name));
+    if (state.device_type != static_cast<uint16_t>(virtio->device().type())) {
+      return fail(Errc::Corrupt,
+                  fmt::format("{}: the snapshot has virtio device type {} there, the config {} "
+                              "(a different device set)", name, state.device_type, type));
+    }
+    TRY_CONTEXT(virtio->restore_state(state), name);
+    TRY_CONTEXT(pci_bus_->refresh_mappings(static_cast<uint8_t>(slot)), name);
+  }
+  return ok();
+}
+
+void Machine::kick_virtio_queues() {
+  for (const auto& device : virtio_devices_) device->kick_queues();
 }
 
 Result<void> Machine::build_devices(devices::Serial::Output serial_output,
@@ -332,7 +382,8 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
                     std::make_shared<devices::PciEcam>(pci_bus_)));
   io_loop_ = TRY(EventLoop::create());
   TRY(build_virtio_devices(std::move(virtio_console_output)));
-  TRY(pci_bus_->assign_bars());
+  // A restored guest keeps the BARs it programmed (restore_virtio_devices).
+  if (saved.empty()) TRY(pci_bus_->assign_bars());
   if (config_.debug_exit) {
     TRY(pio_bus_.map(layout::kDebugExitPort, 1,
                      std::make_shared<devices::DebugExit>([this](uint8_t code) {
@@ -375,6 +426,9 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
     const std::string what = fmt::format("net {} (tap '{}')", index, nic.tap);
     const net::MacAddress mac = nic.mac.empty() ? default_mac(index)
                                                 : TRY_CONTEXT(net::MacAddress::parse(nic.mac), what);
+    // The config records the MAC the guest sees, so that a snapshot's config
+    // restores the NIC with it rather than with a new random one.
+    if (nic.mac.empty()) config_.nets[index].mac = mac.to_string();
     auto tap = TRY_CONTEXT(
         net::Tap::open({.name = nic.tap, .mtu = nic.mtu, .bridge = nic.bridge}), what);
     LOG_INFO("{}: {} {}, MAC {}, MTU {}{}", what, tap->created() ? "created" : "attached to",
@@ -633,13 +687,51 @@ Result<void> Machine::check_state_saveable() const {
   // Refused before anything is written or sent: a snapshot without a
   // device's state would restore into a guest whose driver disagrees with
   // the device.
-  if (!virtio_devices_.empty()) {
-    return fail(Errc::Unsupported,
-                fmt::format("device {} cannot be saved yet (only machines whose devices are the "
-                            "serial console, RTC and ACPI can be)",
-                            virtio_devices_.front()->device().name()));
+  if (auto device = unsupported_snapshot_device(config_)) {
+    return fail(Errc::Unsupported, fmt::format("device {} cannot be saved yet", *device));
   }
   return ok();
+}
+
+Machine::QuiescedDevices::~QuiescedDevices() {
+  // Kicked while still held: the doorbells run first thing once the loop
+  // goes on, so a device that stopped popping looks at its rings again.
+  if (machine_ != nullptr) machine_->kick_virtio_queues();
+}
+
+Result<Machine::QuiescedDevices> Machine::quiesce_devices() {
+  if (!paused()) return fail(Errc::Busy, "the VM is not paused");
+  // Longer than any one disk request should take; a stuck backend (a hung
+  // NFS server) ends the save with an error instead of hanging the API.
+  constexpr auto kQuiesceTimeout = std::chrono::seconds(10);
+  EventLoop::Hold hold = TRY_CONTEXT(io_loop_->hold(kQuiesceTimeout), "device I/O loop");
+  QuiescedDevices quiesced(*this, std::move(hold));
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    TRY_CONTEXT(virtio->quiesce(kQuiesceTimeout),
+                migration::pci_section_name({0, static_cast<uint8_t>(slot), 0}));
+  }
+  return quiesced;
+}
+
+Result<std::vector<migration::DeviceState>> Machine::save_devices(
+    const QuiescedDevices& /*quiesced*/) {
+  std::vector<migration::DeviceState> devices;
+  devices.push_back({std::string(migration::kSerialSectionName),
+                     migration::encode_serial_state(serial_->save())});
+  devices.push_back(
+      {std::string(migration::kRtcSectionName), migration::encode_rtc_state(rtc_->save())});
+  for (int slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
+    auto virtio = std::dynamic_pointer_cast<devices::virtio::VirtioPci>(
+        pci_bus_->device(static_cast<uint8_t>(slot)));
+    if (virtio == nullptr) continue;
+    const std::string name = migration::pci_section_name({0, static_cast<uint8_t>(slot), 0});
+    devices::virtio::VirtioPciState state = TRY_CONTEXT(virtio->save_state(), name);
+    devices.push_back({name, migration::encode_virtio_pci_state(state)});
+  }
+  return devices;
 }
 
 Result<void> Machine::save(const std::string& path) {
@@ -649,11 +741,15 @@ Result<void> Machine::save(const std::string& path) {
                 "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
                 "is a private mapping of that file is not supported yet");
   }
-  migration::MachineState state = TRY(save_state());
+  TRY_CONTEXT(check_state_saveable(), "snapshot");
+  // Devices first: their last completions write RAM and raise interrupts,
+  // which the vCPU and VM state saved below must already hold.
+  QuiescedDevices quiesced = TRY_CONTEXT(quiesce_devices(), "snapshot");
+  migration::MachineState state = TRY(save_state(quiesced));
   return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 
-Result<migration::MachineState> Machine::save_state() {
+Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quiesced) {
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   migration::MachineState state;
@@ -667,10 +763,7 @@ Result<migration::MachineState> Machine::save_state() {
     state.vcpus.push_back(std::move(saved));
   }
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
-  state.devices.push_back({std::string(migration::kSerialSectionName),
-                           migration::encode_serial_state(serial_->save())});
-  state.devices.push_back(
-      {std::string(migration::kRtcSectionName), migration::encode_rtc_state(rtc_->save())});
+  state.devices = TRY_CONTEXT(save_devices(quiesced), "snapshot");
   for (const DiskConfig& disk : config_.disks) {
     state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
   }

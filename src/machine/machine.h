@@ -94,8 +94,10 @@ class Machine {
   // what this host's KVM offers (KVM_GET_SUPPORTED_CPUID), the disks
   // unchanged, sizes that agree; then maps guest RAM MAP_PRIVATE from the
   // file (pages read on first touch), rebuilds the devices from their saved
-  // state and restores the VM and each vCPU. A device Keel cannot restore
-  // yet (any virtio device) is Unsupported, naming it. Errors name path.
+  // state (virtio-pci functions matched by PCI address and device type;
+  // a different device set is refused, naming the device) and restores the
+  // VM and each vCPU. A device Keel cannot restore yet (virtio-balloon,
+  // virtio-vsock) is Unsupported, naming it. Errors name path.
   static Result<std::unique_ptr<Machine>> restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
@@ -121,20 +123,24 @@ class Machine {
   // Before run(): the vCPUs start held, as if paused (resume() lets them go).
   void start_paused() { pause_requested_.store(true); }
   // Writes a snapshot of the paused machine to path (docs/snapshot-format.md):
-  // the config, every vCPU (pending I/O completed first), the VM's KVM state
-  // and guest RAM. Busy unless paused, or if a vCPU's pending string I/O
-  // needs another exit (resume and retry). Call from the thread that paused.
-  // Unsupported, before anything is written, for a machine with virtio
-  // devices (their state is not saved yet) or one restored from a snapshot
-  // (its RAM is a private file mapping, not the memfd the writer copies).
-  // A machine of serial console, RTC, i8042 and ACPI is saved whole.
+  // the config, every vCPU (pending I/O completed first), the VM's KVM state,
+  // the devices (quiesced first, see quiesce_devices) and guest RAM. Busy
+  // unless paused, or if a vCPU's pending string I/O needs another exit
+  // (resume and retry); Timeout if a device's host I/O does not finish.
+  // Call from the thread that paused. Unsupported, before anything is
+  // written, for a machine with a virtio-balloon or virtio-vsock (their
+  // state is not saved yet) or one restored from a snapshot (its RAM is a
+  // private file mapping, not the memfd the writer copies).
   Result<void> save(const std::string& path);
-  // What save() writes, without the RAM, for a migration's final state:
-  // the same checks but the RAM backing (migration reads RAM from the
-  // mapping, whatever backs it). Call from the thread that paused.
-  Result<migration::MachineState> save_state();
+  // What save() writes, without the RAM, for save() and a migration's
+  // final state alike: the same checks but the RAM backing (migration reads
+  // RAM from the mapping, whatever backs it). With the devices quiesced
+  // (quiesce_devices, after pause) and from the thread that paused.
+  class QuiescedDevices;
+  Result<migration::MachineState> save_state(const QuiescedDevices& quiesced);
   // Unsupported (naming the device) for a machine whose state save_state
-  // cannot hold yet: any virtio device. Checked before a migration starts.
+  // cannot hold yet: a virtio-balloon or virtio-vsock. Checked before a
+  // snapshot is written or a migration starts.
   Result<void> check_state_saveable() const;
 
   // Dirty tracking for live migration (docs/migration-protocol.md): every
@@ -156,6 +162,37 @@ class Machine {
       const std::string& label, const migration::MachineState& saved,
       const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
       memory::GuestMemory memory, devices::Serial::Output serial_output);
+
+  // The device side of a save, for snapshots and migration alike. While the
+  // returned object lives, the device I/O loop is held (no doorbell,
+  // completion, socket or timer callback runs: the holder owns what they
+  // touch) and every virtio device has finished its in-flight host work
+  // (virtio-blk: backend requests completed and pushed used); so guest RAM
+  // and device state stay still until it is dropped, which lets the loop
+  // go on and kicks every queue once. Needs the vCPUs paused (Busy);
+  // Timeout, naming the device, if a device's host I/O does not finish.
+  class QuiescedDevices {
+   public:
+    QuiescedDevices(QuiescedDevices&& other) noexcept
+        : machine_(std::exchange(other.machine_, nullptr)), hold_(std::move(other.hold_)) {}
+    QuiescedDevices& operator=(QuiescedDevices&&) = delete;
+    ~QuiescedDevices();
+    // For a source whose machine has migrated away: dropping this then
+    // lets the loop go on without kicking the queues, so no device picks up
+    // work the destination now owns.
+    void skip_kick() { machine_ = nullptr; }
+
+   private:
+    friend class Machine;
+    QuiescedDevices(Machine& machine, EventLoop::Hold hold)
+        : machine_(&machine), hold_(std::move(hold)) {}
+    Machine* machine_;  // whose queues are kicked when dropped; null once moved from
+    EventLoop::Hold hold_;
+  };
+  Result<QuiescedDevices> quiesce_devices();
+  // Every device's section (serial0, rtc, one per virtio-pci function),
+  // each payload a byte buffer; with the devices quiesced.
+  Result<std::vector<migration::DeviceState>> save_devices(const QuiescedDevices& quiesced);
 
   // Presses the ACPI power button: the GED raises its interrupt and the
   // guest's _EVT notifies \_SB.PWRB; what happens then is the guest's
@@ -205,6 +242,9 @@ class Machine {
                              ConsoleOutput virtio_console_output,
                              std::span<const migration::DeviceState> saved = {});
   Result<void> build_virtio_devices(ConsoleOutput virtio_console_output);
+  // Applies each virtio-pci function's saved section (restore only).
+  Result<void> restore_virtio_devices(std::span<const migration::DeviceState> saved);
+  void kick_virtio_queues();
   Result<void> add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> device);
   void start_io_thread();
   void stop_io_thread();

@@ -58,6 +58,13 @@ Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine
                                                                 MigrationOptions options,
                                                                 Report report) {
   TRY_CONTEXT(machine.check_state_saveable(), "migrate");
+  // The stream does not carry virtio devices yet.
+  for (const DeviceInfo& device : machine.devices()) {
+    if (device.type.starts_with("virtio")) {
+      return fail(Errc::Unsupported,
+                  fmt::format("migrate: device {} cannot be migrated yet", device.type));
+    }
+  }
   if (machine.stop_status()) return fail(Errc::Busy, "migrate: the VM is stopping");
   std::unique_ptr<MigrationSender> sender(
       new MigrationSender(machine, std::move(options), std::move(report)));
@@ -119,11 +126,15 @@ void MigrationSender::run() {
     if (report_) report_("migration-completed", stats());
     finished_.store(true);
     machine_.stop(StopReason::Migrated, fmt::format("migrated to {}", options_.destination.text));
+    // The destination owns the devices' work now.
+    if (quiesced_) quiesced_->skip_kick();
+    quiesced_.reset();
     return;
   }
-  // The source stays the machine: logging off, vCPUs running again if we
-  // held them.
+  // The source stays the machine: logging off, devices going on, then
+  // vCPUs running again if we held them.
   (void)machine_.stop_dirty_log();
+  quiesced_.reset();
   if (paused_by_us_) {
     if (Result<void> resumed = machine_.resume(); !resumed) {
       LOG_WARN("migration failed and the VM could not be resumed: {}", resumed.error().message());
@@ -278,8 +289,11 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     TRY_CONTEXT(machine_.pause(), "migrate: pause");
     paused_by_us_ = true;
   }
-  // The state first: completing a vCPU's half-done I/O may write RAM.
-  migration::MachineState state = TRY_CONTEXT(machine_.save_state(), "migrate");
+  // Devices quiesced after the vCPUs stop (their last completions write
+  // RAM), then the state (completing a vCPU's half-done I/O may write RAM),
+  // and only then the last dirty pages.
+  quiesced_.emplace(TRY_CONTEXT(machine_.quiesce_devices(), "migrate"));
+  migration::MachineState state = TRY_CONTEXT(machine_.save_state(*quiesced_), "migrate");
   TRY(machine_.collect_dirty_pages(dirty, vmm_written));
   // A device may have written a page through a host_span after that page
   // was collected and sent: resend every page the VMM wrote at all.

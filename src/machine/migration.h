@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -102,6 +103,9 @@ class MigrationSender {
   std::atomic<bool> committed_{false};  // the ack arrived: no way back
   std::atomic<bool> finished_{false};
   bool paused_by_us_ = false;
+  // Held from the stop-and-copy to the end (released on failure, so the
+  // source's devices go on).
+  std::optional<Machine::QuiescedDevices> quiesced_;
   std::thread thread_;
 };
 

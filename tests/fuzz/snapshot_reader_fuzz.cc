@@ -1,14 +1,17 @@
 // libFuzzer target: arbitrary bytes opened as a snapshot file (header,
 // sections, end section, then the payload decoders and a RAM verify), and
-// the same bytes decoded directly as vcpu, vm, serial, rtc and disks payloads,
+// the same bytes decoded directly as vcpu, vm, serial, rtc, disks and
+// virtio-pci function payloads (and a device section name),
 // which random input rarely reaches past the checksums. Whatever the bytes,
 // Keel must return errors, never crash, hang or read out of bounds.
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "base/fd.h"
 #include "base/log.h"
@@ -42,6 +45,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)migration::decode_serial_state(bytes, "fuzz serial0");
   (void)migration::decode_rtc_state(bytes, "fuzz rtc");
   (void)migration::decode_disks(bytes, "fuzz disks");
+  (void)migration::decode_virtio_pci_state(bytes, "fuzz pci-0000:00:01.0");
+  (void)migration::parse_pci_section_name(
+      std::string_view(reinterpret_cast<const char*>(data), std::min<size_t>(size, 64)));
 
   keel::Fd fd = memfd_with(data, size);
   if (!fd.valid()) return 0;

@@ -171,4 +171,34 @@ void MsixTable::reset() {
   function_masked_ = false;
 }
 
+std::vector<MsixEntryState> MsixTable::save() const {
+  std::lock_guard lock(mutex_);
+  std::vector<MsixEntryState> saved;
+  saved.reserve(entries_.size());
+  for (const Entry& entry : entries_) {
+    saved.push_back({.address = entry.message.address,
+                     .data = entry.message.data,
+                     .control = entry.control,
+                     .pending = entry.pending});
+  }
+  return saved;
+}
+
+Result<void> MsixTable::restore_entries(std::span<const MsixEntryState> entries) {
+  std::lock_guard lock(mutex_);
+  if (entries.size() != entries_.size()) {
+    return fail(Errc::Corrupt, fmt::format("MSI-X table of {} entries, the snapshot has {}",
+                                           entries_.size(), entries.size()));
+  }
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const bool was_masked = masked_locked(entries_[i]);
+    Entry& entry = entries_[i];
+    entry.message = MsiMessage{.address = entries[i].address, .data = entries[i].data};
+    entry.control = entries[i].control & kMsixVectorControlMask;
+    entry.pending = entries[i].pending;
+    if (!was_masked && !masked_locked(entry)) unmasked_locked(i);
+  }
+  return ok();
+}
+
 }  // namespace keel::devices

@@ -8,7 +8,8 @@
 // and function masks, pending delivery on unmask, routing each vector
 // through an InterruptFabric vector only while it is unmasked (so the
 // driver's masked table programming costs no routing updates).
-// Missing: save/restore (snapshot issue).
+// save()/restore_entries() for snapshots.
+// Missing: nothing known.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,15 @@
 namespace keel::devices {
 
 inline constexpr uint16_t kMsixVectorControlMask = 1;
+
+// One table entry as a snapshot keeps it.
+struct MsixEntryState {
+  uint64_t address = 0;
+  uint32_t data = 0;
+  uint32_t control = kMsixVectorControlMask;
+  bool pending = false;
+  bool operator==(const MsixEntryState&) const = default;
+};
 
 class MsixTable {
  public:
@@ -54,6 +64,13 @@ class MsixTable {
 
   // Power-on state: every entry zero and masked, nothing pending, disabled.
   void reset();
+
+  // Snapshots: the entries and pending bits. Restoring into a table of a
+  // different size is Corrupt. Restored entries are routed (and what is
+  // pending sent) by the next set_control() that finds them unmasked, so
+  // restore the entries first, then the capability's control bits.
+  std::vector<MsixEntryState> save() const;
+  Result<void> restore_entries(std::span<const MsixEntryState> entries);
 
  private:
   struct Entry {

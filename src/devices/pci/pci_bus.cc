@@ -74,6 +74,14 @@ std::shared_ptr<PciDevice> PciBus::device(uint8_t slot) const {
   return slots_[slot].device;
 }
 
+Result<void> PciBus::refresh_mappings(uint8_t slot) {
+  std::lock_guard lock(mutex_);
+  if (slot >= kSlotCount || slots_[slot].device == nullptr) {
+    return fail(Errc::NotFound, fmt::format("pci: no device in slot {}", slot));
+  }
+  return update_mappings_locked(slot);
+}
+
 std::optional<uint64_t> PciBus::mapped_bar_address(uint8_t slot, int bar) const {
   if (slot >= kSlotCount || bar < 0 || bar >= kPciBarCount) return std::nullopt;
   std::lock_guard lock(mutex_);

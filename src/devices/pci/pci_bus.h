@@ -75,6 +75,11 @@ class PciBus {
   void config_read(PciAddress address, uint32_t offset, std::span<std::byte> data);
   void config_write(PciAddress address, uint32_t offset, std::span<const std::byte> data);
 
+  // Maps the BARs of the device in slot where its configuration space says
+  // now (a snapshot's restore changed them behind the bus's back).
+  // NotFound for an empty slot; a mapping that fails is an error.
+  Result<void> refresh_mappings(uint8_t slot);
+
   // Where BAR bar of the device in slot is mapped now, if anywhere.
   std::optional<uint64_t> mapped_bar_address(uint8_t slot, int bar) const;
 

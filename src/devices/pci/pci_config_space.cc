@@ -2,6 +2,8 @@
 // PCI Express Base 3.0 §7.2.2. See pci_config_space.h for the status card.
 #include "devices/pci/pci_config_space.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include <cstring>
@@ -182,6 +184,20 @@ std::optional<PciBar> PciConfigSpace::bar(int index) const {
   if (!valid_bar_index(index)) return std::nullopt;
   std::lock_guard lock(mutex_);
   return bars_[index];
+}
+
+PciConfigBytes PciConfigSpace::save() const {
+  std::lock_guard lock(mutex_);
+  PciConfigBytes saved;
+  std::copy_n(bytes_.begin(), saved.size(), saved.begin());
+  return saved;
+}
+
+void PciConfigSpace::restore_writable(const PciConfigBytes& saved) {
+  std::lock_guard lock(mutex_);
+  for (size_t i = 0; i < saved.size(); ++i) {
+    bytes_[i] = static_cast<uint8_t>((bytes_[i] & ~write_mask_[i]) | (saved[i] & write_mask_[i]));
+  }
 }
 
 uint64_t PciConfigSpace::bar_address(int index) const {

@@ -5,11 +5,12 @@
 // 4 KiB extended space that ECAM reaches.
 // Implemented: the type-0 header, per-byte write masks and write-1-to-clear
 // bits, I/O, 32-bit and 64-bit memory BARs with sizing, the standard
-// capability list (0x40-0xff). Missing: extended capabilities (0x100-0xfff
+// capability list (0x40-0xff), save()/restore_writable() for snapshots.
+// Missing: extended capabilities (0x100-0xfff
 // reads zero, which the PCIe spec's "Extended Capabilities in Configuration
 // Space" defines as "none"), expansion ROM
 // (its BAR reads zero: no ROM), type-1 (bridge) headers, multi-function
-// devices, save/restore.
+// devices.
 #pragma once
 
 #include <array>
@@ -63,6 +64,10 @@ inline constexpr uint16_t kPciStatusReceivedTargetAbort = 1u << 12;
 inline constexpr uint16_t kPciStatusReceivedMasterAbort = 1u << 13;
 inline constexpr uint16_t kPciStatusSignaledSystemError = 1u << 14;
 inline constexpr uint16_t kPciStatusDetectedParityError = 1u << 15;
+
+// What a snapshot keeps of a function's configuration space: the legacy
+// 256 bytes (the header and capabilities; nothing above is writable).
+using PciConfigBytes = std::array<uint8_t, kPciLegacyConfigSizeBytes>;
 
 // Capability IDs (PCI Code and ID Assignment Specification, §2).
 inline constexpr uint8_t kPciCapabilityMsi = 0x05;
@@ -157,6 +162,14 @@ class PciConfigSpace {
   void set_u8(uint16_t offset, uint8_t value) { set(offset, 1, value); }
   void set_u16(uint16_t offset, uint16_t value) { set(offset, 2, value); }
   void set_u32(uint16_t offset, uint32_t value) { set(offset, 4, value); }
+  // Snapshots: the first 256 bytes as they are now, and the reverse, which
+  // takes from saved only the bits the guest could have written (BAR
+  // addresses, the command register, capability control bits): identity,
+  // layout and read-only bits stay this function's own, so a hostile
+  // snapshot cannot change what the device is.
+  PciConfigBytes save() const;
+  void restore_writable(const PciConfigBytes& saved);
+
   // Which bits of the size_bytes (1-4) little-endian bytes at offset the
   // guest may write / may clear by writing 1.
   void set_write_mask(uint16_t offset, size_t size_bytes, uint32_t mask);

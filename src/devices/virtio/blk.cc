@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -345,21 +346,73 @@ void Blk::mark_broken(std::string_view why) {
   interrupt_->needs_reset();
 }
 
-void Blk::drain_backend() {
+bool Blk::drain_backend(std::optional<std::chrono::milliseconds> limit) {
   // The kernel may still be writing into guest RAM; nothing may be reused
   // or torn down until every request is back.
-  int waited_ms = 0;
+  const auto start = std::chrono::steady_clock::now();
+  auto waited_ms = [&start] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 start).count();
+  };
   while (backend_->in_flight() > 0) {
+    int poll_ms = kDrainPollMs;
+    if (limit) {
+      const auto left = limit->count() - waited_ms();
+      if (left <= 0) return false;
+      poll_ms = static_cast<int>(std::min<int64_t>(left, kDrainPollMs));
+    }
     (void)backend_->kick();
     pollfd pfd{backend_->completion_fd(), POLLIN, 0};
-    int rc = ::poll(&pfd, 1, kDrainPollMs);
-    if (rc == 0) {
-      waited_ms += kDrainPollMs;
+    int rc = ::poll(&pfd, 1, poll_ms);
+    if (rc == 0 && !limit) {
       LOG_WARN("virtio-blk: reset waits for {} backend requests ({} ms so far)",
-               backend_->in_flight(), waited_ms);
+               backend_->in_flight(), waited_ms());
     }
     take_completions();
   }
+  return true;
+}
+
+Result<void> Blk::quiesce(std::chrono::milliseconds timeout) {
+  std::lock_guard lock(mutex_);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  // With the vCPUs paused the available ring no longer grows, so finishing
+  // what it holds is bounded. Requests the driver made available before
+  // the pause are done now rather than after the save: their data is then
+  // on the disk whose identity the snapshot records, and the source,
+  // stopped or resumed, writes nothing the snapshot does not know of.
+  while (true) {
+    const bool live = active_ && !broken_ && queue_.has_value();
+    if (live) process_queue();
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (!drain_backend(std::max(left, std::chrono::milliseconds(0)))) {
+      return fail(Errc::Timeout,
+                  fmt::format("virtio-blk: {} backend requests still in flight after {} ms",
+                              backend_->in_flight(), timeout.count()));
+    }
+    if (!live || broken_) break;
+    Result<bool> more = queue_->has_available();
+    if (!more || !*more) break;
+  }
+  // Completions were pushed used; the driver hears of them now, not after
+  // the snapshot.
+  if (active_ && !broken_ && queue_) signal_used();
+  return ok();
+}
+
+Result<VirtioDeviceState> Blk::save_state() const {
+  std::lock_guard lock(mutex_);
+  if (slots_.size() != free_slots_.size()) {
+    return fail(Errc::Busy, fmt::format("virtio-blk: {} requests in flight (quiesce first)",
+                                        slots_.size() - free_slots_.size()));
+  }
+  return VirtioDeviceState{.queues = {saved_queue(queue_)}, .extra = {}};
+}
+
+Result<void> Blk::restore_state(ActivateContext context, std::span<const std::byte> extra) {
+  TRY(expect_no_extra(name(), extra));
+  return activate(std::move(context));
 }
 
 void Blk::reset() {

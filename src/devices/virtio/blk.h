@@ -9,7 +9,9 @@
 // errors, bytes) for the control API's metrics.
 // Missing: MQ, TOPOLOGY, CONFIG_WCE (the cache is always write-back, and a
 // driver that does not accept FLUSH gets no write-through), SECURE_ERASE,
-// GET_LIFETIME, snapshot state (in-flight requests would have to drain).
+// GET_LIFETIME. Snapshots: quiesce() finishes every request the driver
+// made available (submitted, completed, pushed used; bounded), so the
+// state is the queue alone.
 #pragma once
 
 #include <atomic>
@@ -128,6 +130,9 @@ class Blk final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<void> quiesce(std::chrono::milliseconds timeout) override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
   // requests, errors, read_bytes, write_bytes.
   VirtioDevice::Counters counters() const override;
 
@@ -161,7 +166,9 @@ class Blk final : public VirtioDevice {
   // One used buffer notification for everything pushed since the last one.
   void signal_used();
   void mark_broken(std::string_view why);
-  void drain_backend();
+  // Waits for every backend request and takes its completion; with a
+  // limit, returns false once it has passed.
+  bool drain_backend(std::optional<std::chrono::milliseconds> limit = std::nullopt);
 
   // counters(): written under mutex_, read without it.
   struct Counters {

@@ -40,6 +40,29 @@ void VirtioConsole::write_config(uint32_t offset, std::span<const std::byte> dat
   output_(data.first(1));
 }
 
+Result<VirtioDeviceState> VirtioConsole::save_state() const {
+  std::lock_guard lock(mutex_);
+  VirtioDeviceState state{.queues = {saved_queue(receive_queue_), saved_queue(transmit_queue_)},
+                          .extra = {}};
+  std::lock_guard input_lock(input_mutex_);
+  state.extra = pending_input_;
+  return state;
+}
+
+Result<void> VirtioConsole::restore_state(ActivateContext context,
+                                          std::span<const std::byte> extra) {
+  if (extra.size() > kMaxPendingInputBytes) {
+    return fail(Errc::Corrupt, fmt::format("virtio-console: {} bytes of pending input, at most {}",
+                                           extra.size(), kMaxPendingInputBytes));
+  }
+  {
+    std::lock_guard input_lock(input_mutex_);
+    pending_input_.assign(extra.begin(), extra.end());
+  }
+  // activate() signals the wake eventfd, which delivers that input.
+  return activate(std::move(context));
+}
+
 Result<void> VirtioConsole::activate(ActivateContext context) {
   std::lock_guard lock(mutex_);
   if (active_) return fail(Errc::Busy, "virtio-console: activated twice without a reset");

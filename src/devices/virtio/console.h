@@ -17,7 +17,9 @@
 // direction (device-readable in the receiveq, device-writable in the
 // transmitq) breaks §2.7.4 / §5.3.6.1: needs_reset().
 // Missing: MULTIPORT (control queues, more ports), SIZE (keel-vmm does not
-// know the host terminal's size; cols and rows read 0), snapshot state.
+// know the host terminal's size; cols and rows read 0).
+// Snapshots: the queues, and the host input not yet delivered as the
+// device-specific bytes.
 #pragma once
 
 #include <cstdint>
@@ -77,6 +79,8 @@ class VirtioConsole final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
 
   // Host input for the guest, from any thread: buffered (up to
   // kMaxPendingInputBytes, the excess dropped) and delivered on the event

@@ -10,6 +10,7 @@
 // offers VIRTIO_F_RING_PACKED).
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -74,6 +75,30 @@ struct ActivateContext {
   EventLoop* event_loop = nullptr;
 };
 
+// What a snapshot keeps of an active device besides its transport's
+// registers (docs/snapshot-format.md, "virtio devices").
+struct VirtioDeviceState {
+  // One entry per queue the device declared; nullopt where the driver left
+  // it disabled. last_avail_idx counts only chains the device is done with:
+  // a chain it popped and still holds (a net frame's buffers, a blocked
+  // transmit) is given back, so the restored device pops it again.
+  std::vector<std::optional<VirtqueueState>> queues;
+  // Device-specific bytes, empty for most (virtio-console: host input not
+  // yet delivered). The device checks them on restore.
+  std::vector<std::byte> extra;
+  bool operator==(const VirtioDeviceState&) const = default;
+};
+
+// For devices whose snapshot state is their queues only.
+inline std::optional<VirtqueueState> saved_queue(const std::optional<Virtqueue>& queue) {
+  return queue ? std::optional<VirtqueueState>(queue->save()) : std::nullopt;
+}
+inline Result<void> expect_no_extra(std::string_view device, std::span<const std::byte> extra) {
+  if (extra.empty()) return ok();
+  return fail(Errc::Corrupt, std::string(device) + ": " + std::to_string(extra.size()) +
+                                 " bytes of device state where none are kept");
+}
+
 // Threading: config reads and writes, activate() and reset() come from
 // vCPU threads; notify() and the device's own event-loop callbacks run on
 // the event loop thread. A device guards its state with its own mutex.
@@ -111,6 +136,27 @@ class VirtioDevice {
   // drop the queues, forget negotiated state. No Interrupt call after this
   // returns. Safe to call when not active.
   virtual void reset() = 0;
+
+  // Snapshots. The caller has paused the vCPUs and holds the event loop
+  // (EventLoop::hold), so no notify() or device callback runs meanwhile: it
+  // owns the device's loop-side state and may call these from its thread.
+  // quiesce() finishes what the host still does for the guest, at most
+  // timeout (Timeout names the device); afterwards nothing the device holds
+  // is in flight on the host. virtio-blk also completes every request the
+  // driver made available before the pause, so the disk holds all of them.
+  // The default does nothing: the other devices do their work at once.
+  virtual Result<void> quiesce(std::chrono::milliseconds /*timeout*/) { return ok(); }
+  // The state of an active device. Unsupported, naming the device, where
+  // snapshots are not implemented (the default).
+  virtual Result<VirtioDeviceState> save_state() const {
+    return fail(Errc::Unsupported, std::string(name()) + " cannot be saved in a snapshot yet");
+  }
+  // Instead of activate() on a restored machine: context.queues are the
+  // saved queues (Virtqueue::restore), extra the saved device bytes.
+  virtual Result<void> restore_state(ActivateContext /*context*/,
+                                     std::span<const std::byte> /*extra*/) {
+    return fail(Errc::Unsupported, std::string(name()) + " cannot be restored from a snapshot yet");
+  }
 
   // Monotonic counters for the control API's metrics, (name, value) with
   // names in snake_case ("read_bytes"); thread-safe. None by default; the

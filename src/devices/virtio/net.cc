@@ -487,6 +487,26 @@ bool Net::watching_output() const {
   return backend_watch_ && (watched_ & kWatchOut);
 }
 
+Result<VirtioDeviceState> Net::save_state() const {
+  std::lock_guard lock(mutex_);
+  VirtioDeviceState state{.queues = {saved_queue(rx_queue_), saved_queue(tx_queue_)}, .extra = {}};
+  // Chains popped but not used go back to the driver's side of the ring:
+  // the rx buffers held for the next frame (the last ones popped; a frame
+  // already read from the tap is lost with them, as a full ring would
+  // lose it) and a transmit the tap had no room for.
+  if (state.queues[kRxQueue]) {
+    state.queues[kRxQueue]->last_avail_idx =
+        static_cast<uint16_t>(state.queues[kRxQueue]->last_avail_idx - rx_held_);
+  }
+  if (state.queues[kTxQueue] && tx_pending_) --state.queues[kTxQueue]->last_avail_idx;
+  return state;
+}
+
+Result<void> Net::restore_state(ActivateContext context, std::span<const std::byte> extra) {
+  TRY(expect_no_extra(name(), extra));
+  return activate(std::move(context));
+}
+
 void Net::reset() {
   std::optional<EventLoop::WatchId> backend_watch;
   std::optional<EventLoop::WatchId> wakeup_watch;

@@ -15,9 +15,12 @@
 // kept, never dropped. Without rx buffers the tap is not watched until the
 // driver notifies queue 0. Each wakeup handles a bounded number of frames.
 // Frames dropped (bad chains, too big for the buffers) are counted.
-// Missing: CTRL_VQ (promiscuous/MAC filters, announce, GUEST_OFFLOADS), MQ,
+// Snapshots: the queues, with held rx buffers and a blocked transmit given
+// back as still available (a frame read for those buffers is lost).
+// Missing: CTRL_VQ (promiscuous/MAC filters, announce, GUEST_OFFLOADS; so
+// no gratuitous ARP after a restore elsewhere), MQ,
 // GUEST/HOST_UFO (Linux accepts but ignores TUN_F_UFO since 4.14; 6.1's
-// tap has no USO), RSS/hash reports, SPEED_DUPLEX, snapshot state.
+// tap has no USO), RSS/hash reports, SPEED_DUPLEX.
 #pragma once
 
 #include <sys/uio.h>
@@ -136,6 +139,8 @@ class Net final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
 
   NetStats stats() const;
   // What the device waits for on the backend fd now (for tests): In while

@@ -136,7 +136,7 @@ Result<void> VirtioPci::build() {
     if (max_size == 0 || max_size > kMaxQueueSize || (max_size & (max_size - 1)) != 0) {
       return fail(Errc::InvalidArgument, fmt::format("queue size {}", max_size));
     }
-    queues_.push_back(Queue{.max_size = max_size, .size = max_size});
+    queues_.push_back(Queue::fresh(max_size));
     doorbells_.push_back(TRY(EventFd::create()));
   }
   queue_vectors_ = std::make_unique<std::atomic<uint16_t>[]>(queues_.size());
@@ -423,7 +423,7 @@ void VirtioPci::status_write_locked(uint8_t value) {
   }
 }
 
-void VirtioPci::activate_locked() {
+Result<ActivateContext> VirtioPci::activation_context_locked(const VirtioDeviceState* saved) {
   ActivateContext context{
       .memory = &memory_,
       .features = driver_features_,
@@ -431,25 +431,43 @@ void VirtioPci::activate_locked() {
       .interrupt = link_,
       .event_loop = &event_loop_,
   };
+  if (saved != nullptr && saved->queues.size() != queues_.size()) {
+    return fail(Errc::Corrupt, fmt::format("{} saved queue positions for {} queues",
+                                           saved->queues.size(), queues_.size()));
+  }
   for (size_t index = 0; index < queues_.size(); ++index) {
     const Queue& queue = queues_[index];
+    const std::optional<VirtqueueState>* position =
+        saved != nullptr ? &saved->queues[index] : nullptr;
     if (!queue.enabled) {
+      if (position != nullptr && position->has_value()) {
+        return fail(Errc::Corrupt, fmt::format("queue {} is disabled but has a position", index));
+      }
       context.queues.emplace_back();
       continue;
     }
-    Result<Virtqueue> created = Virtqueue::create(
-        memory_, QueueConfig{.size = queue.size,
+    const QueueConfig config{.size = queue.size,
                              .desc_table = memory::GuestAddr(queue.desc),
                              .avail_ring = memory::GuestAddr(queue.driver),
                              .used_ring = memory::GuestAddr(queue.device),
-                             .features = driver_features_});
-    if (!created) {
-      LOG_RATELIMITED(warn, "{}: queue {}: {}", device_->name(), index, created.error().message());
-      signal_needs_reset();
-      return;
+                             .features = driver_features_};
+    if (position == nullptr) {
+      context.queues.emplace_back(
+          TRY_CONTEXT(Virtqueue::create(memory_, config), fmt::format("queue {}", index)));
+      continue;
     }
-    context.queues.emplace_back(std::move(*created));
+    if (!position->has_value()) {
+      return fail(Errc::Corrupt, fmt::format("queue {} is enabled but has no position", index));
+    }
+    VirtqueueState state = **position;
+    state.config = config;  // the registers say where the rings are
+    context.queues.emplace_back(
+        TRY_CONTEXT(Virtqueue::restore(memory_, state), fmt::format("queue {}", index)));
   }
+  return context;
+}
+
+Result<void> VirtioPci::watch_doorbells_locked() {
   for (size_t index = 0; index < queues_.size(); ++index) {
     if (!queues_[index].enabled) continue;
     const auto queue = static_cast<uint16_t>(index);
@@ -460,20 +478,35 @@ void VirtioPci::activate_locked() {
           device_->notify(queue);
         });
     if (!watch) {
-      LOG_RATELIMITED(error, "{}: watching queue {}: {}", device_->name(), index,
-                      watch.error().message());
-      for (EventLoop::WatchId id : watches_) event_loop_.remove(id);
-      watches_.clear();
-      signal_needs_reset();
-      return;
+      unwatch_doorbells_locked();
+      return fail(Error(watch.error()).wrap(fmt::format("watching queue {}", index)));
     }
     watches_.push_back(*watch);
   }
-  if (Result<void> activated = device_->activate(std::move(context)); !activated) {
+  return ok();
+}
+
+void VirtioPci::unwatch_doorbells_locked() {
+  for (EventLoop::WatchId id : watches_) event_loop_.remove(id);
+  watches_.clear();
+}
+
+void VirtioPci::activate_locked() {
+  Result<ActivateContext> context = activation_context_locked(nullptr);
+  if (!context) {
+    LOG_RATELIMITED(warn, "{}: {}", device_->name(), context.error().message());
+    signal_needs_reset();
+    return;
+  }
+  if (Result<void> watched = watch_doorbells_locked(); !watched) {
+    LOG_RATELIMITED(error, "{}: {}", device_->name(), watched.error().message());
+    signal_needs_reset();
+    return;
+  }
+  if (Result<void> activated = device_->activate(std::move(*context)); !activated) {
     LOG_RATELIMITED(warn, "{}: activation failed: {}", device_->name(),
                     activated.error().message());
-    for (EventLoop::WatchId id : watches_) event_loop_.remove(id);
-    watches_.clear();
+    unwatch_doorbells_locked();
     device_->reset();
     signal_needs_reset();
     return;
@@ -486,14 +519,13 @@ void VirtioPci::activate_locked() {
 void VirtioPci::reset_locked() {
   // Stop the doorbell callbacks first (remove() waits for a running one),
   // so the device sees no notify() during or after its reset.
-  for (EventLoop::WatchId id : watches_) event_loop_.remove(id);
-  watches_.clear();
+  unwatch_doorbells_locked();
   if (active_) {
     device_->reset();
     active_ = false;
   }
   for (size_t i = 0; i < queues_.size(); ++i) {
-    queues_[i] = Queue{.max_size = queues_[i].max_size, .size = queues_[i].max_size};
+    queues_[i] = Queue::fresh(queues_[i].max_size);
     queue_vectors_[i].store(kVirtioNoVector);
     (void)doorbells_[i].consume();
   }
@@ -504,6 +536,113 @@ void VirtioPci::reset_locked() {
   config_vector_.store(kVirtioNoVector);
   isr_.store(0);
   status_.store(0);
+}
+
+Result<VirtioPciState> VirtioPci::save_state() {
+  std::lock_guard lock(mutex_);
+  VirtioPciState state{
+      .device_type = static_cast<uint16_t>(device_->type()),
+      .config = config_.save(),
+      .status = status_.load(),
+      .isr = isr_.load(),
+      .config_generation = config_generation_.load(),
+      .config_vector = config_vector_.load(),
+      .queue_select = queue_select_,
+      .device_feature_select = device_feature_select_,
+      .driver_feature_select = driver_feature_select_,
+      .driver_features = driver_features_,
+      .queues = {},
+      .msix = msix_->save(),
+      .device = std::nullopt,
+  };
+  state.queues.assign(queues_.begin(), queues_.end());
+  if (active_) state.device = TRY(device_->save_state());
+  return state;
+}
+
+Result<void> VirtioPci::restore_state(const VirtioPciState& state) {
+  std::lock_guard lock(mutex_);
+  const std::string_view name = device_->name();
+  auto corrupt = [name](const std::string& what) {
+    return fail(Errc::Corrupt, fmt::format("{}: {}", name, what));
+  };
+  if (active_ || status_.load() != 0) {
+    return fail(Errc::Busy, fmt::format("{}: restore into a function the guest uses", name));
+  }
+  if (state.device_type != static_cast<uint16_t>(device_->type())) {
+    return corrupt(fmt::format("the saved function is virtio device type {}", state.device_type));
+  }
+  if (state.queues.size() != queues_.size()) {
+    return corrupt(fmt::format("{} saved queues, the device has {}", state.queues.size(),
+                               queues_.size()));
+  }
+  auto valid_vector = [this](uint16_t vector) {
+    return vector == kVirtioNoVector || vector < msix_->size();
+  };
+  if (!valid_vector(state.config_vector)) {
+    return corrupt(fmt::format("configuration vector {}", state.config_vector));
+  }
+  for (size_t i = 0; i < state.queues.size(); ++i) {
+    const VirtioPciQueueState& queue = state.queues[i];
+    if (queue.size > queues_[i].max_size || !valid_vector(queue.msix_vector)) {
+      return corrupt(fmt::format("queue {}: size {} (at most {}), vector {}", i, queue.size,
+                                 queues_[i].max_size, queue.msix_vector));
+    }
+  }
+  const bool driver_ok = (state.status & kStatusDriverOk) != 0;
+  if (state.device.has_value() && !driver_ok) {
+    return corrupt(fmt::format("device state saved with status {:#x}", state.status));
+  }
+  if (state.driver_features & ~offered_features()) {
+    return corrupt(fmt::format("driver features {:#x} were never offered", state.driver_features));
+  }
+
+  // Applied whole or not at all: a failure leaves the power-on state.
+  if (Result<void> applied = restore_locked(state); !applied) {
+    reset_locked();
+    msix_->reset();
+    return fail(Error(applied.error()).wrap(name));
+  }
+  return ok();
+}
+
+Result<void> VirtioPci::restore_locked(const VirtioPciState& state) {
+  config_.restore_writable(state.config);
+  TRY(msix_->restore_entries(state.msix));
+  update_msix_control();  // routes the unmasked vectors, sends what is pending
+  device_feature_select_ = state.device_feature_select;
+  driver_feature_select_ = state.driver_feature_select;
+  driver_features_ = state.driver_features;
+  queue_select_ = state.queue_select;
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    const VirtioPciQueueState& saved = state.queues[i];
+    static_cast<VirtioPciQueueState&>(queues_[i]) = saved;
+    queue_vectors_[i].store(saved.msix_vector);
+  }
+  config_vector_.store(state.config_vector);
+  config_generation_.store(state.config_generation);
+  isr_.store(state.isr);
+  status_.store(state.status);
+  update_doorbells_locked();
+  if (!state.device) return ok();
+  ActivateContext context = TRY(activation_context_locked(&*state.device));
+  TRY(watch_doorbells_locked());
+  if (Result<void> restored = device_->restore_state(std::move(context), state.device->extra);
+      !restored) {
+    unwatch_doorbells_locked();
+    device_->reset();
+    return fail(std::move(restored).error());
+  }
+  active_ = true;
+  return ok();
+}
+
+void VirtioPci::kick_queues() {
+  std::lock_guard lock(mutex_);
+  if (!active_) return;
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    if (queues_[i].enabled) (void)doorbells_[i].signal();
+  }
 }
 
 void VirtioPci::notify_write(uint64_t offset, std::span<const std::byte> /*data*/) {

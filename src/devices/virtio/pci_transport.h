@@ -13,11 +13,15 @@
 // EVENT_IDX offered for every device.
 // Missing: INTx (a driver that cannot enable MSI-X gets no interrupts;
 // Linux always enables it), VIRTIO_F_RING_RESET and per-queue reset,
-// VIRTIO_F_NOTIFICATION_DATA, packed queues, save/restore.
+// VIRTIO_F_NOTIFICATION_DATA, packed queues.
+// Snapshots: save_state()/restore_state() carry the registers, the
+// configuration space's writable bits, the MSI-X table and an active
+// device's queues and own state (VirtioPciState).
 #pragma once
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -70,6 +74,38 @@ struct VirtioPciLayout {
   static constexpr uint64_t kBarSize = 0x8000;
 };
 
+// One queue's registers as the driver programmed them (§4.1.4.3).
+struct VirtioPciQueueState {
+  uint16_t size = 0;
+  uint16_t msix_vector = kVirtioNoVector;
+  bool enabled = false;
+  uint64_t desc = 0;
+  uint64_t driver = 0;
+  uint64_t device = 0;
+  bool operator==(const VirtioPciQueueState&) const = default;
+};
+
+// Everything a snapshot keeps of one virtio-pci function
+// (docs/snapshot-format.md, "virtio devices").
+struct VirtioPciState {
+  uint16_t device_type = 0;  // DeviceType: a restore into another device is refused
+  PciConfigBytes config{};
+  uint8_t status = 0;
+  uint8_t isr = 0;
+  uint8_t config_generation = 0;
+  uint16_t config_vector = kVirtioNoVector;
+  uint16_t queue_select = 0;
+  uint32_t device_feature_select = 0;
+  uint32_t driver_feature_select = 0;
+  uint64_t driver_features = 0;
+  std::vector<VirtioPciQueueState> queues;
+  std::vector<MsixEntryState> msix;
+  // Set when the device was active (DRIVER_OK accepted): the positions in
+  // its queues (their configs come from queues above) and its own bytes.
+  std::optional<VirtioDeviceState> device;
+  bool operator==(const VirtioPciState&) const = default;
+};
+
 class VirtioPci : public PciDevice {
  public:
   // fabric and event_loop outlive the function; memory outlives it too.
@@ -92,20 +128,42 @@ class VirtioPci : public PciDevice {
   // for, used buffers and configuration changes alike).
   VirtioDevice::Counters counters() const;
 
+  // Snapshots. The caller has paused the vCPUs and holds the event loop
+  // (see VirtioDevice::quiesce); save_state() after quiesce().
+  Result<void> quiesce(std::chrono::milliseconds timeout) { return device_->quiesce(timeout); }
+  Result<VirtioPciState> save_state();
+  // On a fresh function of the same device, before the guest runs (the
+  // event loop need not run yet): the registers, the configuration space's
+  // writable bits (BAR addresses, command, MSI-X control), the MSI-X table
+  // (unmasked vectors routed), the doorbell ioeventfds at the saved BAR
+  // address, and a device that was active activated again on its saved
+  // queues (VirtioDevice::restore_state). Corrupt, naming the field, for a
+  // state that does not fit this function; Busy if the guest used it.
+  // The caller remaps the BARs on the bus (PciBus::refresh_mappings).
+  Result<void> restore_state(const VirtioPciState& state);
+  // Signals each enabled queue's doorbell once: after a restore (the
+  // guest's last notification before the snapshot may never have been
+  // seen) and after a save (a device that stopped popping while the loop
+  // was held must look at its rings again). A spurious notification is
+  // harmless (§2.7.10: the device checks the ring).
+  void kick_queues();
+
   // BAR 0 accesses (offsets from the BAR's base); public for tests.
   void bar_read(uint64_t offset, std::span<std::byte> data);
   void bar_write(uint64_t offset, std::span<const std::byte> data);
 
  private:
   class Link;  // the Interrupt handed to the device
-  struct Queue {
+  // The driver's registers (what a snapshot keeps) and the device's limit.
+  struct Queue : VirtioPciQueueState {
     uint16_t max_size = 0;
-    uint16_t size = 0;
-    uint16_t msix_vector = kVirtioNoVector;
-    bool enabled = false;
-    uint64_t desc = 0;
-    uint64_t driver = 0;
-    uint64_t device = 0;
+    // Reset state: size reads the maximum (§4.1.4.3), nothing programmed.
+    static Queue fresh(uint16_t max_size) {
+      Queue queue;
+      queue.max_size = max_size;
+      queue.size = max_size;
+      return queue;
+    }
   };
 
   VirtioPci(std::shared_ptr<VirtioDevice> device, const memory::GuestMemory& memory,
@@ -116,6 +174,14 @@ class VirtioPci : public PciDevice {
   void common_write(uint64_t offset, std::span<const std::byte> data);
   void status_write_locked(uint8_t value);
   void activate_locked();
+  // restore_state() once the state is checked against this function.
+  Result<void> restore_locked(const VirtioPciState& state);
+  // The context activate() gets: new queues from the registers, or with
+  // saved, restored at the saved positions.
+  Result<ActivateContext> activation_context_locked(const VirtioDeviceState* saved);
+  // Watches the doorbell of every enabled queue on the event loop.
+  Result<void> watch_doorbells_locked();
+  void unwatch_doorbells_locked();
   void reset_locked();
   void notify_write(uint64_t offset, std::span<const std::byte> data);
   // Keeps the doorbell ioeventfds at the BAR's current address.

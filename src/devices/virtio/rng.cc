@@ -145,6 +145,16 @@ void Rng::mark_broken(std::string_view why) {
   interrupt_->needs_reset();
 }
 
+Result<VirtioDeviceState> Rng::save_state() const {
+  std::lock_guard lock(mutex_);
+  return VirtioDeviceState{.queues = {saved_queue(queue_)}, .extra = {}};
+}
+
+Result<void> Rng::restore_state(ActivateContext context, std::span<const std::byte> extra) {
+  TRY(expect_no_extra(name(), extra));
+  return activate(std::move(context));
+}
+
 void Rng::reset() {
   stop_watching(mutex_, active_, watch_, event_loop_);
   std::lock_guard lock(mutex_);

@@ -12,8 +12,9 @@
 // the event loop, so a guest posting huge buffers cannot stall the loop.
 // activate() signals that eventfd too: chains posted before DRIVER_OK are
 // served even if their notification was lost.
-// Missing: snapshot state (nothing is in flight between rounds except the
-// resume flag, so it would be the queue state only).
+// Snapshots: the queue alone (nothing is in flight between rounds; a
+// deferred round resumes through activate()'s signal).
+// Missing: nothing known.
 #pragma once
 
 #include <sys/types.h>
@@ -60,6 +61,8 @@ class Rng final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
 
   // True while chains were left for the resume event (for tests).
   bool deferred() const;

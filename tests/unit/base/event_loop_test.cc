@@ -75,5 +75,74 @@ TEST(EventLoopTest, StopEndsRunFromAnotherThread) {
   EXPECT_EQ(calls.load(), 1);
 }
 
+TEST(EventLoopTest, HoldParksRunBetweenCallbacks) {
+  auto loop = std::move(*EventLoop::create());
+  EventFd event = std::move(*EventFd::create());
+  std::atomic<int> calls{0};
+  auto id = *loop->add(event.get(), Ready::In, [&](uint32_t) {
+    (void)event.consume();
+    calls.fetch_add(1);
+  });
+  std::thread runner([&] { loop->run(); });
+  ASSERT_TRUE(event.signal());
+  while (calls.load() == 0) std::this_thread::yield();
+  {
+    Result<EventLoop::Hold> hold = loop->hold(std::chrono::seconds(5));
+    ASSERT_TRUE(hold) << hold.error().message();
+    EXPECT_FALSE(loop->hold(std::chrono::milliseconds(10)));  // one holder at a time
+    ASSERT_TRUE(event.signal());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_EQ(calls.load(), 1);  // held: the ready fd waits
+  }
+  while (calls.load() == 1) std::this_thread::yield();  // released: it runs
+  EXPECT_EQ(calls.load(), 2);
+  loop->remove(id);
+  loop->stop();
+  runner.join();
+}
+
+TEST(EventLoopTest, HoldTimesOutWhileACallbackRuns) {
+  auto loop = std::move(*EventLoop::create());
+  EventFd event = std::move(*EventFd::create());
+  std::atomic<bool> release{false};
+  std::atomic<bool> entered{false};
+  auto id = *loop->add(event.get(), Ready::In, [&](uint32_t) {
+    (void)event.consume();
+    entered.store(true);
+    while (!release.load()) std::this_thread::yield();
+  });
+  std::thread runner([&] { loop->run(); });
+  ASSERT_TRUE(event.signal());
+  while (!entered.load()) std::this_thread::yield();
+  Result<EventLoop::Hold> hold = loop->hold(std::chrono::milliseconds(20));
+  ASSERT_FALSE(hold);
+  EXPECT_EQ(hold.error().code(), Errc::Timeout);
+  release.store(true);
+  // Withdrawn: a later hold succeeds and stop() still ends run().
+  ASSERT_TRUE(loop->hold(std::chrono::seconds(5)));
+  loop->remove(id);
+  loop->stop();
+  runner.join();
+}
+
+TEST(EventLoopTest, HoldBeforeRunParksItAndStopEndsIt) {
+  auto loop = std::move(*EventLoop::create());
+  EventFd event = std::move(*EventFd::create());
+  std::atomic<int> calls{0};
+  auto id = *loop->add(event.get(), Ready::In, [&](uint32_t) {
+    (void)event.consume();
+    calls.fetch_add(1);
+  });
+  ASSERT_TRUE(event.signal());
+  Result<EventLoop::Hold> hold = loop->hold(std::chrono::milliseconds(10));
+  ASSERT_TRUE(hold);
+  std::thread runner([&] { loop->run(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(calls.load(), 0);
+  loop->stop();  // a parked run() still stops
+  runner.join();
+  loop->remove(id);
+}
+
 }  // namespace
 }  // namespace keel

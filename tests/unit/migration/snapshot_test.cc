@@ -547,7 +547,7 @@ struct Record {
   std::vector<std::byte> data;
 };
 
-std::vector<std::byte> records(std::initializer_list<Record> list) {
+std::vector<std::byte> records(const std::vector<Record>& list) {
   std::vector<std::byte> out;
   for (const Record& record : list) {
     auto append = [&out](const auto& value) {
@@ -653,6 +653,141 @@ TEST(DeviceStateCodecTest, RtcStateRoundTripsAndHostileOnesAreRejected) {
   ASSERT_FALSE(short_cmos);
   EXPECT_THAT(short_cmos.error().message(), HasSubstr("CMOS RAM is 127 bytes, expected 128"));
   EXPECT_FALSE(decode_rtc_state(records({{2, std::vector<std::byte>(128)}}), "rtc"));
+}
+
+devices::virtio::VirtioPciState sample_virtio_pci(bool active) {
+  devices::virtio::VirtioPciState state;
+  state.device_type = 2;
+  for (size_t i = 0; i < state.config.size(); ++i) state.config[i] = static_cast<uint8_t>(i * 5);
+  state.status = active ? 0x0f : 0x03;
+  state.isr = 2;
+  state.config_generation = 3;
+  state.config_vector = 0;
+  state.queue_select = 1;
+  state.device_feature_select = 1;
+  state.driver_feature_select = 0;
+  state.driver_features = (1ull << 32) | (1ull << 29) | 0x2;
+  state.queues = {{.size = 256, .msix_vector = 1, .enabled = true, .desc = 0x10000,
+                   .driver = 0x11000, .device = 0x12000},
+                  {.size = 8, .msix_vector = 0xffff, .enabled = false, .desc = 0, .driver = 0,
+                   .device = 0}};
+  state.msix = {{.address = 0xfee00000, .data = 0x41, .control = 0, .pending = false},
+                {.address = 0xfee01000, .data = 0x42, .control = 1, .pending = true},
+                {}};
+  if (active) {
+    devices::virtio::VirtqueueState queue;
+    queue.last_avail_idx = 65535;
+    queue.used_idx = 65530;
+    queue.signalled_used = 65529;
+    queue.signalled_used_valid = true;
+    state.device = devices::virtio::VirtioDeviceState{.queues = {queue, std::nullopt},
+                                                      .extra = {std::byte{'h'}, std::byte{'i'}}};
+  }
+  return state;
+}
+
+TEST(DeviceStateCodecTest, VirtioPciStateRoundTrips) {
+  for (bool active : {false, true}) {
+    devices::virtio::VirtioPciState state = sample_virtio_pci(active);
+    Result<devices::virtio::VirtioPciState> decoded =
+        decode_virtio_pci_state(encode_virtio_pci_state(state), "pci-0000:00:01.0");
+    ASSERT_TRUE(decoded) << decoded.error().message();
+    EXPECT_EQ(*decoded, state) << "active " << active;
+  }
+  // An active device without device bytes has no such field, and reads
+  // back with none.
+  devices::virtio::VirtioPciState quiet = sample_virtio_pci(true);
+  quiet.device->extra.clear();
+  EXPECT_EQ(*decode_virtio_pci_state(encode_virtio_pci_state(quiet), "x"), quiet);
+}
+
+TEST(DeviceStateCodecTest, HostileVirtioPciStatesAreRejected) {
+  const std::vector<std::byte> good = encode_virtio_pci_state(sample_virtio_pci(true));
+  // Truncated anywhere: refused, never a crash.
+  for (size_t length = 0; length < good.size(); ++length) {
+    Result<devices::virtio::VirtioPciState> cut =
+        decode_virtio_pci_state(std::span(good).first(length), "pci-0000:00:01.0");
+    if (length == 0) {
+      ASSERT_FALSE(cut);  // no device type
+      continue;
+    }
+    // Cutting whole trailing records leaves a shorter valid payload only
+    // when just the optional device bytes went.
+    if (cut) {
+      EXPECT_FALSE(cut->device && !cut->device->extra.empty()) << "length " << length;
+    }
+  }
+  auto field = [](uint16_t tag, const auto& value) {
+    return Record{
+        tag, std::vector<std::byte>(reinterpret_cast<const std::byte*>(&value),
+                                    reinterpret_cast<const std::byte*>(&value) + sizeof(value))};
+  };
+  const uint16_t type = 2;
+  const std::vector<std::byte> config(256);
+  std::array<uint8_t, 24> registers{};
+  std::array<uint8_t, 32> queue{};
+  std::array<uint8_t, 24> msix{};
+  std::array<uint8_t, 8> position{};
+  auto base = [&] {
+    return std::vector<Record>{
+        field(1, type), {2, config}, field(3, registers), field(4, queue), field(5, msix)};
+  };
+  struct Case {
+    std::vector<Record> fields;
+    std::string message;
+  };
+  std::vector<Case> cases;
+  cases.push_back({{field(1, type)}, "no PCI configuration space"});
+  auto with = [&](auto change, std::string message) {
+    auto fields = base();
+    change(fields);
+    cases.push_back({std::move(fields), std::move(message)});
+  };
+  with([&](auto& f) { f[1].data.pop_back(); }, "PCI configuration space is 255 bytes");
+  with([&](auto& f) { f[2].data[23] = std::byte{1}; }, "registers: reserved byte set");
+  with([&](auto& f) { f[3].data[28] = std::byte{2}; }, "queue 0: enabled 2");
+  with([&](auto& f) { f[3].data[31] = std::byte{1}; }, "queue 0: enabled 0 or reserved");
+  with([&](auto& f) { f[3].data.pop_back(); }, "queues is 31 bytes");
+  with([&](auto& f) { f[4].data[12] = std::byte{2}; }, "MSI-X entry 0: control 0x2");
+  with([&](auto& f) { f[4].data[16] = std::byte{3}; }, "MSI-X entry 0: control 0x0, pending 3");
+  with([&](auto& f) { f.push_back({6, {}}); }, "0 queue positions for 1 queues");
+  with([&](auto& f) { f.push_back({7, {std::byte{1}}}); }, "device bytes without queue positions");
+  with([&](auto& f) {
+    auto p = position;
+    p[6] = 4;
+    f.push_back(field(6, p));
+  }, "queue 0 position: flags 0x4");
+  with([&](auto& f) {
+    auto p = position;
+    p[0] = 1;  // a position, but the queue is not live
+    f.push_back(field(6, p));
+  }, "queue 0: a position for a queue that is not live");
+  with([&](auto& f) { f.push_back({8, {}}); }, "unknown field 8");
+  with([&](auto& f) { f.push_back(field(1, type)); }, "field 1 appears twice");
+  with([&](auto& f) { f[3].data = std::vector<std::byte>(32 * 1025); }, "not up to 1024");
+  for (const Case& test : cases) {
+    Result<devices::virtio::VirtioPciState> bad =
+        decode_virtio_pci_state(records(test.fields), "pci-0000:00:01.0");
+    ASSERT_FALSE(bad) << test.message;
+    EXPECT_EQ(bad.error().code(), Errc::Corrupt) << test.message;
+    EXPECT_THAT(bad.error().message(), HasSubstr(test.message));
+    EXPECT_THAT(bad.error().message(), HasSubstr("pci-0000:00:01.0"));
+  }
+  EXPECT_TRUE(decode_virtio_pci_state(records(base()), "pci-0000:00:01.0"));
+}
+
+TEST(DeviceStateCodecTest, PciSectionNamesRoundTripAndOthersAreNotOnes) {
+  EXPECT_EQ(pci_section_name({0, 3, 0}), "pci-0000:00:03.0");
+  for (uint8_t slot : {uint8_t{0}, uint8_t{1}, uint8_t{0x1f}}) {
+    auto parsed = parse_pci_section_name(pci_section_name({0, slot, 0}));
+    ASSERT_TRUE(parsed);
+    EXPECT_EQ(parsed->device, slot);
+  }
+  for (std::string_view name : {"serial0", "rtc", "pci-0000:00:20.0", "pci-0000:00:03.8",
+                                "pci-0000:00:0G.0", "pci-0000:00:03.0x", "pci-0000:00:03",
+                                "PCI-0000:00:03.0", "pci-0000:00:+3.0", "pci-0000:0-:03.0"}) {
+    EXPECT_FALSE(parse_pci_section_name(name)) << name;
+  }
 }
 
 // ---- CPU compatibility ----

@@ -256,5 +256,30 @@ TEST(PciConfigSpaceTest, HostileAccessesAreHarmless) {
   }
 }
 
+// Snapshots: a restore takes what the guest could write (BAR address,
+// command) and nothing else, so hostile bytes cannot change the identity.
+TEST(PciConfigSpaceTest, RestoreTakesOnlyGuestWritableBits) {
+  PciConfigSpace config(test_header());
+  ASSERT_TRUE(config.add_bar(0, 0x1000, BarKind::Mem32));
+  config_write(config, kPciBar0Offset, 4, 0xfebf1000);
+  config_write(config, kPciCommandOffset, 2, kPciCommandMemory | kPciCommandBusMaster);
+  const PciConfigBytes saved = config.save();
+  EXPECT_EQ(saved[kPciVendorIdOffset], 0xf4);
+
+  PciConfigSpace fresh(test_header());
+  ASSERT_TRUE(fresh.add_bar(0, 0x1000, BarKind::Mem32));
+  PciConfigBytes hostile = saved;
+  hostile[kPciVendorIdOffset] = 0x00;        // identity: read-only
+  hostile[kPciBar0Offset] = 0xff;            // below the BAR's size: read-only
+  hostile[kPciInterruptPinOffset] = 0x04;    // read-only
+  fresh.restore_writable(hostile);
+  EXPECT_EQ(fresh.bar_address(0), 0xfebf1000u);
+  EXPECT_TRUE(fresh.memory_decode_enabled());
+  EXPECT_TRUE(fresh.bus_master_enabled());
+  EXPECT_EQ(config_read(fresh, kPciVendorIdOffset, 2), 0x1af4u);
+  EXPECT_EQ(config_read(fresh, kPciInterruptPinOffset, 1), 1u);
+  EXPECT_EQ(fresh.save(), saved);
+}
+
 }  // namespace
 }  // namespace keel::devices

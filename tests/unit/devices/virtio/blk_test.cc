@@ -500,6 +500,56 @@ TEST_F(BlkTest, ResetWaitsForInFlightRequests) {
   ASSERT_TRUE(blk_->activate(std::move(context)).has_value());
 }
 
+// Snapshots: quiesce finishes every request the driver made available
+// (popped or not), so the saved state is the queue alone and a device
+// restored from it goes on where the first left off.
+TEST_F(BlkTest, QuiesceFinishesEverythingAvailableAndRestoreGoesOn) {
+  start();
+  for (int i = 0; i < 32; ++i) read_chain(i, 512).build();
+  blk_->notify(0);
+  ASSERT_EQ(blk_->in_flight(), 32u);
+  Result<VirtioDeviceState> early = blk_->save_state();
+  ASSERT_FALSE(early);
+  EXPECT_EQ(early.error().code(), Errc::Busy);
+  for (int i = 0; i < 10; ++i) read_chain(100 + i, 512).build();  // no notification
+  ASSERT_TRUE(blk_->quiesce(std::chrono::seconds(10)));
+  EXPECT_EQ(blk_->in_flight(), 0u);
+  EXPECT_EQ(fake_->used_idx(), 42);
+  EXPECT_GE(interrupt_->queue_notifications(0), 1);
+  Result<VirtioDeviceState> saved = blk_->save_state();
+  ASSERT_TRUE(saved) << saved.error().message();
+  ASSERT_EQ(saved->queues.size(), 1u);
+  ASSERT_TRUE(saved->queues[0].has_value());
+  EXPECT_EQ(saved->queues[0]->last_avail_idx, 42);
+  EXPECT_EQ(saved->queues[0]->used_idx, 42);
+  EXPECT_TRUE(saved->extra.empty());
+  blk_ = nullptr;  // the image's lock goes with it
+
+  auto backend = block::RawFile::open(image_.path(), Access::ReadWrite);
+  ASSERT_TRUE(backend);
+  auto restored = Blk::create(std::move(*backend), BlkConfig{"keel-disk-0", Access::ReadWrite});
+  ASSERT_TRUE(restored);
+  auto context_for = [&](const VirtqueueState& state) {
+    ActivateContext context;
+    context.memory = &memory_;
+    context.features = kAllBlkFeatures;
+    context.queues.emplace_back(std::move(*Virtqueue::restore(memory_, state)));
+    context.interrupt = interrupt_;
+    context.event_loop = loop_.get();
+    return context;
+  };
+  const std::byte stray{1};
+  Result<void> with_extra = (*restored)->restore_state(context_for(*saved->queues[0]),
+                                                       std::span(&stray, 1));
+  ASSERT_FALSE(with_extra);
+  EXPECT_EQ(with_extra.error().code(), Errc::Corrupt);
+  ASSERT_TRUE((*restored)->restore_state(context_for(*saved->queues[0]), {}));
+  blk_ = std::move(*restored);
+  ChainBuilder next = read_chain(7, 512);
+  EXPECT_EQ(run_one(next), kBlkStatusOk);
+  EXPECT_EQ(fake_->used_idx(), 43);
+}
+
 TEST_F(BlkTest, DisabledQueueIsIgnored) {
   auto backend = block::RawFile::open(image_.path(), Access::ReadWrite);
   ASSERT_TRUE(backend.has_value());

@@ -276,6 +276,52 @@ TEST_F(ConsoleTest, PendingInputSurvivesAReset) {
   EXPECT_EQ(as_text(rx_->bytes(built.buffers[0], 4)), "keep");
 }
 
+// Snapshots: the queues and the input not yet delivered; a console
+// restored from them delivers that input into the guest's next buffer.
+TEST_F(ConsoleTest, SaveRestoreKeepsQueuesAndPendingInput) {
+  start();
+  ChainBuilder(*tx_).readable(as_bytes("out")).build();
+  transmit_notify();
+  console_->enqueue_input(as_bytes("typed"));
+  run_loop();
+  Result<VirtioDeviceState> saved = console_->save_state();
+  ASSERT_TRUE(saved) << saved.error().message();
+  ASSERT_EQ(saved->queues.size(), 2u);
+  EXPECT_EQ(saved->queues[VirtioConsole::kTransmitQueue]->last_avail_idx, 1);
+  EXPECT_EQ(saved->queues[VirtioConsole::kReceiveQueue]->last_avail_idx, 0);
+  EXPECT_EQ(as_text(saved->extra), "typed");
+  console_->reset();
+
+  auto restored = VirtioConsole::create([](std::span<const std::byte>) {});
+  ASSERT_TRUE(restored);
+  auto context = [&] {
+    ActivateContext c;
+    c.memory = &tx_memory_;
+    c.queues.emplace_back(std::move(
+        *Virtqueue::restore(memory_, *saved->queues[VirtioConsole::kReceiveQueue])));
+    c.queues.emplace_back(std::move(
+        *Virtqueue::restore(tx_memory_, *saved->queues[VirtioConsole::kTransmitQueue])));
+    c.interrupt = interrupt_;
+    c.event_loop = loop_.get();
+    return c;
+  };
+  std::vector<std::byte> flood(VirtioConsole::kMaxPendingInputBytes + 1);
+  Result<void> too_much = (*restored)->restore_state(context(), flood);
+  ASSERT_FALSE(too_much);
+  EXPECT_EQ(too_much.error().code(), Errc::Corrupt);
+  ASSERT_TRUE((*restored)->restore_state(context(), saved->extra));
+  console_ = std::move(*restored);
+  auto built = ChainBuilder(*rx_).writable(16).build();
+  console_->notify(VirtioConsole::kReceiveQueue);
+  run_loop();
+  ASSERT_EQ(rx_->used_idx(), 1);
+  EXPECT_EQ(as_text(rx_->bytes(built.buffers[0], 5)), "typed");
+  Result<VirtioDeviceState> again = console_->save_state();
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->queues[VirtioConsole::kTransmitQueue],
+            saved->queues[VirtioConsole::kTransmitQueue]);
+}
+
 TEST_F(ConsoleTest, ReadableReceiveBufferNeedsReset) {
   start();
   ChainBuilder(*rx_).readable(pattern(4)).writable(8).build();

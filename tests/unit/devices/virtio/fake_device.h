@@ -80,9 +80,23 @@ class FakeDevice : public VirtioDevice {
     ++activations;
     features_accepted = context.features;
     queues_present.clear();
-    for (auto& queue : context.queues) queues_present.push_back(queue.has_value());
+    queue_states.clear();
+    for (auto& queue : context.queues) {
+      queues_present.push_back(queue.has_value());
+      queue_states.push_back(queue ? std::optional(queue->save()) : std::nullopt);
+    }
     interrupt = context.interrupt;
     return ok();
+  }
+  // Snapshots: the queues as activated (tests move their positions in
+  // queue_states) and extra as given.
+  Result<VirtioDeviceState> save_state() const override {
+    return VirtioDeviceState{.queues = queue_states, .extra = extra};
+  }
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> saved) override {
+    extra.assign(saved.begin(), saved.end());
+    ++restores;
+    return activate(std::move(context));
   }
   void notify(uint16_t queue) override {
     std::lock_guard lock(mutex);
@@ -102,6 +116,9 @@ class FakeDevice : public VirtioDevice {
   int resets = 0;
   uint64_t features_accepted = 0;
   std::vector<bool> queues_present;
+  std::vector<std::optional<VirtqueueState>> queue_states;
+  std::vector<std::byte> extra;
+  int restores = 0;
   std::shared_ptr<Interrupt> interrupt;
 };
 

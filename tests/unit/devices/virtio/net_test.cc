@@ -589,6 +589,38 @@ TEST_F(NetTest, RxAMergedFrameWaitsForEnoughBuffers) {
   EXPECT_EQ(net_->stats().rx_frames, 1u);
 }
 
+// Snapshots: chains the device popped but has not used (rx buffers held
+// for a frame, a transmit the backend had no room for) are saved as still
+// available, so a restored device pops them again.
+TEST_F(NetTest, SavedStateGivesBackHeldChains) {
+  start(kAllNetFeatures);
+  post_rx(1536);
+  host_send_frame(ethernet_frame(4000));
+  run_loop();
+  ASSERT_EQ(rx_->used_idx(), 0);  // the one buffer is held for the frame
+  int small = 4096;
+  ASSERT_EQ(::setsockopt(backend_->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)), 0);
+  for (int i = 0; i < 40; ++i) send_tx(ethernet_frame(1400, static_cast<uint8_t>(i)));
+  net_->notify(Net::kTxQueue);
+  ASSERT_TRUE(net_->watching_output());  // one transmit waits for the backend
+  const uint16_t sent = tx_->used_idx();
+
+  Result<VirtioDeviceState> saved = net_->save_state();
+  ASSERT_TRUE(saved) << saved.error().message();
+  ASSERT_EQ(saved->queues.size(), 2u);
+  ASSERT_TRUE(saved->queues[Net::kRxQueue] && saved->queues[Net::kTxQueue]);
+  EXPECT_EQ(saved->queues[Net::kRxQueue]->last_avail_idx, 0);
+  EXPECT_EQ(saved->queues[Net::kRxQueue]->used_idx, 0);
+  EXPECT_EQ(saved->queues[Net::kTxQueue]->last_avail_idx, sent);
+  EXPECT_EQ(saved->queues[Net::kTxQueue]->used_idx, sent);
+  EXPECT_TRUE(saved->extra.empty());
+  // Device bytes are refused: virtio-net keeps none.
+  const std::byte stray{0};
+  Result<void> refused = net_->restore_state(ActivateContext{}, std::span(&stray, 1));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), Errc::Corrupt);
+}
+
 // A driver that fills the whole ring with buffers too small for a frame
 // even together: waiting for more would stall the NIC for good (none can
 // come), so the frame is dropped and the buffers serve the next ones.

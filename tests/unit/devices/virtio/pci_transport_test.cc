@@ -397,5 +397,151 @@ TEST_F(VirtioPciTest, RemovalResetsAnActiveDevice) {
   EXPECT_TRUE(fabric_.doorbells.empty());
 }
 
+// Snapshots: a driven function saved, a fresh one restored from it.
+class VirtioPciSnapshotTest : public VirtioPciTest {
+ protected:
+  // Everything a driver leaves behind: features, queue 0 at a moved
+  // position, vectors (1 unmasked and routed, 0 masked with one pending),
+  // a configuration change, queue_select on 1, device bytes.
+  VirtioPciState drive_and_save() {
+    negotiate(1u << 3);
+    setup_queue0();
+    driver_ok();
+    enable_msix();
+    program_vector(1, 0xfee00000, 0x4041, /*masked=*/false);
+    program_vector(0, 0xfee01000, 0x4042, /*masked=*/true);
+    device_->interrupt->notify_config();  // pending on masked vector 0
+    bar_write(0x16, 2, 1);
+    device_->queue_states[0]->last_avail_idx = 7;
+    device_->queue_states[0]->used_idx = 5;
+    device_->extra = {std::byte{9}, std::byte{8}};
+    Result<VirtioPciState> saved = pci_->save_state();
+    EXPECT_TRUE(saved) << saved.error().message();
+    return saved ? *saved : VirtioPciState{};
+  }
+  // Unplugs and destroys the driven function; a new one takes its place.
+  std::shared_ptr<VirtioPci> fresh_function(std::shared_ptr<FakeDevice> device) {
+    (void)bus_->remove_device(slot_);
+    pci_.reset();
+    auto created = VirtioPci::create(std::move(device), memory_, fabric_, *loop_);
+    EXPECT_TRUE(created) << created.error().message();
+    return created ? *created : nullptr;
+  }
+};
+
+TEST_F(VirtioPciSnapshotTest, SaveMutateRestoreRoundTrip) {
+  const VirtioPciState first = drive_and_save();
+  EXPECT_EQ(first.status & kStatusDriverOk, kStatusDriverOk);
+  ASSERT_TRUE(first.device.has_value());
+  EXPECT_EQ(first.device->queues[0]->last_avail_idx, 7);
+  EXPECT_FALSE(first.device->queues[1].has_value());
+  EXPECT_TRUE(first.msix[0].pending);
+  EXPECT_EQ(first.queue_select, 1);
+  // Save, mutate, save differs.
+  bar_write(0x16, 2, 0);
+  Result<VirtioPciState> mutated = pci_->save_state();
+  ASSERT_TRUE(mutated);
+  EXPECT_NE(*mutated, first);
+
+  auto device = std::make_shared<FakeDevice>();
+  std::shared_ptr<VirtioPci> restored = fresh_function(device);
+  ASSERT_NE(restored, nullptr);
+  Result<void> applied = restored->restore_state(first);
+  ASSERT_TRUE(applied) << applied.error().message();
+  EXPECT_EQ(device->restores, 1);
+  EXPECT_EQ(device->extra, (std::vector<std::byte>{std::byte{9}, std::byte{8}}));
+  ASSERT_EQ(device->queues_present, (std::vector<bool>{true, false}));
+  EXPECT_EQ(device->queue_states[0]->last_avail_idx, 7);
+  EXPECT_EQ(device->queue_states[0]->used_idx, 5);
+  EXPECT_EQ(device->queue_states[0]->config.size, 16u);
+  Result<VirtioPciState> again = restored->save_state();
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, first);
+  {
+    // Doorbells at the saved BAR address, the unmasked vector routed.
+    std::lock_guard lock(fabric_.mutex);
+    EXPECT_EQ(fabric_.doorbells.count(bar_ + L::kNotifyOffset), 1u);
+    EXPECT_EQ(fabric_.messages[fabric_.allocated - 3 + 1], (MsiMessage{0xfee00000, 0x4041}));
+  }
+  // On the bus at the saved address, the guest sees its registers.
+  ASSERT_TRUE(bus_->add_device(restored, slot_));
+  ASSERT_TRUE(bus_->refresh_mappings(slot_));
+  EXPECT_EQ(bus_->mapped_bar_address(slot_, 0), bar_);
+  EXPECT_EQ(status() & kStatusDriverOk, kStatusDriverOk);
+  EXPECT_EQ(bar_read(0x16, 2), 1u);
+  EXPECT_EQ(bar_read(L::kMsixPbaOffset, 8), 0b1u);  // vector 0 still pending
+  // One kick per enabled queue reaches the device through the loop.
+  restored->kick_queues();
+  ASSERT_EQ(*loop_->run_once(1000), 1);
+  {
+    std::lock_guard lock(device->mutex);
+    EXPECT_EQ(device->notified, (std::vector<uint16_t>{0}));
+  }
+  (void)bus_->remove_device(slot_);
+}
+
+TEST_F(VirtioPciSnapshotTest, InactiveFunctionKeepsNoDeviceState) {
+  negotiate();
+  Result<VirtioPciState> saved = pci_->save_state();
+  ASSERT_TRUE(saved);
+  EXPECT_FALSE(saved->device.has_value());
+  auto device = std::make_shared<FakeDevice>();
+  std::shared_ptr<VirtioPci> restored = fresh_function(device);
+  ASSERT_TRUE(restored->restore_state(*saved));
+  EXPECT_EQ(device->activations, 0);
+  EXPECT_EQ(*restored->save_state(), *saved);
+}
+
+TEST_F(VirtioPciSnapshotTest, RestoreRefusesAStateThatDoesNotFit) {
+  const VirtioPciState good = drive_and_save();
+  auto device = std::make_shared<FakeDevice>();
+  std::shared_ptr<VirtioPci> restored = fresh_function(device);
+  auto refused = [&](VirtioPciState state, std::string_view why, Errc code = Errc::Corrupt) {
+    Result<void> result = restored->restore_state(state);
+    ASSERT_FALSE(result) << why;
+    EXPECT_EQ(result.error().code(), code) << why << ": " << result.error().message();
+    EXPECT_EQ(restored->status(), 0) << why;
+  };
+  VirtioPciState state = good;
+  state.device_type = static_cast<uint16_t>(DeviceType::Block);
+  refused(state, "another device type");
+  state = good;
+  state.queues.pop_back();
+  refused(state, "fewer queues");
+  state = good;
+  state.queues[0].size = 32;
+  refused(state, "a queue larger than its maximum");
+  state = good;
+  state.queues[1].msix_vector = 3;
+  refused(state, "a vector past the table");
+  state = good;
+  state.config_vector = 3;
+  refused(state, "a configuration vector past the table");
+  state = good;
+  state.status = kStatusAcknowledge | kStatusDriver | kStatusFeaturesOk;
+  refused(state, "device state without DRIVER_OK");
+  state = good;
+  state.driver_features |= 1ull << 40;
+  refused(state, "features never offered");
+  state = good;
+  state.msix.pop_back();
+  refused(state, "an MSI-X table of another size");
+  state = good;
+  state.device->queues.pop_back();
+  refused(state, "positions for fewer queues");
+  state = good;
+  state.device->queues[1] = VirtqueueState{};
+  refused(state, "a position for a disabled queue");
+  state = good;
+  state.queues[0].desc = memory_.size_bytes() + 0x1000;
+  refused(state, "a queue outside RAM", Errc::OutOfRange);
+  EXPECT_EQ(device->activations, 0);
+  // A fitting state still applies, once; a second restore is Busy.
+  ASSERT_TRUE(restored->restore_state(good));
+  Result<void> twice = restored->restore_state(good);
+  ASSERT_FALSE(twice);
+  EXPECT_EQ(twice.error().code(), Errc::Busy);
+}
+
 }  // namespace
 }  // namespace keel::devices::virtio
