@@ -1,6 +1,7 @@
 #include "block/block_backend.h"
 
 #include <cerrno>
+#include <string>
 
 namespace keel::block {
 namespace {
@@ -18,6 +19,11 @@ int64_t to_result(Result<void> result) {
 }
 
 }  // namespace
+
+Result<void> BlockBackend::set_image_locked(bool /*locked*/) {
+  return fail(Errc::Unsupported,
+              std::string(format_name()) + " images cannot be handed over to another process yet");
+}
 
 Result<void> SyncBlockBackend::submit(const BlockRequest& request) {
   int64_t result = 0;

@@ -196,7 +196,7 @@ Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
                                        layout::kPciHoleEnd),
       fmt::format("{}: guest RAM", label));
   return rebuild(label, snapshot.machine, config, kvm, std::move(memory),
-                 std::move(serial_output));
+                 std::move(serial_output), block::Locking::Lock);
 }
 
 Result<std::unique_ptr<Machine>> Machine::restore_migrated(
@@ -208,7 +208,10 @@ Result<std::unique_ptr<Machine>> Machine::restore_migrated(
                                            memory.size_bytes(), config.memory_mib));
   }
   TRY(check_restorable(label, saved, source, config, kvm));
-  return rebuild(label, saved, config, kvm, std::move(memory), std::move(serial_output));
+  // The source still holds its writable disks' locks; they are taken by
+  // set_disk_locks(true) once it let go (docs/migration-protocol.md).
+  return rebuild(label, saved, config, kvm, std::move(memory), std::move(serial_output),
+                 block::Locking::ForceShare);
 }
 
 Result<void> Machine::check_restorable(const std::string& label,
@@ -245,8 +248,10 @@ Result<std::unique_ptr<Machine>> Machine::rebuild(const std::string& label,
                                                   const migration::MachineState& saved,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
                                                   memory::GuestMemory memory,
-                                                  devices::Serial::Output serial_output) {
+                                                  devices::Serial::Output serial_output,
+                                                  block::Locking writable_disk_locking) {
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
+  machine->writable_disk_locking_ = writable_disk_locking;
   TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices), label);
   TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), label);
   TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("{}: vm", label));
@@ -414,7 +419,18 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
     const std::string what = fmt::format("disk {} '{}'", index, disk.path);
     const block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(disk.format), what);
     const block::Access access = disk.read_only ? block::Access::ReadOnly : block::Access::ReadWrite;
-    auto backend = TRY_CONTEXT(block::open_image(disk.path, format, access), what);
+    if (!disk.read_only && writable_disk_locking_ == block::Locking::ForceShare &&
+        (format == block::ImageFormat::Auto ? TRY_CONTEXT(block::probe_image_format(disk.path), what)
+                                            : format) != block::ImageFormat::Raw) {
+      // Opening a qcow2 image for writing reads (and may write) metadata
+      // the source is still changing.
+      return fail(Errc::Unsupported, fmt::format("{}: a writable disk is handed over in a "
+                                                 "migration only as a raw image", what));
+    }
+    auto backend = TRY_CONTEXT(
+        block::open_image(disk.path, format, access,
+                          disk.read_only ? block::Locking::Lock : writable_disk_locking_),
+        what);
     auto blk = TRY_CONTEXT(devices::virtio::Blk::create(
                                std::move(backend),
                                devices::virtio::BlkConfig{.serial = disk.serial, .access = access}),
@@ -768,6 +784,38 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
     state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
   }
   return state;
+}
+
+std::vector<std::pair<std::string, devices::virtio::Blk*>> Machine::writable_disks() {
+  // Blk devices are created in the config's disk order.
+  std::vector<std::pair<std::string, devices::virtio::Blk*>> disks;
+  size_t index = 0;
+  for (const auto& pci : virtio_devices_) {
+    auto* blk = dynamic_cast<devices::virtio::Blk*>(&pci->device());
+    if (blk == nullptr) continue;
+    const DiskConfig& disk = config_.disks.at(index++);
+    if (disk.read_only) continue;  // readers share an image: nothing to hand over
+    disks.emplace_back(fmt::format("disk '{}'", disk.path), blk);
+  }
+  return disks;
+}
+
+Result<void> Machine::check_disks_hand_over() {
+  for (const auto& [what, blk] : writable_disks()) {
+    if (blk->backend().format_name() != "raw") {
+      return fail(Errc::Unsupported,
+                  fmt::format("{}: a writable {} disk cannot be handed over yet (raw only)", what,
+                              blk->backend().format_name()));
+    }
+  }
+  return ok();
+}
+
+Result<void> Machine::set_disk_locks(bool held) {
+  for (const auto& [what, blk] : writable_disks()) {
+    TRY_CONTEXT(blk->backend().set_image_locked(held), what);
+  }
+  return ok();
 }
 
 Result<void> Machine::start_dirty_log() {

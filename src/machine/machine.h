@@ -29,7 +29,9 @@
 #include "devices/pci/pci_bus.h"
 #include "devices/rtc.h"
 #include "devices/serial.h"
+#include "block/image_lock.h"
 #include "devices/virtio/balloon.h"
+#include "devices/virtio/blk.h"
 #include "devices/virtio/console.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/pci_transport.h"
@@ -154,6 +156,17 @@ class Machine {
                                    migration::DirtyBitmap& vmm_written);
   Result<void> stop_dirty_log();
 
+  // Disk handover for live migration on shared storage
+  // (docs/migration-protocol.md): a migrated-in machine opens its writable
+  // disks without their image locks, so the source's locks do not stop it;
+  // set_disk_locks(false) lets go of them on the source (devices
+  // quiesced), set_disk_locks(true) takes them (the destination before it
+  // runs, the source again after a failed handover). Busy naming the disk
+  // while another process holds it. check_disks_hand_over: Unsupported,
+  // naming it, for a writable disk whose format caches metadata (qcow2).
+  Result<void> check_disks_hand_over();
+  Result<void> set_disk_locks(bool held);
+
   // Restore as constructor from a migration: the machine state the stream
   // carried (decoded, not yet checked) and its RAM, already received into
   // memory (a fresh memfd of config's size). The same checks as restore(),
@@ -234,7 +247,10 @@ class Machine {
                                                   const migration::MachineState& saved,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
                                                   memory::GuestMemory memory,
-                                                  devices::Serial::Output serial_output);
+                                                  devices::Serial::Output serial_output,
+                                                  block::Locking writable_disk_locking);
+  // Every writable disk's virtio-blk, with "disk 'PATH'" for errors.
+  std::vector<std::pair<std::string, devices::virtio::Blk*>> writable_disks();
 
   // saved: the device sections of a snapshot to restore the serial port and
   // RTC from; empty for a fresh machine.
@@ -271,6 +287,8 @@ class Machine {
   std::shared_ptr<devices::Ged> ged_;  // with ACPI only
   std::shared_ptr<devices::PciBus> pci_bus_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
+  // ForceShare on a migration destination until set_disk_locks(true).
+  block::Locking writable_disk_locking_ = block::Locking::Lock;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;

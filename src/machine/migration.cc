@@ -58,13 +58,7 @@ Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine
                                                                 MigrationOptions options,
                                                                 Report report) {
   TRY_CONTEXT(machine.check_state_saveable(), "migrate");
-  // The stream does not carry virtio devices yet.
-  for (const DeviceInfo& device : machine.devices()) {
-    if (device.type.starts_with("virtio")) {
-      return fail(Errc::Unsupported,
-                  fmt::format("migrate: device {} cannot be migrated yet", device.type));
-    }
-  }
+  TRY_CONTEXT(machine.check_disks_hand_over(), "migrate");
   if (machine.stop_status()) return fail(Errc::Busy, "migrate: the VM is stopping");
   std::unique_ptr<MigrationSender> sender(
       new MigrationSender(machine, std::move(options), std::move(report)));
@@ -131,16 +125,21 @@ void MigrationSender::run() {
     quiesced_.reset();
     return;
   }
-  // The source stays the machine: logging off, devices going on, then
-  // vCPUs running again if we held them.
+  // The source stays the machine: logging off, its disks' locks back,
+  // devices going on, then vCPUs running again if we held them.
   (void)machine_.stop_dirty_log();
+  std::string message = cancelled_.load() ? "cancelled" : result.error().message();
+  if (Result<void> locked = retake_disk_locks(); !locked) {
+    // Never run on without the disk: another process may be writing it.
+    message += fmt::format("; the VM stays paused: {}", locked.error().message());
+    paused_by_us_ = false;
+  }
   quiesced_.reset();
   if (paused_by_us_) {
     if (Result<void> resumed = machine_.resume(); !resumed) {
       LOG_WARN("migration failed and the VM could not be resumed: {}", resumed.error().message());
     }
   }
-  std::string message = cancelled_.load() ? "cancelled" : result.error().message();
   {
     std::lock_guard lock(mutex_);
     stats_.phase = cancelled_.load() ? MigrationPhase::Cancelled : MigrationPhase::Failed;
@@ -150,6 +149,19 @@ void MigrationSender::run() {
   LOG_WARN("migration to {} failed, the VM runs on here: {}", options_.destination.text, message);
   if (report_) report_("migration-failed", stats());
   finished_.store(true);
+}
+
+Result<void> MigrationSender::retake_disk_locks() {
+  if (!disks_released_) return ok();
+  // A destination that failed after taking a lock lets go as it exits.
+  constexpr auto kRetry = std::chrono::milliseconds(100);
+  constexpr int kAttempts = 50;
+  Result<void> locked = machine_.set_disk_locks(true);
+  for (int attempt = 1; !locked && attempt < kAttempts; ++attempt) {
+    std::this_thread::sleep_for(kRetry);
+    locked = machine_.set_disk_locks(true);
+  }
+  return locked;
 }
 
 Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
@@ -304,6 +316,11 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   }
   TRY(send_dirty(writer, dirty));
   TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
+  // The disks' locks go before the end, so the destination, which takes
+  // them once the end arrived, finds them free; run() takes them back if
+  // the handover fails.
+  disks_released_ = true;
+  TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
   uint64_t rounds = stats().rounds;
   TRY(writer.send(migration::FrameType::End, migration::encode_end({stats().pages_sent, rounds})));
   {
@@ -368,8 +385,12 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           if (!state) return fail(Errc::Corrupt, fmt::format("{}: end before the state", label));
           LOG_INFO("{}: {} pages received ({} sent) in {} rounds", label, pages, end.pages_sent,
                    end.rounds);
-          return Machine::restore_migrated(label, *state, hello.host, config, kvm,
-                                           std::move(memory), std::move(serial_output));
+          std::unique_ptr<Machine> machine =
+              TRY(Machine::restore_migrated(label, *state, hello.host, config, kvm,
+                                            std::move(memory), std::move(serial_output)));
+          // The source let go of its disks before it sent the end.
+          TRY_CONTEXT(machine->set_disk_locks(true), label);
+          return machine;
         }
         case migration::FrameType::Abort: {
           migration::Verdict verdict = TRY(migration::decode_verdict(frame.payload));

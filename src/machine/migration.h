@@ -88,6 +88,8 @@ class MigrationSender {
   Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
   Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
   Result<void> check_cancelled() const;
+  // After a failed handover: the disks' locks again (retried for a while).
+  Result<void> retake_disk_locks();
   void set_phase(MigrationPhase phase);
 
   Machine& machine_;
@@ -106,6 +108,7 @@ class MigrationSender {
   // Held from the stop-and-copy to the end (released on failure, so the
   // source's devices go on).
   std::optional<Machine::QuiescedDevices> quiesced_;
+  bool disks_released_ = false;  // the disks' locks were let go: take them back on failure
   std::thread thread_;
 };
 

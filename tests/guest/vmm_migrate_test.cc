@@ -7,6 +7,7 @@
 // cancel, leaves the source running on.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include "api/client.h"
+#include "base/fd.h"
+#include "block/image_lock.h"
 #include "counting_guest.h"
 #include "tiny_guest.h"
 #include "vmm_api_support.h"
@@ -100,6 +103,27 @@ class VmmMigrateTest : public ::testing::Test {
                                   Json{{"destination", "unix:" + migration_socket_}}.dump());
     EXPECT_EQ(started.status, 200u) << started.body;
     return wait_for_migration_end(source_socket_);
+  }
+
+  // Migrates source to the waiting destination; the source must exit 0
+  // and the destination go on counting from the letter after the source's
+  // last one (in source_console).
+  void migrate_and_expect_counting_goes_on(VmmProcess& source, VmmProcess& destination,
+                                           const std::string& source_console) {
+    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                  Json{{"destination", "unix:" + migration_socket_}}.dump());
+    ASSERT_EQ(started.status, 200u) << started.body;
+    Outcome source_outcome = source.wait(kGuestTimeout);
+    EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
+    // A restored source's console has letters only, no banner.
+    const std::string text = read_text(source_console);
+    std::string before = text.find(kBanner) == std::string::npos ? text : letters_of(text);
+    ASSERT_FALSE(before.empty());
+    std::string after = wait_for_file(destination_console_, 40);
+    ASSERT_GE(after.size(), 40u) << "the destination printed too little: " << destination.wait(1s);
+    EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+        << "after '" << before.back() << "': " << after;
+    ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
   }
 
   // The source goes on printing letters in order.
@@ -204,18 +228,8 @@ TEST_F(VmmMigrateTest, RestoredMachineMigrates) {
   ASSERT_TRUE(api_answers(source_socket_, kGuestTimeout));
   VmmProcess destination(destination_args());
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
-  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                                Json{{"destination", "unix:" + migration_socket_}}.dump());
-  ASSERT_EQ(started.status, 200u) << started.body;
-  Outcome source_outcome = source.wait(kGuestTimeout);
-  EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
-  std::string before = read_text(restored_console);
-  ASSERT_FALSE(before.empty());
-  std::string after = wait_for_file(destination_console_, 40);
-  ASSERT_GE(after.size(), 40u) << destination.wait(1s);
-  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
-      << "after '" << before.back() << "': " << after;
-  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+  migrate_and_expect_counting_goes_on(source, destination, restored_console);
+  ASSERT_FALSE(HasFailure());
   call(destination_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
 }
@@ -314,16 +328,48 @@ TEST_F(VmmMigrateTest, ADestinationOfAnotherSizeRefusesSayingWhy) {
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
 
-TEST_F(VmmMigrateTest, VirtioMachineIsRefused) {
-  std::unique_ptr<VmmProcess> source_process = start_source({"--rng"});
+TEST_F(VmmMigrateTest, BalloonMachineIsRefused) {
+  std::unique_ptr<VmmProcess> source_process = start_source({"--balloon", "on"});
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
   api::HttpReply refused = call(source_socket_, "PUT", "/api/v1/vm/migrate",
                                 Json{{"destination", "unix:" + migration_socket_}}.dump());
   EXPECT_EQ(refused.status, 501u) << refused.body;
-  EXPECT_THAT(refused.body, HasSubstr("virtio-rng"));
+  EXPECT_THAT(refused.body, HasSubstr("virtio-balloon"));
   call(source_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+// A virtio-rng and a raw disk both sides open (shared storage on one host):
+// the source lets go of the disk's lock before the end, the destination
+// takes it before it runs, and the guest counts on.
+TEST_F(VmmMigrateTest, MachineWithRngAndSharedDiskContinuesOnTheDestination) {
+  const std::string disk = dir_.file("disk.raw");
+  {
+    Result<Fd> file = Fd::open(disk, O_RDWR | O_CREAT, 0600);
+    ASSERT_TRUE(file) << file.error().message();
+    ASSERT_EQ(::ftruncate(file->get(), 1 << 20), 0);
+  }
+  const std::vector<std::string> devices = {"--rng", "--disk", "path=" + disk + ",format=raw"};
+  std::unique_ptr<VmmProcess> source_process = start_source(devices);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), devices.begin(), devices.end());
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+
+  migrate_and_expect_counting_goes_on(source, destination, source_console_);
+  ASSERT_FALSE(HasFailure());
+
+  // The destination holds the disk now: no one else may even read it.
+  Result<block::ImageLock> held = block::ImageLock::open(disk, block::Access::ReadOnly);
+  ASSERT_FALSE(held) << "the destination does not hold the disk's lock";
+  EXPECT_EQ(held.error().code(), Errc::Busy) << held.error().message();
+  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  Outcome outcome = destination.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  EXPECT_TRUE(block::ImageLock::open(disk, block::Access::ReadWrite));
 }
 
 }  // namespace
