@@ -21,6 +21,7 @@
 #include "api/client.h"
 #include "base/fd.h"
 #include "block/image_lock.h"
+#include "block/qcow2/create.h"
 #include "counting_guest.h"
 #include "tiny_guest.h"
 #include "vmm_api_support.h"
@@ -336,6 +337,28 @@ TEST_F(VmmMigrateTest, BalloonMachineIsRefused) {
                                 Json{{"destination", "unix:" + migration_socket_}}.dump());
   EXPECT_EQ(refused.status, 501u) << refused.body;
   EXPECT_THAT(refused.body, HasSubstr("virtio-balloon"));
+  call(source_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+// The destination would read a qcow2 image's metadata before the source's
+// last writes: refused at the start, naming the disk; the source runs on.
+TEST_F(VmmMigrateTest, WritableQcow2DiskIsRefused) {
+  const std::string disk = dir_.file("disk.qcow2");
+  block::qcow2::CreateOptions options;
+  options.size_bytes = 1 << 20;
+  Result<void> created = block::qcow2::create_image(disk, options);
+  ASSERT_TRUE(created) << created.error().message();
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--disk", "path=" + disk + ",format=qcow2"});
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  api::HttpReply refused = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                Json{{"destination", "unix:" + migration_socket_}}.dump());
+  EXPECT_EQ(refused.status, 501u) << refused.body;
+  EXPECT_THAT(refused.body, HasSubstr(disk));
+  EXPECT_THAT(refused.body, HasSubstr("raw only"));
+  expect_source_runs_on();
   call(source_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
