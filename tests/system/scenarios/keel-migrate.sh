@@ -13,6 +13,7 @@
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
+. "$KEEL_SYSTEM_DIR/common/disk-loop.sh"
 require_binary keelctl >/dev/null
 
 sock=$KEEL_WORKDIR/source.sock
@@ -31,15 +32,7 @@ truncate -s 64M "$scratch"
 l2_boot src --mem 256 --serial-agent --disk-rw "$scratch" --vmm-arg "--api-socket=$sock"
 l2_cmd src 'cat /sys/block/vda/size'
 assert_eq "$L2_OUTPUT" 131072 "the scratch disk is vda, 64 MiB"
-# 4 MiB at 40 MiB written and fsync'd before the migration: must read back
-# from the disk (caches dropped) on the destination.
-l2_cmd src 'dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null && dd if=/tmp/p of=/dev/vda bs=1M seek=40 conv=fsync 2>/dev/null && sha256sum < /tmp/p | cut -d" " -f1'
-early_sum=$L2_OUTPUT
-assert_match "$early_sum" '^[0-9a-f]{64}$' "checksum of the data written before the migration"
-# The write-verify loop: a random 4 KiB block written with fsync to one of
-# the first 256 blocks, reread from the disk and compared, forever.
-l2_cmd src '(i=0; while :; do i=$((i+1)); b=$((i % 256)); dd if=/dev/urandom of=/tmp/w bs=4096 count=1 2>/dev/null; dd if=/tmp/w of=/dev/vda bs=4096 seek=$b conv=fsync 2>/dev/null; echo 1 > /proc/sys/vm/drop_caches; dd if=/dev/vda of=/tmp/r bs=4096 skip=$b count=1 2>/dev/null; cmp -s /tmp/w /tmp/r || echo "mismatch at $i" >> /tmp/diskerr; echo $i > /tmp/diskcount; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/disk.pid; echo started'
-assert_eq "$L2_OUTPUT" started "disk loop started"
+disk_loop_start src "the migration"
 l2_cmd src 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
 assert_eq "$L2_OUTPUT" started "counter started"
 sleep 2
@@ -97,21 +90,10 @@ log "ok: counter $first, $middle after the failed migration, $after after the mi
 
 # The disk on the destination: the loop goes on without a mismatch, the
 # data written before the migration reads back, a new write lands.
-l2_cmd dst 'cat /tmp/diskcount; cat /tmp/diskerr 2>/dev/null; true'
-disk_after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
-assert_match "$disk_after" '^[0-9]+$' "disk loop iterations after the migration"
-[ "$(printf '%s\n' "$L2_OUTPUT" | wc -l)" -eq 1 ] || fail "disk loop mismatches: $L2_OUTPUT"
-[ "$disk_after" -gt "$disk_before" ] || fail "the disk loop stopped ($disk_before, then $disk_after)"
-l2_cmd dst "kill $disk_pid; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=1M skip=40 count=4 2>/dev/null | sha256sum | cut -d' ' -f1"
-assert_eq "$L2_OUTPUT" "$early_sum" "data written before the migration, read back after it"
-l2_cmd dst 'dd if=/dev/urandom of=/tmp/q bs=1M count=2 2>/dev/null && dd if=/tmp/q of=/dev/vda bs=1M seek=50 conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1M skip=50 count=2 2>/dev/null | cmp - /tmp/q && sha256sum < /tmp/q | cut -d" " -f1'
-late_sum=$L2_OUTPUT
-assert_match "$late_sum" '^[0-9a-f]{64}$' "a new disk write after the migration, read back"
-log "ok: disk loop $disk_before iterations before, $disk_after after, no mismatch; old and new data read back"
+disk_loop_check dst "the migration" "$disk_before" "$disk_pid"
 
 assert_match "$(keelctl --socket "$dsock" vm stop)" '^stopping' "keelctl vm stop on the destination"
 l2_wait_exit dst 60 || fail "the destination did not exit"
 assert_eq "$L2_EXIT_RC" 0 "destination exit status"
-host_sum=$(dd if="$scratch" bs=1M skip=50 count=2 2>/dev/null | sha256sum | cut -d' ' -f1)
-assert_eq "$host_sum" "$late_sum" "host-side checksum of the write made on the destination"
+disk_host_check "$scratch" "the migration"
 echo "KEEL-PASS"
