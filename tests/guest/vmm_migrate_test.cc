@@ -127,6 +127,17 @@ class VmmMigrateTest : public ::testing::Test {
     ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
   }
 
+  // A new 1 MiB raw image in the test's directory.
+  std::string raw_disk() {
+    const std::string disk = dir_.file("disk.raw");
+    Result<Fd> file = Fd::open(disk, O_RDWR | O_CREAT, 0600);
+    EXPECT_TRUE(file) << file.error().message();
+    if (file) {
+      EXPECT_EQ(::ftruncate(file->get(), 1 << 20), 0);
+    }
+    return disk;
+  }
+
   // The source goes on printing letters in order.
   void expect_source_runs_on() {
     size_t printed = read_text(source_console_).size();
@@ -367,12 +378,8 @@ TEST_F(VmmMigrateTest, WritableQcow2DiskIsRefused) {
 // the source lets go of the disk's lock before the end, the destination
 // takes it before it runs, and the guest counts on.
 TEST_F(VmmMigrateTest, MachineWithRngAndSharedDiskContinuesOnTheDestination) {
-  const std::string disk = dir_.file("disk.raw");
-  {
-    Result<Fd> file = Fd::open(disk, O_RDWR | O_CREAT, 0600);
-    ASSERT_TRUE(file) << file.error().message();
-    ASSERT_EQ(::ftruncate(file->get(), 1 << 20), 0);
-  }
+  const std::string disk = raw_disk();
+  ASSERT_FALSE(HasFailure());
   const std::vector<std::string> devices = {"--rng", "--disk", "path=" + disk + ",format=raw"};
   std::unique_ptr<VmmProcess> source_process = start_source(devices);
   ASSERT_FALSE(HasFailure());
@@ -393,6 +400,34 @@ TEST_F(VmmMigrateTest, MachineWithRngAndSharedDiskContinuesOnTheDestination) {
   Outcome outcome = destination.wait(kGuestTimeout);
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
   EXPECT_TRUE(block::ImageLock::open(disk, block::Access::ReadWrite));
+}
+
+// A destination that refuses the machine after the end (another vCPU
+// count, which only the state shows) when the source had already let go
+// of its disk's lock: the source takes it back and runs on.
+TEST_F(VmmMigrateTest, RefusalAfterTheEndGivesTheSourceItsDiskBack) {
+  const std::string disk = raw_disk();
+  ASSERT_FALSE(HasFailure());
+  const std::vector<std::string> devices = {"--disk", "path=" + disk + ",format=raw"};
+  std::unique_ptr<VmmProcess> source_process = start_source(devices);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), devices.begin(), devices.end());
+  args.insert(args.end(), {"--cpus", "2"});
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+
+  Json stats = migrate_to_an_end();
+  EXPECT_EQ(stats["phase"], "failed");
+  EXPECT_THAT(stats.value("error", ""), HasSubstr("vcpu sections")) << stats.dump();
+  EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 1);
+  expect_source_runs_on();
+  Result<block::ImageLock> held = block::ImageLock::open(disk, block::Access::ReadOnly);
+  ASSERT_FALSE(held) << "the source did not take its disk's lock back";
+  EXPECT_EQ(held.error().code(), Errc::Busy) << held.error().message();
+  call(source_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
 
 }  // namespace
