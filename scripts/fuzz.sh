@@ -27,7 +27,8 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || (( seconds == 0 )); then
   exit 2
 fi
 shift $(( $# > 0 ? 1 : 0 ))
-all_fuzzers=(virtqueue_fuzz virtio_pci_fuzz qcow2_header_fuzz snapshot_reader_fuzz)
+all_fuzzers=(virtqueue_fuzz virtio_pci_fuzz qcow2_header_fuzz snapshot_reader_fuzz
+             migration_stream_fuzz)
 if (( $# > 0 )); then fuzzers=("$@"); else fuzzers=("${all_fuzzers[@]}"); fi
 
 build="$KEEL_ROOT/build-fuzz"

@@ -38,6 +38,18 @@ enum class CommandKind {
   GetConfig,  // the VM's configuration (docs/vm-config.md); Busy before one is set
   Configure,  // {state: configured, config}; Command::body is the JSON config; Busy once started
   Start,      // {state, boot}; Busy if not configured or already started
+  Migrate,          // starts a live migration (Command::migrate); {phase, destination}
+  GetMigration,     // the last migration's progress and statistics; {phase: none} if none
+  CancelMigration,  // the source keeps running; 409 when there is nothing to cancel
+};
+
+// PUT /api/v1/vm/migrate, its types checked by parse_migrate_body; the
+// machine side parses the destination address.
+struct MigrateRequest {
+  std::string destination;     // unix:PATH or tcp:HOST:PORT
+  uint64_t downtime_ms = 300;  // 1 to 60000
+  uint64_t bandwidth_mib = 0;  // MiB/s, 0 for no limit
+  bool compress = false;
 };
 
 std::string_view command_name(CommandKind kind);
@@ -65,6 +77,7 @@ struct Command {
   // Configure: the JSON document, already checked to be an object of known
   // keys; the machine side parses and validates it.
   std::string body{};
+  MigrateRequest migrate{};  // Migrate
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

@@ -26,6 +26,9 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::GetConfig: return "get-config";
     case CommandKind::Configure: return "configure";
     case CommandKind::Start: return "start";
+    case CommandKind::Migrate: return "migrate";
+    case CommandKind::GetMigration: return "get-migration";
+    case CommandKind::CancelMigration: return "cancel-migration";
   }
   return "?";
 }

@@ -21,6 +21,8 @@ constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
 constexpr std::string_view kConfigFields[] = {
     "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
     "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
+constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
+                                               "compress"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -46,6 +48,11 @@ const std::array kRoutes = {
     Route{"PUT", "/api/v1/vm/nets", RouteId::AddNet, CommandKind::AddNet, {}, kAddNetFields},
     Route{"PUT", "/api/v1/vm/nets/remove", RouteId::RemoveNet, CommandKind::RemoveNet, {},
           kRemoveFields},
+    Route{"PUT", "/api/v1/vm/migrate", RouteId::Migrate, CommandKind::Migrate, {},
+          kMigrateFields},
+    Route{"GET", "/api/v1/vm/migrate", RouteId::GetMigration, CommandKind::GetMigration, {}, {}},
+    Route{"DELETE", "/api/v1/vm/migrate", RouteId::CancelMigration,
+          CommandKind::CancelMigration, {}, {}},
     Route{"GET", "/api/v1/events", RouteId::Events, std::nullopt, kEventsParameters, {}},
     Route{"GET", "/api/v1/vm/config", RouteId::GetConfig, CommandKind::GetConfig, {}, {}},
     Route{"PUT", "/api/v1/vm/config", RouteId::PutConfig, CommandKind::Configure, {},
@@ -367,6 +374,8 @@ std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std:
   }
 #undef KEEL_TAKE
   return request;
+}
+
 std::optional<ApiError> check_config_body(std::string_view body,
                                           std::span<const std::string_view> fields) {
   nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
@@ -391,6 +400,51 @@ std::string field_named_by(std::string_view message, std::span<const std::string
     }
   }
   return "";
+}
+
+std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body) {
+  nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+  if (json.is_discarded()) return ApiError{400, "the body is not valid JSON", "body"};
+  if (!json.is_object()) return ApiError{400, "the body must be a JSON object", "body"};
+  MigrateRequest request;
+  for (const auto& [key, value] : json.items()) {
+    if (key == "destination") {
+      if (!value.is_string()) return ApiError{400, "destination: must be a string", key};
+      request.destination = value.get<std::string>();
+      bool known = request.destination.starts_with("unix:") ||
+                   request.destination.starts_with("tcp:");
+      if (!known || request.destination.size() > 4096) {
+        return ApiError{400, "destination: must be unix:PATH or tcp:HOST:PORT", key};
+      }
+    } else if (key == "downtime_ms" || key == "bandwidth_mib") {
+      // Integers only, as for the balloon target.
+      if (!value.is_number_unsigned()) {
+        return ApiError{400, fmt::format("{}: must be a whole number, 0 or more", key), key};
+      }
+      uint64_t number = value.get<uint64_t>();
+      if (key == "downtime_ms") {
+        if (number < 1 || number > 60'000) {
+          return ApiError{400, fmt::format("downtime_ms: {} is not from 1 to 60000", number), key};
+        }
+        request.downtime_ms = number;
+      } else {
+        if (number > (1u << 20)) {
+          return ApiError{400, fmt::format("bandwidth_mib: {} is more than 1048576", number), key};
+        }
+        request.bandwidth_mib = number;
+      }
+    } else if (key == "compress") {
+      if (!value.is_boolean()) return ApiError{400, "compress: must be true or false", key};
+      request.compress = value.get<bool>();
+    } else {
+      return ApiError{400,
+                      fmt::format("unknown field '{}': migrate takes destination, downtime_ms, "
+                                  "bandwidth_mib and compress", key),
+                      key};
+    }
+  }
+  if (request.destination.empty()) return ApiError{400, "destination: required", "destination"};
+  return request;
 }
 
 Result<EventsQuery> parse_events_query(const Query& query, std::string& bad_field) {

@@ -37,6 +37,9 @@ enum class RouteId {
   ResizeDisk,
   AddNet,
   RemoveNet,
+  Migrate,
+  GetMigration,
+  CancelMigration,
   Events,
   GetConfig,
   PutConfig,
@@ -96,6 +99,10 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
 // must be absolute, at most 4096 bytes, without NUL or control characters,
 // and not end in '/'; a 400 names the field at fault otherwise.
 std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
+// {"destination": "unix:PATH" | "tcp:HOST:PORT", "downtime_ms": N,
+//  "bandwidth_mib": N, "compress": bool}: destination required, the rest
+// optional; errors name the field.
+std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body);
 
 // The hotplug routes' bodies (PUT /api/v1/vm/disks, disks/remove,
 // disks/resize, nets, nets/remove): a JSON object with only the route's

@@ -277,6 +277,16 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Start:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
+      case RouteId::Migrate: {
+        auto parsed = parse_migrate_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Migrate,
+                              .migrate = std::get<MigrateRequest>(std::move(parsed))});
+      }
+      case RouteId::CancelMigration:
+        if (auto bad = check_empty_body(request.body())) return send_error(*bad);
+        break;
+      case RouteId::GetMigration:
       case RouteId::GetVm:
         if (state_.options.vm_status != nullptr) {
           if (std::optional<std::string> vm = state_.options.vm_status->current()) {

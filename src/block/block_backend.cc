@@ -1,6 +1,7 @@
 #include "block/block_backend.h"
 
 #include <cerrno>
+#include <string>
 
 #include <fmt/format.h>
 
@@ -23,6 +24,11 @@ int64_t to_result(Result<void> result) {
 
 Result<void> BlockBackend::resize(uint64_t /*new_size_bytes*/) {
   return fail(Errc::Unsupported, fmt::format("{} images cannot be resized", format_name()));
+}
+
+Result<void> BlockBackend::set_image_locked(bool /*locked*/) {
+  return fail(Errc::Unsupported,
+              std::string(format_name()) + " images cannot be handed over to another process yet");
 }
 
 Result<void> SyncBlockBackend::submit(const BlockRequest& request) {

@@ -87,6 +87,13 @@ class BlockBackend {
   virtual size_t reap(std::vector<BlockCompletion>& out) = 0;
   // Requests submitted and not yet reaped.
   virtual size_t in_flight() const = 0;
+
+  // Disk handover in a live migration on shared storage
+  // (docs/migration-protocol.md): lets go of the image's lock (false), or
+  // takes it as the open would have (true; Busy naming the file while
+  // another process holds it). Unsupported where the format caches
+  // metadata (qcow2) that the new owner would have to read again.
+  virtual Result<void> set_image_locked(bool locked);
 };
 
 // A BlockBackend whose asynchronous face runs each request synchronously

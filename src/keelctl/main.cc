@@ -267,6 +267,69 @@ void print_created(const Json& reply) {
               text(config.value("memory_mib", Json())).c_str());
 }
 
+void print_migration(const Json& stats) {
+  std::string line = "migration " + text(stats.value("phase", Json()));
+  if (stats.contains("destination")) line += " to " + text(stats["destination"]);
+  if (stats.contains("rounds")) {
+    line += fmt::format(": round {}, {} MiB sent, {} pages left, {} ms",
+                        text(stats["rounds"]),
+                        stats.value("bytes_sent", uint64_t{0}) >> 20,
+                        text(stats.value("remaining_pages", Json())),
+                        text(stats.value("total_ms", Json())));
+  }
+  if (stats.contains("error")) line += " (" + text(stats["error"]) + ")";
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+// PUT /api/v1/vm/migrate, then the migration's events until it completes or
+// fails: progress lines, or with --json the events themselves.
+int migrate(const api::Client& client, bool json, const Json& request) {
+  // Only events newer than the newest one now belong to this migration.
+  uint64_t after = 0;
+  Result<api::HttpReply> old = client.stream_lines(
+      "/api/v1/events?follow=false", [&after](std::string_view line) {
+        Json event = Json::parse(line, nullptr, false);
+        if (event.is_object()) after = std::max(after, event.value("seq", uint64_t{0}));
+        return true;
+      });
+  if (!old) return unreachable(client, old.error());
+  Result<api::HttpReply> reply = client.request("PUT", "/api/v1/vm/migrate", request.dump());
+  if (!reply) return unreachable(client, reply.error());
+  if (reply->status != 200) return refused("migrate", *reply);
+  int status = kExitUnreachable;  // unless an event says how it ended
+  Result<api::HttpReply> followed = client.stream_lines(
+      fmt::format("/api/v1/events?after={}&follow=true", after),
+      [json, &status](std::string_view line) {
+        Json event = Json::parse(line, nullptr, false);
+        if (!event.is_object()) return true;
+        std::string type = event.value("type", "");
+        if (!type.starts_with("migration-")) return true;
+        if (json) {
+          std::printf("%.*s\n", static_cast<int>(line.size()), line.data());
+          std::fflush(stdout);
+        } else if (type == "migration-completed") {
+          std::printf("migrated to %s in %s ms (paused %s ms)\n",
+                      text(event.value("destination", Json())).c_str(),
+                      text(event.value("total_ms", Json())).c_str(),
+                      text(event.value("downtime_ms", Json())).c_str());
+        } else if (type == "migration-failed") {
+          std::fprintf(stderr, "keelctl: vm migrate: %s; the VM runs on here\n",
+                       text(event.value("error", Json())).c_str());
+        } else if (type == "migration-progress") {
+          print_migration(event);
+        }
+        if (type == "migration-completed") status = kExitOk;
+        if (type == "migration-failed") status = kExitRefused;
+        return status == kExitUnreachable;
+      });
+  if (status == kExitUnreachable) {
+    std::fprintf(stderr, "keelctl: vm migrate: keel-vmm went away before the migration ended\n");
+    if (!followed) return unreachable(client, followed.error());
+  }
+  return status;
+}
+
 const VmCommand kVmCommands[] = {
     {"start", "PUT", "/api/v1/vm/start", "Start the VM configured with `vm create`", print_state},
     {"config", "GET", "/api/v1/vm/config", "Print the VM's configuration (JSON, docs/vm-config.md)",
@@ -283,6 +346,10 @@ const VmCommand kVmCommands[] = {
     {"stop", "PUT", "/api/v1/vm/stop", "Stop the VM now (keel-vmm exits)", print_state},
     {"power-button", "PUT", "/api/v1/vm/power-button",
      "Press the ACPI power button: ask the guest to shut down", print_power_button},
+    {"migrate-status", "GET", "/api/v1/vm/migrate", "Show the current or last migration",
+     print_migration},
+    {"migrate-cancel", "DELETE", "/api/v1/vm/migrate",
+     "Cancel the running migration (the VM keeps running here)", print_migration},
 };
 
 int run(int argc, char** argv) {
@@ -397,6 +464,19 @@ int run(int argc, char** argv) {
       "snapshot", "Write a snapshot of the paused VM to PATH (restore: keel-vmm --restore PATH)");
   snapshot->add_option("path", snapshot_path, "Snapshot file to write (made absolute)")->required();
   snapshot->callback([&snapshot_chosen] { snapshot_chosen = true; });
+  std::string migrate_destination;
+  uint64_t downtime_ms = 300, bandwidth_mib = 0;
+  bool compress = false, migrate_chosen = false;
+  CLI::App* migrate_command = vm->add_subcommand(
+      "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST; prints "
+                 "progress until it completes (exit 0) or fails (the VM runs on here)");
+  migrate_command->add_option("destination", migrate_destination, "unix:PATH or tcp:HOST:PORT")
+      ->required();
+  migrate_command->add_option("--downtime-ms", downtime_ms,
+                              "Longest pause for the final copy (default 300)");
+  migrate_command->add_option("--bandwidth", bandwidth_mib, "Limit in MiB/s (default 0: none)");
+  migrate_command->add_flag("--compress", compress, "zstd-compress the pages");
+  migrate_command->callback([&migrate_chosen] { migrate_chosen = true; });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -429,6 +509,11 @@ int run(int argc, char** argv) {
     if (!reply) return unreachable(client, reply.error());
     if (reply->status != 200) return refused("events", *reply);
     return kExitOk;
+  }
+  if (migrate_chosen) {
+    return migrate(client, json,
+                   Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
+                        {"bandwidth_mib", bandwidth_mib}, {"compress", compress}});
   }
   if (snapshot_chosen) {
     std::error_code error;

@@ -415,6 +415,45 @@ Result<int> Vm::check_extension(Capability cap) const {
   return value;
 }
 
+Result<bool> Vm::enable_manual_dirty_protect() {
+  int offered = TRY(check_extension(Capability::ManualDirtyLogProtect2));
+  if (offered <= 0 || (offered & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0) return false;
+  kvm_enable_cap cap{};
+  cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+  cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+  TRY(ioctl_set(fd_.get(), KVM_ENABLE_CAP, cap, "KVM_ENABLE_CAP MANUAL_DIRTY_LOG_PROTECT2"));
+  manual_dirty_protect_ = true;
+  return true;
+}
+
+Result<void> Vm::get_dirty_log(uint32_t slot, std::span<uint64_t> bitmap) {
+  kvm_dirty_log log{};
+  log.slot = slot;
+  log.dirty_bitmap = bitmap.data();
+  return ioctl_set(fd_.get(), KVM_GET_DIRTY_LOG, log,
+                   fmt::format("KVM_GET_DIRTY_LOG slot {}", slot));
+}
+
+Result<void> Vm::clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t page_count,
+                                 std::span<uint64_t> bitmap) {
+  if (!manual_dirty_protect_) {
+    return fail(Errc::InvalidArgument, "KVM_CLEAR_DIRTY_LOG without manual dirty protection");
+  }
+  if (first_page % 64 != 0 || (page_count + 63) / 64 > bitmap.size()) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("KVM_CLEAR_DIRTY_LOG slot {}: {} pages from page {} with a bitmap of "
+                            "{} words", slot, page_count, first_page, bitmap.size()));
+  }
+  kvm_clear_dirty_log clear{};
+  clear.slot = slot;
+  clear.num_pages = page_count;
+  clear.first_page = first_page;
+  clear.dirty_bitmap = bitmap.data();
+  return ioctl_set(fd_.get(), KVM_CLEAR_DIRTY_LOG, clear,
+                   fmt::format("KVM_CLEAR_DIRTY_LOG slot {} pages {}+{}", slot, first_page,
+                               page_count));
+}
+
 namespace {
 Result<IrqchipState> get_irqchip(int vm_fd, uint32_t chip, std::string_view name) {
   IrqchipState state{};

@@ -71,6 +71,25 @@ class Vm {
   Result<int> check_extension(Capability cap) const;
   int fd() const { return fd_.get(); }
 
+  // Dirty logging for migration (api.rst: KVM_GET_DIRTY_LOG,
+  // KVM_CLEAR_DIRTY_LOG, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2). A slot logs
+  // once set_memory_region gives it MemoryFlags::LogDirtyPages.
+  // Turns on manual protection when KVM offers it (false if not): then
+  // get_dirty_log only reports, and clear_dirty_log write-protects again
+  // the pages it names, so a large slot is not re-protected all at once.
+  // Call before any slot logs.
+  Result<bool> enable_manual_dirty_protect();
+  bool manual_dirty_protect() const { return manual_dirty_protect_; }
+  // The slot's dirty pages since the last call (or clear), one bit per page
+  // from the slot's start; bitmap has room for every page of the slot,
+  // rounded up to 64. Without manual protection KVM also clears the log
+  // and write-protects the pages again.
+  Result<void> get_dirty_log(uint32_t slot, std::span<uint64_t> bitmap);
+  // Manual protection only: clears the bits of bitmap (first_page is the
+  // page of bitmap's bit 0, a multiple of 64) and re-protects those pages.
+  Result<void> clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t page_count,
+                               std::span<uint64_t> bitmap);
+
   // The irqchip (PIC master and slave, IOAPIC), PIT and KVM clock, for a
   // snapshot. Call with every vCPU out of KVM_RUN.
   Result<VmState> save_state() const;
@@ -89,6 +108,7 @@ class Vm {
   std::shared_ptr<const std::vector<uint32_t>> msr_indices_;  // KVM_GET_MSR_INDEX_LIST
   bool has_irqchip_ = false;
   bool has_pit_ = false;
+  bool manual_dirty_protect_ = false;
 };
 
 // What a vCPU can save and restore on this KVM, decided once when it is made.

@@ -87,6 +87,7 @@ std::string_view stop_reason_name(StopReason reason) {
     case StopReason::DebugExit: return "debug-exit";
     case StopReason::Stopped: return "stopped";
     case StopReason::GuestPanic: return "guest-panic";
+    case StopReason::Migrated: return "migrated";
   }
   return "?";
 }
@@ -194,21 +195,49 @@ Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
                                                   devices::Serial::Output serial_output) {
-  const migration::MachineState& saved = snapshot.machine;
-  auto refuse = [&path](Errc code, const std::string& what) {
-    return fail(code, fmt::format("restore {}: {}", path, what));
+  const std::string label = fmt::format("restore {}", path);
+  if (snapshot.memory.payload_bytes != config.memory_mib << 20) {
+    return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
+                                           snapshot.memory.payload_bytes, config.memory_mib));
+  }
+  TRY(check_restorable(label, snapshot.machine, snapshot.reader.host(), config, kvm));
+  memory::GuestMemory memory = TRY_CONTEXT(
+      memory::GuestMemory::map_private(snapshot.reader.fd(), snapshot.memory.payload_offset,
+                                       snapshot.memory.payload_bytes, layout::kPciHoleStart,
+                                       layout::kPciHoleEnd),
+      fmt::format("{}: guest RAM", label));
+  return rebuild(label, snapshot.machine, config, kvm, std::move(memory),
+                 std::move(serial_output), block::Locking::Lock);
+}
+
+Result<std::unique_ptr<Machine>> Machine::restore_migrated(
+    const std::string& label, const migration::MachineState& saved,
+    const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
+    memory::GuestMemory memory, devices::Serial::Output serial_output) {
+  if (memory.size_bytes() != config.memory_mib << 20) {
+    return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
+                                           memory.size_bytes(), config.memory_mib));
+  }
+  TRY(check_restorable(label, saved, source, config, kvm));
+  // The source still holds its writable disks' locks; they are taken by
+  // set_disk_locks(true) once it let go (docs/migration-protocol.md).
+  return rebuild(label, saved, config, kvm, std::move(memory), std::move(serial_output),
+                 block::Locking::ForceShare);
+}
+
+Result<void> Machine::check_restorable(const std::string& label,
+                                       const migration::MachineState& saved,
+                                       const migration::HostCpuSummary& source,
+                                       const VmConfig& config, const kvm::Kvm& kvm) {
+  auto refuse = [&label](Errc code, const std::string& what) {
+    return fail(code, fmt::format("{}: {}", label, what));
   };
   if (auto device = unsupported_snapshot_device(config)) {
     return refuse(Errc::Unsupported, fmt::format("device {} cannot be restored yet", *device));
   }
-  const std::string context = fmt::format("restore {}", path);
   if (saved.vcpus.size() != config.cpus) {
     return refuse(Errc::Corrupt, fmt::format("{} vcpu sections for a config of {} vCPUs",
                                              saved.vcpus.size(), config.cpus));
-  }
-  if (snapshot.memory.payload_bytes != config.memory_mib << 20) {
-    return refuse(Errc::Corrupt, fmt::format("{} bytes of RAM for a config of {} MiB",
-                                             snapshot.memory.payload_bytes, config.memory_mib));
   }
   for (const migration::DeviceState& device : saved.devices) {
     if (device.name != migration::kSerialSectionName && device.name != migration::kRtcSectionName &&
@@ -217,27 +246,30 @@ Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
                     fmt::format("device section '{}' is one this Keel cannot restore", device.name));
     }
   }
-  TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), fmt::format("restore {}", path));
+  TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), label);
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   for (size_t index = 0; index < saved.vcpus.size(); ++index) {
-    TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported,
-                                                snapshot.reader.host()),
-                fmt::format("restore {}: vcpu {}", path, index));
+    TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported, source),
+                fmt::format("{}: vcpu {}", label, index));
   }
+  return ok();
+}
 
-  memory::GuestMemory memory = TRY_CONTEXT(
-      memory::GuestMemory::map_private(snapshot.reader.fd(), snapshot.memory.payload_offset,
-                                       snapshot.memory.payload_bytes, layout::kPciHoleStart,
-                                       layout::kPciHoleEnd),
-      fmt::format("restore {}: guest RAM", path));
+Result<std::unique_ptr<Machine>> Machine::rebuild(const std::string& label,
+                                                  const migration::MachineState& saved,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  memory::GuestMemory memory,
+                                                  devices::Serial::Output serial_output,
+                                                  block::Locking writable_disk_locking) {
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
-  TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices), context);
-  TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), context);
-  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("restore {}: vm", path));
+  machine->writable_disk_locking_ = writable_disk_locking;
+  TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices), label);
+  TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), label);
+  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("{}: vm", label));
   for (uint32_t index = 0; index < config.cpus; ++index) {
     auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
     TRY_CONTEXT(vcpu->restore_state(saved.vcpus[index]),
-                fmt::format("restore {}: vcpu {}", path, index));
+                fmt::format("{}: vcpu {}", label, index));
     machine->vcpus_.push_back(std::move(vcpu));
     machine->cpuids_.push_back(saved.vcpus[index].cpuid);
   }
@@ -401,7 +433,18 @@ Result<std::shared_ptr<devices::virtio::Blk>> Machine::open_disk(const DiskConfi
                                                                  const std::string& what) {
   const block::ImageFormat format = TRY_CONTEXT(block::parse_image_format(disk.format), what);
   const block::Access access = disk.read_only ? block::Access::ReadOnly : block::Access::ReadWrite;
-  auto backend = TRY_CONTEXT(block::open_image(disk.path, format, access), what);
+  if (!disk.read_only && writable_disk_locking_ == block::Locking::ForceShare &&
+      (format == block::ImageFormat::Auto ? TRY_CONTEXT(block::probe_image_format(disk.path), what)
+                                          : format) != block::ImageFormat::Raw) {
+    // Opening a qcow2 image for writing reads (and may write) metadata
+    // the source is still changing.
+    return fail(Errc::Unsupported, fmt::format("{}: a writable disk is handed over in a "
+                                               "migration only as a raw image", what));
+  }
+  auto backend = TRY_CONTEXT(
+      block::open_image(disk.path, format, access,
+                        disk.read_only ? block::Locking::Lock : writable_disk_locking_),
+      what);
   std::shared_ptr<devices::virtio::Blk> blk =
       TRY_CONTEXT(devices::virtio::Blk::create(
                       std::move(backend),
@@ -695,6 +738,25 @@ Result<void> Machine::resume() {
   return ok();
 }
 
+Result<void> Machine::check_state_saveable() const {
+  // Refused before anything is written or sent: a snapshot without a
+  // device's state would restore into a guest whose driver disagrees with
+  // the device.
+  {
+    // The saved config would not describe this machine's devices.
+    std::lock_guard lock(hotplug_mutex_);
+    if (hotplug_changed_) {
+      return fail(Errc::Unsupported,
+                  "devices were hot-plugged or unplugged since the VM started, and the saved "
+                  "config cannot describe them yet");
+    }
+  }
+  if (auto device = unsupported_snapshot_device(config_)) {
+    return fail(Errc::Unsupported, fmt::format("device {} cannot be saved yet", *device));
+  }
+  return ok();
+}
+
 Machine::QuiescedDevices::~QuiescedDevices() {
   // Kicked while still held: the doorbells run first thing once the loop
   // goes on, so a device that stopped popping looks at its rings again.
@@ -743,24 +805,17 @@ Result<void> Machine::save(const std::string& path) {
                 "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
                 "is a private mapping of that file is not supported yet");
   }
-  {
-    // The snapshot's config would not describe this machine's devices.
-    std::lock_guard lock(hotplug_mutex_);
-    if (hotplug_changed_) {
-      return fail(Errc::Unsupported,
-                  "snapshot: devices were hot-plugged or unplugged since the VM started, and "
-                  "the snapshot's config cannot describe them yet");
-    }
-  }
-  // Refused before anything is written: a snapshot without a device's
-  // state would restore into a guest whose driver disagrees with the device.
-  if (auto device = unsupported_snapshot_device(config_)) {
-    return fail(Errc::Unsupported,
-                fmt::format("snapshot: device {} cannot be saved yet", *device));
-  }
+  TRY_CONTEXT(check_state_saveable(), "snapshot");
   // Devices first: their last completions write RAM and raise interrupts,
   // which the vCPU and VM state saved below must already hold.
   QuiescedDevices quiesced = TRY_CONTEXT(quiesce_devices(), "snapshot");
+  migration::MachineState state = TRY(save_state(quiesced));
+  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
+}
+
+Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quiesced) {
+  if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
+  TRY_CONTEXT(check_state_saveable(), "snapshot");
   migration::MachineState state;
   state.config_json = to_json(config_);
   // The held vCPU threads wait outside KVM_RUN until resume(), which only
@@ -776,7 +831,88 @@ Result<void> Machine::save(const std::string& path) {
   for (const DiskConfig& disk : config_.disks) {
     state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
   }
-  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
+  return state;
+}
+
+std::vector<std::pair<std::string, devices::virtio::Blk*>> Machine::writable_disks() {
+  // The config's disks by their names (disk0, disk1, ...): a hot-plug
+  // changes slots and the device list, never these names.
+  std::vector<std::pair<std::string, devices::virtio::Blk*>> disks;
+  std::lock_guard lock(hotplug_mutex_);
+  for (size_t index = 0; index < config_.disks.size(); ++index) {
+    const DiskConfig& disk = config_.disks[index];
+    if (disk.read_only) continue;  // readers share an image: nothing to hand over
+    const std::string id = fmt::format("disk{}", index);
+    for (const Named& named : named_) {
+      if (named.kind != HotplugKind::Disk || named.id != id) continue;
+      if (auto* blk = dynamic_cast<devices::virtio::Blk*>(&named.pci->device())) {
+        disks.emplace_back(fmt::format("disk '{}'", disk.path), blk);
+      }
+    }
+  }
+  return disks;
+}
+
+Result<void> Machine::check_disks_hand_over() {
+  for (const auto& [what, blk] : writable_disks()) {
+    if (blk->backend().format_name() != "raw") {
+      return fail(Errc::Unsupported,
+                  fmt::format("{}: a writable {} disk cannot be handed over yet (raw only)", what,
+                              blk->backend().format_name()));
+    }
+  }
+  return ok();
+}
+
+Result<void> Machine::set_disk_locks(bool held) {
+  for (const auto& [what, blk] : writable_disks()) {
+    TRY_CONTEXT(blk->backend().set_image_locked(held), what);
+  }
+  return ok();
+}
+
+Result<void> Machine::start_dirty_log() {
+  if (!vm_.manual_dirty_protect()) TRY(vm_.enable_manual_dirty_protect());
+  memory_.set_dirty_tracking(true);
+  uint32_t slot = 0;
+  for (const memory::MemoryRegion& region : memory_.regions()) {
+    TRY(vm_.set_memory_region(slot++, region.start.value, region.size_bytes, region.host,
+                              kvm::MemoryFlags::LogDirtyPages));
+  }
+  return ok();
+}
+
+Result<void> Machine::collect_dirty_pages(migration::DirtyBitmap& dirty,
+                                          migration::DirtyBitmap& vmm_written) {
+  constexpr uint64_t kPage = memory::GuestMemory::kPageBytes;
+  uint32_t slot = 0;
+  std::vector<uint64_t> log;
+  for (const memory::MemoryRegion& region : memory_.regions()) {
+    const uint64_t pages = region.size_bytes / kPage;
+    log.assign((pages + 63) / 64, 0);
+    TRY(vm_.get_dirty_log(slot, log));
+    if (vm_.manual_dirty_protect()) {
+      // Write-protect again exactly the pages about to be sent, before they
+      // are read: a write after this is logged for the next round.
+      TRY(vm_.clear_dirty_log(slot, 0, static_cast<uint32_t>(pages), log));
+    }
+    dirty.merge_words(region.file_offset / kPage, log);
+    ++slot;
+  }
+  migration::DirtyBitmap written(dirty.page_count());
+  memory_.take_dirty_pages(written.words());
+  dirty.merge(written);
+  vmm_written.merge(written);
+  return ok();
+}
+
+Result<void> Machine::stop_dirty_log() {
+  memory_.set_dirty_tracking(false);
+  uint32_t slot = 0;
+  for (const memory::MemoryRegion& region : memory_.regions()) {
+    TRY(vm_.set_memory_region(slot++, region.start.value, region.size_bytes, region.host));
+  }
+  return ok();
 }
 
 void Machine::hold_while_paused(kvm::Vcpu& vcpu) {

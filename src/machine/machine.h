@@ -32,6 +32,7 @@
 #include "devices/pci_hotplug.h"
 #include "devices/rtc.h"
 #include "devices/serial.h"
+#include "block/image_lock.h"
 #include "devices/virtio/balloon.h"
 #include "devices/virtio/blk.h"
 #include "devices/virtio/console.h"
@@ -42,6 +43,7 @@
 #include "machine/kvm_interrupts.h"
 #include "machine/vm_config.h"
 #include "memory/guest_memory.h"
+#include "migration/dirty_bitmap.h"
 #include "migration/snapshot.h"
 
 namespace keel::machine {
@@ -54,6 +56,7 @@ enum class StopReason {
   DebugExit,   // a test guest wrote to the debug-exit port
   Stopped,     // stop() from the host (signal, API)
   GuestPanic,  // the guest reported a panic through pvpanic
+  Migrated,    // the guest runs on a migration's destination now
 };
 
 struct StopStatus {
@@ -169,6 +172,47 @@ class Machine {
   // devices were hot-plugged or ejected (the snapshot's config would not
   // describe the machine).
   Result<void> save(const std::string& path);
+  // What save() writes, without the RAM, for save() and a migration's
+  // final state alike: the same checks but the RAM backing (migration reads
+  // RAM from the mapping, whatever backs it). With the devices quiesced
+  // (quiesce_devices, after pause) and from the thread that paused.
+  class QuiescedDevices;
+  Result<migration::MachineState> save_state(const QuiescedDevices& quiesced);
+  // Unsupported (naming the device) for a machine whose state save_state
+  // cannot hold yet: a virtio-balloon or virtio-vsock. Checked before a
+  // snapshot is written or a migration starts.
+  Result<void> check_state_saveable() const;
+
+  // Dirty tracking for live migration (docs/migration-protocol.md): every
+  // memory slot logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES) and
+  // GuestMemory marks the VMM's own. collect_dirty_pages ORs the pages
+  // dirtied since the last call into dirty (by RAM offset) and those the
+  // VMM wrote also into vmm_written. From one thread at a time (the
+  // migration's).
+  Result<void> start_dirty_log();
+  Result<void> collect_dirty_pages(migration::DirtyBitmap& dirty,
+                                   migration::DirtyBitmap& vmm_written);
+  Result<void> stop_dirty_log();
+
+  // Disk handover for live migration on shared storage
+  // (docs/migration-protocol.md): a migrated-in machine opens its writable
+  // disks without their image locks, so the source's locks do not stop it;
+  // set_disk_locks(false) lets go of them on the source (devices
+  // quiesced), set_disk_locks(true) takes them (the destination before it
+  // runs, the source again after a failed handover). Busy naming the disk
+  // while another process holds it. check_disks_hand_over: Unsupported,
+  // naming it, for a writable disk whose format caches metadata (qcow2).
+  Result<void> check_disks_hand_over();
+  Result<void> set_disk_locks(bool held);
+
+  // Restore as constructor from a migration: the machine state the stream
+  // carried (decoded, not yet checked) and its RAM, already received into
+  // memory (a fresh memfd of config's size). The same checks as restore(),
+  // errors starting with label.
+  static Result<std::unique_ptr<Machine>> restore_migrated(
+      const std::string& label, const migration::MachineState& saved,
+      const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
+      memory::GuestMemory memory, devices::Serial::Output serial_output);
 
   // The device side of a save, for snapshots and migration alike. While the
   // returned object lives, the device I/O loop is held (no doorbell,
@@ -184,6 +228,10 @@ class Machine {
         : machine_(std::exchange(other.machine_, nullptr)), hold_(std::move(other.hold_)) {}
     QuiescedDevices& operator=(QuiescedDevices&&) = delete;
     ~QuiescedDevices();
+    // For a source whose machine has migrated away: dropping this then
+    // lets the loop go on without kicking the queues, so no device picks up
+    // work the destination now owns.
+    void skip_kick() { machine_ = nullptr; }
 
    private:
     friend class Machine;
@@ -245,6 +293,19 @@ class Machine {
   // A VM with the in-kernel devices and memory's regions, then the Machine.
   static Result<std::unique_ptr<Machine>> assemble(const VmConfig& config, const kvm::Kvm& kvm,
                                                    memory::GuestMemory memory);
+  // restore() and restore_migrated(): the checks, then the machine.
+  static Result<void> check_restorable(const std::string& label,
+                                       const migration::MachineState& saved,
+                                       const migration::HostCpuSummary& source,
+                                       const VmConfig& config, const kvm::Kvm& kvm);
+  static Result<std::unique_ptr<Machine>> rebuild(const std::string& label,
+                                                  const migration::MachineState& saved,
+                                                  const VmConfig& config, const kvm::Kvm& kvm,
+                                                  memory::GuestMemory memory,
+                                                  devices::Serial::Output serial_output,
+                                                  block::Locking writable_disk_locking);
+  // Every writable disk's virtio-blk, with "disk 'PATH'" for errors.
+  std::vector<std::pair<std::string, devices::virtio::Blk*>> writable_disks();
 
   // saved: the device sections of a snapshot to restore the serial port and
   // RTC from; empty for a fresh machine.
@@ -312,6 +373,8 @@ class Machine {
   std::vector<Named> named_;
   bool hotplug_changed_ = false;  // a device was plugged or ejected at run time
   size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
+  // ForceShare on a migration destination until set_disk_locks(true).
+  block::Locking writable_disk_locking_ = block::Locking::Lock;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console_;  // also in virtio_devices_
   std::shared_ptr<devices::virtio::Balloon> balloon_;               // also in virtio_devices_
   std::vector<std::unique_ptr<kvm::Vcpu>> vcpus_;

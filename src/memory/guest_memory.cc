@@ -4,6 +4,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 namespace keel::memory {
@@ -53,7 +55,9 @@ Result<GuestMemory> GuestMemory::map_private(const Fd& file, uint64_t offset, ui
 GuestMemory::GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole_start,
                          uint64_t hole_end, Backing backing)
     : backing_(backing), fd_(std::move(fd)), mapping_(std::move(mapping)),
-      size_bytes_(size_bytes) {
+      size_bytes_(size_bytes), dirty_(std::make_unique<DirtyLog>()) {
+  dirty_->word_count = (size_bytes / kPageBytes + 63) / 64;
+  dirty_->words = std::make_unique<std::atomic<uint64_t>[]>(dirty_->word_count);
   uint64_t low = std::min(size_bytes, hole_start);
   regions_.push_back({GuestAddr(0), low, 0, mapping_.data()});
   if (size_bytes > low) {
@@ -61,12 +65,14 @@ GuestMemory::GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole
   }
 }
 
-Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t length) const {
+Result<std::span<std::byte>> GuestMemory::locate(GuestAddr address, uint64_t length,
+                                                 uint64_t* file_offset) const {
   for (const MemoryRegion& region : regions_) {
     if (address.value >= region.start.value &&
         address.value - region.start.value < region.size_bytes) {
       uint64_t offset = address.value - region.start.value;
       if (length > region.size_bytes - offset) break;
+      if (file_offset != nullptr) *file_offset = region.file_offset + offset;
       return std::span<std::byte>(region.host + offset, length);
     }
   }
@@ -74,8 +80,34 @@ Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t 
               fmt::format("guest range {:#x}+{:#x} is not RAM", address.value, length));
 }
 
+Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t length) const {
+  uint64_t file_offset = 0;
+  std::span<std::byte> span = TRY(locate(address, length, &file_offset));
+  mark_dirty(file_offset, length);
+  return span;
+}
+
+void GuestMemory::mark_dirty(uint64_t file_offset, uint64_t length) const {
+  if (length == 0 || !dirty_->on.load(std::memory_order_acquire)) return;
+  uint64_t last = (file_offset + length - 1) / kPageBytes;
+  for (uint64_t page = file_offset / kPageBytes; page <= last; ++page) {
+    dirty_->words[page / 64].fetch_or(uint64_t{1} << (page % 64), std::memory_order_release);
+  }
+}
+
+void GuestMemory::set_dirty_tracking(bool on) const {
+  dirty_->on.store(on, std::memory_order_release);
+}
+
+void GuestMemory::take_dirty_pages(std::span<uint64_t> bitmap) const {
+  size_t count = std::min(bitmap.size(), dirty_->word_count);
+  for (size_t i = 0; i < count; ++i) {
+    bitmap[i] |= dirty_->words[i].exchange(0, std::memory_order_acq_rel);
+  }
+}
+
 bool GuestMemory::contains(GuestAddr address, uint64_t length) const {
-  return host_span(address, length).has_value();
+  return locate(address, length, nullptr).has_value();
 }
 
 Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const {
@@ -105,6 +137,7 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
       return fail_errno(
           fmt::format("punch a hole at guest {:#x}+{:#x}", address.value, size_bytes));
     }
+    mark_dirty(region.file_offset + offset, size_bytes);  // now zeros, as a migration must send
     return ok();
   }
   return fail(Errc::OutOfRange,
@@ -112,7 +145,7 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
 }
 
 Result<void> GuestMemory::read(GuestAddr address, std::span<std::byte> data) const {
-  std::span<std::byte> source = TRY(host_span(address, data.size()));
+  std::span<std::byte> source = TRY(locate(address, data.size(), nullptr));
   // An empty span may have a null data(); memcpy with it is undefined even
   // for 0 bytes.
   if (!data.empty()) std::memcpy(data.data(), source.data(), data.size());
@@ -120,8 +153,10 @@ Result<void> GuestMemory::read(GuestAddr address, std::span<std::byte> data) con
 }
 
 Result<void> GuestMemory::write(GuestAddr address, std::span<const std::byte> data) const {
-  std::span<std::byte> target = TRY(host_span(address, data.size()));
+  uint64_t file_offset = 0;
+  std::span<std::byte> target = TRY(locate(address, data.size(), &file_offset));
   if (!data.empty()) std::memcpy(target.data(), data.data(), data.size());
+  mark_dirty(file_offset, data.size());
   return ok();
 }
 

@@ -5,8 +5,10 @@
 // wholly inside one region is an error, never a host out-of-bounds access.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -85,7 +87,32 @@ class GuestMemory {
 
   static constexpr uint64_t kPageBytes = 4096;
 
+  // VMM-side dirty tracking for migration. KVM's dirty log sees only the
+  // guest's own writes; device emulation writes RAM from host threads, so
+  // while tracking is on every page that write() changes, host_span() hands
+  // out (its callers may write through the span) or discard() zeroes is
+  // marked here. Pages are numbered by their offset in the RAM (the memfd),
+  // the same numbering as the migration stream.
+  void set_dirty_tracking(bool on) const;
+  // ORs the marked pages into bitmap (one bit per page, at least
+  // page_count() bits) and clears the marks.
+  void take_dirty_pages(std::span<uint64_t> bitmap) const;
+  uint64_t page_count() const { return size_bytes_ / kPageBytes; }
+  // All of RAM by that offset (the low region, then the high one): what a
+  // migration sends and receives.
+  std::span<std::byte> ram() const { return {mapping_.data(), size_bytes_}; }
+
  private:
+  struct DirtyLog {
+    std::atomic<bool> on{false};
+    std::unique_ptr<std::atomic<uint64_t>[]> words;
+    size_t word_count = 0;
+  };
+  // The region and offset behind a range, without marking it dirty.
+  Result<std::span<std::byte>> locate(GuestAddr address, uint64_t length,
+                                      uint64_t* file_offset) const;
+  void mark_dirty(uint64_t file_offset, uint64_t length) const;
+
   GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end,
               Backing backing);
 
@@ -95,6 +122,7 @@ class GuestMemory {
   Mmap mapping_;  // all of RAM (the memfd shared, or the file private); regions point into it
   std::vector<MemoryRegion> regions_;
   uint64_t size_bytes_;
+  std::unique_ptr<DirtyLog> dirty_;  // a pointer so GuestMemory stays movable
 };
 
 }  // namespace keel::memory

@@ -2,8 +2,11 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
+#include "migration/bytes.h"
 #include "migration/kvm_state.h"
 
 namespace keel::migration {
@@ -15,6 +18,12 @@ constexpr std::string_view kMemoryName = "ram";
 constexpr std::string_view kDisksName = "disks";
 
 std::string vcpu_name(size_t index) { return fmt::format("vcpu{}", index); }
+
+// Every section but guest RAM (and the end section) is machine state.
+bool is_state_section(SectionType type) {
+  return type == SectionType::MachineConfig || type == SectionType::Vcpu ||
+         type == SectionType::Vm || type == SectionType::Device || type == SectionType::Disks;
+}
 
 // A feature register whose every bit means "the CPU has this".
 struct FeatureWord {
@@ -65,20 +74,126 @@ uint32_t reg_of(const kvm::CpuidEntry& entry, int reg) {
 
 }  // namespace
 
+std::vector<StateSection> machine_sections(const MachineState& machine) {
+  std::vector<StateSection> sections;
+  auto bytes_of = [](std::string_view text) {
+    auto view = std::as_bytes(std::span(text));
+    return std::vector<std::byte>(view.begin(), view.end());
+  };
+  sections.push_back({SectionType::MachineConfig, std::string(kConfigName),
+                      bytes_of(machine.config_json)});
+  for (size_t i = 0; i < machine.vcpus.size(); ++i) {
+    sections.push_back({SectionType::Vcpu, vcpu_name(i), encode_vcpu_state(machine.vcpus[i])});
+  }
+  sections.push_back({SectionType::Vm, std::string(kVmName), encode_vm_state(machine.vm)});
+  for (const DeviceState& device : machine.devices) {
+    sections.push_back({SectionType::Device, device.name, device.data});
+  }
+  if (!machine.disks.empty()) {
+    sections.push_back({SectionType::Disks, std::string(kDisksName), encode_disks(machine.disks)});
+  }
+  return sections;
+}
+
+Result<MachineState> decode_machine_sections(std::span<const StateSection> sections,
+                                             std::string_view label) {
+  auto find = [&sections](SectionType type, std::string_view name) -> const StateSection* {
+    for (const StateSection& section : sections) {
+      if (section.type == type && section.name == name) return &section;
+    }
+    return nullptr;
+  };
+  auto count = [&sections](SectionType type) {
+    return std::count_if(sections.begin(), sections.end(),
+                         [type](const StateSection& section) { return section.type == type; });
+  };
+  for (SectionType once : {SectionType::MachineConfig, SectionType::Vm, SectionType::Disks}) {
+    if (count(once) > 1) {
+      return fail(Errc::Corrupt, fmt::format("{}: more than one {} section", label,
+                                             section_type_name(once)));
+    }
+  }
+  for (const StateSection& section : sections) {
+    if (!is_state_section(section.type)) {
+      return fail(Errc::Corrupt, fmt::format("{}: section '{}' of type {} is not machine state",
+                                             label, section.name,
+                                             static_cast<unsigned>(section.type)));
+    }
+    if (find(section.type, section.name) != &section) {
+      return fail(Errc::Corrupt, fmt::format("{}: {} section '{}' appears twice", label,
+                                             section_type_name(section.type), section.name));
+    }
+  }
+  MachineState machine;
+  const StateSection* config = find(SectionType::MachineConfig, kConfigName);
+  if (config == nullptr) return fail(Errc::Corrupt, fmt::format("{}: no config section", label));
+  machine.config_json.assign(reinterpret_cast<const char*>(config->payload.data()),
+                             config->payload.size());
+  auto vcpu_count = static_cast<size_t>(count(SectionType::Vcpu));
+  if (vcpu_count == 0) return fail(Errc::Corrupt, fmt::format("{}: no vcpu section", label));
+  for (size_t i = 0; i < vcpu_count; ++i) {
+    const StateSection* section = find(SectionType::Vcpu, vcpu_name(i));
+    if (section == nullptr) {
+      return fail(Errc::Corrupt, fmt::format("{}: {} vcpu sections but no '{}'", label,
+                                             vcpu_count, vcpu_name(i)));
+    }
+    machine.vcpus.push_back(TRY(decode_vcpu_state(
+        section->payload, fmt::format("{}: vcpu section '{}'", label, section->name))));
+  }
+  const StateSection* vm = find(SectionType::Vm, kVmName);
+  if (vm == nullptr) return fail(Errc::Corrupt, fmt::format("{}: no vm section", label));
+  machine.vm = TRY(decode_vm_state(vm->payload, fmt::format("{}: vm section", label)));
+  for (const StateSection& section : sections) {
+    if (section.type == SectionType::Device) {
+      machine.devices.push_back({section.name, section.payload});
+    } else if (section.type == SectionType::Disks) {
+      machine.disks = TRY(decode_disks(section.payload, fmt::format("{}: disks section", label)));
+    }
+  }
+  return machine;
+}
+
+std::vector<std::byte> encode_machine_state(const MachineState& machine) {
+  ByteWriter out;
+  for (const StateSection& section : machine_sections(machine)) {
+    out.put(static_cast<uint16_t>(section.type));
+    out.put(static_cast<uint16_t>(section.name.size()));
+    out.put(static_cast<uint32_t>(section.payload.size()));
+    out.put_string(section.name);
+    out.put_bytes(section.payload);
+  }
+  return std::move(out.data());
+}
+
+Result<MachineState> decode_machine_state(std::span<const std::byte> bytes,
+                                          std::string_view label) {
+  std::vector<StateSection> sections;
+  ByteReader in(bytes);
+  while (in.remaining() > 0) {
+    if (sections.size() >= kMaxSections) {
+      return fail(Errc::Corrupt, fmt::format("{}: more than {} sections", label, kMaxSections));
+    }
+    auto type = TRY_CONTEXT(in.get<uint16_t>("section type"), std::string(label));
+    auto name_bytes = TRY_CONTEXT(in.get<uint16_t>("section name length"), std::string(label));
+    auto payload_bytes = TRY_CONTEXT(in.get<uint32_t>("section length"), std::string(label));
+    if (name_bytes == 0 || name_bytes > kMaxSectionNameBytes) {
+      return fail(Errc::Corrupt, fmt::format("{}: a section name of {} bytes (1 to {})", label,
+                                             name_bytes, kMaxSectionNameBytes));
+    }
+    auto name = TRY_CONTEXT(in.get_bytes(name_bytes, "section name"), std::string(label));
+    auto payload = TRY_CONTEXT(in.get_bytes(payload_bytes, "section payload"), std::string(label));
+    sections.push_back({static_cast<SectionType>(type),
+                        std::string(reinterpret_cast<const char*>(name.data()), name.size()),
+                        std::vector<std::byte>(payload.begin(), payload.end())});
+  }
+  return decode_machine_sections(sections, label);
+}
+
 Result<void> write_snapshot(const std::string& path, const MachineState& machine,
                             const Fd& memory, uint64_t memory_bytes, const HostCpuSummary& host) {
   SnapshotWriter writer = TRY(SnapshotWriter::create(path, host));
-  TRY(writer.add(SectionType::MachineConfig, kConfigName,
-                 std::as_bytes(std::span(machine.config_json))));
-  for (size_t i = 0; i < machine.vcpus.size(); ++i) {
-    TRY(writer.add(SectionType::Vcpu, vcpu_name(i), encode_vcpu_state(machine.vcpus[i])));
-  }
-  TRY(writer.add(SectionType::Vm, kVmName, encode_vm_state(machine.vm)));
-  for (const DeviceState& device : machine.devices) {
-    TRY(writer.add(SectionType::Device, device.name, device.data));
-  }
-  if (!machine.disks.empty()) {
-    TRY(writer.add(SectionType::Disks, kDisksName, encode_disks(machine.disks)));
+  for (const StateSection& section : machine_sections(machine)) {
+    TRY(writer.add(section.type, section.name, section.payload));
   }
   TRY(writer.add_file_contents(SectionType::Memory, kMemoryName, memory, memory_bytes));
   return writer.finish();
@@ -86,34 +201,13 @@ Result<void> write_snapshot(const std::string& path, const MachineState& machine
 
 Result<Snapshot> read_snapshot(const std::string& path) {
   SnapshotReader reader = TRY(SnapshotReader::open(path));
-  MachineState machine;
-  const SectionInfo* config = reader.all(SectionType::MachineConfig).front();
-  std::vector<std::byte> config_bytes = TRY(reader.payload(*config));
-  machine.config_json.assign(reinterpret_cast<const char*>(config_bytes.data()),
-                             config_bytes.size());
-
-  size_t vcpu_count = reader.all(SectionType::Vcpu).size();
-  for (size_t i = 0; i < vcpu_count; ++i) {
-    const SectionInfo* section = reader.find(SectionType::Vcpu, vcpu_name(i));
-    if (section == nullptr) {
-      return fail(Errc::Corrupt, fmt::format("snapshot {}: {} vcpu sections but no '{}'", path,
-                                             vcpu_count, vcpu_name(i)));
-    }
-    std::vector<std::byte> payload = TRY(reader.payload(*section));
-    machine.vcpus.push_back(
-        TRY(decode_vcpu_state(payload, fmt::format("snapshot {}: {}", path, section->label()))));
+  std::vector<StateSection> sections;
+  for (const SectionInfo& section : reader.sections()) {
+    if (!is_state_section(section.type)) continue;  // RAM is mapped, not read; optional unknown sections are skipped
+    sections.push_back({section.type, section.name, TRY(reader.payload(section))});
   }
-  const SectionInfo* vm = reader.all(SectionType::Vm).front();
-  std::vector<std::byte> vm_bytes = TRY(reader.payload(*vm));
-  machine.vm = TRY(decode_vm_state(vm_bytes, fmt::format("snapshot {}: {}", path, vm->label())));
-  for (const SectionInfo* device : reader.all(SectionType::Device)) {
-    machine.devices.push_back({device->name, TRY(reader.payload(*device))});
-  }
-  for (const SectionInfo* disks : reader.all(SectionType::Disks)) {
-    std::vector<std::byte> payload = TRY(reader.payload(*disks));
-    machine.disks =
-        TRY(decode_disks(payload, fmt::format("snapshot {}: {}", path, disks->label())));
-  }
+  MachineState machine =
+      TRY(decode_machine_sections(sections, fmt::format("snapshot {}", path)));
   SectionInfo memory = *reader.all(SectionType::Memory).front();
   if (memory.payload_offset % kPageBytes != 0 || memory.payload_bytes % kPageBytes != 0) {
     return fail(Errc::Corrupt,

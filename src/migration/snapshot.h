@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/fd.h"
@@ -30,6 +32,28 @@ struct MachineState {
   std::vector<DeviceState> devices;
   std::vector<DiskIdentity> disks;  // written only when there are disks
 };
+
+// The machine as named sections, in the order a snapshot file holds them
+// (guest RAM is not among them): what write_snapshot writes and what the
+// migration stream sends as its machine state.
+struct StateSection {
+  SectionType type;
+  std::string name;
+  std::vector<std::byte> payload;
+};
+std::vector<StateSection> machine_sections(const MachineState& machine);
+// Rebuilds a MachineState from sections, checking that the config, the VM
+// and vcpu0..N-1 are there once each and that every payload decodes;
+// label starts every error ("snapshot /x", "migration stream").
+Result<MachineState> decode_machine_sections(std::span<const StateSection> sections,
+                                             std::string_view label);
+
+// The sections as one byte string (the migration stream's machine state
+// frame, docs/migration-protocol.md): per section a u16 type, a u16 name
+// length, a u32 payload length, the name, the payload.
+std::vector<std::byte> encode_machine_state(const MachineState& machine);
+Result<MachineState> decode_machine_state(std::span<const std::byte> bytes,
+                                          std::string_view label);
 
 // Writes the machine and memory_bytes of guest RAM from memory (a memfd),
 // via a ".partial" file renamed into place.

@@ -39,6 +39,23 @@ nlohmann::json memory_json(uint64_t guest_bytes) {
 // The first line: a failure's detail carries a register dump after it.
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
+nlohmann::json migration_json(const machine::MigrationStats& stats) {
+  nlohmann::json json = {
+      {"phase", machine::migration_phase_name(stats.phase)},
+      {"destination", stats.destination},
+      {"rounds", stats.rounds},
+      {"pages_sent", stats.pages_sent},
+      {"bytes_sent", stats.bytes_sent},
+      {"remaining_pages", stats.remaining_pages},
+      {"dirty_pages_per_second", stats.dirty_pages_per_second},
+      {"bandwidth_bytes_per_second", stats.bandwidth_bytes_per_second},
+      {"total_ms", stats.total_ms},
+      {"downtime_ms", stats.downtime_ms},
+  };
+  if (!stats.error.empty()) json["error"] = stats.error;
+  return json;
+}
+
 }  // namespace
 
 void ApiControl::created(uint64_t boot) {
@@ -84,6 +101,9 @@ void ApiControl::stopping(const machine::Machine& machine) {
     // need not parse stop reasons.
     events_.publish("guest-panic", {{"boot", boot_}, {"detail", first_line(status->detail)}});
   }
+  if (status && status->reason == machine::StopReason::Migrated) {
+    events_.publish("migrated", {{"boot", boot_}, {"detail", status->detail}});
+  }
   if (status) {
     data["reason"] = machine::stop_reason_name(status->reason);
     data["detail"] = first_line(status->detail);
@@ -127,6 +147,36 @@ void ApiControl::serve_with(const std::function<api::Reply(const api::Command&)>
     }
     pending.done(std::move(reply));
   }
+}
+
+void ApiControl::machine_ended() {
+  if (migration_ == nullptr) return;
+  (void)migration_->cancel();
+  migration_->wait();
+  last_migration_ = migration_->stats();
+  migration_.reset();
+}
+
+api::Reply ApiControl::start_migration(const api::MigrateRequest& request,
+                                       machine::Machine& machine) {
+  if (migrating()) return fail(Errc::Busy, "a migration is already running");
+  machine::MigrationOptions options;
+  options.destination = TRY_CONTEXT(migration::parse_stream_address(request.destination),
+                                    "destination");
+  options.downtime_ms = request.downtime_ms;
+  options.bandwidth_mib = request.bandwidth_mib;
+  options.compress = request.compress;
+  migration_.reset();  // the last one, finished: join its thread
+  uint64_t boot = boot_;
+  // Runs on the migration thread; the EventLog has its own lock.
+  auto report = [this, boot](std::string_view event, const machine::MigrationStats& stats) {
+    nlohmann::json data = migration_json(stats);
+    data["boot"] = boot;
+    events_.publish(std::string(event), data);
+  };
+  migration_ = TRY(machine::MigrationSender::start(machine, std::move(options), report));
+  events_.publish("migration-started", {{"boot", boot_}, {"destination", request.destination}});
+  return migration_json(migration_->stats());
 }
 
 api::Reply ApiControl::execute(const api::Command& command, machine::Machine& machine,
@@ -187,10 +237,12 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       };
     }
     case CommandKind::Pause:
+      if (migrating()) return fail(Errc::Busy, "a migration is running (cancel it first)");
       TRY(machine.pause());
       events_.publish("paused", {{"boot", boot_}});
       return nlohmann::json{{"state", "paused"}};
     case CommandKind::Resume:
+      if (migrating()) return fail(Errc::Busy, "a migration is running (cancel it first)");
       TRY(machine.resume());
       events_.publish("resumed", {{"boot", boot_}});
       return nlohmann::json{{"state", "running"}};
@@ -219,6 +271,7 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};
     case CommandKind::Snapshot: {
       if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
+      if (migrating()) return fail(Errc::Busy, "a migration is running");
       TRY(machine.save(command.path));
       struct stat info {};
       uint64_t bytes = ::stat(command.path.c_str(), &info) == 0 ? static_cast<uint64_t>(info.st_size) : 0;
@@ -266,6 +319,15 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
                       {{"boot", boot_}, {"id", command.device.id}, {"size_bytes", size}});
       return nlohmann::json{{"id", command.device.id}, {"size_bytes", size}};
     }
+    case CommandKind::Migrate: return start_migration(command.migrate, machine);
+    case CommandKind::GetMigration:
+      if (migration_ != nullptr) return migration_json(migration_->stats());
+      if (last_migration_) return migration_json(*last_migration_);
+      return nlohmann::json{{"phase", "none"}};
+    case CommandKind::CancelMigration:
+      if (migration_ == nullptr) return fail(Errc::Busy, "no migration is running");
+      TRY(migration_->cancel());
+      return migration_json(migration_->stats());
   }
   return fail(Errc::Unsupported, "unknown command");
 }

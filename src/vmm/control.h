@@ -2,23 +2,26 @@
 // thread queues Commands (api::CommandQueue); keel-vmm's main thread, which
 // owns the Machine, polls fd() and answers them here, and publishes the
 // lifecycle events (configured, created, running, paused, resumed,
-// power-button, balloon, guest-panic, stopping, stopped, reset, device-added,
-// device-removed, eject-timeout, disk-resized) to the EventLog the events
-// stream reads; an unplug's end is published from the thread that saw it.
-// Before start (keel-vmm --api-socket without --kernel or --config) there is
-// no Machine yet: serve_setup answers then, in the states not-configured and
-// configured.
+// power-button, balloon, guest-panic, migration-started/-progress/-completed/
+// -failed, migrated, stopping, stopped, reset, device-added, device-removed,
+// eject-timeout, disk-resized) to the EventLog the events stream reads; an
+// unplug's end is published from the thread that saw it. It owns the
+// machine's MigrationSender (its own thread). Before start (keel-vmm
+// --api-socket without --kernel or --config) there is no Machine yet:
+// serve_setup answers then, in the states not-configured and configured.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 
 #include "api/command_queue.h"
 #include "api/event_log.h"
 #include "api/vm_status.h"
 #include "machine/machine.h"
+#include "machine/migration.h"
 
 namespace keel::vmm {
 
@@ -41,6 +44,9 @@ class ApiControl {
   // Answers every pending command for machine. host_stop is set when one
   // stopped the VM (so a reset racing with it does not reboot).
   void serve(machine::Machine& machine, bool& host_stop);
+  // Before the machine goes away: a migration still running is cancelled
+  // and its thread joined.
+  void machine_ended();
 
   // Before start: the configuration PUT /api/v1/vm/config sets, checked
   // against this host, and the start that builds the first Machine from it.
@@ -62,6 +68,8 @@ class ApiControl {
   api::Reply execute_setup(const api::Command& command, Setup& setup, bool& host_stop);
   // Answers every pending command with execute.
   void serve_with(const std::function<api::Reply(const api::Command&)>& execute);
+  api::Reply start_migration(const api::MigrateRequest& request, machine::Machine& machine);
+  bool migrating() const { return migration_ != nullptr && !migration_->finished(); }
   double uptime_seconds() const;
   // Publishes GET /api/v1/vm's answer if the state or boot changed since
   // the last time (the configuration changes only with the boot).
@@ -75,6 +83,9 @@ class ApiControl {
   uint64_t published_boot_ = 0;
   uint64_t boot_ = 0;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+  std::unique_ptr<machine::MigrationSender> migration_;
+  // The last migration's statistics, kept after its machine is gone.
+  std::optional<machine::MigrationStats> last_migration_;
 };
 
 }  // namespace keel::vmm

@@ -20,7 +20,9 @@
 #include "base/log.h"
 #include "kvm/kvm.h"
 #include "machine/machine.h"
+#include "machine/migration.h"
 #include "migration/snapshot.h"
+#include "migration/transport.h"
 #include "vmm/console.h"
 #include "vmm/control.h"
 
@@ -36,7 +38,8 @@ constexpr uint32_t kMaxXapicVcpus = 254;
 
 constexpr const char* kFooter = R"(
 Exit status:
-  0  the guest powered off, or keel-vmm was stopped by SIGTERM/SIGINT
+  0  the guest powered off, keel-vmm was stopped by SIGTERM/SIGINT, or the VM
+     was migrated to another keel-vmm (PUT /api/v1/vm/migrate)
   1  the VM failed (triple fault, KVM error, unhandled exit); registers are printed
   2  the configuration is invalid (the message names the field)
   3  the guest rebooted and --no-reboot was given
@@ -145,6 +148,7 @@ machine::StopStatus run_machine(machine::Machine& machine, Console& console,
     }
   }
   runner.join();
+  control.machine_ended();
   return status;
 }
 
@@ -184,6 +188,29 @@ bool wait_for_start(ApiControl& control, ApiControl::Setup& setup, const Fd& sig
       if (host_stop) return false;
     }
   }
+}
+
+// --incoming: waits for a source's connection and receives the machine.
+// Nothing runs until the whole state arrived and was rebuilt.
+Result<std::unique_ptr<machine::Machine>> receive_incoming(
+    const migration::StreamAddress& address, const Fd& listener, const machine::VmConfig& config,
+    const kvm::Kvm& kvm, devices::Serial::Output serial_output) {
+  LOG_INFO("waiting for a migration on {}", address.text);
+  // No machine runs yet, so no signalfd is watched: let SIGTERM/SIGINT/
+  // SIGHUP end the wait (their default action) instead of being ignored.
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGHUP);
+  pthread_sigmask(SIG_UNBLOCK, &mask, nullptr);
+  Result<Fd> connection = migration::accept_stream(listener, address);
+  Result<std::unique_ptr<machine::Machine>> machine =
+      connection ? machine::receive_migration(*connection, address.text, config, kvm,
+                                              std::move(serial_output))
+                 : Result<std::unique_ptr<machine::Machine>>(fail(connection.error()));
+  pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+  return machine;
 }
 
 int run(int argc, char** argv) {
@@ -239,6 +266,11 @@ int run(int argc, char** argv) {
                  "--no-reboot, --api-socket and --log-level may be given with it");
   app.add_flag("--restore-paused", restore_paused,
                "With --restore: hold the vCPUs until PUT /api/v1/vm/resume (default: run at once)");
+  std::string incoming_text;
+  app.add_option("--incoming", incoming_text,
+                 "Receive a live migration on unix:PATH or tcp:HOST:PORT instead of booting: give "
+                 "the source's machine flags (--cpus, --memory, devices; host paths may differ); "
+                 "the VM runs once the whole state arrived (docs/migration-protocol.md)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
   try {
     app.parse(argc, argv);
@@ -279,6 +311,16 @@ int run(int argc, char** argv) {
   } else if (restore_paused) {
     std::fprintf(stderr, "keel-vmm: --restore-paused needs --restore\n");
     return kExitBadConfig;
+  }
+  std::optional<migration::StreamAddress> incoming;
+  if (!incoming_text.empty()) {
+    if (!restore_path.empty()) {
+      std::fprintf(stderr, "keel-vmm: --incoming and --restore exclude each other\n");
+      return kExitBadConfig;
+    }
+    Result<migration::StreamAddress> address = migration::parse_stream_address(incoming_text);
+    if (!address) return config_error(Error(address.error()).wrap("--incoming"));
+    incoming = std::move(*address);
   }
   if (!config_file.empty()) {
     Result<std::string> text = read_text_file(config_file);
@@ -333,7 +375,8 @@ int run(int argc, char** argv) {
   // Without a kernel or a config file, the API configures the VM and starts
   // it (PUT /api/v1/vm/config, PUT /api/v1/vm/start); the body is the whole
   // configuration, so flags that would make part of it are refused.
-  const bool await_config = !api_socket.empty() && !snapshot && config_file.empty() && !kernel;
+  const bool await_config =
+      !api_socket.empty() && !snapshot && !incoming && config_file.empty() && !kernel;
   if (await_config) {
     for (const char* name : {"--initrd", "--cmdline", "--cpus", "--memory", "--serial", "--disk",
                              "--net", "--rng", "--virtio-console", "--balloon", "--vsock",
@@ -428,6 +471,14 @@ int run(int argc, char** argv) {
     LOG_INFO("waiting for PUT /api/v1/vm/config and PUT /api/v1/vm/start on {}", api_socket);
     if (!wait_for_start(control, setup, *signals)) return kExitPowerOff;
   }
+  // Listening before anything else can fail late, so a source may connect
+  // as soon as keel-vmm is up.
+  Fd incoming_listener;
+  if (incoming) {
+    Result<Fd> listener = migration::listen_stream(*incoming);
+    if (!listener) return config_error(Error(listener.error()).wrap("--incoming"));
+    incoming_listener = std::move(*listener);
+  }
 
   for (uint64_t boot = 1;; ++boot) {
     // The snapshot is the first boot; a guest reset after it boots afresh.
@@ -438,7 +489,18 @@ int run(int argc, char** argv) {
                                         [sink = console.get()](std::span<const std::byte> bytes) {
                                           sink->write(bytes);
                                         })
+        : boot == 1 && incoming
+            ? receive_incoming(*incoming, incoming_listener, config, *kvm,
+                               [sink = console.get()](std::span<const std::byte> bytes) {
+                                 sink->write(bytes);
+                               })
             : build_machine(config, *kvm, *console, virtio_console.get());
+    if (boot == 1 && incoming) {
+      incoming_listener.reset();
+      if (incoming->kind == migration::StreamAddress::Kind::Unix) {
+        ::unlink(incoming->path.c_str());
+      }
+    }
     if (machine && boot == 1 && snapshot) {
       snapshot.reset();  // the RAM mapping keeps what it needs of the file
       if (restore_paused) (*machine)->start_paused();
@@ -449,6 +511,8 @@ int run(int argc, char** argv) {
       std::fprintf(stderr, "keel-vmm: %s\n", machine.error().message().c_str());
       // A syscall that failed (KVM, memory) is the host's problem; an error
       // without errno is about the input (a bad kernel image, sizes).
+      // An incoming migration that failed is a failure, whatever the cause.
+      if (boot == 1 && incoming) return kExitFailure;
       return machine.error().sys_errno() != 0 ? kExitFailure : kExitBadConfig;
     }
     control.created(boot);
@@ -463,7 +527,8 @@ int run(int argc, char** argv) {
     control.stopped(status, status.reason == machine::StopReason::Reset && config.reboot);
     switch (status.reason) {
       case machine::StopReason::PowerOff:
-      case machine::StopReason::Stopped: return kExitPowerOff;
+      case machine::StopReason::Stopped:
+      case machine::StopReason::Migrated: return kExitPowerOff;
       case machine::StopReason::DebugExit: return status.debug_exit_code;
       case machine::StopReason::GuestPanic:
         console.reset();

@@ -2,14 +2,19 @@
 // checkpoint, its vCPU, VM and RAM are written to a snapshot file, a fresh
 // VM is built from that file (RAM mapped MAP_PRIVATE from it) and the guest
 // runs to the end. It must finish exactly as an uninterrupted run does:
-// same registers (including an XMM accumulator), output and RAM.
+// same registers (including an XMM accumulator), output and RAM. The same
+// guest is also live-migrated in process: pre-copy rounds driven by KVM's
+// dirty log between its passes, pages through the migration stream's
+// codec, then the state into a fresh VM.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <filesystem>
 
+#include "migration/dirty_bitmap.h"
 #include "migration/snapshot.h"
+#include "migration/stream.h"
 #include "tiny_guest.h"
 
 namespace keel::testing {
@@ -140,43 +145,137 @@ class SnapshotGuestTest : public ::testing::Test {
   std::string path_;
   std::string serial_before_;
   migration::MachineState saved_;
+
+  // An uninterrupted run, what a restored or migrated guest must match.
+  void run_reference() {
+    Result<TinyVm> reference_vm = TinyVm::create(guest_options());
+    ASSERT_TRUE(reference_vm) << reference_vm.error().message();
+    ASSERT_TRUE(reference_vm->load(guest_path()));
+    Result<Finished> reference = run_to_end(*reference_vm);
+    ASSERT_TRUE(reference) << reference.error().message();
+    ASSERT_EQ(reference->last.exit_code, kExitCode)
+        << "the reference run failed: " << kvm::exit_kind_name(reference->last.last_exit.kind);
+    EXPECT_EQ(reference->checkpoints, (std::vector<uint8_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+    EXPECT_EQ(reference->serial, "snapshot ok\n");
+    EXPECT_EQ(reference->last.regs.r12, kPasses);
+    reference_ = std::move(*reference);
+  }
+
+  // The guest that went on from the checkpoint after kStopAfterPass ends as
+  // the reference did.
+  void expect_finishes_like_the_reference(TinyVm& vm) {
+    Result<Finished> finished = run_to_end(vm);
+    ASSERT_TRUE(finished) << finished.error().message();
+    ASSERT_EQ(finished->last.exit_code, kExitCode)
+        << "the guest failed: " << kvm::exit_kind_name(finished->last.last_exit.kind) << " at rip "
+        << std::hex << finished->last.regs.rip;
+    EXPECT_EQ(finished->checkpoints, (std::vector<uint8_t>{4, 5, 6, 7}));
+    EXPECT_EQ(serial_before_ + finished->serial, reference_.serial);
+    EXPECT_EQ(finished->last.regs.rbx, reference_.last.regs.rbx) << "the XMM accumulator";
+    EXPECT_EQ(finished->last.regs.r12, reference_.last.regs.r12);
+    EXPECT_EQ(finished->last.regs.r13, reference_.last.regs.r13);
+    EXPECT_EQ(finished->last.regs.rip, reference_.last.regs.rip);
+    EXPECT_EQ(finished->last.sregs.cs.selector, reference_.last.sregs.cs.selector);
+    EXPECT_TRUE(finished->memory == reference_.memory)
+        << "RAM differs: " << first_difference(finished->memory, reference_.memory);
+  }
+
+  Finished reference_;
 };
 
 TEST_F(SnapshotGuestTest, RestoredGuestFinishesLikeAnUninterruptedRun) {
-  Result<TinyVm> reference_vm = TinyVm::create(guest_options());
-  ASSERT_TRUE(reference_vm) << reference_vm.error().message();
-  ASSERT_TRUE(reference_vm->load(guest_path()));
-  Result<Finished> reference = run_to_end(*reference_vm);
-  ASSERT_TRUE(reference) << reference.error().message();
-  ASSERT_EQ(reference->last.exit_code, kExitCode)
-      << "the reference run failed: " << kvm::exit_kind_name(reference->last.last_exit.kind);
-  EXPECT_EQ(reference->checkpoints, (std::vector<uint8_t>{0, 1, 2, 3, 4, 5, 6, 7}));
-  EXPECT_EQ(reference->serial, "snapshot ok\n");
-  EXPECT_EQ(reference->last.regs.r12, kPasses);
-
+  run_reference();
+  if (HasFatalFailure()) return;
   run_and_save();
   if (IsSkipped() || HasFatalFailure()) return;
   std::optional<TinyVm> restored = restore();
   if (IsSkipped() || !restored) return;
-  Result<Finished> finished = run_to_end(*restored);
-  ASSERT_TRUE(finished) << finished.error().message();
-  ASSERT_EQ(finished->last.exit_code, kExitCode)
-      << "the restored guest failed: " << kvm::exit_kind_name(finished->last.last_exit.kind)
-      << " at rip " << std::hex << finished->last.regs.rip;
-  EXPECT_EQ(finished->checkpoints, (std::vector<uint8_t>{4, 5, 6, 7}));
-  EXPECT_EQ(serial_before_ + finished->serial, reference->serial);
-  EXPECT_EQ(finished->last.regs.rbx, reference->last.regs.rbx) << "the XMM accumulator";
-  EXPECT_EQ(finished->last.regs.r12, reference->last.regs.r12);
-  EXPECT_EQ(finished->last.regs.r13, reference->last.regs.r13);
-  EXPECT_EQ(finished->last.regs.rip, reference->last.regs.rip);
-  EXPECT_EQ(finished->last.sregs.cs.selector, reference->last.sregs.cs.selector);
-  EXPECT_TRUE(finished->memory == reference->memory)
-      << "RAM differs: " << first_difference(finished->memory, reference->memory);
+  expect_finishes_like_the_reference(*restored);
 
   // The file is untouched by the restored guest's writes (MAP_PRIVATE).
   Result<migration::Snapshot> again = migration::read_snapshot(path_);
   ASSERT_TRUE(again) << again.error().message();
   EXPECT_TRUE(again->reader.verify(again->memory));
+}
+
+// Pre-copy on real KVM: all RAM first, then after each pass the pages KVM
+// logged as dirty, through the stream's page codec into the destination's
+// RAM; at the checkpoint the last dirty pages and the state. The copy must
+// equal the source's RAM, and the guest must finish from it as the
+// reference did. (The vCPU runs between rounds, on this thread.)
+TEST_F(SnapshotGuestTest, LiveMigratedGuestFinishesLikeAnUninterruptedRun) {
+  run_reference();
+  if (HasFatalFailure()) return;
+  Result<TinyVm> source = TinyVm::create(guest_options());
+  ASSERT_TRUE(source) << source.error().message();
+  ASSERT_TRUE(source->load(guest_path()));
+  std::span<std::byte> ram = source->memory();
+  const uint64_t pages = ram.size() / migration::kPageBytes;
+  ASSERT_TRUE(source->vm().enable_manual_dirty_protect());
+  Result<void> logging =
+      source->vm().set_memory_region(0, 0, ram.size(), ram.data(), kvm::MemoryFlags::LogDirtyPages);
+  ASSERT_TRUE(logging) << logging.error().message();
+
+  std::vector<std::byte> copy(ram.size());
+  migration::DirtyBitmap dirty(pages);
+  std::vector<uint64_t> log((pages + 63) / 64);
+  auto collect = [&] {
+    std::fill(log.begin(), log.end(), 0);
+    ASSERT_TRUE(source->vm().get_dirty_log(0, log));
+    if (source->vm().manual_dirty_protect()) {
+      ASSERT_TRUE(source->vm().clear_dirty_log(0, 0, static_cast<uint32_t>(pages), log));
+    }
+    dirty.merge_words(0, log);
+  };
+  auto send = [&] {
+    dirty.for_each_run(migration::kMaxPagesPerFrame, [&](uint64_t first, uint64_t count) {
+      Result<std::vector<std::byte>> frame = migration::encode_pages(
+          ram, first, static_cast<uint32_t>(count), migration::Compression::Zstd);
+      ASSERT_TRUE(frame) << frame.error().message();
+      ASSERT_TRUE(migration::apply_pages(*frame, copy));
+    });
+    dirty.clear();
+  };
+  dirty.set_all();
+  send();
+  std::vector<uint64_t> dirty_per_round;
+  for (;;) {
+    Result<TinyGuestResult> run = source->run(guest_options());
+    ASSERT_TRUE(run) << run.error().message();
+    serial_before_ += run->serial;
+    ASSERT_TRUE(run->stop_value) << "the guest ended before the checkpoint";
+    collect();
+    dirty_per_round.push_back(dirty.count());
+    if (*run->stop_value == kStopAfterPass) break;
+    send();
+  }
+  // Each pass writes its own 512 KiB (128 pages): KVM must have logged them,
+  // and far from all of RAM.
+  for (uint64_t count : dirty_per_round) {
+    EXPECT_GE(count, 128u);
+    EXPECT_LT(count, pages / 4);
+  }
+  // Stop and copy: the vCPU is out of KVM_RUN at the checkpoint.
+  ASSERT_TRUE(source->vcpu().complete_pending_io());
+  Result<kvm::VcpuState> vcpu = source->vcpu().save_state();
+  if (!vcpu) return fail_or_skip_on_pvm(vcpu.error(), "saving the vCPU state");
+  Result<kvm::VmState> vm_state = source->vm().save_state();
+  if (!vm_state) return fail_or_skip_on_pvm(vm_state.error(), "saving the VM state");
+  collect();
+  send();
+  EXPECT_TRUE(std::equal(copy.begin(), copy.end(), ram.begin(), ram.end()))
+      << "the copy differs from the source's RAM: " << first_difference(copy, ram);
+
+  Result<Mmap> memory = Mmap::anonymous(copy.size(), 0);
+  ASSERT_TRUE(memory) << memory.error().message();
+  std::memcpy(memory->data(), copy.data(), copy.size());
+  Result<TinyVm> destination = TinyVm::create_on(guest_options(), std::move(*memory));
+  ASSERT_TRUE(destination) << destination.error().message();
+  Result<void> vm_restored = destination->vm().restore_state(*vm_state);
+  if (!vm_restored) return fail_or_skip_on_pvm(vm_restored.error(), "restoring the VM state");
+  Result<void> vcpu_restored = destination->vcpu().restore_state(*vcpu);
+  if (!vcpu_restored) return fail_or_skip_on_pvm(vcpu_restored.error(), "restoring the vCPU");
+  expect_finishes_like_the_reference(*destination);
 }
 
 TEST_F(SnapshotGuestTest, RestoredStateReadsBackAsSaved) {

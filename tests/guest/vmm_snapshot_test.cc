@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/client.h"
+#include "counting_guest.h"
 #include "vmm_api_support.h"
 #include "kvm/kvm.h"
 #include "migration/snapshot.h"
@@ -29,47 +30,8 @@ using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 using Json = nlohmann::json;
 
-constexpr auto kGuestTimeout = 20s;
-constexpr std::string_view kBanner = "pvh ok\n";
-
-// The console goes to a file: on real KVM the guest prints far faster than
-// a test reads a pipe, and a full pipe would block the vCPU in write().
-std::vector<std::string> counting_guest(const std::string& socket, const std::string& console) {
-  return {"--kernel",     std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf",
-          "--cmdline",    "pvh-test c",
-          "--memory",     "64",
-          "--debug-exit", "--no-acpi",
-          "--serial",     "file:" + console,
-          "--api-socket", socket};
-}
-
-// Waits until file holds at least bytes bytes; returns what it holds.
-std::string wait_for_file(const std::string& file, size_t bytes) {
-  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
-    std::string text = read_text(file);
-    if (text.size() >= bytes) return text;
-    std::this_thread::sleep_for(20ms);
-  }
-  return read_text(file);
-}
-
-// The letters after the banner.
-std::string letters_of(const std::string& out) {
-  size_t start = out.find(kBanner);
-  return start == std::string::npos ? std::string() : out.substr(start + kBanner.size());
-}
-
-// True if every letter is the one after its predecessor (z wraps to a).
-char next_letter(char letter) { return letter == 'z' ? 'a' : static_cast<char>(letter + 1); }
-
-bool in_sequence(const std::string& letters, char first) {
-  char expected = first;
-  for (char letter : letters) {
-    if (letter != expected) return false;
-    expected = next_letter(expected);
-  }
-  return true;
-}
+constexpr auto kGuestTimeout = kCountingTimeout;
+constexpr std::string_view kBanner = kCountingBanner;
 
 class VmmSnapshotTest : public ::testing::Test {
  protected:

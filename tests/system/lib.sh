@@ -34,6 +34,9 @@
 #   l2_restore NAME SNAPSHOT [--vmm-arg ARG]...   (keel only) starts a new
 #       keel-vmm --restore SNAPSHOT for guest NAME, whose VMM has exited; the
 #       old console is kept as console.log.before-restore. Does not wait.
+#   l2_incoming NAME ADDRESS [--vmm-arg ARG]...   (keel only) starts a
+#       keel-vmm --incoming ADDRESS with the last l2_boot's machine flags,
+#       to receive a live migration as guest NAME. Does not wait.
 #   l2_run_foreground [options]  runs a VMM in the foreground on this terminal
 #   b64 FILE|-                   base64 without line breaks (for keel.cmd=)
 #   log MSG, fail MSG, skip MSG, assert_eq A B WHAT, assert_match S ERE WHAT,
@@ -420,6 +423,32 @@ $2"; shift 2 ;;
   _l2_start "$name"
   touch "$dir/restored"
   _l2_restore_from=
+}
+
+# l2_incoming NAME ADDRESS [--vmm-arg ARG]...: a keel-vmm with the machine
+# flags of the last l2_boot (kernel, sizes, disks), waiting on ADDRESS
+# (unix:PATH or tcp:HOST:PORT) for a live migration (--incoming). Once the
+# guest arrives its console goes on as a restored guest's does (no boot
+# banner), so l2_cmd works on it.
+l2_incoming() {
+  local name dir address
+  [ $# -ge 2 ] || fail "l2_incoming needs a guest name and an address"
+  [ "$KEEL_L2_VMM" = keel ] || fail "l2_incoming is for KEEL_L2_VMM=keel only"
+  name=$1 address=$2
+  shift 2
+  _l2_vmm_args="--incoming=$address"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
+$2"; shift 2 ;;
+      *) fail "l2_incoming option '$1' is unknown" ;;
+    esac
+  done
+  dir=$(_vm_dir "$name")
+  mkdir -p "$dir"
+  case " $_keel_vms " in *" $name "*) ;; *) _keel_vms="$_keel_vms $name" ;; esac
+  _l2_start "$name"
+  touch "$dir/restored"
 }
 
 l2_kill() {

@@ -28,6 +28,16 @@ bool is_transfer(BlockOp op) { return op == BlockOp::Read || op == BlockOp::Writ
 
 }  // namespace
 
+Result<void> RawFile::set_image_locked(bool locked) {
+  // Nothing cached: the bytes are read from the file on every request.
+  if (!locked) {
+    lock_.release();
+  } else if (!lock_.held()) {
+    lock_ = TRY(ImageLock::acquire(file_, path_, access_));
+  }
+  return ok();
+}
+
 Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, Access access,
                                                Locking locking) {
   int flags = access == Access::ReadOnly ? O_RDONLY : O_RDWR;

@@ -51,6 +51,7 @@ class RawFile final : public BlockBackend {
   uint64_t size_bytes() const override { return size_bytes_; }
   Access access() const override { return access_; }
   std::string_view format_name() const override { return "raw"; }
+  Result<void> set_image_locked(bool locked) override;
   const std::string& path() const { return path_; }
   // For lseek(SEEK_DATA/SEEK_HOLE) (block/map.h); I/O goes through the calls below.
   int fd() const { return file_.get(); }

@@ -123,6 +123,8 @@ class Blk final : public VirtioDevice {
   static Result<std::unique_ptr<Blk>> create(std::unique_ptr<block::BlockBackend> backend,
                                              BlkConfig config);
   ~Blk() override;
+  // The image, for the machine's migration handover (set_image_locked).
+  block::BlockBackend& backend() { return *backend_; }
 
   DeviceType type() const override { return DeviceType::Block; }
   std::string_view name() const override { return "virtio-blk"; }

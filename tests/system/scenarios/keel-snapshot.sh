@@ -13,6 +13,7 @@
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
+. "$KEEL_SYSTEM_DIR/common/disk-loop.sh"
 require_binary keelctl >/dev/null
 
 sock=$KEEL_WORKDIR/api.sock
@@ -34,15 +35,7 @@ l2_cmd vm 'ip link set eth0 up && ip addr add 10.78.0.2/24 dev eth0 && echo NET-
 assert_eq "$L2_OUTPUT" NET-UP "guest network configured"
 ping -c 3 -W 5 10.78.0.2 >/dev/null || fail "L1 cannot ping the guest before the snapshot"
 
-# 4 MiB at 40 MiB written and fsync'd before the snapshot: must read back
-# from the disk (caches dropped) after the restore.
-l2_cmd vm 'dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null && dd if=/tmp/p of=/dev/vda bs=1M seek=40 conv=fsync 2>/dev/null && sha256sum < /tmp/p | cut -d" " -f1'
-early_sum=$L2_OUTPUT
-assert_match "$early_sum" '^[0-9a-f]{64}$' "checksum of the data written before the snapshot"
-# The write-verify loop: a random 4 KiB block written with fsync to one of
-# the first 256 blocks, reread from the disk and compared, forever.
-l2_cmd vm '(i=0; while :; do i=$((i+1)); b=$((i % 256)); dd if=/dev/urandom of=/tmp/w bs=4096 count=1 2>/dev/null; dd if=/tmp/w of=/dev/vda bs=4096 seek=$b conv=fsync 2>/dev/null; echo 1 > /proc/sys/vm/drop_caches; dd if=/dev/vda of=/tmp/r bs=4096 skip=$b count=1 2>/dev/null; cmp -s /tmp/w /tmp/r || echo "mismatch at $i" >> /tmp/diskerr; echo $i > /tmp/diskcount; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/disk.pid; echo started'
-assert_eq "$L2_OUTPUT" started "disk loop started"
+disk_loop_start vm "the snapshot"
 
 l2_cmd vm 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
 assert_eq "$L2_OUTPUT" started "counter started"
@@ -102,23 +95,12 @@ log "ok: counter $before before the snapshot, $after after the restore, then $L2
 # The disk after the restore: the loop goes on without a mismatch, the
 # data written before the snapshot reads back from the disk, and a new
 # write lands in the image.
-l2_cmd vm 'cat /tmp/diskcount; cat /tmp/diskerr 2>/dev/null; true'
-disk_after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
-assert_match "$disk_after" '^[0-9]+$' "disk loop iterations after the restore"
-[ "$(printf '%s\n' "$L2_OUTPUT" | wc -l)" -eq 1 ] || fail "disk loop mismatches: $L2_OUTPUT"
-[ "$disk_after" -gt "$disk_before" ] || fail "the disk loop stopped ($disk_before, then $disk_after)"
-l2_cmd vm "kill $disk_pid; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=1M skip=40 count=4 2>/dev/null | sha256sum | cut -d' ' -f1"
-assert_eq "$L2_OUTPUT" "$early_sum" "data written before the snapshot, read back after the restore"
-l2_cmd vm 'dd if=/dev/urandom of=/tmp/q bs=1M count=2 2>/dev/null && dd if=/tmp/q of=/dev/vda bs=1M seek=50 conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1M skip=50 count=2 2>/dev/null | cmp - /tmp/q && sha256sum < /tmp/q | cut -d" " -f1'
-late_sum=$L2_OUTPUT
-assert_match "$late_sum" '^[0-9a-f]{64}$' "a new disk write after the restore, read back"
-log "ok: disk loop $disk_before iterations before, $disk_after after, no mismatch; old and new data read back"
+disk_loop_check vm "the snapshot" "$disk_before" "$disk_pid"
 ping -c 3 -W 5 10.78.0.2 >/dev/null || fail "L1 cannot ping the guest after the restore"
 log "ok: L1 pings the restored guest"
 
 assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the restore"
 l2_wait_exit vm 60 || fail "the restored keel-vmm did not exit"
 assert_eq "$L2_EXIT_RC" 0 "restored VMM's exit status"
-host_sum=$(dd if="$scratch" bs=1M skip=50 count=2 2>/dev/null | sha256sum | cut -d' ' -f1)
-assert_eq "$host_sum" "$late_sum" "host-side checksum of the write made after the restore"
+disk_host_check "$scratch" "the snapshot"
 echo "KEEL-PASS"

@@ -38,6 +38,7 @@ class FakeHandler : public CommandHandler {
     std::unique_lock lock(mutex_);
     seen_.push_back(command.kind);
     if (command.kind == CommandKind::Snapshot) snapshot_paths_.push_back(command.path);
+    if (command.kind == CommandKind::Migrate) migrations_.push_back(command.migrate);
     if (hold_) {
       held_.push_back(std::move(done));
       return;
@@ -55,6 +56,10 @@ class FakeHandler : public CommandHandler {
   std::vector<std::string> snapshot_paths() {
     std::lock_guard lock(mutex_);
     return snapshot_paths_;
+  }
+  std::vector<MigrateRequest> migrations() {
+    std::lock_guard lock(mutex_);
+    return migrations_;
   }
   void hold() {
     std::lock_guard lock(mutex_);
@@ -115,6 +120,16 @@ class FakeHandler : public CommandHandler {
         return nlohmann::json{{"state", "configured"}, {"config", config}};
       }
       case CommandKind::Start: return fail(Errc::Busy, "the VM is already running");
+      case CommandKind::Migrate:
+        migrating_ = true;
+        return nlohmann::json{{"phase", "connecting"}, {"destination", command.migrate.destination}};
+      case CommandKind::GetMigration:
+        if (!migrating_) return nlohmann::json{{"phase", "none"}};
+        return nlohmann::json{{"phase", "copying"}, {"rounds", 2}};
+      case CommandKind::CancelMigration:
+        if (!migrating_) return fail(Errc::Busy, "no migration is running");
+        migrating_ = false;
+        return nlohmann::json{{"phase", "cancelled"}};
     }
     return fail(Errc::Unsupported, "?");
   }
@@ -122,7 +137,9 @@ class FakeHandler : public CommandHandler {
   std::mutex mutex_;
   std::vector<CommandKind> seen_;
   std::vector<std::string> snapshot_paths_;
+  std::vector<MigrateRequest> migrations_;
   bool paused_ = false;
+  bool migrating_ = false;
   bool hold_ = false;
   std::vector<ReplyCallback> held_;
 };
@@ -394,6 +411,39 @@ TEST_F(ApiServerTest, ConfigBodyIsCheckedHereAndValuesOnTheMachineSide) {
   EXPECT_EQ(handler_.seen(),
             (std::vector<CommandKind>{CommandKind::Configure, CommandKind::Configure,
                                       CommandKind::Start}));
+}
+
+TEST_F(ApiServerTest, MigrateStartsWatchesAndCancels) {
+  start();
+  EXPECT_EQ(json_of(request("GET", "/api/v1/vm/migrate"))["phase"], "none");
+  EXPECT_EQ(request("DELETE", "/api/v1/vm/migrate").status, 409u);
+  HttpReply started = request(
+      "PUT", "/api/v1/vm/migrate",
+      R"({"destination": "unix:/tmp/m.sock", "downtime_ms": 50, "bandwidth_mib": 100, "compress": true})");
+  EXPECT_EQ(started.status, 200u) << started.body;
+  ASSERT_EQ(handler_.migrations().size(), 1u);
+  MigrateRequest sent = handler_.migrations().front();
+  EXPECT_EQ(sent.destination, "unix:/tmp/m.sock");
+  EXPECT_EQ(sent.downtime_ms, 50u);
+  EXPECT_EQ(sent.bandwidth_mib, 100u);
+  EXPECT_TRUE(sent.compress);
+  EXPECT_EQ(json_of(request("GET", "/api/v1/vm/migrate"))["rounds"], 2);
+  EXPECT_EQ(request("DELETE", "/api/v1/vm/migrate").status, 200u);
+}
+
+TEST_F(ApiServerTest, MigrateWithABadBodyIs400NamingTheFieldAndNeverReachesTheMachine) {
+  start();
+  for (const char* body : {"", "{}", R"({"destination": 5})", R"({"destination": "/x"})",
+                           R"({"destination": "unix:/x", "downtime_ms": 0})",
+                           R"({"destination": "unix:/x", "downtime_ms": -5})",
+                           R"({"destination": "unix:/x", "bandwidth_mib": 1.5})",
+                           R"({"destination": "unix:/x", "compress": "yes"})",
+                           R"({"destination": "unix:/x", "speed": 1})"}) {
+    HttpReply reply = request("PUT", "/api/v1/vm/migrate", body);
+    EXPECT_EQ(reply.status, 400u) << body;
+    EXPECT_TRUE(json_of(reply)["error"].contains("field")) << body;
+  }
+  EXPECT_TRUE(handler_.migrations().empty());
 }
 
 TEST_F(ApiServerTest, UnknownRouteIs404AndWrongMethod405) {

@@ -13,6 +13,7 @@
 
 #include "base/fd.h"
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "temp_image.h"
 
 namespace keel::block {
@@ -302,6 +303,29 @@ TEST(RawFileTest, DestructorWaitsForInFlightRequests) {
     ASSERT_TRUE(raw->submit(transfer(BlockOp::Read, 0, iov)).has_value());
   }
   EXPECT_EQ(buffer, image.contents());
+}
+
+// A migration's disk handover: the source lets go of its lock, a second
+// opener (the destination, opened without locks) takes it; the source
+// cannot take it back until that one let go.
+TEST(RawFileTest, HandsItsLockOver) {
+  TempImage image(64 << 10);
+  auto source = open_raw(image.path());
+  EXPECT_EQ(ImageLock::open(image.path(), Access::ReadOnly).error().code(), Errc::Busy);
+  auto destination = RawFile::open(image.path(), Access::ReadWrite, Locking::ForceShare);
+  ASSERT_TRUE(destination) << destination.error().message();
+
+  ASSERT_TRUE(source->set_image_locked(false));
+  ASSERT_TRUE((*destination)->set_image_locked(true));
+  Result<void> back = source->set_image_locked(true);
+  ASSERT_FALSE(back);
+  EXPECT_EQ(back.error().code(), Errc::Busy);
+  EXPECT_NE(back.error().message().find(image.path()), std::string::npos) << back.error().message();
+
+  ASSERT_TRUE((*destination)->set_image_locked(false));
+  ASSERT_TRUE(source->set_image_locked(true));
+  ASSERT_TRUE(source->set_image_locked(true));  // already held: no second lock
+  EXPECT_EQ(ImageLock::open(image.path(), Access::ReadOnly).error().code(), Errc::Busy);
 }
 
 TEST(ImageTest, ParsesFormatNames) {

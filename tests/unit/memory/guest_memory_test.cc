@@ -166,5 +166,60 @@ TEST(GuestMemoryTest, PrivateFileMappingReadsTheFileAndNeverWritesIt) {
   ::unlink(path.c_str());
 }
 
+// Pages the VMM writes (device emulation) are invisible to KVM's dirty log:
+// GuestMemory marks them itself while tracking is on, by RAM offset.
+std::vector<uint64_t> take_dirty(const GuestMemory& memory) {
+  std::vector<uint64_t> bitmap((memory.page_count() + 63) / 64, 0);
+  memory.take_dirty_pages(bitmap);
+  return bitmap;
+}
+
+std::vector<uint64_t> dirty_pages(const std::vector<uint64_t>& bitmap) {
+  std::vector<uint64_t> pages;
+  for (uint64_t page = 0; page < bitmap.size() * 64; ++page) {
+    if ((bitmap[page / 64] >> (page % 64)) & 1) pages.push_back(page);
+  }
+  return pages;
+}
+
+TEST(GuestMemoryTest, MarksVmmWritesDirtyOnlyWhileTracking) {
+  GuestMemory memory = *GuestMemory::create(0x300000, kHoleStart, kHoleEnd);
+  ASSERT_TRUE(memory.write_obj(GuestAddr(0x1000), uint32_t{1}));
+  EXPECT_TRUE(dirty_pages(take_dirty(memory)).empty()) << "tracking is off";
+
+  memory.set_dirty_tracking(true);
+  ASSERT_TRUE(memory.write_obj(GuestAddr(0x1000), uint32_t{1}));
+  // A write straddling two pages marks both.
+  ASSERT_TRUE(memory.write_obj(GuestAddr(0x3ffe), uint32_t{2}));
+  // The high region's pages follow the low region's in RAM order.
+  ASSERT_TRUE(memory.write_obj(GuestAddr(kHoleEnd + 0x2000), uint8_t{3}));
+  const uint64_t high_first_page = kHoleStart / 4096;
+  EXPECT_EQ(dirty_pages(take_dirty(memory)),
+            (std::vector<uint64_t>{1, 3, 4, high_first_page + 2}));
+  EXPECT_TRUE(dirty_pages(take_dirty(memory)).empty()) << "taking clears the marks";
+
+  // Reads never mark.
+  ASSERT_TRUE(memory.read_obj<uint32_t>(GuestAddr(0x5000)));
+  EXPECT_TRUE(dirty_pages(take_dirty(memory)).empty());
+
+  memory.set_dirty_tracking(false);
+  ASSERT_TRUE(memory.write_obj(GuestAddr(0x1000), uint32_t{1}));
+  EXPECT_TRUE(dirty_pages(take_dirty(memory)).empty());
+}
+
+TEST(GuestMemoryTest, MarksHostSpansAndDiscardsDirty) {
+  GuestMemory memory = *GuestMemory::create(0x300000, kHoleStart, kHoleEnd);
+  memory.set_dirty_tracking(true);
+  // Devices write guest buffers through host_span (iovecs for disk reads,
+  // getrandom): every page handed out counts as written.
+  ASSERT_TRUE(memory.host_span(GuestAddr(0x7000), 0x2001));
+  ASSERT_TRUE(memory.discard(GuestAddr(0x20000), 0x1000));
+  EXPECT_EQ(dirty_pages(take_dirty(memory)), (std::vector<uint64_t>{7, 8, 9, 0x20}));
+  // A failed access marks nothing.
+  EXPECT_FALSE(memory.host_span(GuestAddr(kHoleStart), 1));
+  EXPECT_FALSE(memory.write_obj(GuestAddr(kHoleStart - 2), uint32_t{0}));
+  EXPECT_TRUE(dirty_pages(take_dirty(memory)).empty());
+}
+
 }  // namespace
 }  // namespace keel::memory

@@ -1,0 +1,417 @@
+#include "machine/migration.h"
+
+#include <fmt/format.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+
+#include "base/log.h"
+#include "machine/layout.h"
+#include "migration/stream.h"
+
+namespace keel::machine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr uint64_t kPageBytes = memory::GuestMemory::kPageBytes;
+// Rounds after the first full pass before the final copy goes ahead even
+// though the remainder does not fit the downtime limit (no auto-converge
+// yet): a guest dirtying faster than the link would never converge.
+constexpr uint64_t kMaxDirtyRounds = 30;
+constexpr int kAckTimeoutMs = 30'000;
+// A destination waits this long for each part of the stream.
+constexpr int kReceiveTimeoutMs = 60'000;
+
+uint64_t elapsed_ms(Clock::time_point since) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count());
+}
+
+}  // namespace
+
+std::string_view migration_phase_name(MigrationPhase phase) {
+  switch (phase) {
+    case MigrationPhase::Connecting:
+      return "connecting";
+    case MigrationPhase::Copying:
+      return "copying";
+    case MigrationPhase::StopAndCopy:
+      return "stop-and-copy";
+    case MigrationPhase::AwaitingAck:
+      return "awaiting-ack";
+    case MigrationPhase::Completed:
+      return "completed";
+    case MigrationPhase::Failed:
+      return "failed";
+    case MigrationPhase::Cancelled:
+      return "cancelled";
+  }
+  return "?";
+}
+
+MigrationSender::MigrationSender(Machine& machine, MigrationOptions options, Report report)
+    : machine_(machine), options_(std::move(options)), report_(std::move(report)) {
+  stats_.destination = options_.destination.text;
+}
+
+Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine,
+                                                                MigrationOptions options,
+                                                                Report report) {
+  TRY_CONTEXT(machine.check_state_saveable(), "migrate");
+  TRY_CONTEXT(machine.check_disks_hand_over(), "migrate");
+  if (machine.stop_status()) return fail(Errc::Busy, "migrate: the VM is stopping");
+  std::unique_ptr<MigrationSender> sender(
+      new MigrationSender(machine, std::move(options), std::move(report)));
+  sender->thread_ = std::thread([raw = sender.get()] { raw->run(); });
+  return sender;
+}
+
+MigrationSender::~MigrationSender() {
+  (void)cancel();
+  wait();
+}
+
+void MigrationSender::wait() {
+  if (thread_.joinable()) thread_.join();
+}
+
+MigrationStats MigrationSender::stats() const {
+  std::lock_guard lock(mutex_);
+  MigrationStats copy = stats_;
+  if (!finished_.load()) copy.total_ms = elapsed_ms(started_);
+  return copy;
+}
+
+Result<void> MigrationSender::cancel() {
+  if (finished_.load()) return fail(Errc::Busy, "the migration is over");
+  std::lock_guard lock(mutex_);
+  // Once the end is sent the destination may already be taking the machine
+  // over; dropping the connection then could lose its ack and leave the
+  // guest running twice. Its answer (or the ack timeout) decides instead.
+  if (committed_.load() || stats_.phase == MigrationPhase::AwaitingAck) {
+    return fail(Errc::Busy, "the destination is taking the machine over: too late to cancel");
+  }
+  cancelled_.store(true);
+  // Unblocks a send; the sender thread sees the flag and resumes the
+  // machine.
+  if (connection_fd_ >= 0) ::shutdown(connection_fd_, SHUT_RDWR);
+  return ok();
+}
+
+Result<void> MigrationSender::check_cancelled() const {
+  if (cancelled_.load()) return fail(Errc::Busy, "cancelled");
+  return ok();
+}
+
+void MigrationSender::set_phase(MigrationPhase phase) {
+  std::lock_guard lock(mutex_);
+  stats_.phase = phase;
+}
+
+void MigrationSender::run() {
+  Result<void> result = migrate();
+  if (result) {
+    {
+      std::lock_guard lock(mutex_);
+      stats_.phase = MigrationPhase::Completed;
+      stats_.total_ms = elapsed_ms(started_);
+    }
+    LOG_INFO("migration to {} completed", options_.destination.text);
+    if (report_) report_("migration-completed", stats());
+    finished_.store(true);
+    machine_.stop(StopReason::Migrated, fmt::format("migrated to {}", options_.destination.text));
+    // The destination owns the devices' work now.
+    if (quiesced_) quiesced_->skip_kick();
+    quiesced_.reset();
+    return;
+  }
+  // The source stays the machine: logging off, its disks' locks back,
+  // devices going on, then vCPUs running again if we held them.
+  (void)machine_.stop_dirty_log();
+  std::string message = cancelled_.load() ? "cancelled" : result.error().message();
+  if (Result<void> locked = retake_disk_locks(); !locked) {
+    // Never run on without the disk: another process may be writing it.
+    message += fmt::format("; the VM stays paused: {}", locked.error().message());
+    paused_by_us_ = false;
+  }
+  quiesced_.reset();
+  if (paused_by_us_) {
+    if (Result<void> resumed = machine_.resume(); !resumed) {
+      LOG_WARN("migration failed and the VM could not be resumed: {}", resumed.error().message());
+    }
+  }
+  {
+    std::lock_guard lock(mutex_);
+    stats_.phase = cancelled_.load() ? MigrationPhase::Cancelled : MigrationPhase::Failed;
+    stats_.error = message;
+    stats_.total_ms = elapsed_ms(started_);
+  }
+  LOG_WARN("migration to {} failed, the VM runs on here: {}", options_.destination.text, message);
+  if (report_) report_("migration-failed", stats());
+  finished_.store(true);
+}
+
+Result<void> MigrationSender::retake_disk_locks() {
+  if (!disks_released_) return ok();
+  // A destination that failed after taking a lock lets go as it exits.
+  constexpr auto kRetry = std::chrono::milliseconds(100);
+  constexpr int kAttempts = 50;
+  Result<void> locked = machine_.set_disk_locks(true);
+  for (int attempt = 1; !locked && attempt < kAttempts; ++attempt) {
+    std::this_thread::sleep_for(kRetry);
+    locked = machine_.set_disk_locks(true);
+  }
+  return locked;
+}
+
+Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
+                                         const migration::DirtyBitmap& dirty) {
+  std::span<const std::byte> ram = machine_.memory().ram();
+  const migration::Compression compression =
+      options_.compress ? migration::Compression::Zstd : migration::Compression::None;
+  const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
+  const Clock::time_point begin = Clock::now();
+  const uint64_t bytes_at_begin = writer.bytes_sent();
+  Result<void> result = ok();
+  dirty.for_each_run(migration::kMaxPagesPerFrame, [&](uint64_t first, uint64_t count) {
+    if (!result) return;
+    if (cancelled_.load()) {
+      result = check_cancelled();
+      return;
+    }
+    Result<std::vector<std::byte>> frame =
+        migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression);
+    if (!frame) {
+      result = fail(frame.error());
+      return;
+    }
+    result = writer.send(migration::FrameType::Pages, *frame);
+    if (!result) return;
+    {
+      std::lock_guard lock(mutex_);
+      stats_.pages_sent += count;
+      stats_.bytes_sent = writer.bytes_sent();
+      stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
+    }
+    if (limit_bytes_per_second > 0) {
+      // Hold the average since this pass began at the limit.
+      auto due = begin + std::chrono::microseconds((writer.bytes_sent() - bytes_at_begin) *
+                                                   1'000'000 / limit_bytes_per_second);
+      std::this_thread::sleep_until(due);
+    }
+  });
+  return result;
+}
+
+Result<void> MigrationSender::migrate() {
+  const migration::StreamAddress& address = options_.destination;
+  Fd connection = TRY(migration::connect_stream(address));
+  {
+    std::lock_guard lock(mutex_);
+    connection_fd_ = connection.get();
+  }
+  // Clear the fd before connection closes, so cancel() never shuts down a
+  // reused descriptor number.
+  struct Forget {
+    MigrationSender* self;
+    ~Forget() {
+      std::lock_guard lock(self->mutex_);
+      self->connection_fd_ = -1;
+    }
+  } forget{this};
+  TRY(check_cancelled());
+  migration::StreamWriter writer(connection);
+  migration::StreamReader reader(connection, address.text);
+  Result<void> result = transfer(writer, reader);
+  if (!result && !cancelled_.load()) {
+    // A destination that refuses (another RAM size, a bad frame) says why
+    // in an ack before it closes; that beats "broken pipe".
+    Result<migration::Frame> answer = reader.next(500);
+    if (answer && (answer->type == migration::FrameType::Ack ||
+                   answer->type == migration::FrameType::Abort)) {
+      Result<migration::Verdict> verdict = migration::decode_verdict(answer->payload);
+      if (verdict && !verdict->ok) {
+        return fail(Errc::Io, fmt::format("migrate: {} refused the machine: {}", address.text,
+                                          verdict->message));
+      }
+    }
+  }
+  return result;
+}
+
+Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
+                                       migration::StreamReader& reader) {
+  const migration::StreamAddress& address = options_.destination;
+  TRY(writer.write_preamble());
+  const memory::GuestMemory& memory = machine_.memory();
+  TRY(writer.send(
+      migration::FrameType::Hello,
+      migration::encode_hello({memory.size_bytes(), migration::HostCpuSummary::of_this_host()})));
+
+  set_phase(MigrationPhase::Copying);
+  TRY_CONTEXT(machine_.start_dirty_log(), "migrate: start dirty logging");
+  migration::DirtyBitmap dirty(memory.page_count());
+  migration::DirtyBitmap vmm_written(memory.page_count());
+  dirty.set_all();  // the first pass: all of RAM
+  uint64_t send_ms_total = 0;
+  uint64_t pages_total = 0;
+  for (uint64_t round = 0;; ++round) {
+    const Clock::time_point round_begin = Clock::now();
+    {
+      std::lock_guard lock(mutex_);
+      stats_.remaining_pages = dirty.count();
+    }
+    uint64_t pages = dirty.count();
+    TRY(send_dirty(writer, dirty));
+    const uint64_t round_ms = std::max<uint64_t>(elapsed_ms(round_begin), 1);
+    send_ms_total += round_ms;
+    pages_total += pages;
+    dirty.clear();
+    TRY(machine_.collect_dirty_pages(dirty, vmm_written));
+    const uint64_t remaining = dirty.count();
+    // Pages per millisecond over every pass so far: a small last round
+    // says little about the link.
+    const double pages_per_ms =
+        static_cast<double>(pages_total) / static_cast<double>(send_ms_total);
+    const double estimate_ms = static_cast<double>(remaining) / std::max(pages_per_ms, 1e-3);
+    {
+      std::lock_guard lock(mutex_);
+      stats_.rounds = round;
+      stats_.remaining_pages = remaining;
+      stats_.dirty_pages_per_second = remaining * 1000 / round_ms;
+      stats_.bandwidth_bytes_per_second =
+          writer.bytes_sent() * 1000 / std::max<uint64_t>(elapsed_ms(started_), 1);
+    }
+    if (report_) report_("migration-progress", stats());
+    LOG_INFO("migration round {}: {} pages in {} ms, {} dirty (~{:.0f} ms to send)", round, pages,
+             round_ms, remaining, estimate_ms);
+    if (estimate_ms <= static_cast<double>(options_.downtime_ms)) break;
+    if (round >= kMaxDirtyRounds) {
+      LOG_WARN("migration: {} pages still dirty after {} rounds; stopping the VM to finish",
+               remaining, round);
+      break;
+    }
+    TRY(check_cancelled());
+  }
+
+  // Stop and copy.
+  set_phase(MigrationPhase::StopAndCopy);
+  const Clock::time_point pause_begin = Clock::now();
+  if (!machine_.paused()) {
+    TRY_CONTEXT(machine_.pause(), "migrate: pause");
+    paused_by_us_ = true;
+  }
+  // Devices quiesced after the vCPUs stop (their last completions write
+  // RAM), then the state (completing a vCPU's half-done I/O may write RAM),
+  // and only then the last dirty pages.
+  quiesced_.emplace(TRY_CONTEXT(machine_.quiesce_devices(), "migrate"));
+  migration::MachineState state = TRY_CONTEXT(machine_.save_state(*quiesced_), "migrate");
+  TRY(machine_.collect_dirty_pages(dirty, vmm_written));
+  // A device may have written a page through a host_span after that page
+  // was collected and sent: resend every page the VMM wrote at all.
+  dirty.merge(vmm_written);
+  {
+    std::lock_guard lock(mutex_);
+    stats_.remaining_pages = dirty.count();
+  }
+  TRY(send_dirty(writer, dirty));
+  TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
+  // The disks' locks go before the end, so the destination, which takes
+  // them once the end arrived, finds them free; run() takes them back if
+  // the handover fails.
+  disks_released_ = true;
+  TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
+  uint64_t rounds = stats().rounds;
+  TRY(writer.send(migration::FrameType::End, migration::encode_end({stats().pages_sent, rounds})));
+  {
+    std::lock_guard lock(mutex_);
+    stats_.bytes_sent = writer.bytes_sent();
+    stats_.phase = MigrationPhase::AwaitingAck;
+  }
+  migration::Frame answer = TRY(reader.next(kAckTimeoutMs));
+  if (answer.type != migration::FrameType::Ack && answer.type != migration::FrameType::Abort) {
+    return fail(Errc::Corrupt, fmt::format("migrate: {} answered with a {} frame", address.text,
+                                           migration::frame_type_name(answer.type)));
+  }
+  migration::Verdict verdict = TRY(migration::decode_verdict(answer.payload));
+  if (answer.type == migration::FrameType::Abort || !verdict.ok) {
+    return fail(Errc::Io,
+                fmt::format("migrate: {} refused the machine: {}", address.text, verdict.message));
+  }
+  committed_.store(true);
+  std::lock_guard lock(mutex_);
+  stats_.downtime_ms = elapsed_ms(pause_begin);
+  return ok();
+}
+
+Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const std::string& peer,
+                                                   const VmConfig& config, const kvm::Kvm& kvm,
+                                                   devices::Serial::Output serial_output) {
+  migration::StreamWriter writer(connection);
+  migration::StreamReader reader(connection, peer);
+  const std::string label = fmt::format("incoming migration from {}", peer);
+  auto receive = [&]() -> Result<std::unique_ptr<Machine>> {
+    TRY(reader.read_preamble(kReceiveTimeoutMs));
+    migration::Frame hello_frame = TRY(reader.next(kReceiveTimeoutMs));
+    if (hello_frame.type != migration::FrameType::Hello) {
+      return fail(Errc::Corrupt, fmt::format("{}: a {} frame before the hello", label,
+                                             migration::frame_type_name(hello_frame.type)));
+    }
+    migration::Hello hello = TRY(migration::decode_hello(hello_frame.payload));
+    if (hello.ram_bytes != config.memory_mib << 20) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("{}: the source has {} bytes of RAM, this config {} MiB", label,
+                              hello.ram_bytes, config.memory_mib));
+    }
+    memory::GuestMemory memory = TRY(memory::GuestMemory::create(
+        config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+    std::optional<migration::MachineState> state;
+    uint64_t pages = 0;
+    for (;;) {
+      migration::Frame frame = TRY(reader.next(kReceiveTimeoutMs));
+      switch (frame.type) {
+        case migration::FrameType::Pages:
+          if (state) {
+            return fail(Errc::Corrupt, fmt::format("{}: pages after the machine state", label));
+          }
+          pages += TRY_CONTEXT(migration::apply_pages(frame.payload, memory.ram()), label);
+          continue;
+        case migration::FrameType::MachineState:
+          if (state) return fail(Errc::Corrupt, fmt::format("{}: a second machine state", label));
+          state = TRY(migration::decode_machine_state(frame.payload, label));
+          continue;
+        case migration::FrameType::End: {
+          migration::EndSummary end = TRY(migration::decode_end(frame.payload));
+          if (!state) return fail(Errc::Corrupt, fmt::format("{}: end before the state", label));
+          LOG_INFO("{}: {} pages received ({} sent) in {} rounds", label, pages, end.pages_sent,
+                   end.rounds);
+          std::unique_ptr<Machine> machine =
+              TRY(Machine::restore_migrated(label, *state, hello.host, config, kvm,
+                                            std::move(memory), std::move(serial_output)));
+          // The source let go of its disks before it sent the end.
+          TRY_CONTEXT(machine->set_disk_locks(true), label);
+          return machine;
+        }
+        case migration::FrameType::Abort: {
+          migration::Verdict verdict = TRY(migration::decode_verdict(frame.payload));
+          return fail(Errc::Io, fmt::format("{}: the source gave up: {}", label, verdict.message));
+        }
+        case migration::FrameType::Hello:
+        case migration::FrameType::Ack:
+          return fail(Errc::Corrupt, fmt::format("{}: an unexpected {} frame", label,
+                                                 migration::frame_type_name(frame.type)));
+      }
+    }
+  };
+  Result<std::unique_ptr<Machine>> machine = receive();
+  if (!machine) {
+    (void)writer.send(migration::FrameType::Ack,
+                      migration::encode_verdict({false, machine.error().message()}));
+    return fail(machine.error());
+  }
+  TRY_CONTEXT(writer.send(migration::FrameType::Ack, migration::encode_verdict({true, "running"})),
+              label);
+  return machine;
+}
+
+}  // namespace keel::machine

@@ -1,0 +1,123 @@
+// Live migration of a Machine (docs/migration-protocol.md). The source
+// runs a MigrationSender on its own thread: pre-copy of all RAM, dirty
+// rounds until the remainder fits the downtime limit, then pause, the last
+// pages, the machine state, and the destination's ack before the machine
+// stops for good (StopReason::Migrated). Any failure before the ack leaves
+// the source running as before. The destination calls receive_migration,
+// which builds a Machine only once the whole state has arrived and passed
+// every check.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include "base/fd.h"
+#include "base/result.h"
+#include "machine/machine.h"
+#include "migration/stream.h"
+#include "migration/transport.h"
+
+namespace keel::machine {
+
+struct MigrationOptions {
+  migration::StreamAddress destination;
+  uint64_t downtime_ms = 300;  // the longest pause the final copy may take
+  uint64_t bandwidth_mib = 0;  // MiB/s on the wire, 0 for no limit
+  bool compress = false;       // zstd per pages frame
+};
+
+enum class MigrationPhase {
+  Connecting,
+  Copying,      // all RAM, then dirty rounds, vCPUs running
+  StopAndCopy,  // vCPUs paused: the last pages and the machine state
+  AwaitingAck,
+  Completed,
+  Failed,
+  Cancelled,
+};
+std::string_view migration_phase_name(MigrationPhase phase);
+
+struct MigrationStats {
+  MigrationPhase phase = MigrationPhase::Connecting;
+  std::string destination;
+  uint64_t rounds = 0;                  // dirty rounds after the first full pass
+  uint64_t pages_sent = 0;              // counting resent pages each time
+  uint64_t bytes_sent = 0;              // on the wire
+  uint64_t remaining_pages = 0;         // dirty, not yet sent
+  uint64_t dirty_pages_per_second = 0;  // in the last round
+  uint64_t bandwidth_bytes_per_second = 0;
+  uint64_t total_ms = 0;
+  uint64_t downtime_ms = 0;  // from the pause to the ack
+  std::string error;         // Failed, Cancelled
+};
+
+class MigrationSender {
+ public:
+  // Called on the sender thread: "migration-progress" after each round,
+  // then "migration-completed" or "migration-failed" once.
+  using Report = std::function<void(std::string_view event, const MigrationStats& stats)>;
+
+  // Refuses at once (before connecting) a machine whose state cannot be
+  // saved (any virtio device, Unsupported) or one that is stopping.
+  static Result<std::unique_ptr<MigrationSender>> start(Machine& machine, MigrationOptions options,
+                                                        Report report);
+  // Cancels a migration still running and joins the thread.
+  ~MigrationSender();
+
+  MigrationStats stats() const;
+  bool finished() const { return finished_.load(); }
+  // Asks the migration to give up (the source keeps running); Busy once
+  // the end was sent (the destination's answer decides then) or it is over.
+  Result<void> cancel();
+  // Joins the migration thread (after a cancel, or once it finished).
+  void wait();
+
+ private:
+  MigrationSender(Machine& machine, MigrationOptions options, Report report);
+  void run();
+  Result<void> migrate();
+  // Everything after connecting: the copy rounds, the final state, the ack.
+  Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
+  Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
+  Result<void> check_cancelled() const;
+  // After a failed handover: the disks' locks again (retried for a while).
+  Result<void> retake_disk_locks();
+  void set_phase(MigrationPhase phase);
+
+  Machine& machine_;
+  const MigrationOptions options_;
+  const Report report_;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+
+  mutable std::mutex mutex_;  // guards stats_ and connection_fd_
+  MigrationStats stats_;
+  int connection_fd_ = -1;  // shut down by cancel() to unblock a send
+
+  std::atomic<bool> cancelled_{false};
+  std::atomic<bool> committed_{false};  // the ack arrived: no way back
+  std::atomic<bool> finished_{false};
+  bool paused_by_us_ = false;
+  // Held from the stop-and-copy to the end (released on failure, so the
+  // source's devices go on).
+  std::optional<Machine::QuiescedDevices> quiesced_;
+  bool disks_released_ = false;  // the disks' locks were let go: take them back on failure
+  std::thread thread_;
+};
+
+// The destination's half: reads the stream from connection (peer names it
+// in messages) into fresh RAM of config's size, then builds the machine
+// with Machine::restore_migrated and acks. Any failure is sent back as a
+// negative ack (best effort) and returned; no Machine exists until then.
+Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const std::string& peer,
+                                                   const VmConfig& config, const kvm::Kvm& kvm,
+                                                   devices::Serial::Output serial_output);
+
+}  // namespace keel::machine

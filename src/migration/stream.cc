@@ -1,0 +1,337 @@
+#include "migration/stream.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "migration/bytes.h"
+
+namespace keel::migration {
+namespace {
+
+constexpr size_t kPreambleBytes = 16;     // magic, version, crc32 of both
+constexpr size_t kFrameHeaderBytes = 12;  // type, flags, length, crc32
+constexpr int kZstdLevel = 1;             // fast: the link, not the CPU, should be the limit
+
+struct PagesHeader {
+  uint64_t first_page;
+  uint32_t page_count;
+  uint32_t compression;
+};
+static_assert(sizeof(PagesHeader) == 16);
+
+bool known_frame(uint16_t type) {
+  return type >= static_cast<uint16_t>(FrameType::Hello) &&
+         type <= static_cast<uint16_t>(FrameType::Abort);
+}
+
+}  // namespace
+
+std::string_view frame_type_name(FrameType type) {
+  switch (type) {
+    case FrameType::Hello:
+      return "hello";
+    case FrameType::Pages:
+      return "pages";
+    case FrameType::MachineState:
+      return "machine state";
+    case FrameType::End:
+      return "end";
+    case FrameType::Ack:
+      return "ack";
+    case FrameType::Abort:
+      return "abort";
+  }
+  return "unknown";
+}
+
+Result<void> StreamWriter::write_all(std::span<const std::byte> data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = socket_ ? ::send(fd_.get(), data.data() + done, data.size() - done, MSG_NOSIGNAL)
+                        : ::write(fd_.get(), data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOTSOCK && socket_) {
+        socket_ = false;  // a pipe or file (tests): plain writes
+        continue;
+      }
+      return fail_errno(fmt::format("migration stream: send after {} bytes", bytes_sent_));
+    }
+    done += static_cast<size_t>(n);
+    bytes_sent_ += static_cast<uint64_t>(n);
+  }
+  return ok();
+}
+
+Result<void> StreamWriter::write_preamble() {
+  ByteWriter out;
+  out.put(kStreamMagic);
+  out.put(kStreamVersion);
+  out.put(snapshot_crc32(out.data()));
+  return write_all(out.data());
+}
+
+Result<void> StreamWriter::send(FrameType type, std::span<const std::byte> payload) {
+  if (payload.size() > kMaxFramePayloadBytes) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("migration stream: a {} frame of {} bytes (at most {})",
+                            frame_type_name(type), payload.size(), kMaxFramePayloadBytes));
+  }
+  ByteWriter header;
+  header.put(static_cast<uint16_t>(type));
+  header.put(uint16_t{0});
+  header.put(static_cast<uint32_t>(payload.size()));
+  header.put(snapshot_crc32(payload, snapshot_crc32(header.data())));
+  TRY(write_all(header.data()));
+  return write_all(payload);
+}
+
+Result<void> StreamReader::read_exact(std::span<std::byte> out, std::string_view what,
+                                      int timeout_ms) {
+  size_t done = 0;
+  while (done < out.size()) {
+    pollfd waiting{.fd = fd_.get(), .events = POLLIN, .revents = 0};
+    int ready = ::poll(&waiting, 1, timeout_ms);
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno(fmt::format("migration stream from {}: poll", peer_));
+    }
+    if (ready == 0) {
+      return fail(Errc::Timeout, fmt::format("migration stream from {}: nothing for {} ms while "
+                                             "reading the {}",
+                                             peer_, timeout_ms, what));
+    }
+    ssize_t n = ::read(fd_.get(), out.data() + done, out.size() - done);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return fail_errno(fmt::format("migration stream from {}: read the {} after {} bytes", peer_,
+                                    what, bytes_received_));
+    }
+    if (n == 0) {
+      return fail(Errc::Io, fmt::format("migration stream from {}: the connection closed after {} "
+                                        "bytes, in the {}",
+                                        peer_, bytes_received_, what));
+    }
+    done += static_cast<size_t>(n);
+    bytes_received_ += static_cast<uint64_t>(n);
+  }
+  return ok();
+}
+
+Result<void> StreamReader::read_preamble(int timeout_ms) {
+  std::array<std::byte, kPreambleBytes> bytes;
+  TRY(read_exact(bytes, "preamble", timeout_ms));
+  ByteReader in(bytes);
+  using Magic = std::array<char, 8>;
+  auto magic = TRY(in.get<Magic>("magic"));
+  auto version = TRY(in.get<uint32_t>("version"));
+  auto crc = TRY(in.get<uint32_t>("preamble crc"));
+  if (magic != kStreamMagic) {
+    return fail(
+        Errc::Corrupt,
+        fmt::format("migration stream from {}: not a Keel migration stream (bad magic)", peer_));
+  }
+  if (crc != snapshot_crc32(std::span(bytes).first(12))) {
+    return fail(Errc::Corrupt,
+                fmt::format("migration stream from {}: preamble CRC mismatch", peer_));
+  }
+  if (version != kStreamVersion) {
+    return fail(Errc::Unsupported,
+                fmt::format("migration stream from {}: version {}, this keel-vmm speaks {}", peer_,
+                            version, kStreamVersion));
+  }
+  return ok();
+}
+
+Result<Frame> StreamReader::next(int timeout_ms) {
+  std::array<std::byte, kFrameHeaderBytes> header;
+  TRY(read_exact(header, "frame header", timeout_ms));
+  ByteReader in(header);
+  auto type = TRY(in.get<uint16_t>("frame type"));
+  auto flags = TRY(in.get<uint16_t>("frame flags"));
+  auto length = TRY(in.get<uint32_t>("frame length"));
+  auto crc = TRY(in.get<uint32_t>("frame crc"));
+  const uint64_t offset = bytes_received_ - kFrameHeaderBytes;
+  if (!known_frame(type)) {
+    return fail(Errc::Corrupt, fmt::format("migration stream from {}: unknown frame type {} at "
+                                           "byte {}",
+                                           peer_, type, offset));
+  }
+  auto frame_type = static_cast<FrameType>(type);
+  if (flags != 0) {
+    return fail(Errc::Corrupt, fmt::format("migration stream from {}: {} frame at byte {} has "
+                                           "flags {:#x}",
+                                           peer_, frame_type_name(frame_type), offset, flags));
+  }
+  if (length > kMaxFramePayloadBytes) {
+    return fail(Errc::Corrupt, fmt::format("migration stream from {}: {} frame at byte {} of {} "
+                                           "bytes (at most {})",
+                                           peer_, frame_type_name(frame_type), offset, length,
+                                           kMaxFramePayloadBytes));
+  }
+  Frame frame{frame_type, std::vector<std::byte>(length)};
+  TRY(read_exact(frame.payload, fmt::format("{} frame", frame_type_name(frame_type)), timeout_ms));
+  uint32_t actual = snapshot_crc32(frame.payload, snapshot_crc32(std::span(header).first(8)));
+  if (actual != crc) {
+    return fail(Errc::Corrupt,
+                fmt::format("migration stream from {}: {} frame at byte {}: CRC "
+                            "{:#010x}, expected {:#010x}",
+                            peer_, frame_type_name(frame_type), offset, actual, crc));
+  }
+  return frame;
+}
+
+std::vector<std::byte> encode_hello(const Hello& hello) {
+  ByteWriter out;
+  out.put(hello.ram_bytes);
+  out.put(kPageBytes);
+  out.put(hello.host);
+  return std::move(out.data());
+}
+
+Result<Hello> decode_hello(std::span<const std::byte> payload) {
+  ByteReader in(payload);
+  Hello hello;
+  hello.ram_bytes = TRY_CONTEXT(in.get<uint64_t>("RAM size"), "hello frame");
+  auto page_bytes = TRY_CONTEXT(in.get<uint32_t>("page size"), "hello frame");
+  hello.host = TRY_CONTEXT(in.get<HostCpuSummary>("source CPU"), "hello frame");
+  if (in.remaining() != 0) {
+    return fail(Errc::Corrupt, fmt::format("hello frame: {} bytes too many", in.remaining()));
+  }
+  if (page_bytes != kPageBytes) {
+    return fail(Errc::Unsupported,
+                fmt::format("hello frame: pages of {} bytes, not {}", page_bytes, kPageBytes));
+  }
+  if (hello.ram_bytes == 0 || hello.ram_bytes % kPageBytes != 0) {
+    return fail(Errc::Corrupt,
+                fmt::format("hello frame: {} bytes of RAM, not a page multiple", hello.ram_bytes));
+  }
+  return hello;
+}
+
+Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint64_t first_page,
+                                            uint32_t page_count, Compression compression) {
+  const uint64_t ram_pages = ram.size() / kPageBytes;
+  if (page_count == 0 || page_count > kMaxPagesPerFrame || first_page > ram_pages ||
+      page_count > ram_pages - first_page) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("pages {}+{} of {} (at most {} a frame)", first_page, page_count,
+                            ram_pages, kMaxPagesPerFrame));
+  }
+  std::span<const std::byte> pages =
+      ram.subspan(first_page * kPageBytes, uint64_t{page_count} * kPageBytes);
+  ByteWriter out;
+  out.put(PagesHeader{first_page, page_count, static_cast<uint32_t>(Compression::None)});
+  std::vector<std::byte>& bytes = out.data();
+  if (compression == Compression::Zstd) {
+    bytes.resize(sizeof(PagesHeader) + ZSTD_compressBound(pages.size()));
+    size_t packed =
+        ZSTD_compress(bytes.data() + sizeof(PagesHeader), bytes.size() - sizeof(PagesHeader),
+                      pages.data(), pages.size(), kZstdLevel);
+    if (!ZSTD_isError(packed) && packed < pages.size()) {
+      bytes.resize(sizeof(PagesHeader) + packed);
+      uint32_t zstd = static_cast<uint32_t>(Compression::Zstd);
+      std::memcpy(bytes.data() + offsetof(PagesHeader, compression), &zstd, sizeof(zstd));
+      return std::move(bytes);
+    }
+    bytes.resize(sizeof(PagesHeader));  // incompressible: raw
+  }
+  out.put_bytes(pages);
+  return std::move(out.data());
+}
+
+Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram) {
+  ByteReader in(payload);
+  auto header = TRY_CONTEXT(in.get<PagesHeader>("pages header"), "pages frame");
+  const uint64_t ram_pages = ram.size() / kPageBytes;
+  if (header.page_count == 0 || header.page_count > kMaxPagesPerFrame ||
+      header.first_page > ram_pages || header.page_count > ram_pages - header.first_page) {
+    return fail(Errc::Corrupt,
+                fmt::format("pages frame: pages {}+{} outside RAM of {} pages (at most {} a "
+                            "frame)",
+                            header.first_page, header.page_count, ram_pages, kMaxPagesPerFrame));
+  }
+  const size_t bytes = size_t{header.page_count} * kPageBytes;
+  std::span<std::byte> target = ram.subspan(header.first_page * kPageBytes, bytes);
+  std::span<const std::byte> data = in.get_bytes(in.remaining(), "pages").value();
+  switch (static_cast<Compression>(header.compression)) {
+    case Compression::None:
+      if (data.size() != bytes) {
+        return fail(Errc::Corrupt, fmt::format("pages frame: {} bytes for {} pages", data.size(),
+                                               header.page_count));
+      }
+      std::memcpy(target.data(), data.data(), bytes);
+      return header.page_count;
+    case Compression::Zstd: {
+      // Into a buffer first, so a damaged frame leaves RAM untouched.
+      thread_local std::vector<std::byte> buffer;
+      buffer.resize(bytes);
+      size_t unpacked = ZSTD_decompress(buffer.data(), buffer.size(), data.data(), data.size());
+      if (ZSTD_isError(unpacked)) {
+        return fail(Errc::Corrupt,
+                    fmt::format("pages frame {}+{}: bad zstd data ({})", header.first_page,
+                                header.page_count, ZSTD_getErrorName(unpacked)));
+      }
+      if (unpacked != bytes) {
+        return fail(Errc::Corrupt,
+                    fmt::format("pages frame {}+{}: zstd data of {} bytes, "
+                                "expected {}",
+                                header.first_page, header.page_count, unpacked, bytes));
+      }
+      std::memcpy(target.data(), buffer.data(), bytes);
+      return header.page_count;
+    }
+  }
+  return fail(Errc::Corrupt,
+              fmt::format("pages frame: unknown compression {}", header.compression));
+}
+
+std::vector<std::byte> encode_end(const EndSummary& end) {
+  ByteWriter out;
+  out.put(end.pages_sent);
+  out.put(end.rounds);
+  return std::move(out.data());
+}
+
+Result<EndSummary> decode_end(std::span<const std::byte> payload) {
+  ByteReader in(payload);
+  EndSummary end;
+  end.pages_sent = TRY_CONTEXT(in.get<uint64_t>("pages sent"), "end frame");
+  end.rounds = TRY_CONTEXT(in.get<uint64_t>("rounds"), "end frame");
+  if (in.remaining() != 0) {
+    return fail(Errc::Corrupt, fmt::format("end frame: {} bytes too many", in.remaining()));
+  }
+  return end;
+}
+
+std::vector<std::byte> encode_verdict(const Verdict& verdict) {
+  ByteWriter out;
+  out.put(uint32_t{verdict.ok ? 0u : 1u});
+  out.put_string(verdict.message.substr(0, 4096));
+  return std::move(out.data());
+}
+
+Result<Verdict> decode_verdict(std::span<const std::byte> payload) {
+  ByteReader in(payload);
+  auto status = TRY_CONTEXT(in.get<uint32_t>("status"), "ack frame");
+  if (status > 1) return fail(Errc::Corrupt, fmt::format("ack frame: status {}", status));
+  if (in.remaining() > 4096) {
+    return fail(Errc::Corrupt, fmt::format("ack frame: a message of {} bytes", in.remaining()));
+  }
+  auto text = in.get_bytes(in.remaining(), "message").value();
+  Verdict verdict{status == 0,
+                  std::string(reinterpret_cast<const char*>(text.data()), text.size())};
+  // The message reaches logs and the API: keep it printable.
+  for (char& c : verdict.message) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  return verdict;
+}
+
+}  // namespace keel::migration

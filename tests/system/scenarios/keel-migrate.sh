@@ -1,0 +1,99 @@
+#!/bin/sh
+# keel-timeout: 500
+# Live migration of a real Linux guest with a virtio-blk disk (a raw image
+# both keel-vmm processes open, as shared storage would be) over a unix
+# socket: a shell loop in the guest counts in /tmp/counter and another
+# writes, rereads (caches dropped) and compares disk blocks. First a
+# destination is killed in the middle of a bandwidth-limited migration: the
+# source must run on. Then a second destination receives the guest: the
+# same processes and /tmp go on there, the counter continuing, the disk
+# loop going on without a mismatch, data written before the migration
+# reading back from the disk, a new write landing in the image, and the
+# source exits 0.
+set -euo pipefail
+KEEL_L2_VMM=keel
+. "$KEEL_SYSTEM_DIR/lib.sh"
+. "$KEEL_SYSTEM_DIR/common/disk-loop.sh"
+require_binary keelctl >/dev/null
+
+sock=$KEEL_WORKDIR/source.sock
+ctl() { keelctl --socket "$sock" "$@"; }
+wait_for_socket() {
+  local deadline
+  deadline=$(_deadline_cs 30)
+  until [ -S "$1" ]; do
+    [ "$(_now_cs)" -lt "$deadline" ] || fail "no listener on $1"
+    sleep 0.1
+  done
+}
+
+scratch=$KEEL_WORKDIR/scratch.img
+truncate -s 64M "$scratch"
+l2_boot src --mem 256 --serial-agent --disk-rw "$scratch" --vmm-arg "--api-socket=$sock"
+l2_cmd src 'cat /sys/block/vda/size'
+assert_eq "$L2_OUTPUT" 131072 "the scratch disk is vda, 64 MiB"
+disk_loop_start src "the migration"
+l2_cmd src 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
+assert_eq "$L2_OUTPUT" started "counter started"
+sleep 2
+l2_cmd src 'cat /tmp/counter /tmp/counter.pid /tmp/diskcount /tmp/disk.pid'
+first=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
+counter_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+disk_before=$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)
+disk_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 4p)
+assert_match "$disk_before" '^[0-9]+$' "disk loop iterations before the migrations"
+assert_match "$disk_pid" '^[0-9]+$' "disk loop PID"
+assert_match "$first" '^[0-9]+$' "counter before the migrations"
+assert_match "$counter_pid" '^[0-9]+$' "counter PID"
+
+# 1. The destination dies mid-migration (1 MiB/s: 256 MiB take minutes).
+doomed=$KEEL_WORKDIR/doomed.sock
+l2_incoming doomed "unix:$doomed" --vmm-arg "--api-socket=$KEEL_WORKDIR/doomed-api.sock"
+wait_for_socket "$doomed"
+ctl vm migrate "unix:$doomed" --bandwidth 1 > "$KEEL_WORKDIR/doomed.out" 2> "$KEEL_WORKDIR/doomed.err" &
+migrate_pid=$!
+sleep 3
+assert_match "$(ctl --json vm migrate-status)" '"phase": "copying"' "migration in progress"
+l2_kill doomed
+if wait "$migrate_pid"; then fail "keelctl vm migrate succeeded with a dead destination"; fi
+log "keelctl: $(cat "$KEEL_WORKDIR/doomed.err")"
+assert_match "$(cat "$KEEL_WORKDIR/doomed.err")" 'runs on here' "keelctl reports the failure"
+assert_match "$(ctl vm migrate-status)" '^migration failed' "the migration failed"
+assert_match "$(ctl vm info)" 'state +running' "the source runs on"
+l2_cmd src 'cat /tmp/counter'
+middle=$L2_OUTPUT
+[ "$middle" -gt "$first" ] || fail "the source's counter stopped ($first, then $middle)"
+
+# 2. A real migration.
+mig=$KEEL_WORKDIR/migration.sock
+dsock=$KEEL_WORKDIR/destination.sock
+l2_incoming dst "unix:$mig" --vmm-arg "--api-socket=$dsock"
+wait_for_socket "$mig"
+out=$(ctl vm migrate "unix:$mig" --downtime-ms 300) || fail "keelctl vm migrate failed: $out"
+log "$out"
+assert_match "$out" "migrated to unix:$mig" "keelctl vm migrate output"
+l2_wait_exit src 60 || fail "the source did not exit after the migration"
+assert_eq "$L2_EXIT_RC" 0 "source exit status"
+
+l2_cmd dst "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive; kill -0 $disk_pid && echo disk-alive" 120
+printf '%s\n' "$L2_OUTPUT" | sed 's/^/migrated| /'
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)" kept-in-tmp "/tmp survived"
+after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$after" '^[0-9]+$' "counter after the migration"
+[ "$after" -ge "$middle" ] || fail "the counter started over: $middle before, $after after"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)" alive "the counting process survived"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 4p)" disk-alive "the disk loop survived"
+sleep 2
+l2_cmd dst 'cat /tmp/counter'
+[ "$L2_OUTPUT" -gt "$after" ] || fail "the counter stopped on the destination ($after, then $L2_OUTPUT)"
+log "ok: counter $first, $middle after the failed migration, $after after the migration, then $L2_OUTPUT"
+
+# The disk on the destination: the loop goes on without a mismatch, the
+# data written before the migration reads back, a new write lands.
+disk_loop_check dst "the migration" "$disk_before" "$disk_pid"
+
+assert_match "$(keelctl --socket "$dsock" vm stop)" '^stopping' "keelctl vm stop on the destination"
+l2_wait_exit dst 60 || fail "the destination did not exit"
+assert_eq "$L2_EXIT_RC" 0 "destination exit status"
+disk_host_check "$scratch" "the migration"
+echo "KEEL-PASS"
