@@ -324,15 +324,18 @@ Result<uint64_t> Qcow2Image::writable_l2(uint64_t l1_index) {
     // read-only; a shared table here means damaged refcounts.
     return corrupt(fmt::format("L2 table {:#x} (L1 entry {}) is shared", existing, l1_index));
   }
+  // The zeroed table and its refcount reach the disk at write_back's sync,
+  // and the L1 entry pointing at it only after that (write_back_tables), so
+  // the entry never points at a cluster that is not a valid table. Syncing
+  // here instead cost a whole-file fdatasync per new table (~0.25 s in the
+  // middle of a 1 GiB allocating pass, bench/RESULTS.md).
   const uint64_t table = TRY(refcounts_->allocate(1));
   std::vector<std::byte> zeroes(cluster_size_);
   TRY(file_.write(table, zeroes));
-  TRY(sync_file());
-  std::byte entry[8];
-  store_be64(entry, table | kEntryCopied);
-  TRY(file_.write(header_.l1_table_offset + l1_index * 8, entry));
   l1_[l1_index] = table | kEntryCopied;
+  pending_l1_.push_back(l1_index);
   l2_cache_.put(table, zeroes);
+  l2_cache_.mark_dirty(table);
   return table;
 }
 
@@ -366,14 +369,25 @@ Result<void> Qcow2Image::sync_file() {
 }
 
 Result<void> Qcow2Image::write_back_tables() {
-  if (l2_cache_.dirty_count() == 0) return ok();
-  // 1. New data clusters and their refcounts reach the disk (an entry
-  // changes in the cache only once its data write completed)...
+  if (l2_cache_.dirty_count() == 0 && pending_l1_.empty()) return ok();
+  // 1. New data clusters, new (zeroed) L2 tables and their refcounts reach
+  // the disk (an entry changes in the cache only once its data write
+  // completed)...
   TRY(sync_file());
-  // 2. ...before the L2 entries that point at them.
-  return l2_cache_.write_back([this](uint64_t offset, std::span<const std::byte> table) {
+  // 2. ...before the L2 entries that point at them, and the L1 entries that
+  // point at new tables. A crash in between leaves an L1 entry pointing at a
+  // table that is zeroes or holds entries whose clusters are on disk.
+  TRY(l2_cache_.write_back([this](uint64_t offset, std::span<const std::byte> table) {
     return file_.write(offset, table);
-  });
+  }));
+  while (!pending_l1_.empty()) {
+    const uint64_t l1_index = pending_l1_.back();
+    std::byte entry[8];
+    store_be64(entry, l1_[l1_index]);
+    TRY(file_.write(header_.l1_table_offset + l1_index * 8, entry));
+    pending_l1_.pop_back();
+  }
+  return ok();
 }
 
 Result<void> Qcow2Image::write_back() {

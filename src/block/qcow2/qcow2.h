@@ -38,8 +38,8 @@
 // changes in the cache only, after the data write completed; write_back() (on flush, on close,
 // and when many tables are dirty) syncs the file, then writes the dirty L2
 // tables. An entry that stops pointing at a cluster is written and synced
-// before the cluster's refcount drops. New L2 tables are zeroed and synced
-// before the L1 entry is written. Like a disk's write cache, data written
+// before the cluster's refcount drops. New L2 tables are zeroed in the file
+// when made, and their L1 entries written by write_back after its sync. Like a disk's write cache, data written
 // since the last flush may be lost in a crash; metadata stays consistent.
 // Resizing: a grown L1 table is written and synced at its new place before
 // one header write switches the size, the L1 size and its offset together;
@@ -272,6 +272,8 @@ class Qcow2Image final : public BlockBackend {
   uint32_t cluster_bits_;
   uint64_t cluster_size_;
   std::vector<uint64_t> l1_;
+  // L1 entries pointing at new L2 tables, not yet written (write_back_tables).
+  std::vector<uint64_t> pending_l1_;
   TableCache l2_cache_;
   std::optional<Refcounts> refcounts_;  // writable images only
   std::unique_ptr<BlockBackend> backing_;
