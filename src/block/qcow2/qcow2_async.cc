@@ -25,6 +25,12 @@
 #include "block/qcow2/qcow2.h"
 
 namespace keel::block::qcow2 {
+namespace {
+
+// Reads at least this large are handed to io_uring's workers (see queue_host_op).
+constexpr uint64_t kWorkerReadBytes = 256 << 10;
+
+}  // namespace
 
 Result<void> Qcow2Image::submit(const BlockRequest& request) {
   uint64_t length = request.length_bytes;
@@ -277,6 +283,11 @@ Result<void> Qcow2Image::queue_host_op(uint32_t index, uint32_t op) {
     file_.note_write_end(host_op.host_offset + host_op.expected_bytes);
   } else {
     io_uring_prep_readv(sqe, file_.fd(), host_op.iov.data(), count, host_op.host_offset);
+    // A page-cached read completes inline, its copy on the device thread;
+    // large ones go to the kernel's workers instead, which copy on every
+    // core (qemu-img bench's thread pool does the same). Small ones stay
+    // inline: a worker hand-off costs more than a 4 KiB copy.
+    if (host_op.expected_bytes >= kWorkerReadBytes) io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
   }
   io_uring_sqe_set_data64(sqe, op);
   host_op.request = index;
