@@ -2,8 +2,9 @@
 // file or a host block device). Spec: none beyond POSIX and io_uring.
 // Implemented: the synchronous face on preadv/pwritev loops, fdatasync,
 // fallocate (PUNCH_HOLE for discard, ZERO_RANGE for write-zeroes, with
-// fallbacks); the asynchronous face on io_uring (readv, writev, fsync
-// DATASYNC, fallocate) with completions signalled on an eventfd.
+// fallbacks); the asynchronous face on io_uring (an IoRing, as qcow2's data
+// path uses: readv, writev, fsync DATASYNC, fallocate) with completions
+// signalled on an eventfd.
 // Missing: O_DIRECT, registered buffers/files, polled completions.
 //
 // Decisions:
