@@ -20,7 +20,6 @@
 #include <string>
 #include <vector>
 
-#include "base/event_fd.h"
 #include "base/result.h"
 
 namespace keel::block {
@@ -96,25 +95,8 @@ class BlockBackend {
   virtual Result<void> set_image_locked(bool locked);
 };
 
-// A BlockBackend whose asynchronous face runs each request synchronously
-// at submit() and queues the completion: correct for any format, and what
-// formats without a native asynchronous path derive from. The completion
-// eventfd is signalled when the queue stops being empty, not per request.
-class SyncBlockBackend : public BlockBackend {
- public:
-  Result<void> submit(const BlockRequest& request) override;
-  Result<void> kick() override { return ok(); }
-  int completion_fd() const override { return completion_event_.get(); }
-  size_t reap(std::vector<BlockCompletion>& out) override;
-  size_t in_flight() const override { return done_.size(); }
-
- protected:
-  explicit SyncBlockBackend(EventFd completion_event)
-      : completion_event_(std::move(completion_event)) {}
-
- private:
-  EventFd completion_event_;
-  std::vector<BlockCompletion> done_;
-};
+// What a completion reports for a failed operation: -errno, or -EIO where
+// the error carries none.
+int64_t completion_errno(const Error& error);
 
 }  // namespace keel::block

@@ -4,6 +4,7 @@
 
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -29,6 +30,10 @@ class ImageFile {
   Result<void> readv(uint64_t offset, std::span<const iovec> iov) const;
   Result<void> write(uint64_t offset, std::span<const std::byte> data);
   Result<void> writev(uint64_t offset, std::span<const iovec> iov);
+  // An asynchronous write (not through this class) will extend the file to
+  // end: counted now, so a cluster it touches is never taken for one past
+  // the end of the file.
+  void note_write_end(uint64_t end) { size_bytes_ = std::max(size_bytes_, end); }
   // fdatasync: everything written so far is on stable storage.
   Result<void> sync();
 

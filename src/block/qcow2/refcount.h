@@ -8,10 +8,11 @@
 //
 // Crash safety: a new refcount block is written and synced before the table
 // entry that points at it; a grown table and its blocks are synced before the
-// header points at them. Callers sync after allocate() and before they write
-// an L1/L2 entry pointing at the new cluster (Qcow2Image does), so a crash
+// header points at them. allocate() changes refcounts in the cache only;
+// callers write_back() and sync after allocate() and before they write an
+// L1/L2 entry pointing at the new cluster (Qcow2Image::sync_file), so a crash
 // can leak clusters but never leave a table pointing at a cluster whose
-// refcount is 0.
+// refcount is 0. Every other change is written through at once.
 #pragma once
 
 #include <cstdint>
@@ -36,9 +37,11 @@ class Refcounts {
   Result<void> increment(uint64_t cluster_index);
   // Corrupt if the refcount is already 0.
   Result<void> decrement(uint64_t cluster_index);
-  // Finds count contiguous free clusters and sets their refcounts to 1
-  // (written, not synced); returns the first one's host offset.
+  // Finds count contiguous free clusters and sets their refcounts to 1 (in
+  // the cache: write_back() writes them); returns the first one's host offset.
   Result<uint64_t> allocate(uint64_t count);
+  // Writes the refcount blocks allocate() changed (not synced).
+  Result<void> write_back();
 
   uint64_t entries_per_block() const { return entries_per_block_; }
   uint64_t max_refcount() const { return max_refcount_; }

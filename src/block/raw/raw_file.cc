@@ -62,49 +62,33 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, Access a
              size_bytes, rounded);
     size_bytes = rounded;
   }
-  EventFd completion_event = TRY_CONTEXT(EventFd::create(EventFdMode::NonBlocking),
-                                         fmt::format("raw image {}", path));
-  std::unique_ptr<RawFile> raw(
-      new RawFile(path, std::move(file), std::move(lock), access, size_bytes,
-                  std::move(completion_event)));
-  TRY_CONTEXT(raw->init_ring(), fmt::format("raw image {}", path));
-  return raw;
+  // The completion queue holds every request we let be in flight.
+  std::unique_ptr<IoRing> ring =
+      TRY(IoRing::create(kQueueDepth, kMaxInFlight, fmt::format("raw image {}", path)));
+  return std::unique_ptr<RawFile>(new RawFile(path, std::move(file), std::move(lock), access,
+                                              size_bytes, std::move(ring)));
 }
 
-Result<void> RawFile::init_ring() {
-  io_uring_params params{};
-  // The completion queue holds every request we let be in flight, so the
-  // kernel never has to drop or buffer a completion.
-  params.flags = IORING_SETUP_CQSIZE;
-  params.cq_entries = kMaxInFlight;
-  int rc = io_uring_queue_init_params(kQueueDepth, &ring_, &params);
-  if (rc < 0) return fail_errno("io_uring_queue_init", -rc);
-  ring_ready_ = true;
-  rc = io_uring_register_eventfd(&ring_, completion_event_.get());
-  if (rc < 0) return fail_errno("io_uring_register_eventfd", -rc);
+RawFile::RawFile(std::string path, Fd file, ImageLock lock, Access access, uint64_t size_bytes,
+                 std::unique_ptr<IoRing> ring)
+    : path_(std::move(path)), file_(std::move(file)), lock_(std::move(lock)), access_(access),
+      size_bytes_(size_bytes), ring_(std::move(ring)) {
   slots_.resize(kMaxInFlight);
   free_slots_.reserve(kMaxInFlight);
   for (uint32_t i = kMaxInFlight; i > 0; --i) free_slots_.push_back(i - 1);
-  return ok();
 }
 
 RawFile::~RawFile() {
-  if (!ring_ready_) return;
   // The kernel may still write into the callers' buffers; wait for every
   // request so none outlives the memory it points at.
-  if (in_flight() > 0) {
-    LOG_WARN("raw image {}: destroyed with {} requests in flight; waiting", path_, in_flight());
-    (void)io_uring_submit(&ring_);
-    std::vector<BlockCompletion> dropped;
-    while (in_flight() > 0) {
-      io_uring_cqe* cqe = nullptr;
-      int rc = io_uring_wait_cqe(&ring_, &cqe);
-      if (rc < 0 && rc != -EINTR) break;
-      reap(dropped);
-      dropped.clear();
-    }
+  if (in_flight() == 0) return;
+  LOG_WARN("raw image {}: destroyed with {} requests in flight; waiting", path_, in_flight());
+  std::vector<BlockCompletion> dropped;
+  while (in_flight() > 0) {
+    if (!ring_->wait_one()) break;
+    reap(dropped);
+    dropped.clear();
   }
-  io_uring_queue_exit(&ring_);
 }
 
 Result<void> RawFile::check_range(uint64_t offset, uint64_t length_bytes) const {
@@ -258,15 +242,6 @@ Result<void> RawFile::write_zeroes(uint64_t offset, uint64_t length_bytes, Unmap
   return write_zero_buffers(offset, length_bytes);
 }
 
-io_uring_sqe* RawFile::next_sqe() {
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-  if (sqe != nullptr) return sqe;
-  // The submission queue is full: hand it to the kernel and take a fresh entry.
-  if (io_uring_submit(&ring_) < 0) return nullptr;
-  unsubmitted_ = 0;
-  return io_uring_get_sqe(&ring_);
-}
-
 Result<void> RawFile::submit(const BlockRequest& request) {
   uint64_t length = request.length_bytes;
   if (is_transfer(request.op)) {
@@ -283,7 +258,7 @@ Result<void> RawFile::submit(const BlockRequest& request) {
     return fail(Errc::Busy, fmt::format("raw image {}: {} requests in flight", path_, kMaxInFlight));
   }
 
-  io_uring_sqe* sqe = next_sqe();
+  io_uring_sqe* sqe = ring_->next_sqe();
   if (sqe == nullptr) {
     return fail(Errc::Busy, fmt::format("raw image {}: io_uring submission failed", path_));
   }
@@ -333,31 +308,15 @@ Result<void> RawFile::submit(const BlockRequest& request) {
     io_uring_prep_nop(sqe);
   }
   io_uring_sqe_set_data64(sqe, index);
-  ++unsubmitted_;
   return ok();
 }
 
-Result<void> RawFile::kick() {
-  if (unsubmitted_ == 0) return ok();
-  while (true) {
-    int rc = io_uring_submit(&ring_);
-    if (rc >= 0) break;
-    if (rc == -EINTR) continue;
-    // EAGAIN/EBUSY: the kernel is short of resources; the entries stay in
-    // the queue and go with the next kick or submit.
-    if (rc == -EAGAIN || rc == -EBUSY) return ok();
-    return fail_errno(fmt::format("raw image {}: io_uring_submit", path_), -rc);
-  }
-  unsubmitted_ = 0;
-  return ok();
-}
+Result<void> RawFile::kick() { return ring_->kick(); }
 
 int64_t RawFile::finish(const Slot& slot, int32_t res) {
   const BlockRequest& request = slot.request;
   auto errno_of = [](const Result<void>& result) -> int64_t {
-    if (result) return 0;
-    int sys_errno = result.error().sys_errno();
-    return -(sys_errno != 0 ? sys_errno : EIO);
+    return result ? 0 : completion_errno(result.error());
   };
   switch (request.op) {
     case BlockOp::Read:
@@ -398,25 +357,13 @@ int64_t RawFile::finish(const Slot& slot, int32_t res) {
 }
 
 size_t RawFile::reap(std::vector<BlockCompletion>& out) {
-  // Consume the eventfd before draining, so a completion posted meanwhile
-  // leaves it readable rather than being missed.
-  (void)completion_event_.consume();
-  size_t count = 0;
-  unsigned head = 0;
-  unsigned seen = 0;
-  io_uring_cqe* cqe = nullptr;
-  io_uring_for_each_cqe(&ring_, head, cqe) {
-    ++seen;
-    uint64_t index = io_uring_cqe_get_data64(cqe);
+  return ring_->drain([&](uint64_t index, int32_t res) {
     CHECK(index < slots_.size(), "io_uring completion for an unknown slot");
     Slot& slot = slots_[index];
-    out.push_back(BlockCompletion{slot.request.user_data, finish(slot, cqe->res)});
+    out.push_back(BlockCompletion{slot.request.user_data, finish(slot, res)});
     slot.request.iov = {};
     free_slots_.push_back(static_cast<uint32_t>(index));
-    ++count;
-  }
-  io_uring_cq_advance(&ring_, seen);
-  return count;
+  });
 }
 
 }  // namespace keel::block

@@ -1,6 +1,7 @@
 // qcow2 interop with Debian's qemu-img (and qemu-io): images QEMU made and
 // wrote read byte for byte like `qemu-img convert -O raw`, and images Keel
 // wrote pass `qemu-img check` and `qemu-img compare`. Skips without qemu-img.
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -310,10 +311,12 @@ TEST_F(Qcow2InteropTest, KeelOverlayOnQemuChain) {
 
 // kill -9 at arbitrary moments while Keel writes, discards and zeroes an
 // overlay: qemu-img check may find leaks (exit 3) but never corruption.
-TEST_F(Qcow2InteropTest, KillNineLeavesNoCorruption) {
-  const std::string base = dir_.file("base.raw");
+// workload(disk, random, data) runs in the child until it is killed.
+template <typename Workload>
+void kill_nine_rounds(const TempDir& dir, Workload&& workload) {
+  const std::string base = dir.file("base.raw");
   write_file(base, pattern(4 * kMiB, 1));
-  const std::string image = dir_.file("crash.qcow2");
+  const std::string image = dir.file("crash.qcow2");
   qcow2::CreateOptions options;
   options.size_bytes = 4 * kMiB;
   options.cluster_bits = 12;
@@ -331,20 +334,8 @@ TEST_F(Qcow2InteropTest, KillNineLeavesNoCorruption) {
       auto disk = open_image(image, ImageFormat::Qcow2, Access::ReadWrite);
       if (!disk) ::_exit(2);
       std::vector<std::byte> data = pattern(256 * 1024, static_cast<uint8_t>(seed));
-      for (uint64_t op = 0;; ++op) {
-        const uint64_t at = (r() % (4 * kMiB / 512)) * 512;
-        const uint64_t length = std::min<uint64_t>((r() % 512 + 1) * 512, 4 * kMiB - at);
-        switch (r() % 8) {
-          case 0: (void)(*disk)->discard(at, length); break;
-          case 1: (void)(*disk)->write_zeroes(at, length, Unmap::Yes); break;
-          case 2: (void)(*disk)->write_zeroes(at, length, Unmap::No); break;
-          case 3: (void)(*disk)->flush(); break;
-          default: {
-            iovec v{data.data(), std::min<uint64_t>(length, data.size())};
-            (void)(*disk)->write_at(at, std::span(&v, 1));
-          }
-        }
-      }
+      workload(**disk, r, data);
+      ::_exit(3);
     }
     ::usleep(static_cast<useconds_t>(20000 + random() % 200000));
     ::kill(child, SIGKILL);
@@ -358,6 +349,65 @@ TEST_F(Qcow2InteropTest, KillNineLeavesNoCorruption) {
     ASSERT_TRUE(report.has_value()) << report.error().message();
     EXPECT_EQ(report->corruptions, 0u) << (report->messages.empty() ? "" : report->messages[0]);
   }
+}
+
+// A random request inside the 4 MiB disk: offset and length in sectors.
+std::pair<uint64_t, uint64_t> random_range(std::mt19937& r) {
+  const uint64_t at = (r() % (4 * kMiB / 512)) * 512;
+  const uint64_t length = std::min<uint64_t>((r() % 512 + 1) * 512, 4 * kMiB - at);
+  return {at, length};
+}
+
+TEST_F(Qcow2InteropTest, KillNineLeavesNoCorruption) {
+  kill_nine_rounds(dir_, [](BlockBackend& disk, std::mt19937& r, std::vector<std::byte>& data) {
+    while (true) {
+      const auto [at, length] = random_range(r);
+      switch (r() % 8) {
+        case 0: (void)disk.discard(at, length); break;
+        case 1: (void)disk.write_zeroes(at, length, Unmap::Yes); break;
+        case 2: (void)disk.write_zeroes(at, length, Unmap::No); break;
+        case 3: (void)disk.flush(); break;
+        default: {
+          iovec v{data.data(), std::min<uint64_t>(length, data.size())};
+          (void)disk.write_at(at, std::span(&v, 1));
+        }
+      }
+    }
+  });
+}
+
+// The same through the asynchronous face: batches of overlapping writes
+// (many allocating), discards, zeroing and flushes in flight at once.
+TEST_F(Qcow2InteropTest, KillNineDuringAsynchronousRequestsLeavesNoCorruption) {
+  kill_nine_rounds(dir_, [](BlockBackend& disk, std::mt19937& r, std::vector<std::byte>& data) {
+    std::vector<iovec> iovs(32);
+    std::vector<BlockCompletion> done;
+    while (true) {
+      for (uint64_t i = 0; i < iovs.size(); ++i) {
+        const auto [at, length] = random_range(r);
+        BlockRequest request;
+        request.offset = at;
+        request.length_bytes = length;
+        switch (r() % 10) {
+          case 0: request.op = BlockOp::Discard; break;
+          case 1: request.op = BlockOp::WriteZeroesUnmap; break;
+          case 2: request.op = BlockOp::Flush; break;
+          case 3: request.op = BlockOp::Read; break;
+          default: request.op = BlockOp::Write;
+        }
+        iovs[i] = iovec{data.data(), std::min<uint64_t>(length, data.size())};
+        request.iov = std::span(&iovs[i], 1);
+        (void)disk.submit(request);
+      }
+      (void)disk.kick();
+      while (disk.in_flight() > 0) {
+        pollfd pfd{disk.completion_fd(), POLLIN, 0};
+        (void)::poll(&pfd, 1, 1000);
+        disk.reap(done);
+      }
+      done.clear();
+    }
+  });
 }
 
 }  // namespace

@@ -20,6 +20,9 @@
 
 #include "base/fd.h"
 #include "block/block_backend.h"
+#include "block/image.h"
+#include "block/qcow2/create.h"
+#include "block/qcow2/qcow2.h"
 
 namespace keel::block::testing {
 
@@ -84,6 +87,26 @@ inline std::vector<std::byte> read_bytes(BlockBackend& disk, uint64_t offset, si
   auto result = disk.read_at(offset, std::span(&v, 1));
   EXPECT_TRUE(result.has_value()) << result.error().message();
   return out;
+}
+
+inline void create_qcow2(const std::string& path, uint64_t size, uint32_t cluster_bits,
+                         const std::string& backing = "", const std::string& backing_format = "") {
+  qcow2::CreateOptions options;
+  options.size_bytes = size;
+  options.cluster_bits = cluster_bits;
+  options.backing_file = backing;
+  options.backing_format = backing_format;
+  auto created = qcow2::create_image(path, options);
+  ASSERT_TRUE(created.has_value()) << created.error().message();
+}
+
+// A qcow2 image as itself, for the calls beyond BlockBackend.
+inline std::unique_ptr<qcow2::Qcow2Image> open_qcow2(const std::string& path,
+                                                     Access access = Access::ReadWrite) {
+  auto disk = open_image(path, ImageFormat::Qcow2, access);
+  EXPECT_TRUE(disk.has_value()) << disk.error().message();
+  if (!disk) return nullptr;
+  return std::unique_ptr<qcow2::Qcow2Image>(dynamic_cast<qcow2::Qcow2Image*>(disk->release()));
 }
 
 // Big-endian 64-bit values in a file, for making damaged images.

@@ -17,6 +17,8 @@
 namespace keel::block {
 namespace {
 
+using testing::create_qcow2;
+using testing::open_qcow2;
 using testing::pattern;
 using testing::read_be64;
 using testing::read_bytes;
@@ -28,24 +30,6 @@ using Status = qcow2::Qcow2Image::Status;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1 << 20;
-
-std::unique_ptr<qcow2::Qcow2Image> open_qcow2(const std::string& path, Access access) {
-  auto disk = open_image(path, ImageFormat::Qcow2, access);
-  EXPECT_TRUE(disk.has_value()) << disk.error().message();
-  if (!disk) return nullptr;
-  return std::unique_ptr<qcow2::Qcow2Image>(dynamic_cast<qcow2::Qcow2Image*>(disk->release()));
-}
-
-void create(const std::string& path, uint64_t size, uint32_t cluster_bits,
-            const std::string& backing = "", const std::string& backing_format = "") {
-  qcow2::CreateOptions options;
-  options.size_bytes = size;
-  options.cluster_bits = cluster_bits;
-  options.backing_file = backing;
-  options.backing_format = backing_format;
-  auto created = qcow2::create_image(path, options);
-  ASSERT_TRUE(created.has_value()) << created.error().message();
-}
 
 void expect_check_clean(const std::string& path) {
   auto report = qcow2::check_image(path);
@@ -64,7 +48,7 @@ std::vector<std::byte> compressible(size_t length, uint8_t seed) {
 TEST(Qcow2ToolsTest, CompressedWritesPackAndReadBack) {
   TempDir dir;
   const std::string path = dir.file("c.qcow2");
-  create(path, 1 * kMiB, 12);  // 4 KiB clusters
+  create_qcow2(path, 1 * kMiB, 12);  // 4 KiB clusters
   const auto a = compressible(4 * kKiB, 1);
   const auto b = compressible(4 * kKiB, 2);
   const auto noise = pattern(4 * kKiB, 3);
@@ -99,7 +83,7 @@ TEST(Qcow2ToolsTest, CompressedWritesPackAndReadBack) {
   // the four metadata clusters create_image writes, one L2 table and one
   // cluster of compressed data.
   const std::string packed = dir.file("p.qcow2");
-  create(packed, 1 * kMiB, 12);
+  create_qcow2(packed, 1 * kMiB, 12);
   {
     auto writer = open_qcow2(packed, Access::ReadWrite);
     for (uint8_t i = 0; i < 8; ++i) {
@@ -120,7 +104,7 @@ TEST(Qcow2ToolsTest, BlockStatusRunsAndMap) {
   TempDir dir;
   write_file(dir.file("base.raw"), pattern(256 * kKiB, 4));
   const std::string path = dir.file("o.qcow2");
-  create(path, 512 * kKiB, 16, "base.raw", "raw");
+  create_qcow2(path, 512 * kKiB, 16, "base.raw", "raw");
   {
     auto image = open_qcow2(path, Access::ReadWrite);
     ASSERT_TRUE(write_bytes(*image, 0, pattern(128 * kKiB, 5)).has_value());
@@ -155,7 +139,7 @@ TEST(Qcow2ToolsTest, BlockStatusRunsAndMap) {
 TEST(Qcow2ToolsTest, ResizeGrowsTheL1TableAndShrinksCleanly) {
   TempDir dir;
   const std::string path = dir.file("r.qcow2");
-  create(path, 1 * kMiB, 12);  // one L1 entry covers 2 MiB
+  create_qcow2(path, 1 * kMiB, 12);  // one L1 entry covers 2 MiB
   const auto head = pattern(64 * kKiB, 6);
   const auto tail = pattern(100 * kKiB, 7);
   {
@@ -196,7 +180,7 @@ TEST(Qcow2ToolsTest, MakeEmptyShowsTheBackingAgain) {
   const auto base = pattern(1 * kMiB, 8);
   write_file(dir.file("base.raw"), base);
   const std::string path = dir.file("o.qcow2");
-  create(path, 1 * kMiB, 16, "base.raw", "raw");
+  create_qcow2(path, 1 * kMiB, 16, "base.raw", "raw");
   {
     auto image = open_qcow2(path, Access::ReadWrite);
     ASSERT_TRUE(write_bytes(*image, 4 * kKiB, pattern(200 * kKiB, 9)).has_value());
@@ -215,7 +199,7 @@ TEST(Qcow2ToolsTest, SetBackingFileKeepsTheRest) {
   write_file(dir.file("one.raw"), pattern(1 * kMiB, 10));
   write_file(dir.file("two.raw"), pattern(1 * kMiB, 11));
   const std::string path = dir.file("o.qcow2");
-  create(path, 1 * kMiB, 16, "one.raw", "raw");
+  create_qcow2(path, 1 * kMiB, 16, "one.raw", "raw");
   {
     auto image = open_qcow2(path, Access::ReadWrite);
     ASSERT_TRUE(write_bytes(*image, 0, pattern(4 * kKiB, 12)).has_value());
@@ -257,7 +241,7 @@ TEST(Qcow2ToolsTest, SetBackingFileRefusesAHostileExtension) {
 TEST(Qcow2ToolsTest, RepairLeaksLowersRefcountsOnly) {
   TempDir dir;
   const std::string path = dir.file("l.qcow2");
-  create(path, 1 * kMiB, 16);
+  create_qcow2(path, 1 * kMiB, 16);
   {
     auto image = open_qcow2(path, Access::ReadWrite);
     ASSERT_TRUE(write_bytes(*image, 0, pattern(192 * kKiB, 13)).has_value());

@@ -20,6 +20,7 @@ namespace keel::block {
 namespace {
 
 using testing::TempImage;
+using testing::transfer;
 
 std::unique_ptr<RawFile> open_raw(const std::string& path, Access access = Access::ReadWrite) {
   auto raw = RawFile::open(path, access);
@@ -28,16 +29,6 @@ std::unique_ptr<RawFile> open_raw(const std::string& path, Access access = Acces
 }
 
 iovec iov_of(std::vector<std::byte>& buffer) { return iovec{buffer.data(), buffer.size()}; }
-
-BlockRequest transfer(BlockOp op, uint64_t offset, std::span<const iovec> iov,
-                      uint64_t user_data = 0) {
-  BlockRequest request;
-  request.op = op;
-  request.offset = offset;
-  request.iov = iov;
-  request.user_data = user_data;
-  return request;
-}
 
 BlockRequest ranged(BlockOp op, uint64_t offset, uint64_t length_bytes, uint64_t user_data = 0) {
   BlockRequest request;

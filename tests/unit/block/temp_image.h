@@ -12,8 +12,20 @@
 #include <gtest/gtest.h>
 
 #include "base/fd.h"
+#include "block/block_backend.h"
 
 namespace keel::block::testing {
+
+// A read or write for the asynchronous face.
+inline BlockRequest transfer(BlockOp op, uint64_t offset, std::span<const iovec> iov,
+                      uint64_t user_data = 0) {
+  BlockRequest request;
+  request.op = op;
+  request.offset = offset;
+  request.iov = iov;
+  request.user_data = user_data;
+  return request;
+}
 
 class TempImage {
  public:
