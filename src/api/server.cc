@@ -286,7 +286,6 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::CancelMigration:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
-      case RouteId::GetMigration:
       case RouteId::GetVm:
         if (state_.options.vm_status != nullptr) {
           if (std::optional<std::string> vm = state_.options.vm_status->current()) {
@@ -294,6 +293,7 @@ class Session : public std::enable_shared_from_this<Session> {
           }
         }
         break;
+      case RouteId::GetMigration:
       case RouteId::GetConfig:
       case RouteId::GetDevices:
       case RouteId::GetMetrics:

@@ -38,6 +38,7 @@
 #       keel-vmm --incoming ADDRESS with the last l2_boot's machine flags,
 #       to receive a live migration as guest NAME. Does not wait.
 #   l2_run_foreground [options]  runs a VMM in the foreground on this terminal
+#   l1_bridge NAME ADDR/PREFIX   a bridge in L1 with that address, deleted at the end
 #   b64 FILE|-                   base64 without line breaks (for keel.cmd=)
 #   log MSG, fail MSG, skip MSG, assert_eq A B WHAT, assert_match S ERE WHAT,
 #   assert_in_range N LO HI WHAT, require_binary NAME
@@ -487,6 +488,17 @@ _l2_dump() {
   [ -n "$label" ] || touch "$dir/dumped"
 }
 
+# l1_bridge NAME ADDR/PREFIX: a Linux bridge in L1 with that address, up,
+# deleted when the scenario ends (scenarios share one L1, so a bridge or
+# subnet left behind would break the next scenario that wants it).
+_keel_bridges=
+l1_bridge() {
+  brctl addbr "$1" || fail "cannot create bridge $1 (tun/bridge modules in L1?)"
+  _keel_bridges="$_keel_bridges $1"
+  ip addr add "$2" dev "$1" || fail "cannot give bridge $1 the address $2"
+  ip link set "$1" up
+}
+
 _keel_cleanup() {
   local name
   for name in $_keel_vms; do
@@ -494,6 +506,11 @@ _keel_cleanup() {
     _l2_dump "$name"
   done
   _keel_vms=
+  for name in $_keel_bridges; do
+    ip link set "$name" down 2>/dev/null
+    brctl delbr "$name" 2>/dev/null
+  done
+  _keel_bridges=
 }
 trap _keel_cleanup EXIT
 trap '_keel_cleanup; exit 143' TERM

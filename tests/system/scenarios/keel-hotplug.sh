@@ -75,10 +75,8 @@ if ctl vm disk-remove hot0 2> "$KEEL_WORKDIR/gone.err"; then fail "removing a re
 log "ok: removing it again refused: $(cat "$KEEL_WORKDIR/gone.err")"
 
 # 2. NIC: plug on a tap in an L1 bridge, ping both ways, unplug.
-bridge=keelbr0
-brctl addbr "$bridge" || fail "cannot create bridge $bridge"
-ip addr add 10.78.0.1/24 dev "$bridge"
-ip link set "$bridge" up
+bridge=keelhpbr0
+l1_bridge "$bridge" 10.79.0.1/24
 added=$(ctl vm net-add nic0 keelhot0 --mac 52:54:00:78:00:11) || fail "keelctl vm net-add failed"
 assert_match "$added" '^net nic0 at 0000:00:[0-9a-f]{2}\.0$' "net-add reply"
 wait_event device-added nic0
@@ -86,9 +84,9 @@ ip link set keelhot0 master "$bridge"
 ip link set keelhot0 up
 l2_cmd vm 'for i in $(seq 1 150); do [ -e /sys/class/net/eth0 ] && break; sleep 0.2; done; cat /sys/class/net/eth0/address'
 assert_eq "$L2_OUTPUT" 52:54:00:78:00:11 "the hot-plugged NIC's MAC in the guest"
-l2_cmd vm 'ip link set eth0 up && ip addr add 10.78.0.11/24 dev eth0 && ping -c 3 -W 5 10.78.0.1 >/dev/null && echo PING-OK'
+l2_cmd vm 'ip link set eth0 up && ip addr add 10.79.0.11/24 dev eth0 && ping -c 3 -W 5 10.79.0.1 >/dev/null && echo PING-OK'
 assert_eq "$L2_OUTPUT" PING-OK "the guest pings L1 over the hot-plugged NIC"
-ping -c 3 -W 5 10.78.0.11 >/dev/null || fail "L1 cannot ping the guest"
+ping -c 3 -W 5 10.79.0.11 >/dev/null || fail "L1 cannot ping the guest"
 log "ok: L1 pings the guest"
 
 ctl vm net-remove nic0 >/dev/null || fail "keelctl vm net-remove failed"

@@ -23,9 +23,7 @@ ctl() { keelctl --socket "$sock" "$@"; }
 scratch=$KEEL_WORKDIR/scratch.img
 truncate -s 64M "$scratch"
 bridge=keelsnapbr0
-brctl addbr "$bridge" || fail "cannot create bridge $bridge"
-ip addr add 10.78.0.1/24 dev "$bridge"
-ip link set "$bridge" up
+l1_bridge "$bridge" 10.78.0.1/24
 
 l2_boot vm --mem 256 --serial-agent --disk-rw "$scratch" --vmm-arg "--api-socket=$sock" \
   --vmm-arg --net --vmm-arg "tap=keelsnap0,mac=52:54:00:78:00:02,bridge=$bridge"

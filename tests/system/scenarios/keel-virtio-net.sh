@@ -9,9 +9,7 @@ KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
 
 bridge=keelbr0
-brctl addbr "$bridge" || fail "cannot create bridge $bridge (tun/bridge modules in L1?)"
-ip addr add 10.77.0.1/24 dev "$bridge"
-ip link set "$bridge" up
+l1_bridge "$bridge" 10.77.0.1/24
 
 l2_boot vm1 --cpus 1 --mem 256 --serial-agent --vmm-arg --net \
   --vmm-arg "tap=keeltap1,mac=52:54:00:77:00:02,mtu=9000,bridge=$bridge"
