@@ -42,8 +42,10 @@ over instead of letting it run on.
 Usage: bench/migrate.py [--working-sets 64,256] [--runs N] [--downtime-ms 50]
                         [--keel PATH] [--qemu PATH] [--tsc-mhz F]
 """
-import argparse, http.client, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile
+import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile
 import threading, time
+
+from unix_http import UnixHttp, api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(ROOT, "build/bench/migrate_guest.elf")
@@ -53,29 +55,6 @@ LINE = re.compile(r"^maxgap (\d+) at (\d+) loops (\d+) tsc (\d+)$")
 
 def fail(message):
     sys.exit(f"migrate bench: {message}")
-
-
-class UnixHttp(http.client.HTTPConnection):
-    def __init__(self, path, timeout=60):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-def api(sock, method, target, body=None):
-    conn = UnixHttp(sock)
-    conn.request(method, target, body=json.dumps(body) if body is not None else None,
-                 headers={"Content-Type": "application/json"})
-    reply = conn.getresponse()
-    text = reply.read().decode()
-    conn.close()
-    if reply.status != 200:
-        fail(f"{method} {target} answered {reply.status}: {text}")
-    return text
 
 
 def wait_until(predicate, what, timeout=60):
@@ -192,66 +171,82 @@ def warm_up(console, process, what, log):
     wait_until(ready, f"{what}'s guest to report", timeout=60)
 
 
+class Run:
+    """One migration's two processes, their consoles and logs in work; the
+    processes are killed and the consoles closed on leaving."""
+
+    def __init__(self, work):
+        self.work = work
+        self.src_console, self.dst_console = Console(self.path("src.console")), Console(self.path("dst.console"))
+        self.src_log, self.dst_log, self.mig = self.path("src.log"), self.path("dst.log"), self.path("mig.sock")
+        self.src = self.dst = None
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for process in (self.src, self.dst):
+            if process:
+                stop(process)
+        self.src_console.close()
+        self.dst_console.close()
+
+    def wait_for_destination_report(self, what):
+        wait_until(lambda: len(self.dst_console.reports()) >= 1 or self.dst.poll() is not None,
+                   f"{what} destination's first report", timeout=30)
+        if self.dst.poll() is not None:
+            fail(f"{what} destination exited {self.dst.returncode}: {open(self.dst_log).read()[-400:]}")
+
+
 def migrate_keel(args, working_set, work):
-    src_console, dst_console = Console(os.path.join(work, "src.console")), Console(os.path.join(work, "dst.console"))
-    src_sock, dst_sock, mig = (os.path.join(work, n) for n in ("src.sock", "dst.sock", "mig.sock"))
-    src_log, dst_log = os.path.join(work, "src.log"), os.path.join(work, "dst.log")
-    src = start(keel_command(args.keel, working_set, src_console.path, src_sock), src_log)
-    dst = None
-    try:
-        warm_up(src_console, src, "keel-vmm source", src_log)
+    with Run(work) as run:
+        src_sock, dst_sock = run.path("src.sock"), run.path("dst.sock")
+        run.src = start(keel_command(args.keel, working_set, run.src_console.path, src_sock), run.src_log)
+        warm_up(run.src_console, run.src, "keel-vmm source", run.src_log)
         wait_until(lambda: os.path.exists(src_sock), "keel-vmm's API socket")
-        dst = start(keel_command(args.keel, working_set, dst_console.path, dst_sock) +
-                    ["--incoming", "unix:" + mig], dst_log)
-        wait_until(lambda: os.path.exists(mig), "keel-vmm's incoming socket")
+        run.dst = start(keel_command(args.keel, working_set, run.dst_console.path, dst_sock) +
+                        ["--incoming", "unix:" + run.mig], run.dst_log)
+        wait_until(lambda: os.path.exists(run.mig), "keel-vmm's incoming socket")
         events = UnixHttp(src_sock, timeout=args.converge_s + 120)
         events.request("GET", "/api/v1/events?follow=true")
         stream = events.getresponse()
         started = time.monotonic()
         api(src_sock, "PUT", "/api/v1/vm/migrate",
-            {"destination": "unix:" + mig, "downtime_ms": args.downtime_ms})
+            {"destination": "unix:" + run.mig, "downtime_ms": args.downtime_ms})
         outcome = None
         while outcome is None:
             line = stream.readline()
             if not line:
-                fail(f"keel-vmm's event stream ended before the migration did: {open(src_log).read()[-400:]}")
+                fail(f"keel-vmm's event stream ended before the migration did: "
+                     f"{open(run.src_log).read()[-400:]}")
             event = json.loads(line) if line.strip().startswith(b"{") else {}
             if event.get("type") == "migration-failed":
                 fail(f"keel-vmm migration failed: {event}")
             if event.get("type") == "migration-completed":
                 outcome = event
         events.close()
-        src.wait(timeout=60)
-        wait_until(lambda: len(dst_console.reports()) >= 1 or dst.poll() is not None,
-                   "keel-vmm destination's first report", timeout=30)
-        if dst.poll() is not None:
-            fail(f"keel-vmm destination exited {dst.returncode}: {open(dst_log).read()[-400:]}")
-        return measure(args, src_console, dst_console, started, outcome["total_ms"],
-                       outcome["downtime_ms"], forced=outcome.get("rounds", 0) >= 30)
-    finally:
-        for p in (src, dst):
-            if p:
-                stop(p)
-        src_console.close()
-        dst_console.close()
+        run.src.wait(timeout=60)
+        run.wait_for_destination_report("keel-vmm")
+        return measure(args, run, started, outcome["total_ms"], outcome["downtime_ms"],
+                       forced=outcome.get("rounds", 0) >= 30)
 
 
 def migrate_qemu(args, working_set, work):
-    src_console, dst_console = Console(os.path.join(work, "src.console")), Console(os.path.join(work, "dst.console"))
-    src_qmp, dst_qmp, mig = (os.path.join(work, n) for n in ("src.qmp", "dst.qmp", "mig.sock"))
-    src_log, dst_log = os.path.join(work, "src.log"), os.path.join(work, "dst.log")
-    src = start(qemu_command(args.qemu, working_set, src_console.path, src_qmp), src_log)
-    dst = None
-    try:
-        warm_up(src_console, src, "QEMU source", src_log)
-        dst = start(qemu_command(args.qemu, working_set, dst_console.path, dst_qmp) +
-                    ["-incoming", "unix:" + mig], dst_log)
-        wait_until(lambda: os.path.exists(mig), "QEMU's incoming socket")
+    with Run(work) as run:
+        src_qmp, dst_qmp = run.path("src.qmp"), run.path("dst.qmp")
+        run.src = start(qemu_command(args.qemu, working_set, run.src_console.path, src_qmp), run.src_log)
+        warm_up(run.src_console, run.src, "QEMU source", run.src_log)
+        run.dst = start(qemu_command(args.qemu, working_set, run.dst_console.path, dst_qmp) +
+                        ["-incoming", "unix:" + run.mig], run.dst_log)
+        wait_until(lambda: os.path.exists(run.mig), "QEMU's incoming socket")
         qmp = Qmp(src_qmp)
         qmp.run("migrate-set-parameters", **{"downtime-limit": args.downtime_ms,
                                              "max-bandwidth": 100 << 30})
         started = time.monotonic()
-        qmp.run("migrate", uri="unix:" + mig)
+        qmp.run("migrate", uri="unix:" + run.mig)
         forced = False
         while True:
             status = qmp.run("query-migrate")
@@ -264,25 +259,14 @@ def migrate_qemu(args, working_set, work):
                 forced = True
             time.sleep(0.02)
         qmp.close()
-        wait_until(lambda: len(dst_console.reports()) >= 1 or dst.poll() is not None,
-                   "QEMU destination's first report", timeout=30)
-        if dst.poll() is not None:
-            fail(f"QEMU destination exited {dst.returncode}: {open(dst_log).read()[-400:]}")
-        return measure(args, src_console, dst_console, started, status["total-time"],
-                       status["downtime"], forced)
-    finally:
-        for p in (src, dst):
-            if p:
-                stop(p)
-        src_console.close()
-        dst_console.close()
+        run.wait_for_destination_report("QEMU")
+        return measure(args, run, started, status["total-time"], status["downtime"], forced)
 
 
-def measure(args, src_console, dst_console, started, total_ms, downtime_ms, forced):
+def measure(args, run, started, total_ms, downtime_ms, forced):
     to_ms = lambda cycles: cycles / (args.tsc_mhz * 1000)
-    before = [r for r in src_console.reports()[2:] if r[0] < started]
-    after = dst_console.reports()
-    last_src, first_dst = src_console.reports()[-1], after[0]
+    before = [r for r in run.src_console.reports()[2:] if r[0] < started]
+    last_src, first_dst = run.src_console.reports()[-1], run.dst_console.reports()[0]
     wall_ms = (first_dst[0] - last_src[0]) * 1000
     tsc_ms = to_ms(first_dst[4] - last_src[4])
     gap_end = first_dst[0] - to_ms(first_dst[4] - first_dst[2]) / 1000

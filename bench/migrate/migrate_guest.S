@@ -49,6 +49,13 @@
 3:
 	.endm
 
+	/* Writes the bytes from label \from to label \to on COM1. */
+	.macro PRINT_TEXT from, to
+	lea \from(%rip), %rdi
+	mov $(\to - \from), %ecx
+	call print_bytes
+	.endm
+
 	.code32
 	.globl pvh_start
 pvh_start:
@@ -133,31 +140,21 @@ loop:
 
 	mov %rax, %rbx                      /* the TSC at the report */
 	push %rcx
-	lea text_maxgap(%rip), %rdi
-	mov $(text_at - text_maxgap), %ecx
-	call print_bytes
+	PRINT_TEXT text_maxgap, text_at
 	mov %r10, %rax
 	call print_decimal
-	lea text_at(%rip), %rdi
-	mov $(text_loops - text_at), %ecx
-	call print_bytes
+	PRINT_TEXT text_at, text_loops
 	pop %rax
 	call print_decimal
-	lea text_loops(%rip), %rdi
-	mov $(text_tsc - text_loops), %ecx
-	call print_bytes
+	PRINT_TEXT text_loops, text_tsc
 	mov %r13, %rax
 	sub %rbp, %rax
 	mov %r13, %rbp
 	call print_decimal
-	lea text_tsc(%rip), %rdi
-	mov $(text_newline - text_tsc), %ecx
-	call print_bytes
+	PRINT_TEXT text_tsc, text_newline
 	mov %rbx, %rax
 	call print_decimal
-	lea text_newline(%rip), %rdi
-	mov $(text_end - text_newline), %ecx
-	call print_bytes
+	PRINT_TEXT text_newline, text_end
 
 	xor %r10, %r10
 	rdtsc
