@@ -19,34 +19,13 @@ between runs (a warm restore); the script does not drop caches.
 
 Usage: bench/restore.py [--runs N] [--memory MiB] [--keel PATH] [--qemu PATH]
 """
-import argparse, http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+from unix_http import api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(ROOT, "build/tests/guest/pvh_check.elf")
 CMDLINE = "pvh-test c"
-
-
-class UnixHttp(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost", timeout=60)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(self.path)
-
-
-def api(sock, method, target, body=None):
-    conn = UnixHttp(sock)
-    conn.request(method, target, body=json.dumps(body) if body is not None else None,
-                 headers={"Content-Type": "application/json"})
-    reply = conn.getresponse()
-    text = reply.read().decode()
-    conn.close()
-    if reply.status != 200:
-        sys.exit(f"restore bench: {method} {target} answered {reply.status}: {text}")
-    return text
 
 
 def wait_until(predicate, what, timeout=30):
