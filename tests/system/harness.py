@@ -460,7 +460,7 @@ class ScenarioRecord:
         self.secs_host = None
         self.lines = []
         self.begin_host = None
-        self.l1_panics = 0  # times L1's kernel panicked while this scenario ran
+        self.l1_panics = 0  # times L1's kernel panicked or hung while this scenario ran
 
     def as_json(self):
         return {"status": self.status, "rc": self.rc, "reason": self.reason,
@@ -489,6 +489,10 @@ def finish_record(record, rc):
 
 
 L1_PANIC = re.compile(r"^\[\s*\d+\.\d+\] Kernel panic - not syncing")
+# L1's runner ends a scenario at its own time limit and says so within
+# seconds; an L1 that prints nothing this long after that limit has hung
+# (seen under TCG with nested SVM, like the panics) and counts as one.
+L1_HANG_GRACE_S = 120
 
 
 class ConsoleWatcher:
@@ -639,6 +643,14 @@ def run_l1_attempt(args, kit, attempt, scenarios, records, payload, base_initrd,
                     reason = (f"L1 did not report KEEL-L1-READY/KVM/PAYLOAD within "
                               f"{args.boot_timeout} s (seen: {sorted(watcher.marks)})")
                     break
+                current = watcher.current
+                if current is not None and current.begin_host is not None:
+                    limit = scenario_timeout(current.name)
+                    if now - t0 - current.begin_host > limit + L1_HANG_GRACE_S:
+                        outcome = "l1-hang"
+                        reason = (f"L1 printed no end of {current.name} {L1_HANG_GRACE_S} s "
+                                  f"after its {limit} s limit: L1 hung")
+                        break
                 if now > attempt_deadline:
                     outcome = "timeout"
                     reason = f"L1 still running after {now - t0:.0f} s; stopped"
@@ -678,7 +690,7 @@ def run_l1_attempt(args, kit, attempt, scenarios, records, payload, base_initrd,
         record = records[name]
         if record.attempt == attempt and record.status == "error":
             record.reason = f"L1 attempt {attempt} ended during the scenario: {reason}"
-            if outcome == "l1-panic":
+            if outcome in ("l1-panic", "l1-hang"):
                 record.l1_panics += 1
     if outcome != "ok":
         say(f"L1 attempt {attempt}: {outcome}: {reason}")
@@ -751,7 +763,7 @@ def run_nested(args, kit, scenarios, records):
         if info["outcome"] == "ok" or not retry:
             break
         # A third L1 only after a kernel panic in the second.
-        if attempt == 3 or (attempt == 2 and info["outcome"] != "l1-panic"):
+        if attempt == 3 or (attempt == 2 and info["outcome"] not in ("l1-panic", "l1-hang")):
             break
         if time.monotonic() + args.boot_timeout > deadline:
             say("no time left for a second L1 attempt")
