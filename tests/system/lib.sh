@@ -404,6 +404,20 @@ l2_wait_exit() {
   log "$name: VMM exited with rc=$L2_EXIT_RC"
 }
 
+# _l2_vmm_arg_options WHO [--vmm-arg ARG]...: appends each ARG to
+# _l2_vmm_args; any other option fails, naming WHO.
+_l2_vmm_arg_options() {
+  local who=$1
+  shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
+$2"; shift 2 ;;
+      *) fail "$who option '$1' is unknown" ;;
+    esac
+  done
+}
+
 l2_restore() {
   local name dir
   [ $# -ge 2 ] || fail "l2_restore needs a guest name and a snapshot"
@@ -411,13 +425,7 @@ l2_restore() {
   name=$1 _l2_restore_from=$2
   shift 2
   _l2_vmm_args=''
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
-$2"; shift 2 ;;
-      *) fail "l2_restore option '$1' is unknown" ;;
-    esac
-  done
+  _l2_vmm_arg_options l2_restore "$@"
   dir=$(_vm_dir "$name")
   _record_exit "$name"
   mv "$dir/console.log" "$dir/console.log.before-restore"
@@ -438,13 +446,7 @@ l2_incoming() {
   name=$1 address=$2
   shift 2
   _l2_vmm_args="--incoming=$address"
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --vmm-arg) _l2_vmm_args="$_l2_vmm_args
-$2"; shift 2 ;;
-      *) fail "l2_incoming option '$1' is unknown" ;;
-    esac
-  done
+  _l2_vmm_arg_options l2_incoming "$@"
   dir=$(_vm_dir "$name")
   mkdir -p "$dir"
   case " $_keel_vms " in *" $name "*) ;; *) _keel_vms="$_keel_vms $name" ;; esac
