@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "block/image.h"
+#include "block/image_lock.h"
 #include "block/qcow2/check.h"
 #include "block/qcow2/create.h"
 #include "qcow2_support.h"
@@ -23,11 +24,13 @@ namespace keel::block {
 namespace {
 
 using testing::have_program;
+using testing::lock_byte_held;
 using testing::output_of;
 using testing::pattern;
 using testing::read_bytes;
 using testing::read_file;
 using testing::run;
+using testing::run_capturing;
 using testing::TempDir;
 using testing::write_bytes;
 using testing::write_file;
@@ -342,9 +345,20 @@ void kill_nine_rounds(const TempDir& dir, Workload&& workload) {
     int status = 0;
     ::waitpid(child, &status, 0);
     ASSERT_TRUE(WIFSIGNALED(status)) << "the writer stopped by itself: " << status;
+    // The dead writer's image lock lasts until the kernel has finished the
+    // writes it had in flight (io_uring holds the open file until then), so
+    // nothing else can open the image while they may still land. Wait for
+    // that, boundedly, before checking.
+    bool released = false;
+    for (int i = 0; i < 1000 && !released; ++i) {
+      released = !lock_byte_held(image, ImageLock::kPermissionBase + 1);
+      if (!released) ::usleep(10000);
+    }
+    ASSERT_TRUE(released) << "the killed writer's lock on " << image << " outlived it by 10 s";
     const std::string command = "qemu-img check " + image;
-    const int verdict = run(command);
-    EXPECT_TRUE(verdict == 0 || verdict == 3) << output_of(command + " 2>&1");
+    std::string out;
+    const int verdict = run_capturing(command, &out);
+    EXPECT_TRUE(verdict == 0 || verdict == 3) << verdict << " " << out;
     auto report = qcow2::check_image(image);
     ASSERT_TRUE(report.has_value()) << report.error().message();
     EXPECT_EQ(report->corruptions, 0u) << (report->messages.empty() ? "" : report->messages[0]);
