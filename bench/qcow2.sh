@@ -60,7 +60,12 @@ fresh() {  # a new empty qcow2 image of the same size -> its path
   echo "$path"
 }
 
+# Before every timed run: write back what the previous one dirtied (and the
+# images just made), so that no run pays for another's writeback.
+settle() { sync; }
+
 keel() {  # format file phase [step [requests]] -> "iops mbps"
+  settle
   local args=(--format "$1" --file "$2" --phase "$3" --depth 32 --seconds "$seconds")
   [[ -n ${4:-} ]] && args+=(--step "$4")
   [[ -n ${5:-} ]] && args+=(--requests "$5" --seconds 600)
@@ -72,6 +77,7 @@ keel() {  # format file phase [step [requests]] -> "iops mbps"
 }
 
 qemu_bench() {  # cache file bytes step count write(0/1) -> iops
+  settle
   local args=(-f qcow2 -t "$1" -c "$5" -d 32 -s "$3" -S "$4")
   [[ $6 == 1 ]] && args+=(-w)
   local out
