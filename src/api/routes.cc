@@ -284,10 +284,10 @@ bool is_mac(std::string_view text) {
 
 }  // namespace
 
-std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
-  auto parsed = parse_object(body, kSnapshotFields, "snapshot");
-  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
-  const nlohmann::json& json = std::get<nlohmann::json>(parsed);
+namespace {
+
+// The required "path" field of a body, checked by check_file_path.
+std::variant<std::string, ApiError> required_path(const nlohmann::json& json) {
   if (!json.contains("path")) return ApiError{400, "path: required", "path"};
   if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
   std::string path = json["path"].get<std::string>();
@@ -295,15 +295,22 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
   return path;
 }
 
+}  // namespace
+
+std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
+  auto parsed = parse_object(body, kSnapshotFields, "snapshot");
+  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
+  return required_path(std::get<nlohmann::json>(parsed));
+}
+
 std::variant<RestoreRequest, ApiError> parse_restore_body(std::string_view body) {
   auto parsed = parse_object(body, kRestoreFields, "restore");
   if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
   const nlohmann::json& json = std::get<nlohmann::json>(parsed);
   RestoreRequest request;
-  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
-  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
-  request.path = json["path"].get<std::string>();
-  if (auto bad = check_file_path(request.path)) return *bad;
+  auto path = required_path(json);
+  if (auto* bad = std::get_if<ApiError>(&path)) return *bad;
+  request.path = std::get<std::string>(std::move(path));
   if (json.contains("paused")) {
     if (!json["paused"].is_boolean()) return ApiError{400, "paused: must be true or false", "paused"};
     request.paused = json["paused"].get<bool>();

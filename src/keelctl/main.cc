@@ -332,6 +332,14 @@ int migrate(const api::Client& client, bool json, const Json& request) {
   return status;
 }
 
+// path made absolute for keel-vmm, whose working directory is not ours; as
+// given if that fails (the server then names what is wrong with it).
+std::string absolute_path(const std::string& path) {
+  std::error_code error;
+  std::string absolute = std::filesystem::absolute(path, error).string();
+  return error ? path : absolute;
+}
+
 // PUT /api/v1/vm/receive, then, unless no_wait, GET /api/v1/vm until the
 // machine has arrived (keel-vmm runs it) or keel-vmm is gone (it failed).
 int receive(const api::Client& client, bool json, const std::string& source, bool no_wait) {
@@ -583,9 +591,7 @@ int run(int argc, char** argv) {
   }
   if (receive_chosen) return receive(client, json, receive_source, receive_no_wait);
   if (restore_chosen) {
-    std::error_code error;
-    std::string absolute = std::filesystem::absolute(restore_path, error).string();
-    if (error) absolute = restore_path;  // the server names what is wrong with it
+    const std::string absolute = absolute_path(restore_path);
     Json request = {{"path", absolute}, {"paused", restore_paused}};
     if (!restore_serial.empty()) request["serial"] = restore_serial;
     Result<api::HttpReply> reply = client.request("PUT", "/api/v1/vm/restore", request.dump());
@@ -601,9 +607,7 @@ int run(int argc, char** argv) {
     return kExitOk;
   }
   if (snapshot_chosen) {
-    std::error_code error;
-    std::string absolute = std::filesystem::absolute(snapshot_path, error).string();
-    if (error) absolute = snapshot_path;  // the server names what is wrong with it
+    const std::string absolute = absolute_path(snapshot_path);
     Result<api::HttpReply> reply = client.request(
         "PUT", "/api/v1/vm/snapshot", Json{{"path", absolute}}.dump());
     if (!reply) return unreachable(client, reply.error());
