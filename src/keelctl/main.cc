@@ -276,6 +276,11 @@ void print_migration(const Json& stats) {
                         stats.value("bytes_sent", uint64_t{0}) >> 20,
                         text(stats.value("remaining_pages", Json())),
                         text(stats.value("total_ms", Json())));
+    if (stats.value("disk_bytes_copied", uint64_t{0}) > 0) {
+      line += fmt::format(", disks {} MiB copied, {} MiB left",
+                          stats.value("disk_bytes_copied", uint64_t{0}) >> 20,
+                          stats.value("disk_remaining_bytes", uint64_t{0}) >> 20);
+    }
   }
   if (stats.contains("error")) line += " (" + text(stats["error"]) + ")";
   std::printf("%s\n", line.c_str());
@@ -466,7 +471,7 @@ int run(int argc, char** argv) {
   snapshot->callback([&snapshot_chosen] { snapshot_chosen = true; });
   std::string migrate_destination;
   uint64_t downtime_ms = 300, bandwidth_mib = 0;
-  bool compress = false, migrate_chosen = false;
+  bool compress = false, migrate_disks = false, migrate_chosen = false;
   CLI::App* migrate_command = vm->add_subcommand(
       "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST; prints "
                  "progress until it completes (exit 0) or fails (the VM runs on here)");
@@ -476,6 +481,9 @@ int run(int argc, char** argv) {
                               "Longest pause for the final copy (default 300)");
   migrate_command->add_option("--bandwidth", bandwidth_mib, "Limit in MiB/s (default 0: none)");
   migrate_command->add_flag("--compress", compress, "zstd-compress the pages");
+  migrate_command->add_flag("--with-disks", migrate_disks,
+                            "Copy the writable disks into the destination's own images (its "
+                            "--disk paths, of the same size) instead of sharing them");
   migrate_command->callback([&migrate_chosen] { migrate_chosen = true; });
   try {
     app.parse(argc, argv);
@@ -513,7 +521,8 @@ int run(int argc, char** argv) {
   if (migrate_chosen) {
     return migrate(client, json,
                    Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
-                        {"bandwidth_mib", bandwidth_mib}, {"compress", compress}});
+                        {"bandwidth_mib", bandwidth_mib}, {"compress", compress},
+                        {"migrate_disks", migrate_disks}});
   }
   if (snapshot_chosen) {
     std::error_code error;
