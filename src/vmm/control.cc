@@ -296,6 +296,10 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
     }
     case CommandKind::RemoveDisk:
     case CommandKind::RemoveNet: {
+      // A migration holds the disks it copies (migrate_disks) until it ends.
+      if (command.kind == CommandKind::RemoveDisk && migrating()) {
+        return fail(Errc::Busy, "a migration is running (cancel it first)");
+      }
       const machine::HotplugKind kind = command.kind == CommandKind::RemoveDisk
                                             ? machine::HotplugKind::Disk
                                             : machine::HotplugKind::Net;

@@ -107,7 +107,7 @@ TEST(DiskMirrorTargetTest, RefusesTargetsAndChunksThatDoNotFit) {
 // The source's side over a stream into a qcow2 target: every chunk goes
 // once, a zero chunk as a zeroes record, and a second pass with nothing
 // written since sends nothing (blk_test covers the marking of writes).
-TEST(DiskMirrorTest, SourceCopiesEveryChunkThenOnlyWhatWasWrittenAgain) {
+TEST(DiskMirrorTest, SourceCopiesEveryChunkOnceIntoAQcow2Target) {
   TempImage source(kDiskBytes, 11);
   {
     auto raw = block::RawFile::open(source.path(), block::Access::ReadWrite);
