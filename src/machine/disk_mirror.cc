@@ -99,6 +99,18 @@ Result<DiskMirrorTarget> DiskMirrorTarget::open(const migration::DiskInfo& info,
     missing->mark_all();
     mirror.targets_.push_back({disk.index, target.path, std::move(backend), std::move(missing)});
   }
+  // A writable disk the source does not copy would be run as a copy
+  // without its contents.
+  for (size_t index = 0; index < config.disks.size(); ++index) {
+    if (config.disks[index].read_only) continue;
+    if (std::none_of(info.disks.begin(), info.disks.end(),
+                     [index](const migration::MirroredDisk& disk) { return disk.index == index; })) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("disk info: the source does not copy disk {} ('{}'), which is "
+                              "writable here",
+                              index, config.disks[index].path));
+    }
+  }
   return mirror;
 }
 

@@ -66,7 +66,8 @@ class DiskMirrorSource {
 class DiskMirrorTarget {
  public:
   // Opens the config's disks info names (writable, not read-only ones),
-  // locked, each of exactly the announced size.
+  // locked, each of exactly the announced size; info must name every
+  // writable disk of the config.
   static Result<DiskMirrorTarget> open(const migration::DiskInfo& info, const VmConfig& config);
   DiskMirrorTarget(DiskMirrorTarget&&) = default;
   DiskMirrorTarget& operator=(DiskMirrorTarget&&) = default;

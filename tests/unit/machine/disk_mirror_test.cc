@@ -86,6 +86,14 @@ TEST(DiskMirrorTargetTest, RefusesTargetsAndChunksThatDoNotFit) {
   EXPECT_FALSE(
       DiskMirrorTarget::open(info, config_with(target.path(), true))
           .has_value());
+  // A writable disk here that the source does not copy.
+  VmConfig two = config_with(target.path());
+  two.disks.push_back(two.disks[0]);
+  two.disks[1].path = "/nonexistent/other.img";
+  auto uncopied = DiskMirrorTarget::open(info, two);
+  ASSERT_FALSE(uncopied.has_value());
+  EXPECT_NE(uncopied.error().message().find("does not copy disk 1"), std::string::npos)
+      << uncopied.error().message();
 
   auto mirror = DiskMirrorTarget::open(info, config_with(target.path()));
   ASSERT_TRUE(mirror.has_value()) << mirror.error().message();
