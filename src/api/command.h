@@ -60,6 +60,7 @@ struct MigrateRequest {
   uint64_t downtime_ms = 300;  // 1 to 60000
   uint64_t bandwidth_mib = 0;  // MiB/s, 0 for no limit
   bool compress = false;
+  bool migrate_disks = false;  // copy writable disks into the destination's own images
 };
 
 std::string_view command_name(CommandKind kind);

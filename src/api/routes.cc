@@ -24,7 +24,7 @@ constexpr std::string_view kConfigFields[] = {
 constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
 constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
-                                               "compress"};
+                                               "compress", "migrate_disks"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -491,10 +491,13 @@ std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body)
     } else if (key == "compress") {
       if (!value.is_boolean()) return ApiError{400, "compress: must be true or false", key};
       request.compress = value.get<bool>();
+    } else if (key == "migrate_disks") {
+      if (!value.is_boolean()) return ApiError{400, "migrate_disks: must be true or false", key};
+      request.migrate_disks = value.get<bool>();
     } else {
       return ApiError{400,
                       fmt::format("unknown field '{}': migrate takes destination, downtime_ms, "
-                                  "bandwidth_mib and compress", key),
+                                  "bandwidth_mib, compress and migrate_disks", key),
                       key};
     }
   }

@@ -278,6 +278,11 @@ void print_migration(const Json& stats) {
                         stats.value("bytes_sent", uint64_t{0}) >> 20,
                         text(stats.value("remaining_pages", Json())),
                         text(stats.value("total_ms", Json())));
+    if (stats.value("disk_bytes_copied", uint64_t{0}) > 0) {
+      line += fmt::format(", disks {} MiB copied, {} MiB left",
+                          stats.value("disk_bytes_copied", uint64_t{0}) >> 20,
+                          stats.value("disk_remaining_bytes", uint64_t{0}) >> 20);
+    }
   }
   if (stats.contains("error")) line += " (" + text(stats["error"]) + ")";
   std::printf("%s\n", line.c_str());
@@ -539,7 +544,7 @@ int run(int argc, char** argv) {
   receive_command->callback([&receive_chosen] { receive_chosen = true; });
   std::string migrate_destination;
   uint64_t downtime_ms = 300, bandwidth_mib = 0;
-  bool compress = false, migrate_chosen = false;
+  bool compress = false, migrate_disks = false, migrate_chosen = false;
   CLI::App* migrate_command = vm->add_subcommand(
       "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST (or told "
                  "`keelctl vm receive DEST`); prints "
@@ -550,6 +555,9 @@ int run(int argc, char** argv) {
                               "Longest pause for the final copy (default 300)");
   migrate_command->add_option("--bandwidth", bandwidth_mib, "Limit in MiB/s (default 0: none)");
   migrate_command->add_flag("--compress", compress, "zstd-compress the pages");
+  migrate_command->add_flag("--with-disks", migrate_disks,
+                            "Copy the writable disks into the destination's own images (its "
+                            "--disk paths, of the same size) instead of sharing them");
   migrate_command->callback([&migrate_chosen] { migrate_chosen = true; });
   try {
     app.parse(argc, argv);
@@ -587,7 +595,8 @@ int run(int argc, char** argv) {
   if (migrate_chosen) {
     return migrate(client, json,
                    Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
-                        {"bandwidth_mib", bandwidth_mib}, {"compress", compress}});
+                        {"bandwidth_mib", bandwidth_mib}, {"compress", compress},
+                        {"migrate_disks", migrate_disks}});
   }
   if (receive_chosen) return receive(client, json, receive_source, receive_no_wait);
   if (restore_chosen) {

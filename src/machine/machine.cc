@@ -213,22 +213,25 @@ Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
 Result<std::unique_ptr<Machine>> Machine::restore_migrated(
     const std::string& label, const migration::MachineState& saved,
     const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
-    memory::GuestMemory memory, devices::Serial::Output serial_output) {
+    memory::GuestMemory memory, devices::Serial::Output serial_output, DiskHandover disks) {
   if (memory.size_bytes() != config.memory_mib << 20) {
     return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
                                            memory.size_bytes(), config.memory_mib));
   }
-  TRY(check_restorable(label, saved, source, config, kvm));
+  TRY(check_restorable(label, saved, source, config, kvm, disks));
   // The source still holds its writable disks' locks; they are taken by
   // set_disk_locks(true) once it let go (docs/migration-protocol.md).
+  // Copied disks are this host's own files.
   return rebuild(label, saved, config, kvm, std::move(memory), std::move(serial_output),
-                 block::Locking::ForceShare);
+                 disks == DiskHandover::Copied ? block::Locking::Lock
+                                               : block::Locking::ForceShare);
 }
 
 Result<void> Machine::check_restorable(const std::string& label,
                                        const migration::MachineState& saved,
                                        const migration::HostCpuSummary& source,
-                                       const VmConfig& config, const kvm::Kvm& kvm) {
+                                       const VmConfig& config, const kvm::Kvm& kvm,
+                                       DiskHandover disks) {
   auto refuse = [&label](Errc code, const std::string& what) {
     return fail(code, fmt::format("{}: {}", label, what));
   };
@@ -246,7 +249,19 @@ Result<void> Machine::check_restorable(const std::string& label,
                     fmt::format("device section '{}' is one this Keel cannot restore", device.name));
     }
   }
-  TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), label);
+  if (disks == DiskHandover::Copied) {
+    // The writable disks are copies of the source's, whose identities
+    // (inode, mtime) say nothing here; read-only ones are still shared.
+    std::vector<migration::DiskIdentity> shared;
+    for (size_t index = 0; index < saved.disks.size(); ++index) {
+      if (index < config.disks.size() && config.disks[index].read_only) {
+        shared.push_back(saved.disks[index]);
+      }
+    }
+    TRY_CONTEXT(migration::check_disks_unchanged(shared), label);
+  } else {
+    TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), label);
+  }
   kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   for (size_t index = 0; index < saved.vcpus.size(); ++index) {
     TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported, source),
@@ -834,10 +849,10 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
   return state;
 }
 
-std::vector<std::pair<std::string, devices::virtio::Blk*>> Machine::writable_disks() {
+std::vector<Machine::WritableDisk> Machine::writable_disks() {
   // The config's disks by their names (disk0, disk1, ...): a hot-plug
   // changes slots and the device list, never these names.
-  std::vector<std::pair<std::string, devices::virtio::Blk*>> disks;
+  std::vector<WritableDisk> disks;
   std::lock_guard lock(hotplug_mutex_);
   for (size_t index = 0; index < config_.disks.size(); ++index) {
     const DiskConfig& disk = config_.disks[index];
@@ -846,7 +861,8 @@ std::vector<std::pair<std::string, devices::virtio::Blk*>> Machine::writable_dis
     for (const Named& named : named_) {
       if (named.kind != HotplugKind::Disk || named.id != id) continue;
       if (auto* blk = dynamic_cast<devices::virtio::Blk*>(&named.pci->device())) {
-        disks.emplace_back(fmt::format("disk '{}'", disk.path), blk);
+        disks.push_back(
+            {static_cast<uint32_t>(index), fmt::format("disk '{}'", disk.path), blk});
       }
     }
   }
@@ -854,19 +870,20 @@ std::vector<std::pair<std::string, devices::virtio::Blk*>> Machine::writable_dis
 }
 
 Result<void> Machine::check_disks_hand_over() {
-  for (const auto& [what, blk] : writable_disks()) {
-    if (blk->backend().format_name() != "raw") {
+  for (const WritableDisk& disk : writable_disks()) {
+    if (disk.blk->backend().format_name() != "raw") {
       return fail(Errc::Unsupported,
-                  fmt::format("{}: a writable {} disk cannot be handed over yet (raw only)", what,
-                              blk->backend().format_name()));
+                  fmt::format("{}: a writable {} disk cannot be handed over yet (raw only; "
+                              "migrate_disks copies it instead)",
+                              disk.what, disk.blk->backend().format_name()));
     }
   }
   return ok();
 }
 
 Result<void> Machine::set_disk_locks(bool held) {
-  for (const auto& [what, blk] : writable_disks()) {
-    TRY_CONTEXT(blk->backend().set_image_locked(held), what);
+  for (const WritableDisk& disk : writable_disks()) {
+    TRY_CONTEXT(disk.blk->backend().set_image_locked(held), disk.what);
   }
   return ok();
 }

@@ -81,6 +81,11 @@ struct DeviceCounters {
 // the config are named disk0, disk1, ... and net0, ... and can be resized
 // and unplugged the same way. A reboot starts from the config again.
 enum class HotplugKind { Disk, Net };
+
+// How a migrated-in machine's writable disks reach it: the same images as
+// the source's (shared storage, handed over by their locks), or copies the
+// migration stream wrote into this host's own images.
+enum class DiskHandover { Shared, Copied };
 std::string_view hotplug_kind_name(HotplugKind kind);  // "disk", "net"
 
 struct HotplugDisk {
@@ -204,15 +209,28 @@ class Machine {
   // naming it, for a writable disk whose format caches metadata (qcow2).
   Result<void> check_disks_hand_over();
   Result<void> set_disk_locks(bool held);
+  // Every writable config disk's virtio-blk (index in config().disks, and
+  // "disk 'PATH'" for errors), for the handover and for a migration that
+  // copies local disks (machine/disk_mirror.h).
+  struct WritableDisk {
+    uint32_t index = 0;
+    std::string what;
+    devices::virtio::Blk* blk = nullptr;
+  };
+  std::vector<WritableDisk> writable_disks();
 
   // Restore as constructor from a migration: the machine state the stream
   // carried (decoded, not yet checked) and its RAM, already received into
   // memory (a fresh memfd of config's size). The same checks as restore(),
   // errors starting with label.
+  // With DiskHandover::Copied the writable disks are this host's own copies
+  // (the stream carried their contents): opened locked, and not checked
+  // against the source's disk identities.
   static Result<std::unique_ptr<Machine>> restore_migrated(
       const std::string& label, const migration::MachineState& saved,
       const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
-      memory::GuestMemory memory, devices::Serial::Output serial_output);
+      memory::GuestMemory memory, devices::Serial::Output serial_output,
+      DiskHandover disks = DiskHandover::Shared);
 
   // The device side of a save, for snapshots and migration alike. While the
   // returned object lives, the device I/O loop is held (no doorbell,
@@ -297,15 +315,14 @@ class Machine {
   static Result<void> check_restorable(const std::string& label,
                                        const migration::MachineState& saved,
                                        const migration::HostCpuSummary& source,
-                                       const VmConfig& config, const kvm::Kvm& kvm);
+                                       const VmConfig& config, const kvm::Kvm& kvm,
+                                       DiskHandover disks = DiskHandover::Shared);
   static Result<std::unique_ptr<Machine>> rebuild(const std::string& label,
                                                   const migration::MachineState& saved,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
                                                   memory::GuestMemory memory,
                                                   devices::Serial::Output serial_output,
                                                   block::Locking writable_disk_locking);
-  // Every writable disk's virtio-blk, with "disk 'PATH'" for errors.
-  std::vector<std::pair<std::string, devices::virtio::Blk*>> writable_disks();
 
   // saved: the device sections of a snapshot to restore the serial port and
   // RTC from; empty for a fresh machine.

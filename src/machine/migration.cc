@@ -58,7 +58,7 @@ Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine
                                                                 MigrationOptions options,
                                                                 Report report) {
   TRY_CONTEXT(machine.check_state_saveable(), "migrate");
-  TRY_CONTEXT(machine.check_disks_hand_over(), "migrate");
+  if (!options.migrate_disks) TRY_CONTEXT(machine.check_disks_hand_over(), "migrate");
   if (machine.stop_status()) return fail(Errc::Busy, "migrate: the VM is stopping");
   std::unique_ptr<MigrationSender> sender(
       new MigrationSender(machine, std::move(options), std::move(report)));
@@ -110,6 +110,9 @@ void MigrationSender::set_phase(MigrationPhase phase) {
 
 void MigrationSender::run() {
   Result<void> result = migrate();
+  // Tracking stops either way: the destination owns its copies now, or the
+  // source goes on with its own disks, which it never let go of.
+  disk_mirror_.reset();
   if (result) {
     {
       std::lock_guard lock(mutex_);
@@ -203,6 +206,30 @@ Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
   return result;
 }
 
+Result<void> MigrationSender::send_disk_chunks(migration::StreamWriter& writer) {
+  if (!disk_mirror_) return ok();
+  const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
+  const Clock::time_point begin = Clock::now();
+  uint64_t sent = 0;
+  auto after_chunk = [&](uint64_t wire_bytes) -> Result<void> {
+    sent += wire_bytes;
+    {
+      std::lock_guard lock(mutex_);
+      stats_.bytes_sent = writer.bytes_sent();
+      stats_.disk_bytes_copied = disk_mirror_->bytes_copied();
+    }
+    if (limit_bytes_per_second > 0) {
+      std::this_thread::sleep_until(
+          begin + std::chrono::microseconds(sent * 1'000'000 / limit_bytes_per_second));
+    }
+    return check_cancelled();
+  };
+  TRY(disk_mirror_->send_dirty(writer, after_chunk));
+  std::lock_guard lock(mutex_);
+  stats_.disk_remaining_bytes = disk_mirror_->dirty_bytes();
+  return ok();
+}
+
 Result<void> MigrationSender::migrate() {
   const migration::StreamAddress& address = options_.destination;
   Fd connection = TRY(migration::connect_stream(address));
@@ -250,6 +277,21 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
 
   set_phase(MigrationPhase::Copying);
   TRY_CONTEXT(machine_.start_dirty_log(), "migrate: start dirty logging");
+  if (options_.migrate_disks) {
+    std::vector<DiskMirrorSource::Disk> disks;
+    for (const Machine::WritableDisk& disk : machine_.writable_disks()) {
+      disks.push_back({disk.index, disk.what, disk.blk});
+    }
+    if (!disks.empty()) {
+      // Tracking starts before the bulk copy reads anything.
+      disk_mirror_ = std::make_unique<DiskMirrorSource>(std::move(disks));
+      TRY(writer.send(migration::FrameType::DiskInfo,
+                      migration::encode_disk_info(disk_mirror_->info())));
+      TRY(send_disk_chunks(writer));
+      LOG_INFO("migration: disks copied once, {} bytes written since",
+               disk_mirror_->dirty_bytes());
+    }
+  }
   migration::DirtyBitmap dirty(memory.page_count());
   migration::DirtyBitmap vmm_written(memory.page_count());
   dirty.set_all();  // the first pass: all of RAM
@@ -263,17 +305,22 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     }
     uint64_t pages = dirty.count();
     TRY(send_dirty(writer, dirty));
+    if (round > 0) TRY(send_disk_chunks(writer));
     const uint64_t round_ms = std::max<uint64_t>(elapsed_ms(round_begin), 1);
     send_ms_total += round_ms;
     pages_total += pages;
     dirty.clear();
     TRY(machine_.collect_dirty_pages(dirty, vmm_written));
     const uint64_t remaining = dirty.count();
+    // Disk chunks written since they were sent take the link as pages do.
+    const uint64_t disk_remaining_pages =
+        disk_mirror_ ? disk_mirror_->dirty_bytes() / kPageBytes : 0;
     // Pages per millisecond over every pass so far: a small last round
     // says little about the link.
     const double pages_per_ms =
         static_cast<double>(pages_total) / static_cast<double>(send_ms_total);
-    const double estimate_ms = static_cast<double>(remaining) / std::max(pages_per_ms, 1e-3);
+    const double estimate_ms =
+        static_cast<double>(remaining + disk_remaining_pages) / std::max(pages_per_ms, 1e-3);
     {
       std::lock_guard lock(mutex_);
       stats_.rounds = round;
@@ -315,12 +362,16 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     stats_.remaining_pages = dirty.count();
   }
   TRY(send_dirty(writer, dirty));
+  // The devices are quiesced: no disk write is in flight or can start.
+  TRY(send_disk_chunks(writer));
   TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
-  // The disks' locks go before the end, so the destination, which takes
-  // them once the end arrived, finds them free; run() takes them back if
-  // the handover fails.
-  disks_released_ = true;
-  TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
+  if (!options_.migrate_disks) {
+    // The disks' locks go before the end, so the destination, which takes
+    // them once the end arrived, finds them free; run() takes them back if
+    // the handover fails. Copied disks are never let go of.
+    disks_released_ = true;
+    TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
+  }
   uint64_t rounds = stats().rounds;
   TRY(writer.send(migration::FrameType::End, migration::encode_end({stats().pages_sent, rounds})));
   {
@@ -366,6 +417,7 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
     memory::GuestMemory memory = TRY(memory::GuestMemory::create(
         config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
     std::optional<migration::MachineState> state;
+    std::optional<DiskMirrorTarget> disk_copies;  // the source copies its disks
     uint64_t pages = 0;
     for (;;) {
       migration::Frame frame = TRY(reader.next(kReceiveTimeoutMs));
@@ -385,12 +437,32 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           if (!state) return fail(Errc::Corrupt, fmt::format("{}: end before the state", label));
           LOG_INFO("{}: {} pages received ({} sent) in {} rounds", label, pages, end.pages_sent,
                    end.rounds);
-          std::unique_ptr<Machine> machine =
-              TRY(Machine::restore_migrated(label, *state, hello.host, config, kvm,
-                                            std::move(memory), std::move(serial_output)));
+          // Never run on a partial copy: finish() refuses a missing chunk.
+          if (disk_copies) TRY_CONTEXT(disk_copies->finish(), label);
+          const DiskHandover handover = disk_copies ? DiskHandover::Copied : DiskHandover::Shared;
+          std::unique_ptr<Machine> machine = TRY(
+              Machine::restore_migrated(label, *state, hello.host, config, kvm, std::move(memory),
+                                        std::move(serial_output), handover));
           // The source let go of its disks before it sent the end.
-          TRY_CONTEXT(machine->set_disk_locks(true), label);
+          if (handover == DiskHandover::Shared) TRY_CONTEXT(machine->set_disk_locks(true), label);
           return machine;
+        }
+        case migration::FrameType::DiskInfo: {
+          if (disk_copies || state) {
+            return fail(Errc::Corrupt, fmt::format("{}: an unexpected disk info frame", label));
+          }
+          migration::DiskInfo info = TRY_CONTEXT(migration::decode_disk_info(frame.payload), label);
+          disk_copies.emplace(TRY_CONTEXT(DiskMirrorTarget::open(info, config), label));
+          continue;
+        }
+        case migration::FrameType::DiskChunk: {
+          if (!disk_copies || state) {
+            return fail(Errc::Corrupt, fmt::format("{}: an unexpected disk chunk frame", label));
+          }
+          migration::DiskChunk chunk =
+              TRY_CONTEXT(migration::decode_disk_chunk(frame.payload), label);
+          TRY_CONTEXT(disk_copies->apply(chunk), label);
+          continue;
         }
         case migration::FrameType::Abort: {
           migration::Verdict verdict = TRY(migration::decode_verdict(frame.payload));

@@ -21,6 +21,7 @@
 
 #include "base/fd.h"
 #include "base/result.h"
+#include "machine/disk_mirror.h"
 #include "machine/machine.h"
 #include "migration/stream.h"
 #include "migration/transport.h"
@@ -32,6 +33,9 @@ struct MigrationOptions {
   uint64_t downtime_ms = 300;  // the longest pause the final copy may take
   uint64_t bandwidth_mib = 0;  // MiB/s on the wire, 0 for no limit
   bool compress = false;       // zstd per pages frame
+  // Copy the writable disks' contents into the destination's own images
+  // (machine/disk_mirror.h) instead of handing shared images over.
+  bool migrate_disks = false;
 };
 
 enum class MigrationPhase {
@@ -56,6 +60,8 @@ struct MigrationStats {
   uint64_t bandwidth_bytes_per_second = 0;
   uint64_t total_ms = 0;
   uint64_t downtime_ms = 0;  // from the pause to the ack
+  uint64_t disk_bytes_copied = 0;     // migrate_disks: chunk bytes read and sent, resent ones too
+  uint64_t disk_remaining_bytes = 0;  // migrate_disks: written since last sent
   std::string error;         // Failed, Cancelled
 };
 
@@ -87,6 +93,8 @@ class MigrationSender {
   // Everything after connecting: the copy rounds, the final state, the ack.
   Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
   Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
+  // migrate_disks: every disk chunk dirty now, paced as RAM is.
+  Result<void> send_disk_chunks(migration::StreamWriter& writer);
   Result<void> check_cancelled() const;
   // After a failed handover: the disks' locks again (retried for a while).
   Result<void> retake_disk_locks();
@@ -108,6 +116,7 @@ class MigrationSender {
   // Held from the stop-and-copy to the end (released on failure, so the
   // source's devices go on).
   std::optional<Machine::QuiescedDevices> quiesced_;
+  std::unique_ptr<DiskMirrorSource> disk_mirror_;  // migrate_disks, while it runs
   bool disks_released_ = false;  // the disks' locks were let go: take them back on failure
   std::thread thread_;
 };

@@ -27,7 +27,7 @@ static_assert(sizeof(PagesHeader) == 16);
 
 bool known_frame(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::Hello) &&
-         type <= static_cast<uint16_t>(FrameType::Abort);
+         type <= static_cast<uint16_t>(FrameType::DiskChunk);
 }
 
 }  // namespace
@@ -46,6 +46,10 @@ std::string_view frame_type_name(FrameType type) {
       return "ack";
     case FrameType::Abort:
       return "abort";
+    case FrameType::DiskInfo:
+      return "disk info";
+    case FrameType::DiskChunk:
+      return "disk chunk";
   }
   return "unknown";
 }

@@ -31,6 +31,9 @@ enum class FrameType : uint16_t {
   End = 4,           // source: everything is sent
   Ack = 5,           // destination: the machine was rebuilt, or why not
   Abort = 6,         // either side: giving up, with the reason
+  // Local disks copied with the migration (migration/disk_records.h).
+  DiskInfo = 7,   // source -> destination: which disks are copied, their sizes
+  DiskChunk = 8,  // one chunk of a copied disk: data or zeroes
 };
 std::string_view frame_type_name(FrameType type);
 

@@ -51,6 +51,8 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"bandwidth_bytes_per_second", stats.bandwidth_bytes_per_second},
       {"total_ms", stats.total_ms},
       {"downtime_ms", stats.downtime_ms},
+      {"disk_bytes_copied", stats.disk_bytes_copied},
+      {"disk_remaining_bytes", stats.disk_remaining_bytes},
   };
   if (!stats.error.empty()) json["error"] = stats.error;
   return json;
@@ -167,6 +169,7 @@ api::Reply ApiControl::start_migration(const api::MigrateRequest& request,
   options.downtime_ms = request.downtime_ms;
   options.bandwidth_mib = request.bandwidth_mib;
   options.compress = request.compress;
+  options.migrate_disks = request.migrate_disks;
   migration_.reset();  // the last one, finished: join its thread
   uint64_t boot = boot_;
   // Runs on the migration thread; the EventLog has its own lock.
@@ -296,6 +299,10 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
     }
     case CommandKind::RemoveDisk:
     case CommandKind::RemoveNet: {
+      // A migration holds the disks it copies (migrate_disks) until it ends.
+      if (command.kind == CommandKind::RemoveDisk && migrating()) {
+        return fail(Errc::Busy, "a migration is running (cancel it first)");
+      }
       const machine::HotplugKind kind = command.kind == CommandKind::RemoveDisk
                                             ? machine::HotplugKind::Disk
                                             : machine::HotplugKind::Net;

@@ -14,6 +14,7 @@
 
 #include "base/fd.h"
 #include "base/log.h"
+#include "migration/disk_records.h"
 #include "migration/snapshot.h"
 #include "migration/stream.h"
 
@@ -42,6 +43,12 @@ void decode_payload(migration::FrameType type, std::span<const std::byte> payloa
     case migration::FrameType::Abort:
       (void)migration::decode_verdict(payload);
       break;
+    case migration::FrameType::DiskInfo:
+      (void)migration::decode_disk_info(payload);
+      break;
+    case migration::FrameType::DiskChunk:
+      (void)migration::decode_disk_chunk(payload);
+      break;
   }
 }
 
@@ -57,7 +64,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto bytes = std::as_bytes(std::span(data, size));
   for (auto type :
        {migration::FrameType::Hello, migration::FrameType::Pages,
-        migration::FrameType::MachineState, migration::FrameType::End, migration::FrameType::Ack}) {
+        migration::FrameType::MachineState, migration::FrameType::End, migration::FrameType::Ack,
+        migration::FrameType::DiskInfo, migration::FrameType::DiskChunk}) {
     decode_payload(type, bytes, ram);
   }
 

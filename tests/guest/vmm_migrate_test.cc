@@ -20,6 +20,7 @@
 
 #include "api/client.h"
 #include "base/fd.h"
+#include "block/image.h"
 #include "block/image_lock.h"
 #include "block/qcow2/create.h"
 #include "counting_guest.h"
@@ -110,9 +111,10 @@ class VmmMigrateTest : public ::testing::Test {
   // and the destination go on counting from the letter after the source's
   // last one (in source_console).
   void migrate_and_expect_counting_goes_on(VmmProcess& source, VmmProcess& destination,
-                                           const std::string& source_console) {
-    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                                  Json{{"destination", "unix:" + migration_socket_}}.dump());
+                                           const std::string& source_console,
+                                           Json request = Json::object()) {
+    request["destination"] = "unix:" + migration_socket_;
+    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate", request.dump());
     ASSERT_EQ(started.status, 200u) << started.body;
     Outcome source_outcome = source.wait(kGuestTimeout);
     EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
@@ -148,6 +150,54 @@ class VmmMigrateTest : public ::testing::Test {
     ASSERT_EQ(saved.status, 200u) << saved.body;
     call(source_socket_, "PUT", "/api/v1/vm/stop");
     EXPECT_EQ(first->wait(kGuestTimeout).exit_status, 0);
+  }
+
+  // A new image of size_bytes: raw (sparse) or an empty qcow2.
+  std::string new_disk(const std::string& name, uint64_t size_bytes, bool qcow2) {
+    const std::string disk = dir_.file(name);
+    if (qcow2) {
+      block::qcow2::CreateOptions options;
+      options.size_bytes = size_bytes;
+      Result<void> created = block::qcow2::create_image(disk, options);
+      EXPECT_TRUE(created) << created.error().message();
+      return disk;
+    }
+    Result<Fd> file = Fd::open(disk, O_RDWR | O_CREAT, 0600);
+    EXPECT_TRUE(file) << file.error().message();
+    if (file) {
+      EXPECT_EQ(::ftruncate(file->get(), static_cast<off_t>(size_bytes)), 0);
+    }
+    return disk;
+  }
+
+  // Writes a pattern into every other 256 KiB of the image through Keel's
+  // backend (qcow2 clusters allocated as a guest's writes would), leaving
+  // the rest unallocated.
+  void fill_disk(const std::string& disk, uint8_t seed) {
+    auto backend = block::open_image(disk, block::ImageFormat::Auto, block::Access::ReadWrite);
+    ASSERT_TRUE(backend) << backend.error().message();
+    constexpr uint64_t kStride = 256 * 1024;
+    std::vector<std::byte> data(kStride);
+    for (uint64_t offset = 0; offset < (*backend)->size_bytes(); offset += 2 * kStride) {
+      for (size_t i = 0; i < data.size(); ++i) {
+        data[i] = std::byte(static_cast<uint8_t>(seed + offset / kStride + i / 4096 + i));
+      }
+      iovec part{data.data(), data.size()};
+      ASSERT_TRUE((*backend)->write_at(offset, std::span(&part, 1)));
+    }
+    ASSERT_TRUE((*backend)->flush());
+  }
+
+  // The guest-visible contents of an image.
+  std::vector<std::byte> disk_contents(const std::string& disk) {
+    auto backend = block::open_image(disk, block::ImageFormat::Auto, block::Access::ReadOnly,
+                                     block::Locking::ForceShare);
+    EXPECT_TRUE(backend) << backend.error().message();
+    if (!backend) return {};
+    std::vector<std::byte> out((*backend)->size_bytes());
+    iovec part{out.data(), out.size()};
+    EXPECT_TRUE((*backend)->read_at(0, std::span(&part, 1)));
+    return out;
   }
 
   // The source goes on printing letters in order.
@@ -511,6 +561,124 @@ TEST_F(VmmMigrateTest, RefusalAfterTheEndGivesTheSourceItsDiskBack) {
   Result<block::ImageLock> held = block::ImageLock::open(disk, block::Access::ReadOnly);
   ASSERT_FALSE(held) << "the source did not take its disk's lock back";
   EXPECT_EQ(held.error().code(), Errc::Busy) << held.error().message();
+  call(source_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+// migrate_disks: a local raw and a local qcow2 disk are copied into the
+// destination's own empty images of the same size while the guest runs;
+// the destination runs on copies equal byte for byte (qemu-img compare for
+// qcow2, when installed), and the source's disks are untouched.
+TEST_F(VmmMigrateTest, MigrateDisksCopiesLocalRawAndQcow2Disks) {
+  constexpr uint64_t kDiskBytes = 4 << 20;
+  const std::string raw = new_disk("source.raw", kDiskBytes, false);
+  const std::string qcow2 = new_disk("source.qcow2", kDiskBytes, true);
+  const std::string raw_copy = new_disk("destination.raw", kDiskBytes, false);
+  const std::string qcow2_copy = new_disk("destination.qcow2", kDiskBytes, true);
+  fill_disk(raw, 1);
+  fill_disk(qcow2, 2);
+  ASSERT_FALSE(HasFailure());
+  const std::vector<std::byte> raw_before = disk_contents(raw);
+  const std::vector<std::byte> qcow2_before = disk_contents(qcow2);
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--log-level", "info", "--disk", "path=" + raw + ",format=raw", "--disk",
+                    "path=" + qcow2 + ",format=qcow2"});
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), {"--disk", "path=" + raw_copy + ",format=raw", "--disk",
+                           "path=" + qcow2_copy + ",format=qcow2"});
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+
+  migrate_and_expect_counting_goes_on(source, destination, source_console_,
+                                      Json{{"migrate_disks", true}, {"downtime_ms", 50}});
+  ASSERT_FALSE(HasFailure());
+  // The destination holds its copies; the source let go of its own as it exited.
+  EXPECT_FALSE(block::ImageLock::open(raw_copy, block::Access::ReadOnly));
+  EXPECT_TRUE(block::ImageLock::open(raw, block::Access::ReadWrite));
+  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  Outcome outcome = destination.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+
+  EXPECT_TRUE(disk_contents(raw) == raw_before) << "the source's raw disk changed";
+  EXPECT_TRUE(disk_contents(qcow2) == qcow2_before) << "the source's qcow2 disk changed";
+  EXPECT_TRUE(disk_contents(raw_copy) == raw_before) << "the raw copy differs";
+  EXPECT_TRUE(disk_contents(qcow2_copy) == qcow2_before) << "the qcow2 copy differs";
+  if (std::system("qemu-img --version >/dev/null 2>&1") == 0) {
+    EXPECT_EQ(std::system(("qemu-img compare -q -f qcow2 -F qcow2 " + qcow2 + " " + qcow2_copy)
+                              .c_str()),
+              0);
+    EXPECT_EQ(std::system(("qemu-img check -q " + qcow2_copy).c_str()), 0);
+  }
+}
+
+// A copy of local disks that never finishes: the destination, killed in
+// the middle of the disk copy, leaves the source running on its own disk,
+// locked and unchanged.
+TEST_F(VmmMigrateTest, MigrateDisksKilledDestinationLeavesTheSourceItsDisk) {
+  constexpr uint64_t kDiskBytes = 32 << 20;
+  const std::string raw = new_disk("source.raw", kDiskBytes, false);
+  const std::string raw_copy = new_disk("destination.raw", kDiskBytes, false);
+  fill_disk(raw, 3);
+  ASSERT_FALSE(HasFailure());
+  const std::vector<std::byte> before = disk_contents(raw);
+  const std::vector<std::string> disk = {"--disk", "path=" + raw + ",format=raw"};
+  std::unique_ptr<VmmProcess> source_process = start_source(disk);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), {"--disk", "path=" + raw_copy + ",format=raw"});
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  // 1 MiB/s: the 16 MiB of data take many seconds.
+  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                Json{{"destination", "unix:" + migration_socket_},
+                                     {"bandwidth_mib", 1},
+                                     {"migrate_disks", true}}
+                                    .dump());
+  ASSERT_EQ(started.status, 200u) << started.body;
+  std::this_thread::sleep_for(1s);
+  Json during = Json::parse(call(source_socket_, "GET", "/api/v1/vm/migrate").body, nullptr, false);
+  EXPECT_EQ(during["phase"], "copying") << during.dump();
+  EXPECT_GT(during["disk_bytes_copied"].get<uint64_t>(), 0u) << during.dump();
+  destination.send_signal(SIGKILL);
+  destination.wait(kGuestTimeout);
+
+  Json stats = wait_for_migration_end(source_socket_);
+  EXPECT_EQ(stats["phase"], "failed") << stats.dump();
+  expect_source_runs_on();
+  Result<block::ImageLock> held = block::ImageLock::open(raw, block::Access::ReadOnly);
+  ASSERT_FALSE(held) << "the source does not hold its disk";
+  EXPECT_EQ(held.error().code(), Errc::Busy) << held.error().message();
+  call(source_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+  EXPECT_TRUE(disk_contents(raw) == before) << "the source's disk changed";
+}
+
+// Without migrate_disks a writable qcow2 disk is still refused; with it,
+// a destination whose disk has another size refuses saying so, and the
+// source runs on.
+TEST_F(VmmMigrateTest, MigrateDisksDestinationOfAnotherSizeRefuses) {
+  const std::string qcow2 = new_disk("source.qcow2", 2 << 20, true);
+  const std::string qcow2_copy = new_disk("destination.qcow2", 1 << 20, true);
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--disk", "path=" + qcow2 + ",format=qcow2"});
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), {"--disk", "path=" + qcow2_copy + ",format=qcow2"});
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  api::HttpReply started = call(
+      source_socket_, "PUT", "/api/v1/vm/migrate",
+      Json{{"destination", "unix:" + migration_socket_}, {"migrate_disks", true}}.dump());
+  ASSERT_EQ(started.status, 200u) << started.body;
+  Json stats = wait_for_migration_end(source_socket_);
+  EXPECT_EQ(stats["phase"], "failed") << stats.dump();
+  EXPECT_THAT(stats.value("error", ""), HasSubstr(qcow2_copy)) << stats.dump();
+  EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 1);
+  expect_source_runs_on();
   call(source_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }

@@ -96,6 +96,9 @@ Result<void> Blk::resize(uint64_t new_size_bytes) {
                             new_size_bytes, old_size_bytes));
   }
   if (new_size_bytes == old_size_bytes) return ok();
+  if (write_tracker_) {
+    return fail(Errc::Busy, "virtio-blk: the disk is being copied by a live migration");
+  }
   // Under mutex_, so no request is being submitted meanwhile.
   TRY_CONTEXT(backend_->resize(new_size_bytes), "virtio-blk: resize");
   config_space_.capacity = backend_->size_bytes() / kSectorBytes;
@@ -326,6 +329,50 @@ void Blk::submit(block::BlockRequest& request, std::byte* status, uint32_t data_
   slot.status = status;
   slot.data_bytes = data_bytes;
   slot.submitted = std::chrono::steady_clock::now();
+  slot.written_offset = request.offset;
+  switch (request.op) {
+    case block::BlockOp::Write:
+      slot.written_bytes = 0;
+      for (const iovec& part : request.iov) slot.written_bytes += part.iov_len;
+      break;
+    case block::BlockOp::Discard:
+    case block::BlockOp::WriteZeroes:
+    case block::BlockOp::WriteZeroesUnmap:
+      slot.written_bytes = request.length_bytes;
+      break;
+    case block::BlockOp::Read:
+    case block::BlockOp::Flush:
+      slot.written_bytes = 0;
+      break;
+  }
+}
+
+void Blk::set_write_tracker(std::shared_ptr<block::DirtyTracker> tracker) {
+  std::lock_guard lock(mutex_);
+  write_tracker_ = std::move(tracker);
+}
+
+Result<void> Blk::read_tracked_chunk(uint64_t chunk, std::span<std::byte> out) {
+  std::lock_guard lock(mutex_);
+  if (!write_tracker_) return fail(Errc::InvalidArgument, "virtio-blk: no write tracker");
+  const uint64_t length = write_tracker_->chunk_length(chunk);
+  if (length == 0 || out.size() != length) {
+    return fail(Errc::OutOfRange, fmt::format("virtio-blk: chunk {} of {} bytes (buffer {})",
+                                              chunk, length, out.size()));
+  }
+  const uint64_t offset = write_tracker_->chunk_offset(chunk);
+  write_tracker_->clear(chunk);
+  // The synchronous face while asynchronous requests may be in flight: a
+  // raw file is a pread; qcow2 changes an L2 entry only after the data it
+  // points at is written, so a cluster reads old or new, and a write still
+  // in flight marks the chunk again when it completes.
+  const iovec part{out.data(), out.size()};
+  if (Result<size_t> read = backend_->read_at(offset, std::span(&part, 1)); !read) {
+    write_tracker_->mark(offset, length);
+    return fail(read.error().code(),
+                fmt::format("virtio-blk: read for the disk copy: {}", read.error().message()));
+  }
+  return ok();
 }
 
 void Blk::complete_now(uint16_t head, std::byte* status, uint8_t value, uint32_t written_len) {
@@ -345,6 +392,7 @@ void Blk::take_completions() {
     auto index = static_cast<uint32_t>(completion.user_data);
     InFlight& slot = slots_[index];
     free_slots_.push_back(index);
+    if (write_tracker_) write_tracker_->mark(slot.written_offset, slot.written_bytes);
     if (!deliver) continue;
     request_latency_.record(std::chrono::steady_clock::now() - slot.submitted);
     if (completion.result < 0) {

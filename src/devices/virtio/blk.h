@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "block/block_backend.h"
+#include "block/dirty_tracker.h"
 #include "devices/virtio/device.h"
 #include "devices/virtio/latency.h"
 
@@ -151,6 +152,16 @@ class Blk final : public VirtioDevice {
   Result<void> resize(uint64_t new_size_bytes);
   uint64_t size_bytes() const;
 
+  // Local disk copy in a live migration (docs/migration-protocol.md,
+  // "Local disks"): while a tracker is set, every write, write-zeroes and
+  // discard marks its range in it when it completes (failed ones too: part
+  // may have been written), and resize is refused. nullptr stops it.
+  void set_write_tracker(std::shared_ptr<block::DirtyTracker> tracker);
+  // Reads one chunk of the tracker's for copying: clears the chunk, then
+  // reads it from the backend, both under the device's lock, so a write
+  // completing after the read marks it again. Any thread.
+  Result<void> read_tracked_chunk(uint64_t chunk, std::span<std::byte> out);
+
   // For tests and the benchmark: take completions now, as the event-loop
   // watch on the backend's completion fd would.
   void process_completions();
@@ -164,6 +175,8 @@ class Blk final : public VirtioDevice {
     uint32_t data_bytes = 0;      // bytes the device writes into the chain on success (IN)
     std::vector<iovec> iov;       // capacity reserved once; points into guest RAM
     std::chrono::steady_clock::time_point submitted{};
+    uint64_t written_offset = 0;  // the range a write changes, for write_tracker_
+    uint64_t written_bytes = 0;   // 0 for reads and flushes
   };
 
   Blk(std::unique_ptr<block::BlockBackend> backend, BlkConfig config);
@@ -215,6 +228,7 @@ class Blk final : public VirtioDevice {
   std::vector<uint32_t> free_slots_;
   DescriptorChain chain_;  // reused by every pop
   std::vector<block::BlockCompletion> completions_;  // reused by every reap
+  std::shared_ptr<block::DirtyTracker> write_tracker_;
 };
 
 }  // namespace keel::devices::virtio

@@ -1,5 +1,5 @@
 #!/bin/sh
-# keel-timeout: 500
+# keel-timeout: 700
 # Live migration of a real Linux guest with a virtio-blk disk (a raw image
 # both keel-vmm processes open, as shared storage would be) over a unix
 # socket: a shell loop in the guest counts in /tmp/counter and another
@@ -9,7 +9,11 @@
 # same processes and /tmp go on there, the counter continuing, the disk
 # loop going on without a mismatch, data written before the migration
 # reading back from the disk, a new write landing in the image, and the
-# source exits 0.
+# source exits 0. Last, the guest moves on once more with its disk copied
+# (keelctl vm migrate --with-disks) into a local image of the third
+# keel-vmm while the disk loop writes to it: the loop goes on there
+# without a mismatch, data written before reads back, and a new write
+# lands in the copy.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -92,8 +96,32 @@ log "ok: counter $first, $middle after the failed migration, $after after the mi
 # data written before the migration reads back, a new write lands.
 disk_loop_check dst "the migration" "$disk_before" "$disk_pid"
 
-assert_match "$(keelctl --socket "$dsock" vm stop)" '^stopping' "keelctl vm stop on the destination"
-l2_wait_exit dst 60 || fail "the destination did not exit"
-assert_eq "$L2_EXIT_RC" 0 "destination exit status"
+# 3. The disk copied along (local storage): dst -> copy, the disk loop
+# writing throughout.
+disk_loop_start dst "the disk copy"
+sleep 2
+l2_cmd dst 'cat /tmp/diskcount /tmp/disk.pid'
+disk_before=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
+disk_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$disk_before" '^[0-9]+$' "disk loop iterations before the disk copy"
+copy=$KEEL_WORKDIR/copy.img
+truncate -s 64M "$copy"
+# The third keel-vmm has the same machine but its own, empty disk.
+_l2_disks=$(printf '%s\n' "$_l2_disks" | sed "s|$scratch|$copy|")
+mig3=$KEEL_WORKDIR/copy-migration.sock
+csock=$KEEL_WORKDIR/copy.sock
+l2_incoming copy "unix:$mig3" --vmm-arg "--api-socket=$csock"
+wait_for_socket "$mig3"
+out=$(keelctl --socket "$dsock" vm migrate "unix:$mig3" --with-disks --downtime-ms 300) ||
+  fail "keelctl vm migrate --with-disks failed: $out"
+log "$out"
+assert_match "$out" "migrated to unix:$mig3" "keelctl vm migrate --with-disks output"
+l2_wait_exit dst 60 || fail "the second VMM did not exit after the disk copy"
+assert_eq "$L2_EXIT_RC" 0 "second VMM exit status"
 disk_host_check "$scratch" "the migration"
+disk_loop_check copy "the disk copy" "$disk_before" "$disk_pid"
+assert_match "$(keelctl --socket "$csock" vm stop)" '^stopping' "keelctl vm stop on the copy"
+l2_wait_exit copy 60 || fail "the third VMM did not exit"
+assert_eq "$L2_EXIT_RC" 0 "third VMM exit status"
+disk_host_check "$copy" "the disk copy"
 echo "KEEL-PASS"

@@ -616,5 +616,54 @@ TEST_F(BlkTest, DisabledQueueIsIgnored) {
   EXPECT_EQ(interrupt_->resets(), 0);
 }
 
+// Local disk copy in a migration (block/dirty_tracker.h): completed writes,
+// write-zeroes and discards mark their chunks; reads do not; a chunk read
+// for the copy is cleared and a later write marks it again; resize waits.
+TEST_F(BlkTest, WriteTrackerMarksCompletedWritesAndReadTrackedChunkClears) {
+  start();
+  constexpr uint64_t kChunk = 64 * 1024;
+  auto tracker = std::make_shared<block::DirtyTracker>(kDiskBytes, kChunk);
+  blk_->set_write_tracker(tracker);
+  auto read = read_chain(0, 4096);
+  EXPECT_EQ(run_one(read), kBlkStatusOk);
+  EXPECT_EQ(tracker->dirty_count(), 0u);
+
+  // 8 KiB straddling the first chunk boundary: chunks 0 and 1.
+  auto data = pattern(8192, 5);
+  auto write = write_chain(kChunk / 512 - 8, data);
+  EXPECT_EQ(run_one(write), kBlkStatusOk);
+  EXPECT_EQ(tracker->dirty_chunks(), (std::vector<uint64_t>{0, 1}));
+  auto zeroes = range_chain(kBlkTypeWriteZeroes, 3 * kChunk / 512, 8, 0);
+  EXPECT_EQ(run_one(zeroes), kBlkStatusOk);
+  auto discard = range_chain(kBlkTypeDiscard, 5 * kChunk / 512, 8, 0);
+  EXPECT_EQ(run_one(discard), kBlkStatusOk);
+  EXPECT_EQ(tracker->dirty_chunks(), (std::vector<uint64_t>{0, 1, 3, 5}));
+
+  std::vector<std::byte> chunk(kChunk);
+  ASSERT_TRUE(blk_->read_tracked_chunk(1, chunk).has_value());
+  EXPECT_EQ(std::vector<std::byte>(chunk.begin(), chunk.begin() + 4096),
+            std::vector<std::byte>(data.begin() + 4096, data.end()));
+  EXPECT_EQ(tracker->dirty_chunks(), (std::vector<uint64_t>{0, 3, 5}));
+  auto again = write_chain(kChunk / 512, std::span(data).first(512));
+  EXPECT_EQ(run_one(again), kBlkStatusOk);
+  EXPECT_EQ(tracker->dirty_chunks(), (std::vector<uint64_t>{0, 1, 3, 5}));
+
+  // A buffer of the wrong size or a chunk past the end is refused, and
+  // leaves the chunk marked.
+  std::vector<std::byte> small(512);
+  EXPECT_FALSE(blk_->read_tracked_chunk(1, small).has_value());
+  EXPECT_FALSE(blk_->read_tracked_chunk(tracker->chunk_count(), chunk).has_value());
+  EXPECT_EQ(tracker->dirty_count(), 4u);
+
+  auto resized = blk_->resize(2 * kDiskBytes);
+  ASSERT_FALSE(resized.has_value());
+  EXPECT_EQ(resized.error().code(), Errc::Busy);
+  blk_->set_write_tracker(nullptr);
+  EXPECT_FALSE(blk_->read_tracked_chunk(1, chunk).has_value());
+  auto untracked = write_chain(7 * kChunk / 512, std::span(data).first(512));
+  EXPECT_EQ(run_one(untracked), kBlkStatusOk);
+  EXPECT_EQ(tracker->dirty_count(), 4u);
+}
+
 }  // namespace
 }  // namespace keel::devices::virtio
