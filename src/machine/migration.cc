@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 
 #include "base/log.h"
 #include "machine/layout.h"
@@ -25,6 +27,31 @@ constexpr int kReceiveTimeoutMs = 60'000;
 uint64_t elapsed_ms(Clock::time_point since) {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count());
+}
+
+// The first pass: every page of RAM that may hold data. A memfd's holes
+// (never written, or discarded) read as zeros, which the destination's
+// fresh RAM already is, so they are skipped without being read (reading a
+// hole of a shared memfd mapping would allocate it).
+Result<void> mark_data_pages(const memory::GuestMemory& memory, migration::DirtyBitmap& pages) {
+  if (memory.backing() != memory::GuestMemory::Backing::SharedMemfd) {
+    pages.set_all();
+    return ok();
+  }
+  const off_t size = static_cast<off_t>(memory.size_bytes());
+  for (off_t offset = 0; offset < size;) {
+    off_t data = ::lseek(memory.fd().get(), offset, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only holes from offset on
+    if (data < 0) return fail_errno("migrate: SEEK_DATA in the guest RAM memfd");
+    off_t hole = ::lseek(memory.fd().get(), data, SEEK_HOLE);
+    if (hole < 0) return fail_errno("migrate: SEEK_HOLE in the guest RAM memfd");
+    hole = std::min(hole, size);
+    const uint64_t first = static_cast<uint64_t>(data) / kPageBytes;
+    const uint64_t end = (static_cast<uint64_t>(hole) + kPageBytes - 1) / kPageBytes;
+    if (end > first) pages.set_range(first, end - first);
+    offset = hole;
+  }
+  return ok();
 }
 
 }  // namespace
@@ -116,7 +143,11 @@ void MigrationSender::run() {
       stats_.phase = MigrationPhase::Completed;
       stats_.total_ms = elapsed_ms(started_);
     }
-    LOG_INFO("migration to {} completed", options_.destination.text);
+    MigrationStats done = stats();
+    LOG_INFO("migration to {} completed: {} pages sent with data, {} zero pages ({} as zero "
+             "records), {} bytes, {} rounds, downtime {} ms",
+             options_.destination.text, done.pages_sent, done.zero_pages, zero_records_,
+             done.bytes_sent, done.rounds, done.downtime_ms);
     if (report_) report_("migration-completed", stats());
     finished_.store(true);
     machine_.stop(StopReason::Migrated, fmt::format("migrated to {}", options_.destination.text));
@@ -165,13 +196,33 @@ Result<void> MigrationSender::retake_disk_locks() {
 }
 
 Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
-                                         const migration::DirtyBitmap& dirty) {
+                                         const migration::DirtyBitmap& dirty, Pass pass) {
   std::span<const std::byte> ram = machine_.memory().ram();
   const migration::Compression compression =
       options_.compress ? migration::Compression::Zstd : migration::Compression::None;
   const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
   const Clock::time_point begin = Clock::now();
   const uint64_t bytes_at_begin = writer.bytes_sent();
+  auto is_zero = [&](uint64_t page) {
+    return migration::is_zero_page(ram.subspan(page * kPageBytes, kPageBytes));
+  };
+  // One frame for a sub-run of pages alike (all zero, or all with data).
+  auto send_run = [&](uint64_t first, uint64_t count, bool zero) -> Result<void> {
+    if (!zero) {
+      std::vector<std::byte> frame = TRY(
+          migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression));
+      TRY(writer.send(migration::FrameType::Pages, frame));
+    } else if (pass == Pass::Later) {
+      TRY(writer.send(migration::FrameType::Pages,
+                      migration::encode_zero_pages(first, static_cast<uint32_t>(count))));
+      zero_records_ += count;
+    }
+    std::lock_guard lock(mutex_);
+    (zero ? stats_.zero_pages : stats_.pages_sent) += count;
+    stats_.bytes_sent = writer.bytes_sent();
+    stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
+    return ok();
+  };
   Result<void> result = ok();
   dirty.for_each_run(migration::kMaxPagesPerFrame, [&](uint64_t first, uint64_t count) {
     if (!result) return;
@@ -179,21 +230,18 @@ Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
       result = check_cancelled();
       return;
     }
-    Result<std::vector<std::byte>> frame =
-        migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression);
-    if (!frame) {
-      result = fail(frame.error());
-      return;
+    // Split the run where pages turn from zero to data and back.
+    uint64_t start = first;
+    bool zero = is_zero(first);
+    for (uint64_t page = first + 1; page < first + count && result; ++page) {
+      bool page_zero = is_zero(page);
+      if (page_zero == zero) continue;
+      result = send_run(start, page - start, zero);
+      start = page;
+      zero = page_zero;
     }
-    result = writer.send(migration::FrameType::Pages, *frame);
-    if (!result) return;
-    {
-      std::lock_guard lock(mutex_);
-      stats_.pages_sent += count;
-      stats_.bytes_sent = writer.bytes_sent();
-      stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
-    }
-    if (limit_bytes_per_second > 0) {
+    if (result) result = send_run(start, first + count - start, zero);
+    if (result && limit_bytes_per_second > 0) {
       // Hold the average since this pass began at the limit.
       auto due = begin + std::chrono::microseconds((writer.bytes_sent() - bytes_at_begin) *
                                                    1'000'000 / limit_bytes_per_second);
@@ -252,7 +300,11 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   TRY_CONTEXT(machine_.start_dirty_log(), "migrate: start dirty logging");
   migration::DirtyBitmap dirty(memory.page_count());
   migration::DirtyBitmap vmm_written(memory.page_count());
-  dirty.set_all();  // the first pass: all of RAM
+  TRY(mark_data_pages(memory, dirty));  // the first pass: all of RAM but the memfd's holes
+  {
+    std::lock_guard lock(mutex_);
+    stats_.zero_pages = memory.page_count() - dirty.count();
+  }
   uint64_t send_ms_total = 0;
   uint64_t pages_total = 0;
   for (uint64_t round = 0;; ++round) {
@@ -261,18 +313,23 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
       std::lock_guard lock(mutex_);
       stats_.remaining_pages = dirty.count();
     }
-    uint64_t pages = dirty.count();
-    TRY(send_dirty(writer, dirty));
+    const uint64_t pages = dirty.count();
+    const uint64_t data_pages_before = stats().pages_sent;
+    TRY(send_dirty(writer, dirty, round == 0 ? Pass::First : Pass::Later));
     const uint64_t round_ms = std::max<uint64_t>(elapsed_ms(round_begin), 1);
     send_ms_total += round_ms;
-    pages_total += pages;
+    // The rate counts pages sent with their data, since zero pages cost
+    // next to nothing: the remainder is assumed to be all data. Only if
+    // nothing but zeros was ever sent does every page count.
+    pages_total += stats().pages_sent - data_pages_before;
+    const uint64_t rate_pages = pages_total > 0 ? pages_total : pages;
     dirty.clear();
     TRY(machine_.collect_dirty_pages(dirty, vmm_written));
     const uint64_t remaining = dirty.count();
     // Pages per millisecond over every pass so far: a small last round
     // says little about the link.
     const double pages_per_ms =
-        static_cast<double>(pages_total) / static_cast<double>(send_ms_total);
+        static_cast<double>(rate_pages) / static_cast<double>(send_ms_total);
     const double estimate_ms = static_cast<double>(remaining) / std::max(pages_per_ms, 1e-3);
     {
       std::lock_guard lock(mutex_);
@@ -314,7 +371,7 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     std::lock_guard lock(mutex_);
     stats_.remaining_pages = dirty.count();
   }
-  TRY(send_dirty(writer, dirty));
+  TRY(send_dirty(writer, dirty, Pass::Later));
   TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
   // The disks' locks go before the end, so the destination, which takes
   // them once the end arrived, finds them free; run() takes them back if

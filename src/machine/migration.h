@@ -49,7 +49,8 @@ struct MigrationStats {
   MigrationPhase phase = MigrationPhase::Connecting;
   std::string destination;
   uint64_t rounds = 0;                  // dirty rounds after the first full pass
-  uint64_t pages_sent = 0;              // counting resent pages each time
+  uint64_t pages_sent = 0;              // with their data, counting resent pages each time
+  uint64_t zero_pages = 0;              // found all zeros: skipped in the first pass, else a zero record
   uint64_t bytes_sent = 0;              // on the wire
   uint64_t remaining_pages = 0;         // dirty, not yet sent
   uint64_t dirty_pages_per_second = 0;  // in the last round
@@ -86,7 +87,11 @@ class MigrationSender {
   Result<void> migrate();
   // Everything after connecting: the copy rounds, the final state, the ack.
   Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
-  Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
+  // The first pass skips all-zero pages (the destination's fresh RAM is
+  // zero); later passes send a page that became zero as a zero record.
+  enum class Pass { First, Later };
+  Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty,
+                          Pass pass);
   Result<void> check_cancelled() const;
   // After a failed handover: the disks' locks again (retried for a while).
   Result<void> retake_disk_locks();
@@ -108,6 +113,7 @@ class MigrationSender {
   // Held from the stop-and-copy to the end (released on failure, so the
   // source's devices go on).
   std::optional<Machine::QuiescedDevices> quiesced_;
+  uint64_t zero_records_ = 0;  // pages sent as zero records (not the first pass's skipped ones)
   bool disks_released_ = false;  // the disks' locks were let go: take them back on failure
   std::thread thread_;
 };

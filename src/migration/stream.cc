@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "base/check.h"
 #include "migration/bytes.h"
 
 namespace keel::migration {
@@ -246,6 +247,19 @@ Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint
   return std::move(out.data());
 }
 
+std::vector<std::byte> encode_zero_pages(uint64_t first_page, uint32_t page_count) {
+  CHECK(page_count > 0 && page_count <= kMaxPagesPerFrame, "a zero-pages frame of 1-256 pages");
+  ByteWriter out;
+  out.put(PagesHeader{first_page, page_count, static_cast<uint32_t>(Compression::Zero)});
+  return std::move(out.data());
+}
+
+bool is_zero_page(std::span<const std::byte> page) {
+  static constexpr std::array<std::byte, kPageBytes> kZeros{};
+  CHECK(page.size() == kPageBytes, "is_zero_page takes one page");
+  return std::memcmp(page.data(), kZeros.data(), kPageBytes) == 0;
+}
+
 Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram) {
   ByteReader in(payload);
   auto header = TRY_CONTEXT(in.get<PagesHeader>("pages header"), "pages frame");
@@ -287,6 +301,14 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
       std::memcpy(target.data(), buffer.data(), bytes);
       return header.page_count;
     }
+    case Compression::Zero:
+      if (!data.empty()) {
+        return fail(Errc::Corrupt, fmt::format("pages frame {}+{}: zero pages with {} bytes of "
+                                               "data",
+                                               header.first_page, header.page_count, data.size()));
+      }
+      std::memset(target.data(), 0, bytes);
+      return header.page_count;
   }
   return fail(Errc::Corrupt,
               fmt::format("pages frame: unknown compression {}", header.compression));

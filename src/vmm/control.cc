@@ -45,6 +45,7 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"destination", stats.destination},
       {"rounds", stats.rounds},
       {"pages_sent", stats.pages_sent},
+      {"zero_pages", stats.zero_pages},
       {"bytes_sent", stats.bytes_sent},
       {"remaining_pages", stats.remaining_pages},
       {"dirty_pages_per_second", stats.dirty_pages_per_second},
