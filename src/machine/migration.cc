@@ -148,6 +148,12 @@ void MigrationSender::run() {
              "records), {} bytes, {} rounds, downtime {} ms",
              options_.destination.text, done.pages_sent, done.zero_pages, zero_records_,
              done.bytes_sent, done.rounds, done.downtime_ms);
+    const DowntimeBreakdown& times = done.downtime;
+    LOG_INFO("migration downtime (us): pause {}, quiesce {}, save state {}, dirty log {}, last {} "
+             "pages {}, send state {}, release disks and end {}, destination until ack {}",
+             times.pause_us, times.quiesce_us, times.save_state_us, times.dirty_log_us,
+             times.last_pages, times.last_pages_us, times.send_state_us, times.release_disks_us,
+             times.ack_us);
     if (report_) report_("migration-completed", stats());
     finished_.store(true);
     machine_.stop(StopReason::Migrated, fmt::format("migrated to {}", options_.destination.text));
@@ -351,18 +357,29 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     TRY(check_cancelled());
   }
 
-  // Stop and copy.
+  // Stop and copy. Each step's time goes to the statistics as it ends.
   set_phase(MigrationPhase::StopAndCopy);
   const Clock::time_point pause_begin = Clock::now();
+  Clock::time_point lap_begin = pause_begin;
+  auto lap = [&](uint64_t DowntimeBreakdown::*field) {
+    const Clock::time_point now = Clock::now();
+    std::lock_guard lock(mutex_);
+    stats_.downtime.*field = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(now - lap_begin).count());
+    lap_begin = now;
+  };
   if (!machine_.paused()) {
     TRY_CONTEXT(machine_.pause(), "migrate: pause");
     paused_by_us_ = true;
   }
+  lap(&DowntimeBreakdown::pause_us);
   // Devices quiesced after the vCPUs stop (their last completions write
   // RAM), then the state (completing a vCPU's half-done I/O may write RAM),
   // and only then the last dirty pages.
   quiesced_.emplace(TRY_CONTEXT(machine_.quiesce_devices(), "migrate"));
+  lap(&DowntimeBreakdown::quiesce_us);
   migration::MachineState state = TRY_CONTEXT(machine_.save_state(*quiesced_), "migrate");
+  lap(&DowntimeBreakdown::save_state_us);
   TRY(machine_.collect_dirty_pages(dirty, vmm_written));
   // A device may have written a page through a host_span after that page
   // was collected and sent: resend every page the VMM wrote at all.
@@ -370,9 +387,13 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   {
     std::lock_guard lock(mutex_);
     stats_.remaining_pages = dirty.count();
+    stats_.downtime.last_pages = dirty.count();
   }
+  lap(&DowntimeBreakdown::dirty_log_us);
   TRY(send_dirty(writer, dirty, Pass::Later));
+  lap(&DowntimeBreakdown::last_pages_us);
   TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
+  lap(&DowntimeBreakdown::send_state_us);
   // The disks' locks go before the end, so the destination, which takes
   // them once the end arrived, finds them free; run() takes them back if
   // the handover fails.
@@ -380,12 +401,14 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
   uint64_t rounds = stats().rounds;
   TRY(writer.send(migration::FrameType::End, migration::encode_end({stats().pages_sent, rounds})));
+  lap(&DowntimeBreakdown::release_disks_us);
   {
     std::lock_guard lock(mutex_);
     stats_.bytes_sent = writer.bytes_sent();
     stats_.phase = MigrationPhase::AwaitingAck;
   }
   migration::Frame answer = TRY(reader.next(kAckTimeoutMs));
+  lap(&DowntimeBreakdown::ack_us);
   if (answer.type != migration::FrameType::Ack && answer.type != migration::FrameType::Abort) {
     return fail(Errc::Corrupt, fmt::format("migrate: {} answered with a {} frame", address.text,
                                            migration::frame_type_name(answer.type)));
@@ -442,11 +465,18 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           if (!state) return fail(Errc::Corrupt, fmt::format("{}: end before the state", label));
           LOG_INFO("{}: {} pages received ({} sent) in {} rounds", label, pages, end.pages_sent,
                    end.rounds);
+          const Clock::time_point restore_begin = Clock::now();
           std::unique_ptr<Machine> machine =
               TRY(Machine::restore_migrated(label, *state, hello.host, config, kvm,
                                             std::move(memory), std::move(serial_output)));
+          const Clock::time_point restored = Clock::now();
           // The source let go of its disks before it sent the end.
           TRY_CONTEXT(machine->set_disk_locks(true), label);
+          LOG_INFO("{}: machine rebuilt in {} us, disks locked in {} us", label,
+                   std::chrono::duration_cast<std::chrono::microseconds>(restored - restore_begin)
+                       .count(),
+                   std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - restored)
+                       .count());
           return machine;
         }
         case migration::FrameType::Abort: {

@@ -45,6 +45,22 @@ enum class MigrationPhase {
 };
 std::string_view migration_phase_name(MigrationPhase phase);
 
+// Where the stop-and-copy's time went, in microseconds, in order: the
+// vCPUs paused, devices quiesced, state taken, the last dirty log fetched,
+// the last pages sent, the state sent, the disks' locks let go and the end
+// sent, then the destination's rebuild until its ack arrived.
+struct DowntimeBreakdown {
+  uint64_t pause_us = 0;
+  uint64_t quiesce_us = 0;
+  uint64_t save_state_us = 0;
+  uint64_t dirty_log_us = 0;
+  uint64_t last_pages_us = 0;
+  uint64_t last_pages = 0;  // how many, zero ones included
+  uint64_t send_state_us = 0;
+  uint64_t release_disks_us = 0;
+  uint64_t ack_us = 0;
+};
+
 struct MigrationStats {
   MigrationPhase phase = MigrationPhase::Connecting;
   std::string destination;
@@ -57,6 +73,7 @@ struct MigrationStats {
   uint64_t bandwidth_bytes_per_second = 0;
   uint64_t total_ms = 0;
   uint64_t downtime_ms = 0;  // from the pause to the ack
+  DowntimeBreakdown downtime;  // filled in as the stop-and-copy goes
   std::string error;         // Failed, Cancelled
 };
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -89,8 +90,38 @@ Result<void> StreamWriter::send(FrameType type, std::span<const std::byte> paylo
   header.put(uint16_t{0});
   header.put(static_cast<uint32_t>(payload.size()));
   header.put(snapshot_crc32(payload, snapshot_crc32(header.data())));
-  TRY(write_all(header.data()));
-  return write_all(payload);
+  // Header and payload in one system call (the stop-and-copy sends many
+  // frames while the guest waits); a short write goes on with the rest.
+  std::span<const std::byte> parts[2] = {header.data(), payload};
+  size_t part = 0;
+  while (part < 2) {
+    iovec vectors[2];
+    int count = 0;
+    for (size_t i = part; i < 2; ++i) {
+      vectors[count++] = {const_cast<std::byte*>(parts[i].data()), parts[i].size()};
+    }
+    msghdr message{};
+    message.msg_iov = vectors;
+    message.msg_iovlen = static_cast<size_t>(count);
+    ssize_t n = socket_ ? ::sendmsg(fd_.get(), &message, MSG_NOSIGNAL)
+                        : ::writev(fd_.get(), vectors, count);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOTSOCK && socket_) {
+        socket_ = false;  // a pipe or file (tests): plain writes
+        continue;
+      }
+      return fail_errno(fmt::format("migration stream: send after {} bytes", bytes_sent_));
+    }
+    bytes_sent_ += static_cast<uint64_t>(n);
+    size_t written = static_cast<size_t>(n);
+    while (part < 2 && written >= parts[part].size()) {
+      written -= parts[part].size();
+      ++part;
+    }
+    if (part < 2) parts[part] = parts[part].subspan(written);
+  }
+  return ok();
 }
 
 Result<void> StreamReader::read_exact(std::span<std::byte> out, std::string_view what,

@@ -52,6 +52,16 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"bandwidth_bytes_per_second", stats.bandwidth_bytes_per_second},
       {"total_ms", stats.total_ms},
       {"downtime_ms", stats.downtime_ms},
+      {"downtime_us",
+       {{"pause", stats.downtime.pause_us},
+        {"quiesce", stats.downtime.quiesce_us},
+        {"save_state", stats.downtime.save_state_us},
+        {"dirty_log", stats.downtime.dirty_log_us},
+        {"last_pages", stats.downtime.last_pages_us},
+        {"send_state", stats.downtime.send_state_us},
+        {"release_disks", stats.downtime.release_disks_us},
+        {"ack", stats.downtime.ack_us}}},
+      {"last_pages", stats.downtime.last_pages},
   };
   if (!stats.error.empty()) json["error"] = stats.error;
   return json;

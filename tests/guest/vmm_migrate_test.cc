@@ -193,6 +193,7 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
   EXPECT_THAT(source_outcome.err, HasSubstr("migration round 0"));
   EXPECT_THAT(source_outcome.err, HasSubstr("completed"));
+  EXPECT_THAT(source_outcome.err, HasSubstr("migration downtime (us): pause "));
   EXPECT_THAT(source_outcome.err, HasSubstr("VM stopped: migrated"));
   std::string before = letters_of(read_text(source_console_));
   ASSERT_GE(before.size(), 3u);
