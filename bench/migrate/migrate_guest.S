@@ -73,36 +73,18 @@ pvh_start:
 	cmp $PERIOD_MAX, %ebp
 	ja fail
 
-	lgdt gdt_pointer
-	mov %cr4, %eax
-	or $0x20, %eax                      /* PAE */
-	mov %eax, %cr4
-	mov $pml4, %eax
-	mov %eax, %cr3
-	mov $0xc0000080, %ecx               /* EFER */
-	rdmsr
-	or $0x100, %eax                     /* LME */
-	wrmsr
-	mov %cr0, %eax
-	or $0x80000001, %eax                /* PG, PE */
-	mov %eax, %cr0
-	ljmp $0x08, $long_mode
+	PVH_LONG_MODE
+	mov %edi, %edi                      /* zero-extend both numbers */
+	mov %ebp, %ebp
+	ENTER_RING3 user
 
+	.code32
 fail:
 	out %al, $0xf4
 1:	hlt
 	jmp 1b
 
 	.code64
-long_mode:
-	mov $0x10, %ax
-	mov %ax, %ds
-	mov %ax, %es
-	mov %ax, %ss
-	lea ring0_stack_top(%rip), %rsp
-	mov %edi, %edi                      /* zero-extend both numbers */
-	mov %ebp, %ebp
-	ENTER_RING3 user
 
 user:
 	mov %rdi, %r14
@@ -202,20 +184,7 @@ text_newline:
 	.ascii "\n"
 text_end:
 
-	/* Identity map of the first 1 GiB: 2 MiB pages, present, writable, user. */
-	.balign 4096
-pml4:
-	.quad pdpt + 7
-	.fill 511, 8, 0
-pdpt:
-	.quad pd + 7
-	.fill 511, 8, 0
-pd:
-	.set page, 0
-	.rept 512
-	.quad page + 0x87
-	.set page, page + 0x200000
-	.endr
+	PVH_IDENTITY_MAP
 
 	.section .note.GNU-stack, "", @progbits
 

@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 
 #include "base/log.h"
 #include "machine/layout.h"
@@ -25,6 +27,31 @@ constexpr int kReceiveTimeoutMs = 60'000;
 uint64_t elapsed_ms(Clock::time_point since) {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count());
+}
+
+// The first pass: every page of RAM that may hold data. A memfd's holes
+// (never written, or discarded) read as zeros, which the destination's
+// fresh RAM already is, so they are skipped without being read (reading a
+// hole of a shared memfd mapping would allocate it).
+Result<void> mark_data_pages(const memory::GuestMemory& memory, migration::DirtyBitmap& pages) {
+  if (memory.backing() != memory::GuestMemory::Backing::SharedMemfd) {
+    pages.set_all();
+    return ok();
+  }
+  const off_t size = static_cast<off_t>(memory.size_bytes());
+  for (off_t offset = 0; offset < size;) {
+    off_t data = ::lseek(memory.fd().get(), offset, SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only holes from offset on
+    if (data < 0) return fail_errno("migrate: SEEK_DATA in the guest RAM memfd");
+    off_t hole = ::lseek(memory.fd().get(), data, SEEK_HOLE);
+    if (hole < 0) return fail_errno("migrate: SEEK_HOLE in the guest RAM memfd");
+    hole = std::min(hole, size);
+    const uint64_t first = static_cast<uint64_t>(data) / kPageBytes;
+    const uint64_t end = (static_cast<uint64_t>(hole) + kPageBytes - 1) / kPageBytes;
+    if (end > first) pages.set_range(first, end - first);
+    offset = hole;
+  }
+  return ok();
 }
 
 }  // namespace
@@ -119,7 +146,17 @@ void MigrationSender::run() {
       stats_.phase = MigrationPhase::Completed;
       stats_.total_ms = elapsed_ms(started_);
     }
-    LOG_INFO("migration to {} completed", options_.destination.text);
+    MigrationStats done = stats();
+    LOG_INFO("migration to {} completed: {} pages sent with data, {} zero pages ({} as zero "
+             "records), {} bytes, {} rounds, downtime {} ms",
+             options_.destination.text, done.pages_sent, done.zero_pages, zero_records_,
+             done.bytes_sent, done.rounds, done.downtime_ms);
+    const DowntimeBreakdown& times = done.downtime;
+    LOG_INFO("migration downtime (us): pause {}, quiesce {}, save state {}, dirty log {}, last {} "
+             "pages {}, send state {}, release disks and end {}, destination until ack {}",
+             times.pause_us, times.quiesce_us, times.save_state_us, times.dirty_log_us,
+             times.last_pages, times.last_pages_us, times.send_state_us, times.release_disks_us,
+             times.ack_us);
     if (report_) report_("migration-completed", stats());
     finished_.store(true);
     machine_.stop(StopReason::Migrated, fmt::format("migrated to {}", options_.destination.text));
@@ -168,13 +205,33 @@ Result<void> MigrationSender::retake_disk_locks() {
 }
 
 Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
-                                         const migration::DirtyBitmap& dirty) {
+                                         const migration::DirtyBitmap& dirty, Pass pass) {
   std::span<const std::byte> ram = machine_.memory().ram();
   const migration::Compression compression =
       options_.compress ? migration::Compression::Zstd : migration::Compression::None;
   const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
   const Clock::time_point begin = Clock::now();
   const uint64_t bytes_at_begin = writer.bytes_sent();
+  auto is_zero = [&](uint64_t page) {
+    return migration::is_zero_page(ram.subspan(page * kPageBytes, kPageBytes));
+  };
+  // One frame for a sub-run of pages alike (all zero, or all with data).
+  auto send_run = [&](uint64_t first, uint64_t count, bool zero) -> Result<void> {
+    if (!zero) {
+      std::vector<std::byte> frame = TRY(
+          migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression));
+      TRY(writer.send(migration::FrameType::Pages, frame));
+    } else if (pass == Pass::Later) {
+      TRY(writer.send(migration::FrameType::Pages,
+                      migration::encode_zero_pages(first, static_cast<uint32_t>(count))));
+      zero_records_ += count;
+    }
+    std::lock_guard lock(mutex_);
+    (zero ? stats_.zero_pages : stats_.pages_sent) += count;
+    stats_.bytes_sent = writer.bytes_sent();
+    stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
+    return ok();
+  };
   Result<void> result = ok();
   dirty.for_each_run(migration::kMaxPagesPerFrame, [&](uint64_t first, uint64_t count) {
     if (!result) return;
@@ -182,21 +239,18 @@ Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
       result = check_cancelled();
       return;
     }
-    Result<std::vector<std::byte>> frame =
-        migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression);
-    if (!frame) {
-      result = fail(frame.error());
-      return;
+    // Split the run where pages turn from zero to data and back.
+    uint64_t start = first;
+    bool zero = is_zero(first);
+    for (uint64_t page = first + 1; page < first + count && result; ++page) {
+      bool page_zero = is_zero(page);
+      if (page_zero == zero) continue;
+      result = send_run(start, page - start, zero);
+      start = page;
+      zero = page_zero;
     }
-    result = writer.send(migration::FrameType::Pages, *frame);
-    if (!result) return;
-    {
-      std::lock_guard lock(mutex_);
-      stats_.pages_sent += count;
-      stats_.bytes_sent = writer.bytes_sent();
-      stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
-    }
-    if (limit_bytes_per_second > 0) {
+    if (result) result = send_run(start, first + count - start, zero);
+    if (result && limit_bytes_per_second > 0) {
       // Hold the average since this pass began at the limit.
       auto due = begin + std::chrono::microseconds((writer.bytes_sent() - bytes_at_begin) *
                                                    1'000'000 / limit_bytes_per_second);
@@ -294,7 +348,11 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   }
   migration::DirtyBitmap dirty(memory.page_count());
   migration::DirtyBitmap vmm_written(memory.page_count());
-  dirty.set_all();  // the first pass: all of RAM
+  TRY(mark_data_pages(memory, dirty));  // the first pass: all of RAM but the memfd's holes
+  {
+    std::lock_guard lock(mutex_);
+    stats_.zero_pages = memory.page_count() - dirty.count();
+  }
   uint64_t send_ms_total = 0;
   uint64_t pages_total = 0;
   for (uint64_t round = 0;; ++round) {
@@ -303,12 +361,17 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
       std::lock_guard lock(mutex_);
       stats_.remaining_pages = dirty.count();
     }
-    uint64_t pages = dirty.count();
-    TRY(send_dirty(writer, dirty));
+    const uint64_t pages = dirty.count();
+    const uint64_t data_pages_before = stats().pages_sent;
+    TRY(send_dirty(writer, dirty, round == 0 ? Pass::First : Pass::Later));
     if (round > 0) TRY(send_disk_chunks(writer));
     const uint64_t round_ms = std::max<uint64_t>(elapsed_ms(round_begin), 1);
     send_ms_total += round_ms;
-    pages_total += pages;
+    // The rate counts pages sent with their data, since zero pages cost
+    // next to nothing: the remainder is assumed to be all data. Only if
+    // nothing but zeros was ever sent does every page count.
+    pages_total += stats().pages_sent - data_pages_before;
+    const uint64_t rate_pages = pages_total > 0 ? pages_total : pages;
     dirty.clear();
     TRY(machine_.collect_dirty_pages(dirty, vmm_written));
     const uint64_t remaining = dirty.count();
@@ -318,7 +381,7 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     // Pages per millisecond over every pass so far: a small last round
     // says little about the link.
     const double pages_per_ms =
-        static_cast<double>(pages_total) / static_cast<double>(send_ms_total);
+        static_cast<double>(rate_pages) / static_cast<double>(send_ms_total);
     const double estimate_ms =
         static_cast<double>(remaining + disk_remaining_pages) / std::max(pages_per_ms, 1e-3);
     {
@@ -341,18 +404,29 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     TRY(check_cancelled());
   }
 
-  // Stop and copy.
+  // Stop and copy. Each step's time goes to the statistics as it ends.
   set_phase(MigrationPhase::StopAndCopy);
   const Clock::time_point pause_begin = Clock::now();
+  Clock::time_point lap_begin = pause_begin;
+  auto lap = [&](uint64_t DowntimeBreakdown::*field) {
+    const Clock::time_point now = Clock::now();
+    std::lock_guard lock(mutex_);
+    stats_.downtime.*field = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(now - lap_begin).count());
+    lap_begin = now;
+  };
   if (!machine_.paused()) {
     TRY_CONTEXT(machine_.pause(), "migrate: pause");
     paused_by_us_ = true;
   }
+  lap(&DowntimeBreakdown::pause_us);
   // Devices quiesced after the vCPUs stop (their last completions write
   // RAM), then the state (completing a vCPU's half-done I/O may write RAM),
   // and only then the last dirty pages.
   quiesced_.emplace(TRY_CONTEXT(machine_.quiesce_devices(), "migrate"));
+  lap(&DowntimeBreakdown::quiesce_us);
   migration::MachineState state = TRY_CONTEXT(machine_.save_state(*quiesced_), "migrate");
+  lap(&DowntimeBreakdown::save_state_us);
   TRY(machine_.collect_dirty_pages(dirty, vmm_written));
   // A device may have written a page through a host_span after that page
   // was collected and sent: resend every page the VMM wrote at all.
@@ -360,11 +434,15 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   {
     std::lock_guard lock(mutex_);
     stats_.remaining_pages = dirty.count();
+    stats_.downtime.last_pages = dirty.count();
   }
-  TRY(send_dirty(writer, dirty));
+  lap(&DowntimeBreakdown::dirty_log_us);
+  TRY(send_dirty(writer, dirty, Pass::Later));
   // The devices are quiesced: no disk write is in flight or can start.
   TRY(send_disk_chunks(writer));
+  lap(&DowntimeBreakdown::last_pages_us);
   TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
+  lap(&DowntimeBreakdown::send_state_us);
   if (!options_.migrate_disks) {
     // The disks' locks go before the end, so the destination, which takes
     // them once the end arrived, finds them free; run() takes them back if
@@ -374,12 +452,14 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   }
   uint64_t rounds = stats().rounds;
   TRY(writer.send(migration::FrameType::End, migration::encode_end({stats().pages_sent, rounds})));
+  lap(&DowntimeBreakdown::release_disks_us);
   {
     std::lock_guard lock(mutex_);
     stats_.bytes_sent = writer.bytes_sent();
     stats_.phase = MigrationPhase::AwaitingAck;
   }
   migration::Frame answer = TRY(reader.next(kAckTimeoutMs));
+  lap(&DowntimeBreakdown::ack_us);
   if (answer.type != migration::FrameType::Ack && answer.type != migration::FrameType::Abort) {
     return fail(Errc::Corrupt, fmt::format("migrate: {} answered with a {} frame", address.text,
                                            migration::frame_type_name(answer.type)));
@@ -440,11 +520,18 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           // Never run on a partial copy: finish() refuses a missing chunk.
           if (disk_copies) TRY_CONTEXT(disk_copies->finish(), label);
           const DiskHandover handover = disk_copies ? DiskHandover::Copied : DiskHandover::Shared;
+          const Clock::time_point restore_begin = Clock::now();
           std::unique_ptr<Machine> machine = TRY(
               Machine::restore_migrated(label, *state, hello.host, config, kvm, std::move(memory),
                                         std::move(serial_output), handover));
+          const Clock::time_point restored = Clock::now();
           // The source let go of its disks before it sent the end.
           if (handover == DiskHandover::Shared) TRY_CONTEXT(machine->set_disk_locks(true), label);
+          LOG_INFO("{}: machine rebuilt in {} us, disks locked in {} us", label,
+                   std::chrono::duration_cast<std::chrono::microseconds>(restored - restore_begin)
+                       .count(),
+                   std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - restored)
+                       .count());
           return machine;
         }
         case migration::FrameType::DiskInfo: {

@@ -49,11 +49,28 @@ enum class MigrationPhase {
 };
 std::string_view migration_phase_name(MigrationPhase phase);
 
+// Where the stop-and-copy's time went, in microseconds, in order: the
+// vCPUs paused, devices quiesced, state taken, the last dirty log fetched,
+// the last pages sent, the state sent, the disks' locks let go and the end
+// sent, then the destination's rebuild until its ack arrived.
+struct DowntimeBreakdown {
+  uint64_t pause_us = 0;
+  uint64_t quiesce_us = 0;
+  uint64_t save_state_us = 0;
+  uint64_t dirty_log_us = 0;
+  uint64_t last_pages_us = 0;
+  uint64_t last_pages = 0;  // how many, zero ones included
+  uint64_t send_state_us = 0;
+  uint64_t release_disks_us = 0;
+  uint64_t ack_us = 0;
+};
+
 struct MigrationStats {
   MigrationPhase phase = MigrationPhase::Connecting;
   std::string destination;
   uint64_t rounds = 0;                  // dirty rounds after the first full pass
-  uint64_t pages_sent = 0;              // counting resent pages each time
+  uint64_t pages_sent = 0;              // with their data, counting resent pages each time
+  uint64_t zero_pages = 0;              // found all zeros: skipped in the first pass, else a zero record
   uint64_t bytes_sent = 0;              // on the wire
   uint64_t remaining_pages = 0;         // dirty, not yet sent
   uint64_t dirty_pages_per_second = 0;  // in the last round
@@ -62,6 +79,7 @@ struct MigrationStats {
   uint64_t downtime_ms = 0;  // from the pause to the ack
   uint64_t disk_bytes_copied = 0;     // migrate_disks: chunk bytes read and sent, resent ones too
   uint64_t disk_remaining_bytes = 0;  // migrate_disks: written since last sent
+  DowntimeBreakdown downtime;  // filled in as the stop-and-copy goes
   std::string error;         // Failed, Cancelled
 };
 
@@ -92,9 +110,13 @@ class MigrationSender {
   Result<void> migrate();
   // Everything after connecting: the copy rounds, the final state, the ack.
   Result<void> transfer(migration::StreamWriter& writer, migration::StreamReader& reader);
-  Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty);
   // migrate_disks: every disk chunk dirty now, paced as RAM is.
   Result<void> send_disk_chunks(migration::StreamWriter& writer);
+  // The first pass skips all-zero pages (the destination's fresh RAM is
+  // zero); later passes send a page that became zero as a zero record.
+  enum class Pass { First, Later };
+  Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty,
+                          Pass pass);
   Result<void> check_cancelled() const;
   // After a failed handover: the disks' locks again (retried for a while).
   Result<void> retake_disk_locks();
@@ -117,6 +139,7 @@ class MigrationSender {
   // source's devices go on).
   std::optional<Machine::QuiescedDevices> quiesced_;
   std::unique_ptr<DiskMirrorSource> disk_mirror_;  // migrate_disks, while it runs
+  uint64_t zero_records_ = 0;  // pages sent as zero records (not the first pass's skipped ones)
   bool disks_released_ = false;  // the disks' locks were let go: take them back on failure
   std::thread thread_;
 };

@@ -3,12 +3,14 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <zstd.h>
 
 #include <cerrno>
 #include <cstring>
 
+#include "base/check.h"
 #include "migration/bytes.h"
 
 namespace keel::migration {
@@ -92,8 +94,38 @@ Result<void> StreamWriter::send(FrameType type, std::span<const std::byte> paylo
   header.put(uint16_t{0});
   header.put(static_cast<uint32_t>(payload.size()));
   header.put(snapshot_crc32(payload, snapshot_crc32(header.data())));
-  TRY(write_all(header.data()));
-  return write_all(payload);
+  // Header and payload in one system call (the stop-and-copy sends many
+  // frames while the guest waits); a short write goes on with the rest.
+  std::span<const std::byte> parts[2] = {header.data(), payload};
+  size_t part = 0;
+  while (part < 2) {
+    iovec vectors[2];
+    int count = 0;
+    for (size_t i = part; i < 2; ++i) {
+      vectors[count++] = {const_cast<std::byte*>(parts[i].data()), parts[i].size()};
+    }
+    msghdr message{};
+    message.msg_iov = vectors;
+    message.msg_iovlen = static_cast<size_t>(count);
+    ssize_t n = socket_ ? ::sendmsg(fd_.get(), &message, MSG_NOSIGNAL)
+                        : ::writev(fd_.get(), vectors, count);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOTSOCK && socket_) {
+        socket_ = false;  // a pipe or file (tests): plain writes
+        continue;
+      }
+      return fail_errno(fmt::format("migration stream: send after {} bytes", bytes_sent_));
+    }
+    bytes_sent_ += static_cast<uint64_t>(n);
+    size_t written = static_cast<size_t>(n);
+    while (part < 2 && written >= parts[part].size()) {
+      written -= parts[part].size();
+      ++part;
+    }
+    if (part < 2) parts[part] = parts[part].subspan(written);
+  }
+  return ok();
 }
 
 Result<void> StreamReader::read_exact(std::span<std::byte> out, std::string_view what,
@@ -250,6 +282,19 @@ Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint
   return std::move(out.data());
 }
 
+std::vector<std::byte> encode_zero_pages(uint64_t first_page, uint32_t page_count) {
+  CHECK(page_count > 0 && page_count <= kMaxPagesPerFrame, "a zero-pages frame of 1-256 pages");
+  ByteWriter out;
+  out.put(PagesHeader{first_page, page_count, static_cast<uint32_t>(Compression::Zero)});
+  return std::move(out.data());
+}
+
+bool is_zero_page(std::span<const std::byte> page) {
+  static constexpr std::array<std::byte, kPageBytes> kZeros{};
+  CHECK(page.size() == kPageBytes, "is_zero_page takes one page");
+  return std::memcmp(page.data(), kZeros.data(), kPageBytes) == 0;
+}
+
 Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram) {
   ByteReader in(payload);
   auto header = TRY_CONTEXT(in.get<PagesHeader>("pages header"), "pages frame");
@@ -291,6 +336,14 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
       std::memcpy(target.data(), buffer.data(), bytes);
       return header.page_count;
     }
+    case Compression::Zero:
+      if (!data.empty()) {
+        return fail(Errc::Corrupt, fmt::format("pages frame {}+{}: zero pages with {} bytes of "
+                                               "data",
+                                               header.first_page, header.page_count, data.size()));
+      }
+      std::memset(target.data(), 0, bytes);
+      return header.page_count;
   }
   return fail(Errc::Corrupt,
               fmt::format("pages frame: unknown compression {}", header.compression));

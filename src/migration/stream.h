@@ -17,7 +17,8 @@
 
 namespace keel::migration {
 
-inline constexpr uint32_t kStreamVersion = 1;
+// Version 2 added the zero encoding of a pages frame.
+inline constexpr uint32_t kStreamVersion = 2;
 inline constexpr std::array<char, 8> kStreamMagic = {'K', 'E', 'E', 'L', 'M', 'I', 'G', 'R'};
 // A frame's payload is read whole into memory: bound it. A pages frame
 // carries at most kMaxPagesPerFrame pages, so this leaves room.
@@ -83,15 +84,22 @@ struct Hello {
 std::vector<std::byte> encode_hello(const Hello& hello);
 Result<Hello> decode_hello(std::span<const std::byte> payload);
 
-enum class Compression : uint32_t { None = 0, Zstd = 1 };
+// A pages frame's encoding. Zero carries no data: the destination zeroes
+// the run (a page that became all zeros since it was last sent).
+enum class Compression : uint32_t { None = 0, Zstd = 1, Zero = 2 };
 // Pages [first_page, first_page + page_count) of ram (all of RAM in memfd
 // order), at most kMaxPagesPerFrame; with Zstd, compressed unless that does
 // not make it smaller.
 Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint64_t first_page,
                                             uint32_t page_count, Compression compression);
+// A pages frame that zeroes [first_page, first_page + page_count), at most
+// kMaxPagesPerFrame pages.
+std::vector<std::byte> encode_zero_pages(uint64_t first_page, uint32_t page_count);
 // Checks a pages payload against ram's size and writes its pages there;
 // returns how many. Nothing is written for a payload that does not check.
 Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram);
+// True if the page (kPageBytes) holds only zero bytes.
+bool is_zero_page(std::span<const std::byte> page);
 
 // End: how many pages and dirty rounds the source sent, for the destination's log.
 struct EndSummary {

@@ -45,6 +45,7 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"destination", stats.destination},
       {"rounds", stats.rounds},
       {"pages_sent", stats.pages_sent},
+      {"zero_pages", stats.zero_pages},
       {"bytes_sent", stats.bytes_sent},
       {"remaining_pages", stats.remaining_pages},
       {"dirty_pages_per_second", stats.dirty_pages_per_second},
@@ -53,6 +54,16 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"downtime_ms", stats.downtime_ms},
       {"disk_bytes_copied", stats.disk_bytes_copied},
       {"disk_remaining_bytes", stats.disk_remaining_bytes},
+      {"downtime_us",
+       {{"pause", stats.downtime.pause_us},
+        {"quiesce", stats.downtime.quiesce_us},
+        {"save_state", stats.downtime.save_state_us},
+        {"dirty_log", stats.downtime.dirty_log_us},
+        {"last_pages", stats.downtime.last_pages_us},
+        {"send_state", stats.downtime.send_state_us},
+        {"release_disks", stats.downtime.release_disks_us},
+        {"ack", stats.downtime.ack_us}}},
+      {"last_pages", stats.downtime.last_pages},
   };
   if (!stats.error.empty()) json["error"] = stats.error;
   return json;

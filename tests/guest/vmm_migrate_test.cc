@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <regex>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -37,6 +39,7 @@ using Json = nlohmann::json;
 
 constexpr auto kGuestTimeout = kCountingTimeout;
 constexpr std::string_view kBanner = kCountingBanner;
+constexpr size_t kNoiseBytes = 16 << 20;
 
 class VmmMigrateTest : public ::testing::Test {
  protected:
@@ -200,6 +203,24 @@ class VmmMigrateTest : public ::testing::Test {
     return out;
   }
 
+  // A file of size_bytes of noise: as the guest's initrd it is RAM full of
+  // data, which a slow migration must send (zero pages cost nothing).
+  std::string noise_initrd(size_t size_bytes) {
+    const std::string path = dir_.file("noise.initrd");
+    std::vector<char> noise(size_bytes);
+    uint64_t state = 0x9e3779b97f4a7c15;
+    for (char& byte : noise) {
+      state = state * 6364136223846793005u + 1442695040888963407u;
+      byte = static_cast<char>(state >> 56);
+    }
+    Result<Fd> file = Fd::open(path, O_RDWR | O_CREAT, 0600);
+    EXPECT_TRUE(file) << file.error().message();
+    if (file) {
+      EXPECT_TRUE(file->pwrite_all(std::as_bytes(std::span(noise)), 0));
+    }
+    return path;
+  }
+
   // The source goes on printing letters in order.
   void expect_source_runs_on() {
     size_t printed = read_text(source_console_).size();
@@ -234,6 +255,7 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
   EXPECT_THAT(source_outcome.err, HasSubstr("migration round 0"));
   EXPECT_THAT(source_outcome.err, HasSubstr("completed"));
+  EXPECT_THAT(source_outcome.err, HasSubstr("migration downtime (us): pause "));
   EXPECT_THAT(source_outcome.err, HasSubstr("VM stopped: migrated"));
   std::string before = letters_of(read_text(source_console_));
   ASSERT_GE(before.size(), 3u);
@@ -251,6 +273,71 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
   Json vm = Json::parse(call(destination_socket_, "GET", "/api/v1/vm").body, nullptr, false);
   EXPECT_EQ(vm["state"], "running");
+  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  Outcome outcome = destination.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+}
+
+// zero_pages_check.elf checks its own memory after every pass while a
+// third of its pages turn zero (and another third back to data) in each:
+// after the migration it must go on with no mismatch, so every page the
+// destination holds, the ones zeroed by zero records included, is the
+// source's. RAM the guest never touched is not sent at all.
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
+  auto args = [](const std::string& socket, const std::string& console) {
+    return std::vector<std::string>{
+        "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/zero_pages_check.elf",
+        "--memory",   "64",
+        "--debug-exit", "--no-acpi",
+        "--serial",   "file:" + console,
+        "--api-socket", socket,
+        "--log-level", "info"};
+  };
+  VmmProcess source(args(source_socket_, source_console_));
+  ASSERT_GE(wait_for_file(source_console_, 30).size(), 30u) << source.wait(1s);
+  ASSERT_TRUE(api_answers(source_socket_, kGuestTimeout));
+  std::vector<std::string> incoming = args(destination_socket_, destination_console_);
+  incoming.insert(incoming.end(), {"--incoming", "unix:" + migration_socket_});
+  VmmProcess destination(incoming);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+
+  // At 4 MiB/s the first pass (about 3 MiB of data) takes long enough for
+  // the guest to rewrite its pages many times, and a downtime of 5 s lets
+  // the rest go in the stop-and-copy: pages that were sent with data and
+  // turned zero since must go as zero records.
+  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                Json{{"destination", "unix:" + migration_socket_},
+                                     {"downtime_ms", 5000},
+                                     {"bandwidth_mib", 4}}
+                                    .dump());
+  ASSERT_EQ(started.status, 200u) << started.body;
+  Outcome source_outcome = source.wait(kGuestTimeout);
+  ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  std::smatch completed;
+  const std::regex summary(
+      R"(completed: (\d+) pages sent with data, (\d+) zero pages \((\d+) as zero records\), )"
+      R"((\d+) bytes)");
+  ASSERT_TRUE(std::regex_search(source_outcome.err, completed, summary)) << source_outcome.err;
+  const uint64_t zero_pages = std::stoull(completed[2]);
+  const uint64_t zero_records = std::stoull(completed[3]);
+  const uint64_t bytes = std::stoull(completed[4]);
+  EXPECT_GT(zero_records, 0u) << "pages that turned zero went as zero records: "
+                              << source_outcome.err;
+  // 64 MiB of RAM, of which the guest touches its 4 MiB and its image.
+  EXPECT_GT(zero_pages, (48u << 20) / 4096) << "untouched RAM counts as zero pages";
+  EXPECT_LT(bytes, 32u << 20) << "untouched RAM is not sent";
+
+  const std::string before = read_text(source_console_);
+  ASSERT_FALSE(before.empty());
+  ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
+  // Hundreds of passes, each checking every page the source had written.
+  std::string after = wait_for_file(destination_console_, 300);
+  ASSERT_EQ(after.find("BAD"), std::string::npos)
+      << "the guest found a page it did not write: " << after.substr(0, 200);
+  ASSERT_GE(after.size(), 300u) << "the destination printed too little: " << destination.wait(1s);
+  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+      << "after '" << before.back() << "': " << after.substr(0, 200);
+  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
   EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
   Outcome outcome = destination.wait(kGuestTimeout);
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
@@ -382,13 +469,14 @@ TEST_F(VmmMigrateTest, KeelctlReceivesAMigrationIntoAWaitingKeelVmm) {
 }
 
 TEST_F(VmmMigrateTest, KillingTheDestinationLeavesTheSourceRunning) {
-  std::unique_ptr<VmmProcess> source_process = start_source();
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--initrd", noise_initrd(kNoiseBytes)});
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
   VmmProcess destination(destination_args());
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
-  // 1 MiB/s: the 64 MiB first pass takes about a minute, so the
-  // destination dies in the middle of it.
+  // 1 MiB/s: the first pass (the 16 MiB initrd of noise) takes about 16 s,
+  // so the destination dies in the middle of it.
   api::HttpReply started =
       call(source_socket_, "PUT", "/api/v1/vm/migrate",
            Json{{"destination", "unix:" + migration_socket_}, {"bandwidth_mib", 1}}.dump());
@@ -414,7 +502,9 @@ TEST_F(VmmMigrateTest, KillingTheDestinationLeavesTheSourceRunning) {
 }
 
 TEST_F(VmmMigrateTest, CancelKeepsTheSourceAndEndsTheDestination) {
-  std::unique_ptr<VmmProcess> source_process = start_source();
+  // 16 MiB of data at 1 MiB/s: still copying when the cancel comes.
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--initrd", noise_initrd(kNoiseBytes)});
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
   VmmProcess destination(destination_args());
