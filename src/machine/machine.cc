@@ -176,21 +176,6 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   return machine;
 }
 
-namespace {
-
-// The first device in config that a snapshot cannot hold yet, if any.
-std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
-  // The balloon and vsock devices have no snapshot state yet (vsock would
-  // need its host connections). Also: the balloon gives pages back by
-  // punching holes in the memfd, which a restored machine's private file
-  // mapping cannot do.
-  if (config.balloon) return "virtio-balloon";
-  if (config.vsock) return "virtio-vsock";
-  return std::nullopt;
-}
-
-}  // namespace
-
 Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
@@ -232,9 +217,6 @@ Result<void> Machine::check_restorable(const std::string& label,
   auto refuse = [&label](Errc code, const std::string& what) {
     return fail(code, fmt::format("{}: {}", label, what));
   };
-  if (auto device = unsupported_snapshot_device(config)) {
-    return refuse(Errc::Unsupported, fmt::format("device {} cannot be restored yet", *device));
-  }
   if (saved.vcpus.size() != config.cpus) {
     return refuse(Errc::Corrupt, fmt::format("{} vcpu sections for a config of {} vCPUs",
                                              saved.vcpus.size(), config.cpus));
@@ -751,9 +733,9 @@ Result<void> Machine::check_state_saveable() const {
                   "config cannot describe them yet");
     }
   }
-  if (auto device = unsupported_snapshot_device(config_)) {
-    return fail(Errc::Unsupported, fmt::format("device {} cannot be saved yet", *device));
-  }
+  // A device without snapshot state answers Unsupported, naming itself,
+  // from save_devices() (VirtioDevice::save_state), before anything is
+  // written: every device Keel builds has state today.
   return ok();
 }
 
@@ -817,7 +799,12 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   migration::MachineState state;
-  state.config_json = to_json(config_);
+  VmConfig config = config_;
+  // The run-time target (PUT /api/v1/vm/balloon) is the host's: a restore
+  // keeps it even where the driver never started (the device bytes, saved
+  // only for an active driver, hold it too).
+  if (balloon_ != nullptr) config.balloon->target_mib = balloon_->target_mib();
+  state.config_json = to_json(config);
   // The held vCPU threads wait outside KVM_RUN until resume(), which only
   // this thread calls, so their vCPUs can be read from here.
   for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
