@@ -782,16 +782,19 @@ Result<std::vector<migration::DeviceState>> Machine::save_devices(
 
 Result<void> Machine::save(const std::string& path) {
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
-  if (memory_.backing() != memory::GuestMemory::Backing::SharedMemfd) {
-    return fail(Errc::Unsupported,
-                "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
-                "is a private mapping of that file is not supported yet");
-  }
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   // Devices first: their last completions write RAM and raise interrupts,
   // which the vCPU and VM state saved below must already hold.
   QuiescedDevices quiesced = TRY_CONTEXT(quiesce_devices(), "snapshot");
   migration::MachineState state = TRY(save_state(quiesced));
+  if (memory_.backing() == memory::GuestMemory::Backing::PrivateFile) {
+    // RAM restored from a snapshot: the guest's changes are private pages
+    // of the mapping, the rest is still the old file's, so the mapping is
+    // what to write. The new file is written beside and renamed over the
+    // path, so even the very file the mapping reads from may be replaced:
+    // the mapping keeps the old file's inode alive.
+    return migration::write_snapshot(path, state, memory_.ram());
+  }
   return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 

@@ -164,11 +164,11 @@ class Machine {
   // the devices (quiesced first, see quiesce_devices) and guest RAM. Busy
   // unless paused, or if a vCPU's pending string I/O needs another exit
   // (resume and retry); Timeout if a device's host I/O does not finish.
-  // Call from the thread that paused. Unsupported, before anything is
-  // written, for a machine restored from a snapshot (its RAM is a private
-  // file mapping, not the memfd the writer copies), or one whose devices
-  // were hot-plugged or ejected (the snapshot's config would not describe
-  // the machine).
+  // Call from the thread that paused. A machine restored from a snapshot
+  // writes its RAM from its private mapping (path may even be the file it
+  // was restored from: the new file is renamed over it). Unsupported,
+  // before anything is written, for one whose devices were hot-plugged or
+  // ejected (the snapshot's config would not describe the machine).
   Result<void> save(const std::string& path);
   // What save() writes, without the RAM, for save() and a migration's
   // final state alike: the same checks but the RAM backing (migration reads

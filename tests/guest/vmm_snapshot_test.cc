@@ -175,6 +175,43 @@ TEST_F(VmmSnapshotTest, RestoreRefusesBootOptions) {
   EXPECT_THAT(outcome.err, HasSubstr("--restore"));
 }
 
+// A restored machine is snapshotted again, onto the very file its RAM is
+// mapped from (the new file is renamed over it; the mapping keeps the old
+// one), and that snapshot restores too: the count goes on across both.
+TEST_F(VmmSnapshotTest, RestoredMachineIsSnapshottedAgainOverItsOwnFile) {
+  std::string before = run_and_snapshot();
+  if (HasFatalFailure()) return;
+  if (saved_status_ != 200) GTEST_SKIP() << "no snapshot (see the first test): " << saved_body_;
+  std::string restored_socket = dir_.file("restored.sock");
+  std::string middle;
+  {
+    VmmProcess restored({"--restore", snapshot_, "--serial", "file:" + restored_console_,
+                         "--api-socket", restored_socket});
+    middle = wait_for_file(restored_console_, 10);
+    ASSERT_GE(middle.size(), 10u) << restored.wait(1s);
+    wait_for_api(restored_socket);
+    EXPECT_EQ(call(restored_socket, "PUT", "/api/v1/vm/pause").status, 200u);
+    api::HttpReply saved =
+        call(restored_socket, "PUT", "/api/v1/vm/snapshot", Json{{"path", snapshot_}}.dump());
+    ASSERT_EQ(saved.status, 200u) << saved.body;
+    middle = read_text(restored_console_);
+    // The paused machine still runs from its mapping after the rename.
+    EXPECT_EQ(call(restored_socket, "PUT", "/api/v1/vm/resume").status, 200u);
+    EXPECT_GT(wait_for_file(restored_console_, middle.size() + 5).size(), middle.size());
+    restored.send_signal(SIGKILL);
+    restored.wait(kGuestTimeout);
+  }
+  EXPECT_TRUE(in_sequence(middle, next_letter(before.back()))) << before << " then " << middle;
+  const std::string again_console = dir_.file("again.txt");
+  VmmProcess again({"--restore", snapshot_, "--serial", "file:" + again_console});
+  std::string after = wait_for_file(again_console, 30);
+  ASSERT_GE(after.size(), 30u) << again.wait(1s);
+  EXPECT_TRUE(in_sequence(after, next_letter(middle.back())))
+      << "after '" << middle.back() << "': " << after;
+  again.send_signal(SIGTERM);
+  again.wait(kGuestTimeout);
+}
+
 // A balloon and a vsock device (which the tiny guest never drives) are
 // saved and restored: the run-time balloon target carries over, and the
 // vsock's listening socket, left behind by the killed source, is taken

@@ -256,6 +256,54 @@ TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
   EXPECT_EQ(mapped->data()[kLargeRam - 1], std::byte{0});
 }
 
+// A restored machine saved again: RAM comes from its private mapping of
+// the first snapshot (the guest's changes on top), zero pages stay holes,
+// and the new file may replace the very one the mapping reads from.
+TEST_F(SnapshotTest, RamFromAPrivateMappingIsSavedAgainEvenOverItsOwnFile) {
+  constexpr uint64_t kLargeRam = 16 << 20;
+  Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
+  ASSERT_TRUE(ram.valid());
+  ASSERT_EQ(::ftruncate(ram.get(), kLargeRam), 0);
+  std::vector<std::byte> page(kPageBytes, std::byte{0x5a});
+  ASSERT_TRUE(ram.pwrite_all(page, 4 << 20));
+  ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, kLargeRam));
+
+  Result<Snapshot> first = read_snapshot(path_);
+  ASSERT_TRUE(first) << first.error().message();
+  Result<Mmap> mapped = first->map_memory();
+  ASSERT_TRUE(mapped) << mapped.error().message();
+  // The restored guest writes a page and zeroes the one it had.
+  std::memset(mapped->data() + (8 << 20), 0x77, kPageBytes);
+  std::memset(mapped->data() + (4 << 20), 0, kPageBytes);
+  std::vector<std::byte> expected(mapped->data(), mapped->data() + kLargeRam);
+
+  Result<void> written = write_snapshot(path_, sample_machine(), mapped->bytes());
+  ASSERT_TRUE(written) << written.error().message();
+  EXPECT_FALSE(fs::exists(path_ + ".partial"));
+  // The old mapping still reads the old file (its inode lives on).
+  EXPECT_EQ(mapped->data()[(4 << 20) + 1], std::byte{0});
+  EXPECT_EQ(mapped->data()[(8 << 20) + 1], std::byte{0x77});
+
+  struct stat info {};
+  ASSERT_EQ(::stat(path_.c_str(), &info), 0);
+  EXPECT_LT(static_cast<uint64_t>(info.st_blocks) * 512, 4u << 20) << "zero pages were written";
+  Result<Snapshot> second = read_snapshot(path_);
+  ASSERT_TRUE(second) << second.error().message();
+  EXPECT_TRUE(second->reader.verify(second->memory));
+  Result<Mmap> again = second->map_memory();
+  ASSERT_TRUE(again) << again.error().message();
+  ASSERT_EQ(again->size_bytes(), kLargeRam);
+  EXPECT_EQ(std::memcmp(again->data(), expected.data(), kLargeRam), 0);
+
+  // Memory that is not whole pages is refused, and leaves no file.
+  const std::string other = dir_ + "/odd.snap";
+  Result<void> odd = write_snapshot(other, sample_machine(), mapped->bytes().first(100));
+  ASSERT_FALSE(odd);
+  EXPECT_EQ(odd.error().code(), Errc::InvalidArgument);
+  EXPECT_FALSE(fs::exists(other));
+  EXPECT_FALSE(fs::exists(other + ".partial"));
+}
+
 TEST_F(SnapshotTest, VcpuWithFpuInsteadOfXsaveRoundTrips) {
   kvm::VcpuState state = sample_vcpu(3);
   state.xsave.clear();
