@@ -165,6 +165,18 @@ class SnapshotTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
+  // A snapshot at path_ of ram_bytes of guest RAM in which the guest wrote
+  // one page of 0x5a at page_offset; page holds those bytes.
+  void write_sparse(uint64_t ram_bytes, uint64_t page_offset, std::vector<std::byte>& page) {
+    Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
+    ASSERT_TRUE(ram.valid());
+    ASSERT_EQ(::ftruncate(ram.get(), static_cast<off_t>(ram_bytes)), 0);
+    page.assign(kPageBytes, std::byte{0x5a});
+    ASSERT_TRUE(ram.pwrite_all(page, page_offset));
+    ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, ram_bytes));
+    sparse_ram_ = std::move(ram);
+  }
+
   void write_sample() {
     Result<void> written = write_snapshot(path_, sample_machine(), memory_, kMemoryBytes);
     ASSERT_TRUE(written) << written.error().message();
@@ -186,6 +198,7 @@ class SnapshotTest : public ::testing::Test {
   std::string path_;
   Fd memory_;
   std::vector<std::byte> memory_pattern_;
+  Fd sparse_ram_;  // write_sparse()'s RAM
 };
 
 TEST_F(SnapshotTest, RoundTripKeepsEveryPart) {
@@ -230,12 +243,10 @@ TEST_F(SnapshotTest, RoundTripKeepsEveryPart) {
 TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
   // 64 MiB of guest RAM of which the guest wrote one page.
   constexpr uint64_t kLargeRam = 64 << 20;
-  Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
-  ASSERT_TRUE(ram.valid());
-  ASSERT_EQ(::ftruncate(ram.get(), kLargeRam), 0);
-  std::vector<std::byte> page(kPageBytes, std::byte{0x5a});
-  ASSERT_TRUE(ram.pwrite_all(page, 40 << 20));
-  ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, kLargeRam));
+  std::vector<std::byte> page;
+  write_sparse(kLargeRam, 40 << 20, page);
+  ASSERT_FALSE(HasFatalFailure());
+  const Fd& ram = sparse_ram_;
 
   struct stat info {};
   ASSERT_EQ(::stat(path_.c_str(), &info), 0);
@@ -261,12 +272,9 @@ TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
 // and the new file may replace the very one the mapping reads from.
 TEST_F(SnapshotTest, RamFromAPrivateMappingIsSavedAgainEvenOverItsOwnFile) {
   constexpr uint64_t kLargeRam = 16 << 20;
-  Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
-  ASSERT_TRUE(ram.valid());
-  ASSERT_EQ(::ftruncate(ram.get(), kLargeRam), 0);
-  std::vector<std::byte> page(kPageBytes, std::byte{0x5a});
-  ASSERT_TRUE(ram.pwrite_all(page, 4 << 20));
-  ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, kLargeRam));
+  std::vector<std::byte> page;
+  write_sparse(kLargeRam, 4 << 20, page);
+  ASSERT_FALSE(HasFatalFailure());
 
   Result<Snapshot> first = read_snapshot(path_);
   ASSERT_TRUE(first) << first.error().message();
