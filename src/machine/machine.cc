@@ -727,10 +727,23 @@ Result<void> Machine::check_state_saveable() const {
   {
     // The saved config would not describe this machine's devices.
     std::lock_guard lock(hotplug_mutex_);
-    if (hotplug_changed_) {
+    if (!hotplug_changes_.empty()) {
+      // Named one by one, so the caller knows what to put in a config.
+      constexpr size_t kNamed = 8;
+      std::string changes = fmt::format(
+          "{}", fmt::join(hotplug_changes_.begin(),
+                          hotplug_changes_.begin() +
+                              static_cast<std::ptrdiff_t>(std::min(kNamed, hotplug_changes_.size())),
+                          "; "));
+      if (hotplug_changes_.size() > kNamed) {
+        changes += fmt::format("; and {} more", hotplug_changes_.size() - kNamed);
+      }
       return fail(Errc::Unsupported,
-                  "devices were hot-plugged or unplugged since the VM started, and the saved "
-                  "config cannot describe them yet");
+                  fmt::format("devices changed since the VM started ({}); the saved state holds "
+                              "only the config's devices, so a machine with hot-plugged or "
+                              "unplugged devices cannot be saved or migrated yet (start it from "
+                              "a config that names them instead)",
+                              changes));
     }
   }
   // A device without snapshot state answers Unsupported, naming itself,
@@ -977,7 +990,8 @@ Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
     virtio_devices_.push_back(pci);
     named_.push_back(Named{.kind = kind, .id = id, .slot = slot, .pci = pci, .done = {},
                            .timer = {}, .timer_watch = {}});
-    hotplug_changed_ = true;
+    hotplug_changes_.push_back(
+        fmt::format("{} '{}' plugged at {}", hotplug_kind_name(kind), id, pci_address(slot)));
   }
   pci_hotplug_->plugged(slot);
   ged_->trigger(boot::acpi::kGedEventPciHotplug);
@@ -1041,7 +1055,9 @@ void Machine::ejected(uint8_t slot) {
     gone = std::move(*it);
     named_.erase(it);
     std::erase(virtio_devices_, gone->pci);
-    hotplug_changed_ = true;
+    hotplug_changes_.push_back(fmt::format("{} '{}' unplugged from {}",
+                                           hotplug_kind_name(gone->kind), gone->id,
+                                           pci_address(slot)));
   }
   // Waits for a timeout callback that may be running; it finds nothing.
   if (gone->timer_watch) io_loop_->remove(*gone->timer_watch);

@@ -369,7 +369,9 @@ class Machine {
   mutable std::mutex hotplug_mutex_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::vector<Named> named_;
-  bool hotplug_changed_ = false;  // a device was plugged or ejected at run time
+  // What was plugged or ejected at run time, in order ("disk 'hot1'
+  // plugged at 0000:00:05.0"), for the refusal of a snapshot or migration.
+  std::vector<std::string> hotplug_changes_;
   size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
   // ForceShare on a migration destination until set_disk_locks(true).
   block::Locking writable_disk_locking_ = block::Locking::Lock;
