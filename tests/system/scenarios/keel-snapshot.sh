@@ -15,6 +15,8 @@
 # restored keel-vmm's actual_mib unchanged), and a vsock echo server the
 # guest started before the snapshot takes a new host connection after it
 # (the restored device resets the transport; listeners survive that).
+# Then the restored VM is snapshotted again onto the same file and restored
+# once more, the counter still going on.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -28,6 +30,17 @@ uds=$KEEL_WORKDIR/vsock.sock
 sock=$KEEL_WORKDIR/api.sock
 snap=$KEEL_WORKDIR/vm.snap
 ctl() { keelctl --socket "$sock" "$@"; }
+# Until the restored keel-vmm answers its API (vm info in $KEEL_WORKDIR/info).
+wait_for_restored_api() {
+  deadline=$(_deadline_cs 60)
+  until ctl vm info > "$KEEL_WORKDIR/info" 2>/dev/null; do
+    _pid_alive "$(cat "$(_vm_dir vm)/pid")" ||
+      fail "the restored keel-vmm exited: $(cat "$(_vm_dir vm)/vmm.err")"
+    [ "$(_now_cs)" -lt "$deadline" ] ||
+      fail "the restored keel-vmm never answered: $(cat "$(_vm_dir vm)/vmm.err")"
+    sleep 0.2
+  done
+}
 
 scratch=$KEEL_WORKDIR/scratch.img
 truncate -s 64M "$scratch"
@@ -90,14 +103,7 @@ l2_wait_exit vm 60 || fail "keel-vmm did not exit after the stop"
 assert_eq "$L2_EXIT_RC" 0 "first VMM's exit status"
 
 l2_restore vm "$snap" --vmm-arg "--api-socket=$sock"
-deadline=$(_deadline_cs 60)
-until ctl vm info > "$KEEL_WORKDIR/info" 2>/dev/null; do
-  _pid_alive "$(cat "$(_vm_dir vm)/pid")" ||
-    fail "the restored keel-vmm exited: $(cat "$(_vm_dir vm)/vmm.err")"
-  [ "$(_now_cs)" -lt "$deadline" ] ||
-    fail "the restored keel-vmm never answered: $(cat "$(_vm_dir vm)/vmm.err")"
-  sleep 0.2
-done
+wait_for_restored_api
 assert_match "$(cat "$KEEL_WORKDIR/info")" '^state +running' "restored VM runs"
 
 l2_cmd vm "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive; kill -0 $disk_pid && echo disk-alive" 120
@@ -134,8 +140,30 @@ assert_eq "$(sha256sum < "$KEEL_WORKDIR/echoed" | cut -d' ' -f1)" \
   "$(sha256sum < "$KEEL_WORKDIR/sent" | cut -d' ' -f1)" "bytes echoed over vsock after the restore"
 log "ok: a new vsock connection works after the restore"
 
-assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the restore"
+# The restored machine is snapshotted again, onto the file its RAM is
+# mapped from, and that snapshot restores too: the counter goes on.
+l2_cmd vm 'cat /tmp/counter'
+second_before=$L2_OUTPUT
+assert_eq "$(ctl vm pause)" paused "keelctl vm pause of the restored VM"
+saved=$(ctl vm snapshot "$snap") || fail "keelctl vm snapshot of the restored VM failed"
+log "$saved"
+assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the second snapshot"
 l2_wait_exit vm 60 || fail "the restored keel-vmm did not exit"
 assert_eq "$L2_EXIT_RC" 0 "restored VMM's exit status"
+
+l2_restore vm "$snap" --vmm-arg "--api-socket=$sock"
+wait_for_restored_api
+l2_cmd vm "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive" 120
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)" kept-in-tmp "/tmp survived the second restore"
+second_after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$second_after" '^[0-9]+$' "counter after the second restore"
+[ "$second_after" -ge "$second_before" ] ||
+  fail "the counter went back: $second_before before the second snapshot, $second_after after"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)" alive "the counting process survived twice"
+assert_match "$(ctl --json vm devices)" '"actual_mib": *"32"' "balloon after the second restore"
+log "ok: re-snapshot of the restored VM: counter $second_before, then $second_after"
+assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the second restore"
+l2_wait_exit vm 60 || fail "the twice-restored keel-vmm did not exit"
+assert_eq "$L2_EXIT_RC" 0 "twice-restored VMM's exit status"
 disk_host_check "$scratch" "the snapshot"
 echo "KEEL-PASS"
