@@ -41,6 +41,16 @@ enum class CommandKind {
   Migrate,          // starts a live migration (Command::migrate); {phase, destination}
   GetMigration,     // the last migration's progress and statistics; {phase: none} if none
   CancelMigration,  // the source keeps running; 409 when there is nothing to cancel
+  // Before start only (keel-vmm --api-socket alone), like Start:
+  Restore,  // the machine of the snapshot at Command::restore.path; {state, boot, config}
+  Receive,  // listens on Command::source for a live migration; {state: receiving, source}
+};
+
+// PUT /api/v1/vm/restore, checked by parse_restore_body.
+struct RestoreRequest {
+  std::string path;    // the snapshot file
+  bool paused = false;  // hold the vCPUs until PUT /api/v1/vm/resume
+  std::string serial;  // as keel-vmm --serial; empty: the snapshot's own
 };
 
 // PUT /api/v1/vm/migrate, its types checked by parse_migrate_body; the
@@ -78,6 +88,8 @@ struct Command {
   // keys; the machine side parses and validates it.
   std::string body{};
   MigrateRequest migrate{};  // Migrate
+  RestoreRequest restore{};  // Restore
+  std::string source{};      // Receive: unix:PATH or tcp:HOST:PORT (checked by parse_receive_body)
 };
 
 // A JSON body on success; on failure an Error whose code picks the HTTP

@@ -29,6 +29,8 @@ std::string_view command_name(CommandKind kind) {
     case CommandKind::Migrate: return "migrate";
     case CommandKind::GetMigration: return "get-migration";
     case CommandKind::CancelMigration: return "cancel-migration";
+    case CommandKind::Restore: return "restore";
+    case CommandKind::Receive: return "receive";
   }
   return "?";
 }

@@ -21,6 +21,8 @@ constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
 constexpr std::string_view kConfigFields[] = {
     "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
     "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
+constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
+constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
                                                "compress"};
 
@@ -58,6 +60,10 @@ const std::array kRoutes = {
     Route{"PUT", "/api/v1/vm/config", RouteId::PutConfig, CommandKind::Configure, {},
           kConfigFields},
     Route{"PUT", "/api/v1/vm/start", RouteId::Start, CommandKind::Start, {}, {}},
+    Route{"PUT", "/api/v1/vm/restore", RouteId::Restore, CommandKind::Restore, {},
+          kRestoreFields},
+    Route{"PUT", "/api/v1/vm/receive", RouteId::Receive, CommandKind::Receive, {},
+          kReceiveFields},
 };
 
 // Query values here are numbers and words; anything needing escapes is
@@ -242,6 +248,17 @@ std::variant<nlohmann::json, ApiError> parse_object(std::string_view body,
   return json;
 }
 
+// A migration stream's address as the API takes it; the machine side parses
+// it (migration::parse_stream_address).
+std::optional<ApiError> check_stream_address(const std::string& text, std::string_view field) {
+  bool known = text.starts_with("unix:") || text.starts_with("tcp:");
+  if (!known || text.size() > 4096) {
+    return ApiError{400, fmt::format("{}: must be unix:PATH or tcp:HOST:PORT", field),
+                    std::string(field)};
+  }
+  return std::nullopt;
+}
+
 bool all_of_chars(std::string_view text, std::string_view extra) {
   for (char c : text) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -276,6 +293,41 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body) {
   std::string path = json["path"].get<std::string>();
   if (auto bad = check_file_path(path)) return *bad;
   return path;
+}
+
+std::variant<RestoreRequest, ApiError> parse_restore_body(std::string_view body) {
+  auto parsed = parse_object(body, kRestoreFields, "restore");
+  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
+  const nlohmann::json& json = std::get<nlohmann::json>(parsed);
+  RestoreRequest request;
+  if (!json.contains("path")) return ApiError{400, "path: required", "path"};
+  if (!json["path"].is_string()) return ApiError{400, "path: must be a string", "path"};
+  request.path = json["path"].get<std::string>();
+  if (auto bad = check_file_path(request.path)) return *bad;
+  if (json.contains("paused")) {
+    if (!json["paused"].is_boolean()) return ApiError{400, "paused: must be true or false", "paused"};
+    request.paused = json["paused"].get<bool>();
+  }
+  if (json.contains("serial")) {
+    // Its form is the machine side's to check (machine::parse_serial).
+    if (!json["serial"].is_string() || json["serial"].get<std::string>().empty() ||
+        json["serial"].get<std::string>().size() > 4096) {
+      return ApiError{400, "serial: must be stdio, none, file:PATH or unix:PATH", "serial"};
+    }
+    request.serial = json["serial"].get<std::string>();
+  }
+  return request;
+}
+
+std::variant<std::string, ApiError> parse_receive_body(std::string_view body) {
+  auto parsed = parse_object(body, kReceiveFields, "receive");
+  if (auto* bad = std::get_if<ApiError>(&parsed)) return *bad;
+  const nlohmann::json& json = std::get<nlohmann::json>(parsed);
+  if (!json.contains("source")) return ApiError{400, "source: required", "source"};
+  if (!json["source"].is_string()) return ApiError{400, "source: must be a string", "source"};
+  std::string source = json["source"].get<std::string>();
+  if (auto bad = check_stream_address(source, "source")) return *bad;
+  return source;
 }
 
 std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std::string_view body) {
@@ -411,11 +463,7 @@ std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body)
     if (key == "destination") {
       if (!value.is_string()) return ApiError{400, "destination: must be a string", key};
       request.destination = value.get<std::string>();
-      bool known = request.destination.starts_with("unix:") ||
-                   request.destination.starts_with("tcp:");
-      if (!known || request.destination.size() > 4096) {
-        return ApiError{400, "destination: must be unix:PATH or tcp:HOST:PORT", key};
-      }
+      if (auto bad = check_stream_address(request.destination, key)) return *bad;
     } else if (key == "downtime_ms" || key == "bandwidth_mib") {
       // Integers only, as for the balloon target.
       if (!value.is_number_unsigned()) {

@@ -44,6 +44,8 @@ enum class RouteId {
   GetConfig,
   PutConfig,
   Start,
+  Restore,
+  Receive,
 };
 
 struct Route {
@@ -103,6 +105,12 @@ std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 //  "bandwidth_mib": N, "compress": bool}: destination required, the rest
 // optional; errors name the field.
 std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body);
+// PUT /api/v1/vm/restore: {"path": "/abs/file.snap", "paused": bool,
+// "serial": "stdio" | "none" | "file:PATH" | "unix:PATH"}: path required (as
+// parse_snapshot_body's), the rest optional; errors name the field.
+std::variant<RestoreRequest, ApiError> parse_restore_body(std::string_view body);
+// PUT /api/v1/vm/receive: {"source": "unix:PATH" | "tcp:HOST:PORT"}, required.
+std::variant<std::string, ApiError> parse_receive_body(std::string_view body);
 
 // The hotplug routes' bodies (PUT /api/v1/vm/disks, disks/remove,
 // disks/resize, nets, nets/remove): a JSON object with only the route's

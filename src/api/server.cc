@@ -277,6 +277,18 @@ class Session : public std::enable_shared_from_this<Session> {
       case RouteId::Start:
         if (auto bad = check_empty_body(request.body())) return send_error(*bad);
         break;
+      case RouteId::Restore: {
+        auto parsed = parse_restore_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Restore,
+                              .restore = std::get<RestoreRequest>(std::move(parsed))});
+      }
+      case RouteId::Receive: {
+        auto parsed = parse_receive_body(request.body());
+        if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);
+        return submit(Command{.kind = CommandKind::Receive,
+                              .source = std::get<std::string>(std::move(parsed))});
+      }
       case RouteId::Migrate: {
         auto parsed = parse_migrate_body(request.body());
         if (auto* bad = std::get_if<ApiError>(&parsed)) return send_error(*bad);

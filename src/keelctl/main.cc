@@ -2,6 +2,7 @@
 // keel-vmm through its control API socket (--api-socket): human tables by
 // default, the API's JSON with --json.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -9,6 +10,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -330,6 +332,43 @@ int migrate(const api::Client& client, bool json, const Json& request) {
   return status;
 }
 
+// PUT /api/v1/vm/receive, then, unless no_wait, GET /api/v1/vm until the
+// machine has arrived (keel-vmm runs it) or keel-vmm is gone (it failed).
+int receive(const api::Client& client, bool json, const std::string& source, bool no_wait) {
+  Result<api::HttpReply> reply =
+      client.request("PUT", "/api/v1/vm/receive", Json{{"source", source}}.dump());
+  if (!reply) return unreachable(client, reply.error());
+  if (reply->status != 200) return refused("receive", *reply);
+  if (!json) {
+    std::printf("receiving on %s\n", source.c_str());
+    std::fflush(stdout);
+  }
+  if (no_wait) {
+    if (json) std::printf("%s\n", reply->body.c_str());
+    return kExitOk;
+  }
+  for (;;) {
+    Result<api::HttpReply> vm = client.request("GET", "/api/v1/vm");
+    if (!vm) {
+      std::fprintf(stderr,
+                   "keelctl: vm receive: keel-vmm went away before the machine arrived: the "
+                   "incoming migration failed (keel-vmm's own output says why)\n");
+      return kExitRefused;
+    }
+    Json body = Json::parse(vm->body, nullptr, false);
+    std::string state = body.is_object() ? body.value("state", "") : "";
+    if (vm->status == 200 && state != "receiving") {
+      if (json) {
+        std::printf("%s\n", body.dump(2).c_str());
+      } else {
+        std::printf("received: the VM is %s\n", state.c_str());
+      }
+      return kExitOk;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 const VmCommand kVmCommands[] = {
     {"start", "PUT", "/api/v1/vm/start", "Start the VM configured with `vm create`", print_state},
     {"config", "GET", "/api/v1/vm/config", "Print the VM's configuration (JSON, docs/vm-config.md)",
@@ -461,14 +500,41 @@ int run(int argc, char** argv) {
   std::string snapshot_path;
   bool snapshot_chosen = false;
   CLI::App* snapshot = vm->add_subcommand(
-      "snapshot", "Write a snapshot of the paused VM to PATH (restore: keel-vmm --restore PATH)");
+      "snapshot", "Write a snapshot of the paused VM to PATH (restore: `keelctl vm restore PATH` "
+                  "on a keel-vmm started with only --api-socket, or keel-vmm --restore PATH)");
   snapshot->add_option("path", snapshot_path, "Snapshot file to write (made absolute)")->required();
   snapshot->callback([&snapshot_chosen] { snapshot_chosen = true; });
+  std::string restore_path, restore_serial;
+  bool restore_paused = false, restore_chosen = false;
+  CLI::App* restore_command = vm->add_subcommand(
+      "restore", "Restore the snapshot at PATH in a keel-vmm started with only --api-socket: "
+                 "the machine, its configuration included, comes from the snapshot");
+  restore_command->add_option("path", restore_path, "Snapshot file (made absolute)")->required();
+  restore_command->add_flag("--paused", restore_paused,
+                            "Hold the vCPUs until `keelctl vm resume` (default: run at once)");
+  restore_command->add_option("--serial", restore_serial,
+                              "Send the serial console elsewhere than the snapshot's: stdio, "
+                              "none, file:PATH or unix:PATH (paths as keel-vmm sees them)");
+  restore_command->callback([&restore_chosen] { restore_chosen = true; });
+  std::string receive_source;
+  bool receive_no_wait = false, receive_chosen = false;
+  CLI::App* receive_command = vm->add_subcommand(
+      "receive", "Make a keel-vmm started with only --api-socket and configured with `vm "
+                 "create` (the source's machine, this host's disk paths) wait for a live "
+                 "migration on SOURCE; waits until the machine has arrived and runs");
+  receive_command->add_option("source", receive_source,
+                              "unix:PATH or tcp:HOST:PORT to listen on (the source's `vm "
+                              "migrate` destination)")
+      ->required();
+  receive_command->add_flag("--no-wait", receive_no_wait,
+                            "Return once keel-vmm listens, without waiting for the machine");
+  receive_command->callback([&receive_chosen] { receive_chosen = true; });
   std::string migrate_destination;
   uint64_t downtime_ms = 300, bandwidth_mib = 0;
   bool compress = false, migrate_chosen = false;
   CLI::App* migrate_command = vm->add_subcommand(
-      "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST; prints "
+      "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST (or told "
+                 "`keelctl vm receive DEST`); prints "
                  "progress until it completes (exit 0) or fails (the VM runs on here)");
   migrate_command->add_option("destination", migrate_destination, "unix:PATH or tcp:HOST:PORT")
       ->required();
@@ -514,6 +580,25 @@ int run(int argc, char** argv) {
     return migrate(client, json,
                    Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
                         {"bandwidth_mib", bandwidth_mib}, {"compress", compress}});
+  }
+  if (receive_chosen) return receive(client, json, receive_source, receive_no_wait);
+  if (restore_chosen) {
+    std::error_code error;
+    std::string absolute = std::filesystem::absolute(restore_path, error).string();
+    if (error) absolute = restore_path;  // the server names what is wrong with it
+    Json request = {{"path", absolute}, {"paused", restore_paused}};
+    if (!restore_serial.empty()) request["serial"] = restore_serial;
+    Result<api::HttpReply> reply = client.request("PUT", "/api/v1/vm/restore", request.dump());
+    if (!reply) return unreachable(client, reply.error());
+    if (reply->status != 200) return refused("restore", *reply);
+    Json body = Json::parse(reply->body, nullptr, false);
+    if (json) {
+      std::printf("%s\n", body.dump(2).c_str());
+    } else {
+      std::printf("%s: restored from %s\n", text(body.value("state", Json())).c_str(),
+                  absolute.c_str());
+    }
+    return kExitOk;
   }
   if (snapshot_chosen) {
     std::error_code error;

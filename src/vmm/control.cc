@@ -83,8 +83,9 @@ void ApiControl::publish(const Setup& setup) {
   published_state_ = "";
   if (setup.started) {
     // The Machine runs as soon as this command is answered.
-    status_.publish({{"state", "running"}, {"boot", 1}, {"config", config_json(*setup.config)}},
-                    std::chrono::steady_clock::now());
+    status_.publish(
+        {{"state", setup.started_state}, {"boot", 1}, {"config", config_json(*setup.config)}},
+        std::chrono::steady_clock::now());
     return;
   }
   nlohmann::json vm = {{"state", setup.config ? "configured" : "not-configured"}, {"boot", 0}};
@@ -194,8 +195,10 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
                                           "before PUT /api/v1/vm/start",
                                           state_name(machine)));
     case CommandKind::Start:
-      return fail(Errc::Busy, fmt::format("the VM has started already (it is {})",
-                                          state_name(machine)));
+    case CommandKind::Restore:
+    case CommandKind::Receive:
+      return fail(Errc::Busy, fmt::format("{}: the VM has started already (it is {})",
+                                          api::command_name(command.kind), state_name(machine)));
     case CommandKind::GetDevices: {
       nlohmann::json devices = nlohmann::json::array();
       for (const machine::DeviceInfo& device : machine.devices()) {
@@ -372,6 +375,31 @@ api::Reply ApiControl::execute_setup(const api::Command& command, Setup& setup, 
       TRY_CONTEXT(setup.start(*setup.config), "start");
       setup.started = true;
       return nlohmann::json{{"state", "running"}, {"boot", 1}};
+    case CommandKind::Restore: {
+      machine::VmConfig config =
+          TRY_CONTEXT(setup.restore(command.restore), fmt::format("restore '{}'", command.restore.path));
+      events_.publish("configured", {{"replaced", setup.config.has_value()},
+                                     {"kernel", config.kernel},
+                                     {"cpus", config.cpus},
+                                     {"memory_mib", config.memory_mib},
+                                     {"snapshot", command.restore.path}});
+      setup.config = std::move(config);
+      setup.started = true;
+      setup.started_state = command.restore.paused ? "paused" : "running";
+      return nlohmann::json{{"state", setup.started_state},
+                            {"boot", 1},
+                            {"config", config_json(*setup.config)}};
+    }
+    case CommandKind::Receive:
+      if (!setup.config) {
+        return fail(Errc::Busy,
+                    "receive: the VM is not configured yet (PUT /api/v1/vm/config first: the "
+                    "same machine as the source's, with this host's disk paths)");
+      }
+      TRY_CONTEXT(setup.receive(command.source, *setup.config), fmt::format("receive on '{}'", command.source));
+      setup.started = true;
+      setup.started_state = "receiving";
+      return nlohmann::json{{"state", "receiving"}, {"source", command.source}};
     case CommandKind::Stop:
       host_stop = true;
       return nlohmann::json{{"state", "stopping"}, {"reason", "stopped"}};

@@ -8,7 +8,8 @@
 // unplug's end is published from the thread that saw it. It owns the
 // machine's MigrationSender (its own thread). Before start (keel-vmm
 // --api-socket without --kernel or --config) there is no Machine yet:
-// serve_setup answers then, in the states not-configured and configured.
+// serve_setup answers then, in the states not-configured and configured, and
+// starts, restores or receives the first machine.
 #pragma once
 
 #include <chrono>
@@ -57,7 +58,16 @@ class ApiControl {
     // Opens the consoles and builds the first Machine; on error nothing is
     // left behind and the VM stays configured.
     std::function<Result<void>(const machine::VmConfig&)> start;
-    bool started = false;  // set once start succeeded
+    // PUT /api/v1/vm/restore: builds the first Machine from a snapshot,
+    // whose configuration it returns (it replaces any set before); on error
+    // nothing is left behind.
+    std::function<Result<machine::VmConfig>(const api::RestoreRequest&)> restore;
+    // PUT /api/v1/vm/receive: listens on the source address for the
+    // configured VM; keel-vmm then waits there for a live migration (state
+    // receiving) and runs the machine it receives.
+    std::function<Result<void>(const std::string& source, const machine::VmConfig&)> receive;
+    bool started = false;  // set once start, restore or receive succeeded
+    std::string_view started_state = "running";  // the state then: running, paused, receiving
   };
   // Answers every pending command before start; PUT /api/v1/vm/stop sets
   // host_stop (keel-vmm exits without starting).

@@ -48,7 +48,9 @@ Exit status:
 
 API: with --api-socket and neither --kernel nor --config, keel-vmm waits for
 the VM's configuration (PUT /api/v1/vm/config, keelctl vm create) and
-PUT /api/v1/vm/start (keelctl vm start).
+PUT /api/v1/vm/start (keelctl vm start); or for PUT /api/v1/vm/restore
+(keelctl vm restore: the machine of a snapshot); or, configured, for
+PUT /api/v1/vm/receive (keelctl vm receive: an incoming live migration).
 
 Console: with --serial stdio on a terminal, the terminal is in raw mode; type
 Ctrl-A x to stop the VM. The JSON config schema is in docs/vm-config.md.)";
@@ -446,9 +448,11 @@ int run(int argc, char** argv) {
     api_server = std::move(*server);
   }
 
-  // Built by PUT /api/v1/vm/start, so that a start that fails is refused
-  // and the VM stays configured.
+  // Built by PUT /api/v1/vm/start or restore, so that a start that fails is
+  // refused and the VM stays as it was.
   std::unique_ptr<machine::Machine> first_machine;
+  // --incoming's (or PUT /api/v1/vm/receive's) socket.
+  Fd incoming_listener;
   if (await_config) {
     ApiControl::Setup setup{
         .max_vcpus = max_vcpus,
@@ -467,14 +471,49 @@ int run(int argc, char** argv) {
           first_machine = std::move(*built);
           return ok();
         },
+        .restore = [&](const api::RestoreRequest& request) -> Result<machine::VmConfig> {
+          migration::Snapshot read = TRY(migration::read_snapshot(request.path));
+          machine::VmConfig chosen;
+          TRY(machine::merge_json(read.machine.config_json, request.path, chosen));
+          if (!request.serial.empty()) {
+            chosen.serial = TRY_CONTEXT(machine::parse_serial(request.serial), "serial");
+          }
+          TRY(machine::validate(chosen, max_vcpus, host_memory_bytes()));
+          TRY(open_consoles(chosen));
+          Result<std::unique_ptr<machine::Machine>> restored = machine::Machine::restore(
+              request.path, read, chosen, *kvm,
+              [sink = console.get()](std::span<const std::byte> bytes) { sink->write(bytes); });
+          if (!restored) {
+            console.reset();
+            virtio_console.reset();
+            return fail(std::move(restored).error());
+          }
+          if (request.paused) (*restored)->start_paused();
+          config = chosen;
+          first_machine = std::move(*restored);
+          return chosen;
+        },
+        .receive = [&](const std::string& source,
+                       const machine::VmConfig& chosen) -> Result<void> {
+          migration::StreamAddress address = TRY(migration::parse_stream_address(source));
+          Fd listener = TRY(migration::listen_stream(address));
+          // The configuration was checked when it was set.
+          if (Result<void> opened = open_consoles(chosen); !opened) {
+            if (address.kind == migration::StreamAddress::Kind::Unix) ::unlink(address.path.c_str());
+            return fail(std::move(opened).error());
+          }
+          config = chosen;
+          incoming = std::move(address);
+          incoming_listener = std::move(listener);
+          return ok();
+        },
     };
     LOG_INFO("waiting for PUT /api/v1/vm/config and PUT /api/v1/vm/start on {}", api_socket);
     if (!wait_for_start(control, setup, *signals)) return kExitPowerOff;
   }
   // Listening before anything else can fail late, so a source may connect
   // as soon as keel-vmm is up.
-  Fd incoming_listener;
-  if (incoming) {
+  if (incoming && !incoming_listener.valid()) {
     Result<Fd> listener = migration::listen_stream(*incoming);
     if (!listener) return config_error(Error(listener.error()).wrap("--incoming"));
     incoming_listener = std::move(*listener);

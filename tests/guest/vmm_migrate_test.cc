@@ -138,6 +138,18 @@ class VmmMigrateTest : public ::testing::Test {
     return disk;
   }
 
+  // The counting guest run in a source, paused, saved to snapshot and stopped.
+  void snapshot_a_source(const std::string& snapshot) {
+    std::unique_ptr<VmmProcess> first = start_source();
+    ASSERT_FALSE(HasFailure());
+    EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/pause").status, 200u);
+    api::HttpReply saved =
+        call(source_socket_, "PUT", "/api/v1/vm/snapshot", Json{{"path", snapshot}}.dump());
+    ASSERT_EQ(saved.status, 200u) << saved.body;
+    call(source_socket_, "PUT", "/api/v1/vm/stop");
+    EXPECT_EQ(first->wait(kGuestTimeout).exit_status, 0);
+  }
+
   // The source goes on printing letters in order.
   void expect_source_runs_on() {
     size_t printed = read_text(source_console_).size();
@@ -222,17 +234,9 @@ TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {
 // A machine restored from a snapshot has its RAM in a private mapping of
 // the file, not a memfd: migration reads it from the mapping all the same.
 TEST_F(VmmMigrateTest, RestoredMachineMigrates) {
-  std::string snapshot = dir_.file("vm.snap");
-  {
-    std::unique_ptr<VmmProcess> first = start_source();
-    ASSERT_FALSE(HasFailure());
-    EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/pause").status, 200u);
-    api::HttpReply saved =
-        call(source_socket_, "PUT", "/api/v1/vm/snapshot", Json{{"path", snapshot}}.dump());
-    ASSERT_EQ(saved.status, 200u) << saved.body;
-    call(source_socket_, "PUT", "/api/v1/vm/stop");
-    EXPECT_EQ(first->wait(kGuestTimeout).exit_status, 0);
-  }
+  const std::string snapshot = dir_.file("vm.snap");
+  snapshot_a_source(snapshot);
+  if (HasFatalFailure()) return;
   std::string restored_console = dir_.file("restored.txt");
   VmmProcess source({"--restore", snapshot, "--serial", "file:" + restored_console, "--api-socket",
                      source_socket_});
@@ -242,6 +246,87 @@ TEST_F(VmmMigrateTest, RestoredMachineMigrates) {
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
   migrate_and_expect_counting_goes_on(source, destination, restored_console);
   ASSERT_FALSE(HasFailure());
+  call(destination_socket_, "PUT", "/api/v1/vm/stop");
+  EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
+}
+
+// keelctl against a keel-vmm started with --api-socket alone: a refused
+// restore leaves it waiting; `vm restore --paused` rebuilds the snapshot's
+// machine held until `vm resume`, which goes on from the letter after the
+// source's last one.
+TEST_F(VmmMigrateTest, KeelctlRestoresASnapshotIntoAWaitingKeelVmm) {
+  const std::string snapshot = dir_.file("vm.snap");
+  snapshot_a_source(snapshot);
+  if (HasFatalFailure()) return;
+  const std::string before = letters_of(read_text(source_console_));
+  ASSERT_FALSE(before.empty());
+  VmmProcess waiting({"--api-socket", destination_socket_});
+  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout)) << waiting.wait(1s);
+  auto keelctl = [this](std::vector<std::string> args) {
+    args.insert(args.begin(), {"--socket", destination_socket_, "vm"});
+    return VmmProcess(args, std::nullopt, -1, KEEL_KEELCTL_BINARY).wait(kGuestTimeout);
+  };
+  std::string bogus = dir_.write("bogus.snap", "not a snapshot at all");
+  Outcome refused = keelctl({"restore", bogus});
+  EXPECT_EQ(refused.exit_status, 1) << refused;
+  EXPECT_THAT(refused.err, HasSubstr(bogus));
+  Json vm = Json::parse(call(destination_socket_, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "not-configured") << "a refused restore leaves it waiting";
+
+  Outcome restored = keelctl({"restore", snapshot, "--paused", "--serial",
+                              "file:" + destination_console_});
+  ASSERT_EQ(restored.exit_status, 0) << restored;
+  EXPECT_EQ(restored.out, "paused: restored from " + snapshot + "\n");
+  vm = Json::parse(call(destination_socket_, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "paused");
+  EXPECT_EQ(vm["config"]["cmdline"], "pvh-test c") << "the configuration is the snapshot's";
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(read_text(destination_console_), "") << "nothing runs before resume";
+  Outcome again = keelctl({"restore", snapshot});
+  EXPECT_EQ(again.exit_status, 1) << again;
+  EXPECT_THAT(again.err, HasSubstr("started already"));
+  EXPECT_EQ(keelctl({"resume"}).exit_status, 0);
+  std::string after = wait_for_file(destination_console_, 40);
+  ASSERT_GE(after.size(), 40u) << waiting.wait(1s);
+  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+      << "after '" << before.back() << "': " << after;
+  EXPECT_EQ(keelctl({"stop"}).exit_status, 0);
+  EXPECT_EQ(waiting.wait(kGuestTimeout).exit_status, 0);
+}
+
+// The destination as a keel-vmm started with --api-socket alone:
+// `vm receive` is refused until it is configured, then listens (state
+// receiving) and returns once the migrated guest runs there.
+TEST_F(VmmMigrateTest, KeelctlReceivesAMigrationIntoAWaitingKeelVmm) {
+  std::unique_ptr<VmmProcess> source_process = start_source();
+  ASSERT_FALSE(HasFailure());
+  VmmProcess destination({"--api-socket", destination_socket_});
+  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout)) << destination.wait(1s);
+  auto keelctl = [this](std::vector<std::string> args) {
+    args.insert(args.begin(), {"--socket", destination_socket_, "vm"});
+    return std::make_unique<VmmProcess>(args, std::nullopt, -1, KEEL_KEELCTL_BINARY);
+  };
+  const std::string source = "unix:" + migration_socket_;
+  Outcome unconfigured = keelctl({"receive", source})->wait(kGuestTimeout);
+  EXPECT_EQ(unconfigured.exit_status, 1) << unconfigured;
+  EXPECT_THAT(unconfigured.err, HasSubstr("not configured"));
+  Json config = {{"kernel", std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf"},
+                 {"cmdline", "pvh-test c"},
+                 {"memory_mib", 64},
+                 {"debug_exit", true},
+                 {"acpi", false},
+                 {"serial", "file:" + destination_console_}};
+  Outcome created = keelctl({"create", dir_.write("vm.json", config.dump())})->wait(kGuestTimeout);
+  ASSERT_EQ(created.exit_status, 0) << created;
+
+  std::unique_ptr<VmmProcess> receiving = keelctl({"receive", source});
+  ASSERT_TRUE(wait_for_listener()) << receiving->wait(1s);
+  Json vm = Json::parse(call(destination_socket_, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "receiving");
+  migrate_and_expect_counting_goes_on(*source_process, destination, source_console_);
+  Outcome received = receiving->wait(kGuestTimeout);
+  EXPECT_EQ(received.exit_status, 0) << received;
+  EXPECT_EQ(received.out, "receiving on " + source + "\nreceived: the VM is running\n");
   call(destination_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(destination.wait(kGuestTimeout).exit_status, 0);
 }

@@ -396,3 +396,63 @@ TEST(RoutesTest, AddNetBody) {
 
 }  // namespace
 }  // namespace keel::api
+
+namespace keel::api {
+namespace {
+
+// The field a restore or receive body's 400 names, or "" if it is accepted.
+template <typename Parse>
+std::string refused_field(Parse parse, std::string_view body) {
+  auto parsed = parse(body);
+  const ApiError* error = std::get_if<ApiError>(&parsed);
+  if (error != nullptr) {
+    EXPECT_EQ(error->status, 400u) << body;
+  }
+  return error == nullptr ? "" : error->field;
+}
+
+TEST(RoutesTest, RestoreAndReceiveAreRoutesOfTheirOwn) {
+  EXPECT_EQ(route_request("PUT", "/api/v1/vm/restore").route->command, CommandKind::Restore);
+  EXPECT_EQ(route_request("PUT", "/api/v1/vm/receive").route->command, CommandKind::Receive);
+  EXPECT_EQ(route_request("GET", "/api/v1/vm/restore").error->status, 405u);
+}
+
+TEST(RoutesTest, RestoreBody) {
+  auto parsed = parse_restore_body(R"({"path": "/var/lib/keel/vm.snap"})");
+  ASSERT_TRUE(std::holds_alternative<RestoreRequest>(parsed));
+  EXPECT_EQ(std::get<RestoreRequest>(parsed).path, "/var/lib/keel/vm.snap");
+  EXPECT_FALSE(std::get<RestoreRequest>(parsed).paused);
+  EXPECT_EQ(std::get<RestoreRequest>(parsed).serial, "") << "the snapshot's own console";
+  parsed = parse_restore_body(R"({"path": "/s", "paused": true, "serial": "file:/tmp/c"})");
+  ASSERT_TRUE(std::holds_alternative<RestoreRequest>(parsed));
+  EXPECT_TRUE(std::get<RestoreRequest>(parsed).paused);
+  EXPECT_EQ(std::get<RestoreRequest>(parsed).serial, "file:/tmp/c");
+}
+
+TEST(RoutesTest, RestoreRefusalsNameTheField) {
+  auto parse = [](std::string_view body) { return parse_restore_body(body); };
+  EXPECT_EQ(refused_field(parse, "["), "body");
+  EXPECT_EQ(refused_field(parse, "{}"), "path");
+  EXPECT_EQ(refused_field(parse, R"({"path": "vm.snap"})"), "path");
+  EXPECT_EQ(refused_field(parse, R"({"path": 3})"), "path");
+  EXPECT_EQ(refused_field(parse, R"({"path": "/s", "paused": "yes"})"), "paused");
+  EXPECT_EQ(refused_field(parse, R"({"path": "/s", "serial": ""})"), "serial");
+  EXPECT_EQ(refused_field(parse, R"({"path": "/s", "serial": 1})"), "serial");
+  EXPECT_EQ(refused_field(parse, R"({"path": "/s", "cpus": 2})"), "cpus");
+}
+
+TEST(RoutesTest, ReceiveBody) {
+  auto parsed = parse_receive_body(R"({"source": "tcp:0.0.0.0:4444"})");
+  ASSERT_TRUE(std::holds_alternative<std::string>(parsed));
+  EXPECT_EQ(std::get<std::string>(parsed), "tcp:0.0.0.0:4444");
+  auto parse = [](std::string_view body) { return parse_receive_body(body); };
+  EXPECT_EQ(refused_field(parse, R"({"source": "unix:/run/keel/m.sock"})"), "");
+  EXPECT_EQ(refused_field(parse, "{}"), "source");
+  EXPECT_EQ(refused_field(parse, R"({"source": "/run/m.sock"})"), "source");
+  EXPECT_EQ(refused_field(parse, R"({"source": ["unix:/x"]})"), "source");
+  EXPECT_EQ(refused_field(parse, R"({"source": "unix:/x", "destination": "unix:/y"})"),
+            "destination");
+}
+
+}  // namespace
+}  // namespace keel::api

@@ -119,7 +119,9 @@ class FakeHandler : public CommandHandler {
         }
         return nlohmann::json{{"state", "configured"}, {"config", config}};
       }
-      case CommandKind::Start: return fail(Errc::Busy, "the VM is already running");
+      case CommandKind::Start:
+      case CommandKind::Restore:
+      case CommandKind::Receive: return fail(Errc::Busy, "the VM is already running");
       case CommandKind::Migrate:
         migrating_ = true;
         return nlohmann::json{{"phase", "connecting"}, {"destination", command.migrate.destination}};
