@@ -176,21 +176,6 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   return machine;
 }
 
-namespace {
-
-// The first device in config that a snapshot cannot hold yet, if any.
-std::optional<std::string> unsupported_snapshot_device(const VmConfig& config) {
-  // The balloon and vsock devices have no snapshot state yet (vsock would
-  // need its host connections). Also: the balloon gives pages back by
-  // punching holes in the memfd, which a restored machine's private file
-  // mapping cannot do.
-  if (config.balloon) return "virtio-balloon";
-  if (config.vsock) return "virtio-vsock";
-  return std::nullopt;
-}
-
-}  // namespace
-
 Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
@@ -235,9 +220,6 @@ Result<void> Machine::check_restorable(const std::string& label,
   auto refuse = [&label](Errc code, const std::string& what) {
     return fail(code, fmt::format("{}: {}", label, what));
   };
-  if (auto device = unsupported_snapshot_device(config)) {
-    return refuse(Errc::Unsupported, fmt::format("device {} cannot be restored yet", *device));
-  }
   if (saved.vcpus.size() != config.cpus) {
     return refuse(Errc::Corrupt, fmt::format("{} vcpu sections for a config of {} vCPUs",
                                              saved.vcpus.size(), config.cpus));
@@ -760,15 +742,28 @@ Result<void> Machine::check_state_saveable() const {
   {
     // The saved config would not describe this machine's devices.
     std::lock_guard lock(hotplug_mutex_);
-    if (hotplug_changed_) {
+    if (!hotplug_changes_.empty()) {
+      // Named one by one, so the caller knows what to put in a config.
+      constexpr size_t kNamed = 8;
+      std::string changes = fmt::format(
+          "{}", fmt::join(hotplug_changes_.begin(),
+                          hotplug_changes_.begin() +
+                              static_cast<std::ptrdiff_t>(std::min(kNamed, hotplug_changes_.size())),
+                          "; "));
+      if (hotplug_changes_.size() > kNamed) {
+        changes += fmt::format("; and {} more", hotplug_changes_.size() - kNamed);
+      }
       return fail(Errc::Unsupported,
-                  "devices were hot-plugged or unplugged since the VM started, and the saved "
-                  "config cannot describe them yet");
+                  fmt::format("devices changed since the VM started ({}); the saved state holds "
+                              "only the config's devices, so a machine with hot-plugged or "
+                              "unplugged devices cannot be saved or migrated yet (start it from "
+                              "a config that names them instead)",
+                              changes));
     }
   }
-  if (auto device = unsupported_snapshot_device(config_)) {
-    return fail(Errc::Unsupported, fmt::format("device {} cannot be saved yet", *device));
-  }
+  // A device without snapshot state answers Unsupported, naming itself,
+  // from save_devices() (VirtioDevice::save_state), before anything is
+  // written: every device Keel builds has state today.
   return ok();
 }
 
@@ -815,16 +810,19 @@ Result<std::vector<migration::DeviceState>> Machine::save_devices(
 
 Result<void> Machine::save(const std::string& path) {
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
-  if (memory_.backing() != memory::GuestMemory::Backing::SharedMemfd) {
-    return fail(Errc::Unsupported,
-                "snapshot: this machine was restored from a snapshot, and saving one whose RAM "
-                "is a private mapping of that file is not supported yet");
-  }
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   // Devices first: their last completions write RAM and raise interrupts,
   // which the vCPU and VM state saved below must already hold.
   QuiescedDevices quiesced = TRY_CONTEXT(quiesce_devices(), "snapshot");
   migration::MachineState state = TRY(save_state(quiesced));
+  if (memory_.backing() == memory::GuestMemory::Backing::PrivateFile) {
+    // RAM restored from a snapshot: the guest's changes are private pages
+    // of the mapping, the rest is still the old file's, so the mapping is
+    // what to write. The new file is written beside and renamed over the
+    // path, so even the very file the mapping reads from may be replaced:
+    // the mapping keeps the old file's inode alive.
+    return migration::write_snapshot(path, state, memory_.ram());
+  }
   return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
 }
 
@@ -832,7 +830,12 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   migration::MachineState state;
-  state.config_json = to_json(config_);
+  VmConfig config = config_;
+  // The run-time target (PUT /api/v1/vm/balloon) is the host's: a restore
+  // keeps it even where the driver never started (the device bytes, saved
+  // only for an active driver, hold it too).
+  if (balloon_ != nullptr) config.balloon->target_mib = balloon_->target_mib();
+  state.config_json = to_json(config);
   // The held vCPU threads wait outside KVM_RUN until resume(), which only
   // this thread calls, so their vCPUs can be read from here.
   for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
@@ -1004,7 +1007,8 @@ Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
     virtio_devices_.push_back(pci);
     named_.push_back(Named{.kind = kind, .id = id, .slot = slot, .pci = pci, .done = {},
                            .timer = {}, .timer_watch = {}});
-    hotplug_changed_ = true;
+    hotplug_changes_.push_back(
+        fmt::format("{} '{}' plugged at {}", hotplug_kind_name(kind), id, pci_address(slot)));
   }
   pci_hotplug_->plugged(slot);
   ged_->trigger(boot::acpi::kGedEventPciHotplug);
@@ -1068,7 +1072,9 @@ void Machine::ejected(uint8_t slot) {
     gone = std::move(*it);
     named_.erase(it);
     std::erase(virtio_devices_, gone->pci);
-    hotplug_changed_ = true;
+    hotplug_changes_.push_back(fmt::format("{} '{}' unplugged from {}",
+                                           hotplug_kind_name(gone->kind), gone->id,
+                                           pci_address(slot)));
   }
   // Waits for a timeout callback that may be running; it finds nothing.
   if (gone->timer_watch) io_loop_->remove(*gone->timer_watch);

@@ -139,8 +139,7 @@ class Machine {
   // file (pages read on first touch), rebuilds the devices from their saved
   // state (virtio-pci functions matched by PCI address and device type;
   // a different device set is refused, naming the device) and restores the
-  // VM and each vCPU. A device Keel cannot restore yet (virtio-balloon,
-  // virtio-vsock) is Unsupported, naming it. Errors name path.
+  // VM and each vCPU. Errors name path.
   static Result<std::unique_ptr<Machine>> restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
@@ -170,12 +169,11 @@ class Machine {
   // the devices (quiesced first, see quiesce_devices) and guest RAM. Busy
   // unless paused, or if a vCPU's pending string I/O needs another exit
   // (resume and retry); Timeout if a device's host I/O does not finish.
-  // Call from the thread that paused. Unsupported, before anything is
-  // written, for a machine with a virtio-balloon or virtio-vsock (their
-  // state is not saved yet), one restored from a snapshot (its RAM is a
-  // private file mapping, not the memfd the writer copies), or one whose
-  // devices were hot-plugged or ejected (the snapshot's config would not
-  // describe the machine).
+  // Call from the thread that paused. A machine restored from a snapshot
+  // writes its RAM from its private mapping (path may even be the file it
+  // was restored from: the new file is renamed over it). Unsupported,
+  // before anything is written, for one whose devices were hot-plugged or
+  // ejected (the snapshot's config would not describe the machine).
   Result<void> save(const std::string& path);
   // What save() writes, without the RAM, for save() and a migration's
   // final state alike: the same checks but the RAM backing (migration reads
@@ -183,9 +181,9 @@ class Machine {
   // (quiesce_devices, after pause) and from the thread that paused.
   class QuiescedDevices;
   Result<migration::MachineState> save_state(const QuiescedDevices& quiesced);
-  // Unsupported (naming the device) for a machine whose state save_state
-  // cannot hold yet: a virtio-balloon or virtio-vsock. Checked before a
-  // snapshot is written or a migration starts.
+  // Unsupported for a machine whose state save_state cannot hold yet (its
+  // devices were hot-plugged or ejected). Checked before a snapshot is
+  // written or a migration starts.
   Result<void> check_state_saveable() const;
 
   // Dirty tracking for live migration (docs/migration-protocol.md): every
@@ -388,7 +386,9 @@ class Machine {
   mutable std::mutex hotplug_mutex_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::vector<Named> named_;
-  bool hotplug_changed_ = false;  // a device was plugged or ejected at run time
+  // What was plugged or ejected at run time, in order ("disk 'hot1'
+  // plugged at 0000:00:05.0"), for the refusal of a snapshot or migration.
+  std::vector<std::string> hotplug_changes_;
   size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
   // ForceShare on a migration destination until set_disk_locks(true).
   block::Locking writable_disk_locking_ = block::Locking::Lock;

@@ -116,10 +116,6 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
                 fmt::format("discard {:#x}+{:#x}: not 4 KiB aligned", address.value, size_bytes));
   }
   if (size_bytes == 0) return ok();
-  if (backing_ == Backing::PrivateFile) {
-    return fail(Errc::Unsupported, "discard: guest RAM restored from a snapshot (a private file "
-                                   "mapping) cannot give pages back");
-  }
   for (const MemoryRegion& region : regions_) {
     if (address.value < region.start.value ||
         address.value - region.start.value >= region.size_bytes) {
@@ -127,6 +123,19 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
     }
     const uint64_t offset = address.value - region.start.value;
     if (size_bytes > region.size_bytes - offset) break;
+    if (backing_ == Backing::PrivateFile) {
+      // RAM restored from a snapshot: dropping the private copies frees the
+      // only memory this process owns for the range (the snapshot file's
+      // pages are page cache, shared and reclaimable); the range reads back
+      // as the file's bytes, which neither the balloon nor free page
+      // reporting promises the driver otherwise (PAGE_POISON is not offered).
+      if (::madvise(region.host + offset, size_bytes, MADV_DONTNEED) < 0) {
+        return fail_errno(
+            fmt::format("madvise DONTNEED at guest {:#x}+{:#x}", address.value, size_bytes));
+      }
+      mark_dirty(region.file_offset + offset, size_bytes);  // the file's bytes again
+      return ok();
+    }
     // The mapping is MAP_SHARED on a memfd, so MADV_DONTNEED would only drop
     // our page table entries and leave the shmem pages allocated; punching
     // a hole in the file frees them (and zeroes every mapping of them,

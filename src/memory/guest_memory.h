@@ -41,10 +41,9 @@ class GuestMemory {
   static Result<GuestMemory> create(uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end);
   // RAM restored from a snapshot: size_bytes of file from offset (a page
   // multiple), mapped MAP_PRIVATE, so a page is read only when first
-  // touched and the guest's writes never reach the file. Such RAM cannot
-  // give pages back (discard() is Unsupported: dropping a private page
-  // would bring back the file's, not zeros) and is not in a memfd
-  // (backing() says so; a snapshot of it is refused for now).
+  // touched and the guest's writes never reach the file. Such RAM is not
+  // in a memfd (backing() says so), and a page it gives back (discard())
+  // reads as the file's again, not as zeros.
   static Result<GuestMemory> map_private(const Fd& file, uint64_t offset, uint64_t size_bytes,
                                          uint64_t hole_start, uint64_t hole_end);
 
@@ -80,7 +79,8 @@ class GuestMemory {
 
   // Gives the host memory behind [address, address + size_bytes) back: the
   // memfd's pages are freed (a hole punched) and the range reads as zero on
-  // the next touch, by the guest or by us. For the balloon and free page
+  // the next touch, by the guest or by us; for RAM mapped from a snapshot,
+  // the private copies are dropped and the range reads as the file's bytes. For the balloon and free page
   // reporting. address and size_bytes must be multiples of kPageBytes and
   // the range wholly inside one region; zero bytes is a no-op.
   Result<void> discard(GuestAddr address, uint64_t size_bytes) const;

@@ -46,7 +46,7 @@ class ByteReader {
   template <typename T>
     requires std::is_trivially_copyable_v<T>
   Result<T> get(std::string_view what) {
-    T value{};
+    T value{};  // GCC 12 cannot always see that take() fills it before use
     TRY(take(what, {reinterpret_cast<std::byte*>(&value), sizeof(T)}));
     return value;
   }

@@ -36,7 +36,7 @@ enum class VirtioField : uint16_t {
 constexpr uint16_t kLastVirtioField = 7;
 constexpr size_t kMaxVirtioQueues = 1024;      // what VirtioPci accepts
 constexpr size_t kMaxMsixEntries = 2048;       // PCI 3.0 §6.8.2.3
-constexpr size_t kMaxDeviceBytes = 1 << 20;
+constexpr size_t kMaxDeviceBytes = 4 << 20;  // a fragmented balloon's ranges
 
 struct VirtioRegisters {
   uint64_t driver_features;

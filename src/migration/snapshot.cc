@@ -199,6 +199,16 @@ Result<void> write_snapshot(const std::string& path, const MachineState& machine
   return writer.finish();
 }
 
+Result<void> write_snapshot(const std::string& path, const MachineState& machine,
+                            std::span<const std::byte> memory, const HostCpuSummary& host) {
+  SnapshotWriter writer = TRY(SnapshotWriter::create(path, host));
+  for (const StateSection& section : machine_sections(machine)) {
+    TRY(writer.add(section.type, section.name, section.payload));
+  }
+  TRY(writer.add_memory_contents(SectionType::Memory, kMemoryName, memory));
+  return writer.finish();
+}
+
 Result<Snapshot> read_snapshot(const std::string& path) {
   SnapshotReader reader = TRY(SnapshotReader::open(path));
   std::vector<StateSection> sections;

@@ -61,6 +61,12 @@ Result<void> write_snapshot(const std::string& path, const MachineState& machine
                             const Fd& memory, uint64_t memory_bytes,
                             const HostCpuSummary& host = HostCpuSummary::of_this_host());
 
+// The same with RAM read from a mapping (a restored machine's, which is no
+// memfd; see SnapshotWriter::add_memory_contents).
+Result<void> write_snapshot(const std::string& path, const MachineState& machine,
+                            std::span<const std::byte> memory,
+                            const HostCpuSummary& host = HostCpuSummary::of_this_host());
+
 struct Snapshot {
   SnapshotReader reader;
   MachineState machine;

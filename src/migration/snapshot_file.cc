@@ -263,6 +263,43 @@ Result<void> SnapshotWriter::add_file_contents(SectionType type, std::string_vie
   return ok();
 }
 
+Result<void> SnapshotWriter::add_memory_contents(SectionType type, std::string_view name,
+                                                 std::span<const std::byte> memory) {
+  if (memory.size() % kPageBytes != 0) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("snapshot {}: {} bytes of memory is not whole pages", path_,
+                            memory.size()));
+  }
+  const uint64_t payload_offset = TRY(write_section_header(
+      type, name, kSectionLazy, kPageBytes, memory.size(), snapshot_crc32(memory)));
+  auto is_zero = [](std::span<const std::byte> page) {
+    return std::all_of(page.begin(), page.end(), [](std::byte b) { return b == std::byte{0}; });
+  };
+  // Runs of pages that hold data, written one pwrite each.
+  uint64_t run_start = 0;
+  uint64_t run_end = 0;
+  auto flush = [&]() -> Result<void> {
+    if (run_end > run_start) {
+      TRY_CONTEXT(fd_.pwrite_all(memory.subspan(run_start, run_end - run_start),
+                                 payload_offset + run_start),
+                  fmt::format("snapshot {}", path_));
+    }
+    run_start = run_end;
+    return ok();
+  };
+  for (uint64_t page = 0; page < memory.size(); page += kPageBytes) {
+    if (is_zero(memory.subspan(page, kPageBytes))) {
+      TRY(flush());
+      run_start = run_end = page + kPageBytes;
+    } else {
+      run_end = page + kPageBytes;
+    }
+  }
+  TRY(flush());
+  offset_ = payload_offset + memory.size();
+  return ok();
+}
+
 Result<void> SnapshotWriter::finish() {
   ByteWriter end;
   end.put(sections_);

@@ -85,6 +85,11 @@ class SnapshotWriter {
   // memfd), page aligned in the file.
   Result<void> add_file_contents(SectionType type, std::string_view name, const Fd& source,
                                  uint64_t length);
+  // The same from memory the caller has mapped (RAM that is not a memfd:
+  // a restored machine's private mapping of its snapshot); a whole number
+  // of pages. Every page is read; pages of zeros stay holes in the file.
+  Result<void> add_memory_contents(SectionType type, std::string_view name,
+                                   std::span<const std::byte> memory);
   // Writes the end section, syncs and renames into place.
   Result<void> finish();
 

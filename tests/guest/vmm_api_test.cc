@@ -353,10 +353,12 @@ TEST_F(VmmApiTest, HotplugOfADiskTheGuestNeverEjectsTimesOut) {
   EXPECT_THAT(events.out, HasSubstr("\"address\":\"" + address + "\""));
   EXPECT_THAT(events.out, HasSubstr("\"type\":\"disk-resized\""));
   EXPECT_THAT(events.out, Not(HasSubstr("device-removed")));
-  // The snapshot's config could not describe the hot-plugged disks.
+  // The snapshot's config could not describe the hot-plugged disks: the
+  // refusal names each change.
   call("PUT", "/api/v1/vm/pause");
   api::HttpReply snapshot = put("/api/v1/vm/snapshot", {{"path", dir_.file("vm.snap")}});
   EXPECT_EQ(snapshot.status, 501u) << snapshot.body;
+  EXPECT_THAT(snapshot.body, HasSubstr("disk 'hot1' plugged at " + address));
   EXPECT_THAT(snapshot.body, HasSubstr("hot-plugged"));
   EXPECT_FALSE(std::filesystem::exists(dir_.file("vm.snap")));
   call("PUT", "/api/v1/vm/stop");

@@ -565,18 +565,6 @@ TEST_F(VmmMigrateTest, ADestinationOfAnotherSizeRefusesSayingWhy) {
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
 
-TEST_F(VmmMigrateTest, BalloonMachineIsRefused) {
-  std::unique_ptr<VmmProcess> source_process = start_source({"--balloon", "on"});
-  ASSERT_FALSE(HasFailure());
-  VmmProcess& source = *source_process;
-  api::HttpReply refused = call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                                Json{{"destination", "unix:" + migration_socket_}}.dump());
-  EXPECT_EQ(refused.status, 501u) << refused.body;
-  EXPECT_THAT(refused.body, HasSubstr("virtio-balloon"));
-  call(source_socket_, "PUT", "/api/v1/vm/stop");
-  EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
-}
-
 // The destination would read a qcow2 image's metadata before the source's
 // last writes: refused at the start, naming the disk; the source runs on.
 TEST_F(VmmMigrateTest, WritableQcow2DiskIsRefused) {
@@ -625,6 +613,25 @@ TEST_F(VmmMigrateTest, MachineWithRngAndSharedDiskContinuesOnTheDestination) {
   Outcome outcome = destination.wait(kGuestTimeout);
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
   EXPECT_TRUE(block::ImageLock::open(disk, block::Access::ReadWrite));
+}
+
+// A balloon and a vsock device migrate too. Both processes live at once,
+// so the destination's config names its own vsock socket.
+TEST_F(VmmMigrateTest, MachineWithBalloonAndVsockContinuesOnTheDestination) {
+  std::unique_ptr<VmmProcess> source_process = start_source(
+      {"--balloon", "target-mib=2", "--vsock", "cid=5,socket=" + dir_.file("source-v.sock")});
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *source_process;
+  std::vector<std::string> args = destination_args();
+  args.insert(args.end(), {"--balloon", "target-mib=2", "--vsock",
+                           "cid=5,socket=" + dir_.file("destination-v.sock")});
+  VmmProcess destination(args);
+  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  migrate_and_expect_counting_goes_on(source, destination, source_console_);
+  ASSERT_FALSE(HasFailure());
+  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  Outcome outcome = destination.wait(kGuestTimeout);
+  EXPECT_EQ(outcome.exit_status, 0) << outcome;
 }
 
 // A destination that refuses the machine after the end (another vCPU

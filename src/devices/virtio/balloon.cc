@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "base/log.h"
+#include "migration/records.h"
 
 namespace keel::devices::virtio {
 namespace {
@@ -129,6 +130,10 @@ BalloonStats Balloon::stats() const {
 
 Result<void> Balloon::activate(ActivateContext context) {
   std::lock_guard lock(mutex_);
+  return activate_locked(context);
+}
+
+Result<void> Balloon::activate_locked(ActivateContext& context) {
   if (active_) return fail(Errc::Busy, "virtio-balloon: activated twice without a reset");
   if (context.memory == nullptr || !context.interrupt ||
       context.queues.size() != queue_max_sizes().size()) {
@@ -151,6 +156,7 @@ Result<void> Balloon::activate(ActivateContext context) {
   broken_ = false;
   if (Result<void> timer = start_stats_timer(); !timer) {
     for (auto& queue : queues_) queue.reset();
+    idle_queues_.clear();
     return timer;
   }
   active_ = true;
@@ -182,12 +188,14 @@ Result<void> Balloon::map_queues(std::vector<std::optional<Virtqueue>>& queues) 
     if (next == 2 && !queues[2] && queues.size() > 3 && queues[3]) next = 3;
     TRY(take(Role::Reporting, next));
   }
+  idle_queues_.assign(queues.size(), std::nullopt);
   for (size_t index = 0; index < queues.size(); ++index) {
     if (queues[index] && !role_of_index_[index]) {
       LOG_RATELIMITED(info,
                       "virtio-balloon: queue {} is enabled but no accepted feature uses it; "
                       "it is ignored",
                       index);
+      idle_queues_[index] = std::move(queues[index]);
     }
   }
   return ok();
@@ -476,6 +484,7 @@ void Balloon::reset() {
   timer_.reset();
   for (auto& queue : queues_) queue.reset();
   role_of_index_.clear();
+  idle_queues_.clear();
   pushed_ = {};
   interrupt_.reset();
   memory_ = nullptr;
@@ -488,6 +497,157 @@ void Balloon::reset() {
   ballooned_bits_.clear();
   ballooned_pages_ = 0;
   stats_head_.reset();
+}
+
+// ---- Snapshots (docs/snapshot-format.md, "virtio-balloon device bytes") ----
+
+namespace {
+
+enum class BalloonField : uint16_t {
+  Config = 1,     // u32 num_pages, u32 actual
+  Flags = 2,      // u32: bit 0 broken (needs_reset was sent)
+  Ballooned = 3,  // n x (u32 first PFN, u32 pages), ascending, not overlapping
+  Stats = 4,      // n x (u16 tag, 6 zero bytes, u64 value), each tag once
+  StatsUpdates = 5,  // u64
+};
+constexpr uint16_t kLastBalloonField = 5;
+constexpr uint32_t kBalloonFlagBroken = 1;
+
+struct SavedConfig {
+  uint32_t num_pages;
+  uint32_t actual;
+};
+struct SavedRange {
+  uint32_t first_pfn;
+  uint32_t pages;
+};
+struct SavedStat {
+  uint16_t tag;
+  uint8_t reserved[6];
+  uint64_t value;
+};
+static_assert(sizeof(SavedConfig) == 8 && sizeof(SavedRange) == 8 && sizeof(SavedStat) == 16);
+// A statistics buffer holds at most kMaxStatsBytes / 10 records.
+constexpr size_t kMaxSavedStats = Balloon::kMaxStatsBytes / kBalloonStatRecordBytes;
+
+}  // namespace
+
+Result<VirtioDeviceState> Balloon::save_state() const {
+  std::lock_guard lock(mutex_);
+  VirtioDeviceState state;
+  state.queues.resize(role_of_index_.size());
+  for (size_t index = 0; index < role_of_index_.size(); ++index) {
+    if (role_of_index_[index]) {
+      const size_t role = static_cast<size_t>(*role_of_index_[index]);
+      state.queues[index] = saved_queue(queues_[role]);
+    } else if (index < idle_queues_.size()) {
+      state.queues[index] = saved_queue(idle_queues_[index]);
+    }
+  }
+  // The statistics buffer the device holds is the last chain it popped
+  // from statsq (an older one goes back used); it returns to the driver's
+  // side of the ring, and the restored device pops and parses it again.
+  if (stats_head_) {
+    const size_t index = queue_index_[static_cast<size_t>(Role::Stats)];
+    --state.queues[index]->last_avail_idx;
+  }
+
+  std::vector<SavedRange> ranges;
+  const auto& regions = memory_->regions();
+  for (size_t region = 0; region < ballooned_bits_.size(); ++region) {
+    const uint64_t first_region_pfn = regions[region].start.value / kBalloonPageBytes;
+    const uint64_t pages = regions[region].size_bytes / kBalloonPageBytes;
+    for (uint64_t page = 0; page < pages;) {
+      if ((ballooned_bits_[region][page / 64] & (uint64_t{1} << (page % 64))) == 0) {
+        ++page;
+        continue;
+      }
+      uint64_t end = page + 1;
+      while (end < pages && (ballooned_bits_[region][end / 64] & (uint64_t{1} << (end % 64)))) {
+        ++end;
+      }
+      if (ranges.size() == kMaxSavedRanges) {
+        return fail(Errc::Unsupported,
+                    fmt::format("virtio-balloon: the balloon is in more than {} separate ranges, "
+                                "more than a snapshot holds",
+                                kMaxSavedRanges));
+      }
+      // Balloon PFNs are 32-bit (§5.5.6), so every ballooned page has one.
+      ranges.push_back({static_cast<uint32_t>(first_region_pfn + page),
+                        static_cast<uint32_t>(end - page)});
+      page = end;
+    }
+  }
+  std::vector<SavedStat> stats;
+  for (const auto& [tag, value] : stats_.values) stats.push_back({tag, {}, value});
+
+  migration::RecordWriter out;
+  out.value(BalloonField::Config, SavedConfig{num_pages_, actual_});
+  out.value(BalloonField::Flags, broken_ ? kBalloonFlagBroken : uint32_t{0});
+  out.bytes(BalloonField::Ballooned, std::as_bytes(std::span(ranges)));
+  out.bytes(BalloonField::Stats, std::as_bytes(std::span(stats)));
+  out.value(BalloonField::StatsUpdates, stats_.updates);
+  state.extra = out.take();
+  return state;
+}
+
+Result<void> Balloon::restore_state(ActivateContext context, std::span<const std::byte> extra) {
+  constexpr std::string_view kLabel = "virtio-balloon device bytes";
+  auto corrupt = [kLabel](const std::string& what) {
+    return fail(Errc::Corrupt, fmt::format("{}: {}", kLabel, what));
+  };
+  const auto records = TRY(migration::Records::parse(extra, kLabel, kLastBalloonField));
+  const auto config = TRY(records.required<SavedConfig>(BalloonField::Config, "config"));
+  const auto flags = TRY(records.required<uint32_t>(BalloonField::Flags, "flags"));
+  const auto ranges =
+      TRY(records.array<SavedRange>(BalloonField::Ballooned, "ballooned ranges", kMaxSavedRanges));
+  const auto stats = TRY(records.array<SavedStat>(BalloonField::Stats, "statistics", kMaxSavedStats));
+  const auto updates = TRY(records.required<uint64_t>(BalloonField::StatsUpdates, "updates"));
+  if (flags & ~kBalloonFlagBroken) return corrupt(fmt::format("flags {:#x}", flags));
+  if (options_.guest_memory_bytes != 0 &&
+      uint64_t{config.num_pages} * kBalloonPageBytes > options_.guest_memory_bytes) {
+    return corrupt(fmt::format("a target of {} pages is more than the guest's RAM",
+                               config.num_pages));
+  }
+  BalloonStats saved_stats{.values = {}, .updates = updates};
+  for (const SavedStat& stat : stats) {
+    if (std::any_of(std::begin(stat.reserved), std::end(stat.reserved),
+                    [](uint8_t byte) { return byte != 0; }) ||
+        !saved_stats.values.emplace(stat.tag, stat.value).second) {
+      return corrupt(fmt::format("statistics tag {} is repeated or has reserved bits set", stat.tag));
+    }
+  }
+
+  std::lock_guard lock(mutex_);
+  TRY(activate_locked(context));
+  // From here a failure must leave the device as reset() would; the
+  // transport resets it.
+  uint64_t next_pfn = 0;
+  for (const SavedRange& range : ranges) {
+    const uint64_t first = range.first_pfn;
+    const uint64_t end = first + range.pages;
+    const std::optional<PageRef> start = page_of(first * kBalloonPageBytes);
+    const std::optional<PageRef> last = page_of((end - 1) * kBalloonPageBytes);
+    if (range.pages == 0 || first < next_pfn || !start || !last ||
+        start->region != last->region) {
+      return corrupt(fmt::format("ballooned range of {} pages at PFN {:#x}: empty, out of order "
+                                 "or not in one RAM region",
+                                 range.pages, first));
+    }
+    next_pfn = end;
+    for (uint64_t page = start->page; page <= last->page; ++page) {
+      ballooned_bits_[start->region][page / 64] |= uint64_t{1} << (page % 64);
+    }
+    ballooned_pages_ += range.pages;
+    // Whatever backs RAM now (a snapshot's file, a migration's fresh
+    // memfd) need not hold these pages: give them back again.
+    discard_range(first * kBalloonPageBytes, uint64_t{range.pages} * kBalloonPageBytes);
+  }
+  num_pages_ = config.num_pages;
+  actual_ = config.actual;
+  stats_ = std::move(saved_stats);
+  broken_ = (flags & kBalloonFlagBroken) != 0;
+  return ok();
 }
 
 }  // namespace keel::devices::virtio

@@ -28,8 +28,12 @@
 // Missing: MUST_TELL_HOST (never offered, so the driver may reuse deflated
 // pages at once, which costs us nothing), FREE_PAGE_HINT (§5.5.6.5),
 // PAGE_POISON (§5.5.6.6: reported and ballooned pages read back as zero,
-// so a guest with page poisoning or init_on_free declines reporting),
-// snapshot state.
+// so a guest with page poisoning or init_on_free declines reporting).
+// Snapshots (docs/snapshot-format.md, "virtio-balloon device bytes"): the
+// target, `actual`, the ballooned pages as PFN ranges and the last
+// statistics; the statistics buffer the device holds is given back to the
+// ring, so the restored device pops it again. A restore discards the
+// ballooned ranges once more, so they cost the new process nothing.
 #pragma once
 
 #include <array>
@@ -132,6 +136,11 @@ class Balloon final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  Result<VirtioDeviceState> save_state() const override;
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
+  // Ballooned ranges a snapshot holds at most (8 bytes each); a balloon
+  // more fragmented than that cannot be saved (Unsupported, saying so).
+  static constexpr size_t kMaxSavedRanges = 256 * 1024;
 
   // The control API's face; thread-safe. A new target is announced to an
   // active driver with a configuration change notification (§5.5.6.1).
@@ -157,6 +166,7 @@ class Balloon final : public VirtioDevice {
   explicit Balloon(const BalloonOptions& options);
 
   // All below run with mutex_ held.
+  Result<void> activate_locked(ActivateContext& context);
   Result<void> map_queues(std::vector<std::optional<Virtqueue>>& queues);
   Result<void> start_stats_timer();
   void on_timer();
@@ -195,6 +205,9 @@ class Balloon final : public VirtioDevice {
   std::array<bool, kRoles> pushed_{};
   // By transport index: the role, for notify().
   std::vector<std::optional<Role>> role_of_index_;
+  // By transport index: queues the driver enabled that no accepted
+  // feature uses; never touched, kept for save_state().
+  std::vector<std::optional<Virtqueue>> idle_queues_;
   // One bit per 4 KiB page of each RAM region: in the balloon.
   std::vector<std::vector<uint64_t>> ballooned_bits_;
   uint64_t ballooned_pages_ = 0;

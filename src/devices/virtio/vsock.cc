@@ -144,6 +144,7 @@ void Vsock::notify(uint16_t queue) {
   std::lock_guard lock(mutex_);
   if (!active_ || broken_) return;
   // The event queue's buffers stay with us until there is an event.
+  if (transport_reset_owed_) send_transport_reset();
   if (queue == kTxQueue) process_tx();
   if (queue == kTxQueue || queue == kRxQueue) process_rx();
   signal_used();
@@ -557,6 +558,7 @@ void Vsock::reset() {
   rx_.reset();
   tx_.reset();
   event_.reset();
+  transport_reset_owed_ = false;
   interrupt_.reset();
   memory_ = nullptr;
   event_loop_ = nullptr;
@@ -564,6 +566,48 @@ void Vsock::reset() {
   rx_pushed_ = false;
   tx_pushed_ = false;
   next_local_port_ = kFirstLocalPort;
+}
+
+Result<VirtioDeviceState> Vsock::save_state() const {
+  std::lock_guard lock(mutex_);
+  // No chain is held between callbacks: rx and tx chains go back used in
+  // the callback that popped them, event buffers are never popped.
+  return VirtioDeviceState{.queues = {saved_queue(rx_), saved_queue(tx_), saved_queue(event_)},
+                           .extra = {}};
+}
+
+Result<void> Vsock::restore_state(ActivateContext context, std::span<const std::byte> extra) {
+  TRY(expect_no_extra(name(), extra));
+  TRY(activate(std::move(context)));
+  std::lock_guard lock(mutex_);
+  // Sent from notify(), which the restoring machine's first kick of every
+  // queue runs on the device loop: only then may an interrupt reach the
+  // guest, whose interrupt controller state is restored after the devices.
+  transport_reset_owed_ = true;
+  return ok();
+}
+
+void Vsock::send_transport_reset() {
+  // §5.10.6 device events: struct virtio_vsock_event { le32 id; } in a device-writable
+  // buffer; the driver puts a new one back after handling it. Without an
+  // event queue or a buffer it stays owed until the driver adds one.
+  if (!event_) return;
+  Result<bool> popped = event_->pop_into(chain_);
+  if (!popped) return mark_broken("event: pop");
+  if (!*popped) return;
+  if (chain_.readable_bytes != 0 || chain_.writable_bytes < sizeof(uint32_t)) {
+    LOG_RATELIMITED(warn, "virtio-vsock: event chain {} has {} readable, {} writable bytes",
+                    chain_.head, chain_.readable_bytes, chain_.writable_bytes);
+    return mark_broken("event buffer without room for an event");
+  }
+  const uint32_t id = kVsockEventTransportReset;
+  if (!event_->write_to_chain(chain_, 0, std::as_bytes(std::span(&id, 1))) ||
+      !event_->push_used(chain_.head, sizeof(id))) {
+    return mark_broken("event: write");
+  }
+  transport_reset_owed_ = false;
+  LOG_INFO("virtio-vsock: restored; sent TRANSPORT_RESET so the guest drops its connections");
+  if (event_->needs_notification()) interrupt_->notify_queue(kEventQueue);
 }
 
 }  // namespace keel::devices::virtio

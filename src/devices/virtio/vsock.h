@@ -9,8 +9,14 @@
 // sockets: a listening socket taking "CONNECT <port>\n" from host clients,
 // and "<socket>_<port>" dialed for guest connections to CID 2; bounded
 // connections, bounded buffering, everything on the device I/O loop.
-// Missing: SEQPACKET; the event queue's TRANSPORT_RESET (its buffers are
-// kept for snapshot restore, which does not exist yet); snapshot state.
+// Snapshots: the queues only. Host connections live in this process and
+// cannot follow the guest into a restored one (or a migration's
+// destination), so, as Firecracker does, the restored device sends
+// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2 §5.10.6, device events) on the event queue as soon
+// as the driver has a buffer there: the driver drops every connection and
+// re-reads guest_cid, and new connections work. The event queue is popped
+// for nothing else.
+// Missing: SEQPACKET.
 #pragma once
 
 #include <chrono>
@@ -75,6 +81,11 @@ class Vsock final : public VirtioDevice {
   Result<void> activate(ActivateContext context) override;
   void notify(uint16_t queue) override;
   void reset() override;
+  // The queues; nothing of the host connections (see the status card).
+  Result<VirtioDeviceState> save_state() const override;
+  // Activates on the saved queues with no connections, and owes the
+  // driver a TRANSPORT_RESET event, sent from the device loop.
+  Result<void> restore_state(ActivateContext context, std::span<const std::byte> extra) override;
 
   // For tests: counts of live host-side state.
   size_t connection_count() const;
@@ -120,6 +131,8 @@ class Vsock final : public VirtioDevice {
   void update_tick();
   std::optional<uint32_t> allocate_local_port();
   void signal_used();
+  // Sends the owed TRANSPORT_RESET if the event queue has a buffer.
+  void send_transport_reset();
   void mark_broken(std::string_view why);
   // Removes every watch; with the lock released by the caller first when
   // called from another thread than the loop's.
@@ -136,7 +149,8 @@ class Vsock final : public VirtioDevice {
   const memory::GuestMemory* memory_ = nullptr;
   std::optional<Virtqueue> rx_;
   std::optional<Virtqueue> tx_;
-  std::optional<Virtqueue> event_;  // kept, never popped (see the status card)
+  std::optional<Virtqueue> event_;  // popped only for a TRANSPORT_RESET (see the status card)
+  bool transport_reset_owed_ = false;  // restored: the driver must drop its connections
   std::shared_ptr<Interrupt> interrupt_;
   EventLoop* event_loop_ = nullptr;
   std::optional<EventLoop::WatchId> listener_watch_;

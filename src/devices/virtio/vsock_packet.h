@@ -49,6 +49,9 @@ inline constexpr uint16_t kVsockOpRw = 5;
 inline constexpr uint16_t kVsockOpCreditUpdate = 6;
 inline constexpr uint16_t kVsockOpCreditRequest = 7;
 
+// Event IDs (§5.10.6, device events: struct virtio_vsock_event).
+inline constexpr uint32_t kVsockEventTransportReset = 0;
+
 // SHUTDOWN flags (§5.10.6.5): the sender will not receive / not send more.
 inline constexpr uint32_t kVsockShutdownRcv = 1;
 inline constexpr uint32_t kVsockShutdownSend = 2;

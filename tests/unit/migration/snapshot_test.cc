@@ -165,6 +165,18 @@ class SnapshotTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
+  // A snapshot at path_ of ram_bytes of guest RAM in which the guest wrote
+  // one page of 0x5a at page_offset; page holds those bytes.
+  void write_sparse(uint64_t ram_bytes, uint64_t page_offset, std::vector<std::byte>& page) {
+    Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
+    ASSERT_TRUE(ram.valid());
+    ASSERT_EQ(::ftruncate(ram.get(), static_cast<off_t>(ram_bytes)), 0);
+    page.assign(kPageBytes, std::byte{0x5a});
+    ASSERT_TRUE(ram.pwrite_all(page, page_offset));
+    ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, ram_bytes));
+    sparse_ram_ = std::move(ram);
+  }
+
   void write_sample() {
     Result<void> written = write_snapshot(path_, sample_machine(), memory_, kMemoryBytes);
     ASSERT_TRUE(written) << written.error().message();
@@ -186,6 +198,7 @@ class SnapshotTest : public ::testing::Test {
   std::string path_;
   Fd memory_;
   std::vector<std::byte> memory_pattern_;
+  Fd sparse_ram_;  // write_sparse()'s RAM
 };
 
 TEST_F(SnapshotTest, RoundTripKeepsEveryPart) {
@@ -230,12 +243,10 @@ TEST_F(SnapshotTest, RoundTripKeepsEveryPart) {
 TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
   // 64 MiB of guest RAM of which the guest wrote one page.
   constexpr uint64_t kLargeRam = 64 << 20;
-  Fd ram(::memfd_create("sparse-ram", MFD_CLOEXEC));
-  ASSERT_TRUE(ram.valid());
-  ASSERT_EQ(::ftruncate(ram.get(), kLargeRam), 0);
-  std::vector<std::byte> page(kPageBytes, std::byte{0x5a});
-  ASSERT_TRUE(ram.pwrite_all(page, 40 << 20));
-  ASSERT_TRUE(write_snapshot(path_, sample_machine(), ram, kLargeRam));
+  std::vector<std::byte> page;
+  write_sparse(kLargeRam, 40 << 20, page);
+  ASSERT_FALSE(HasFatalFailure());
+  const Fd& ram = sparse_ram_;
 
   struct stat info {};
   ASSERT_EQ(::stat(path_.c_str(), &info), 0);
@@ -254,6 +265,51 @@ TEST_F(SnapshotTest, UntouchedRamStaysAHoleInTheFile) {
   EXPECT_EQ(std::memcmp(mapped->data() + (40 << 20), page.data(), page.size()), 0);
   EXPECT_EQ(mapped->data()[0], std::byte{0});
   EXPECT_EQ(mapped->data()[kLargeRam - 1], std::byte{0});
+}
+
+// A restored machine saved again: RAM comes from its private mapping of
+// the first snapshot (the guest's changes on top), zero pages stay holes,
+// and the new file may replace the very one the mapping reads from.
+TEST_F(SnapshotTest, RamFromAPrivateMappingIsSavedAgainEvenOverItsOwnFile) {
+  constexpr uint64_t kLargeRam = 16 << 20;
+  std::vector<std::byte> page;
+  write_sparse(kLargeRam, 4 << 20, page);
+  ASSERT_FALSE(HasFatalFailure());
+
+  Result<Snapshot> first = read_snapshot(path_);
+  ASSERT_TRUE(first) << first.error().message();
+  Result<Mmap> mapped = first->map_memory();
+  ASSERT_TRUE(mapped) << mapped.error().message();
+  // The restored guest writes a page and zeroes the one it had.
+  std::memset(mapped->data() + (8 << 20), 0x77, kPageBytes);
+  std::memset(mapped->data() + (4 << 20), 0, kPageBytes);
+  std::vector<std::byte> expected(mapped->data(), mapped->data() + kLargeRam);
+
+  Result<void> written = write_snapshot(path_, sample_machine(), mapped->bytes());
+  ASSERT_TRUE(written) << written.error().message();
+  EXPECT_FALSE(fs::exists(path_ + ".partial"));
+  // The old mapping still reads the old file (its inode lives on).
+  EXPECT_EQ(mapped->data()[(4 << 20) + 1], std::byte{0});
+  EXPECT_EQ(mapped->data()[(8 << 20) + 1], std::byte{0x77});
+
+  struct stat info {};
+  ASSERT_EQ(::stat(path_.c_str(), &info), 0);
+  EXPECT_LT(static_cast<uint64_t>(info.st_blocks) * 512, 4u << 20) << "zero pages were written";
+  Result<Snapshot> second = read_snapshot(path_);
+  ASSERT_TRUE(second) << second.error().message();
+  EXPECT_TRUE(second->reader.verify(second->memory));
+  Result<Mmap> again = second->map_memory();
+  ASSERT_TRUE(again) << again.error().message();
+  ASSERT_EQ(again->size_bytes(), kLargeRam);
+  EXPECT_EQ(std::memcmp(again->data(), expected.data(), kLargeRam), 0);
+
+  // Memory that is not whole pages is refused, and leaves no file.
+  const std::string other = dir_ + "/odd.snap";
+  Result<void> odd = write_snapshot(other, sample_machine(), mapped->bytes().first(100));
+  ASSERT_FALSE(odd);
+  EXPECT_EQ(odd.error().code(), Errc::InvalidArgument);
+  EXPECT_FALSE(fs::exists(other));
+  EXPECT_FALSE(fs::exists(other + ".partial"));
 }
 
 TEST_F(SnapshotTest, VcpuWithFpuInsteadOfXsaveRoundTrips) {

@@ -24,6 +24,7 @@
 #include <gtest/gtest.h>
 
 #include "base/event_loop.h"
+#include "migration/records.h"
 #include "fake_interrupt.h"
 #include "fake_virtqueue.h"
 
@@ -632,6 +633,131 @@ TEST_F(BalloonTest, ResetForgetsTheDriverState) {
   send_pfns(0, {0x12});
   EXPECT_EQ(balloon_->ballooned_pages(), 1u);
   ASSERT_EQ(queue(0).used_idx(), 1);
+}
+
+// Snapshots: the target, `actual`, the ballooned pages, the statistics and
+// the queues; the statistics buffer the device held goes back to the ring.
+class BalloonSnapshotTest : public BalloonTest {
+ protected:
+  // A fresh device restored from saved on the same rings.
+  Result<std::unique_ptr<Balloon>> restore(const VirtioDeviceState& saved,
+                                           std::span<const std::byte> extra) {
+    auto balloon = Balloon::create(BalloonOptions{.guest_memory_bytes = kRamBytes});
+    if (!balloon) return fail(std::move(balloon).error());
+    ActivateContext context;
+    context.memory = &ram_;
+    context.features = kAllFeatures;
+    context.interrupt = interrupt_;
+    context.event_loop = loop_.get();
+    for (size_t index = 0; index < saved.queues.size(); ++index) {
+      if (!saved.queues[index]) {
+        context.queues.emplace_back();
+        continue;
+      }
+      const GuestMemory& memory = index == 3 ? ram_ : ring_memory_[index];
+      context.queues.emplace_back(std::move(*Virtqueue::restore(memory, *saved.queues[index])));
+    }
+    TRY((*balloon)->restore_state(std::move(context), extra));
+    return std::move(*balloon);
+  }
+};
+
+TEST_F(BalloonSnapshotTest, SaveRestoreKeepsTheBalloonAndItsAccounting) {
+  start(BalloonOptions{.target_mib = 1});
+  send_pfns(0, {0x10, 0x11, 0x12, 0x20, kHighPfn + 3});
+  write_u32(4, 5);
+  send_stats(stat_bytes({{kBalloonStatFreeMemory, 1234}, {kBalloonStatTotalMemory, 5678}}));
+  ASSERT_EQ(balloon_->stats().updates, 1u);
+
+  Result<VirtioDeviceState> saved = balloon_->save_state();
+  ASSERT_TRUE(saved) << saved.error().message();
+  ASSERT_EQ(saved->queues.size(), 4u);
+  EXPECT_EQ(saved->queues[0]->last_avail_idx, 1);
+  // The held statistics buffer is given back: the restored device pops it.
+  EXPECT_EQ(saved->queues[2]->last_avail_idx, 0);
+  EXPECT_FALSE(saved->extra.empty());
+
+  // Save, mutate, save differs.
+  send_pfns(1, {0x20});
+  Result<VirtioDeviceState> mutated = balloon_->save_state();
+  ASSERT_TRUE(mutated);
+  EXPECT_NE(*mutated, *saved);
+  balloon_->reset();
+
+  // Whatever RAM the restored machine has, ballooned pages are given back
+  // again: a page that came back nonzero reads as zero after the restore.
+  fill_page(0x11, 0xaa);
+  fill_page(0x30, 0xbb);  // not ballooned: untouched
+  auto restored = restore(*saved, saved->extra);
+  ASSERT_TRUE(restored) << restored.error().message();
+  balloon_ = std::move(*restored);
+  EXPECT_TRUE(page_is(0x11, 0));
+  EXPECT_TRUE(page_is(0x30, 0xbb));
+  EXPECT_EQ(balloon_->ballooned_pages(), 5u);
+  EXPECT_EQ(balloon_->actual_pages(), 5u);
+  EXPECT_EQ(config().num_pages, 256u);
+  EXPECT_EQ(balloon_->stats().get(kBalloonStatFreeMemory), 1234u);
+  EXPECT_EQ(balloon_->stats().updates, 1u);
+  // Restore, state equals the first save.
+  Result<VirtioDeviceState> again = balloon_->save_state();
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *saved);
+
+  // The device works on: the statistics buffer is popped again (the first
+  // kick after a restore), deflating keeps the count, inflating adds.
+  balloon_->notify(2);
+  EXPECT_EQ(balloon_->stats().updates, 2u);
+  EXPECT_TRUE(balloon_->request_stats());
+  send_pfns(1, {0x20, 0x10});
+  EXPECT_EQ(balloon_->ballooned_pages(), 3u);
+  send_pfns(0, {0x40});
+  EXPECT_EQ(balloon_->ballooned_pages(), 4u);
+}
+
+TEST_F(BalloonSnapshotTest, CorruptOrTruncatedDeviceBytesAreRefused) {
+  start();
+  send_pfns(0, {0x10, 0x11});
+  Result<VirtioDeviceState> saved = balloon_->save_state();
+  ASSERT_TRUE(saved);
+  balloon_->reset();
+
+  auto refused = [&](std::span<const std::byte> extra, std::string_view why) {
+    auto restored = restore(*saved, extra);
+    ASSERT_FALSE(restored) << why;
+    EXPECT_EQ(restored.error().code(), Errc::Corrupt) << why << ": " << restored.error().message();
+  };
+  std::vector<std::byte> truncated(saved->extra.begin(), saved->extra.end() - 1);
+  refused(truncated, "truncated");
+  refused({}, "empty");
+
+  struct Range {
+    uint32_t first_pfn;
+    uint32_t pages;
+  };
+  auto with = [](std::vector<Range> ranges, uint32_t flags = 0, uint32_t num_pages = 0) {
+    migration::RecordWriter out;
+    out.value(uint16_t{1}, std::array<uint32_t, 2>{num_pages, 0});
+    out.value(uint16_t{2}, flags);
+    out.bytes(uint16_t{3}, std::as_bytes(std::span(ranges)));
+    out.bytes(uint16_t{4}, {});
+    out.value(uint16_t{5}, uint64_t{0});
+    return out.take();
+  };
+  ASSERT_TRUE(restore(*saved, with({{0x10, 2}})));  // the shape is right
+  refused(with({{0x10, 2}}, /*flags=*/2), "unknown flag");
+  refused(with({{0x10, 2}}, 0, /*num_pages=*/0x10000), "target beyond RAM");
+  refused(with({{kHoleStart / 4096 - 1, 2}}), "range across the hole");
+  refused(with({{kHoleStart / 4096, 1}}), "range in the hole");
+  refused(with({{0x10, 4}, {0x12, 1}}), "overlapping ranges");
+  refused(with({{0x20, 1}, {0x10, 1}}), "ranges out of order");
+  refused(with({{0x10, 0}}), "empty range");
+  refused(with({{0xffffffff, 2}}), "range past 2^32 pages");
+  std::vector<std::byte> extra_field = with({});
+  migration::RecordWriter unknown;
+  unknown.value(uint16_t{6}, uint32_t{0});
+  std::vector<std::byte> tail = unknown.take();
+  extra_field.insert(extra_field.end(), tail.begin(), tail.end());
+  refused(extra_field, "unknown field");
 }
 
 }  // namespace

@@ -96,6 +96,14 @@ class VsockTest : public ::testing::Test {
   }
 
   void start(uint32_t rx_buffers = 16, bool event_queue = true) {
+    auto created = Vsock::create(device_config());
+    ASSERT_TRUE(created.has_value()) << created.error().message();
+    vsock_ = std::move(*created);
+    activate(event_queue);
+    post_rx(rx_buffers);
+  }
+
+  VsockDeviceConfig device_config() const {
     VsockDeviceConfig config;
     config.guest_cid = kGuestCid;
     config.socket_path = path_;
@@ -105,11 +113,7 @@ class VsockTest : public ::testing::Test {
     config.handshake_timeout = std::chrono::milliseconds(300);
     config.max_connections = max_connections_;
     config.tick = std::chrono::milliseconds(20);
-    auto created = Vsock::create(config);
-    ASSERT_TRUE(created.has_value()) << created.error().message();
-    vsock_ = std::move(*created);
-    activate(event_queue);
-    post_rx(rx_buffers);
+    return config;
   }
 
   void activate(bool event_queue = true) {
@@ -663,6 +667,130 @@ TEST_F(VsockTest, EventQueueBuffersAreKeptAndMayBeDisabled) {
   post_rx(2);
   send(guest(kVsockOpRequest, 1, 6001));
   wait_rx(kVsockOpRst);
+}
+
+// Snapshots: only the queues. Host connections stay with the process that
+// saved; the restored device owes the driver a TRANSPORT_RESET, sent on the
+// event queue from the first notification (the machine's kick after a
+// restore), or once the driver adds an event buffer.
+class VsockSnapshotTest : public VsockTest {
+ protected:
+  // The device a new process builds from the snapshot, on the same rings.
+  void restore(const VirtioDeviceState& saved, std::span<const std::byte> extra = {}) {
+    vsock_.reset();
+    auto created = Vsock::create(device_config());
+    ASSERT_TRUE(created.has_value()) << created.error().message();
+    ActivateContext context;
+    context.memory = &rx_memory_;
+    context.features = kFeatureVersion1 | kFeatureEventIdx;
+    const GuestMemory* memories[] = {&rx_memory_, &tx_memory_, &event_memory_};
+    for (size_t index = 0; index < 3; ++index) {
+      if (!saved.queues[index]) {
+        context.queues.emplace_back();
+        continue;
+      }
+      context.queues.emplace_back(
+          std::move(*Virtqueue::restore(*memories[index], *saved.queues[index])));
+    }
+    context.interrupt = interrupt_;
+    context.event_loop = loop_.get();
+    Result<void> restored = (*created)->restore_state(std::move(context), extra);
+    ASSERT_TRUE(restored) << restored.error().message();
+    vsock_ = std::move(*created);
+  }
+  uint32_t event_id(uint16_t slot) {
+    VirtqUsedElem used = event_->used_elem(slot);
+    EXPECT_EQ(used.len, 4u);
+    uint32_t id = 0xffffffff;
+    auto bytes = event_->bytes(event_buffer_, 4);
+    std::memcpy(&id, bytes.data(), 4);
+    return id;
+  }
+  GuestAddr event_buffer_;
+};
+
+TEST_F(VsockSnapshotTest, RestoreResetsTheTransportAndNewConnectionsWork) {
+  start();
+  event_buffer_ = ChainBuilder(*event_).writable(4).build().buffers[0];
+  vsock_->notify(Vsock::kEventQueue);
+  Fd listener;
+  Fd host = connect_from_guest(listener);
+  ASSERT_EQ(vsock_->connection_count(), 1u);
+
+  Result<VirtioDeviceState> saved = vsock_->save_state();
+  ASSERT_TRUE(saved) << saved.error().message();
+  ASSERT_EQ(saved->queues.size(), 3u);
+  EXPECT_EQ(saved->queues[Vsock::kEventQueue]->last_avail_idx, 0);  // kept, not used
+  EXPECT_EQ(saved->queues[Vsock::kTxQueue]->last_avail_idx, 1);
+  EXPECT_TRUE(saved->extra.empty());
+  // Save, mutate, save differs.
+  send(guest(kVsockOpShutdown));
+  Result<VirtioDeviceState> mutated = vsock_->save_state();
+  ASSERT_TRUE(mutated);
+  EXPECT_NE(*mutated, *saved);
+
+  restore(*saved);
+  // Restore, state equals the first save; nothing reaches the guest before
+  // the device loop runs.
+  Result<VirtioDeviceState> again = vsock_->save_state();
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *saved);
+  EXPECT_EQ(event_->used_idx(), 0);
+  EXPECT_EQ(vsock_->connection_count(), 0u);
+  const int before = interrupt_->queue_notifications(Vsock::kEventQueue);
+  vsock_->notify(Vsock::kRxQueue);  // the kick after a restore
+  ASSERT_EQ(event_->used_idx(), 1);
+  EXPECT_EQ(event_id(0), kVsockEventTransportReset);
+  EXPECT_EQ(interrupt_->queue_notifications(Vsock::kEventQueue), before + 1);
+  // Sent once.
+  vsock_->notify(Vsock::kTxQueue);
+  EXPECT_EQ(event_->used_idx(), 1);
+
+  // The guest reconnects (its old port free again after the reset).
+  listener.reset();
+  Fd listener2;
+  Fd again_host = connect_from_guest(listener2);
+  EXPECT_TRUE(again_host.valid());
+  EXPECT_EQ(vsock_->connection_count(), 1u);
+}
+
+TEST_F(VsockSnapshotTest, TransportResetWaitsForAnEventBuffer) {
+  start();
+  Result<VirtioDeviceState> saved = vsock_->save_state();
+  ASSERT_TRUE(saved);
+  restore(*saved);
+  vsock_->notify(Vsock::kRxQueue);
+  EXPECT_EQ(event_->used_idx(), 0);
+  event_buffer_ = ChainBuilder(*event_).writable(8).build().buffers[0];
+  vsock_->notify(Vsock::kEventQueue);
+  ASSERT_EQ(event_->used_idx(), 1);
+  EXPECT_EQ(event_id(0), kVsockEventTransportReset);
+}
+
+TEST_F(VsockSnapshotTest, HostileEventBufferOrDeviceBytesAreRefused) {
+  start();
+  Result<VirtioDeviceState> saved = vsock_->save_state();
+  ASSERT_TRUE(saved);
+  vsock_.reset();
+  auto created = Vsock::create(device_config());
+  ASSERT_TRUE(created.has_value());
+  ActivateContext context;
+  context.memory = &rx_memory_;
+  context.queues.resize(3);
+  context.interrupt = interrupt_;
+  context.event_loop = loop_.get();
+  const std::byte one{1};
+  Result<void> refused = (*created)->restore_state(std::move(context), std::span(&one, 1));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), Errc::Corrupt);
+  created->reset();
+
+  // An event buffer the device cannot write an event into needs a reset.
+  restore(*saved);
+  ChainBuilder(*event_).writable(2).build();
+  vsock_->notify(Vsock::kEventQueue);
+  EXPECT_EQ(event_->used_idx(), 0);
+  EXPECT_EQ(interrupt_->resets(), 1);
 }
 
 }  // namespace
