@@ -64,8 +64,9 @@ Result<std::vector<std::byte>> read_file(const std::string& path, const char* wh
 // where the host's shmem hugepage setting allows it (advise, within_size,
 // always). At Debian's default, never, each first touch of guest RAM is a
 // 4 KiB fault for KVM to fill: a Linux guest touches ~120 MiB while it boots,
-// which made keel-vmm boot ~4x slower than QEMU (anonymous RAM, hugepages by
-// default) in bench/RESULTS.md's nested runs. Said once per process.
+// which in bench/RESULTS.md's nested runs made keel-vmm's guest reach init
+// several times later than with hugepages, and later than QEMU's (anonymous
+// RAM, hugepages by default). Said once per process.
 void note_shmem_hugepages() {
   static std::once_flag once;
   std::call_once(once, [] {
