@@ -7,12 +7,13 @@
 # faults in (64 KiB at a time, fault-around) holds little code it never runs.
 # A stale list costs only resident memory: symbols no longer there are
 # ignored, new ones are laid out after the list. Needs /dev/kvm and valgrind.
-# Usage: bench/hot-functions.sh [KEEL_VMM] [GUEST_ELF]
+# Usage: [KEELCTL=PATH] bench/hot-functions.sh [KEEL_VMM] [GUEST_ELF]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 keel=${1:-$root/build/src/vmm/keel-vmm}
 guest=${2:-$root/build/tests/guest/pvh_check.elf}
-for file in "$keel" "$guest"; do
+keelctl=${KEELCTL:-$root/build/src/keelctl/keelctl}
+for file in "$keel" "$guest" "$keelctl"; do
   [[ -x "$file" || -f "$file" ]] || { echo "hot-functions.sh: $file not found (build first)" >&2; exit 2; }
 done
 command -v valgrind >/dev/null || { echo "hot-functions.sh: valgrind is not installed" >&2; exit 2; }
@@ -28,7 +29,7 @@ profile() {  # NAME [keel-vmm arguments...]
   pid=$!
   sleep 5  # valgrind runs start-up ~50x slower than native
   if [[ $name == api ]]; then
-    curl -sf --unix-socket "$work/api.sock" http://localhost/api/v1/vm >/dev/null ||
+    "$keelctl" --socket "$work/api.sock" vm info >/dev/null ||
       { echo "hot-functions.sh: the API did not answer" >&2; kill "$pid"; exit 1; }
   fi
   sleep 1
