@@ -13,7 +13,8 @@ out="$root/build/bench/boot-nested"
 rm -rf "$out"
 KEEL_SCENARIO_DIR="$root/bench/nested" python3 "$root/tests/system/harness.py" run \
   --kit "$root/build/kit" --binary "$root/build/src/vmm/keel-vmm" --scenario boot-to-init \
-  --env "BENCH_RUNS=$runs" --env "BENCH_CMDLINE=${BENCH_CMDLINE:-}" --out "$out" \
+  --env "BENCH_RUNS=$runs" --env "BENCH_CMDLINE=${BENCH_CMDLINE:-}" \
+  --env "BENCH_SHMEM_THP=${BENCH_SHMEM_THP:-advise}" --out "$out" \
   --timeout 1500 >&2
 python3 - "$out/boot-to-init.log" <<'PY'
 import re, statistics, sys

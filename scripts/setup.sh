@@ -19,6 +19,8 @@ USAGE
 PACKAGES=(
   # Build
   build-essential g++ cmake ninja-build ccache pkg-config git
+  # keel-vmm's link (its hot functions laid out together; src/vmm/CMakeLists.txt)
+  lld
   # Libraries
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev liburing-dev libboost-dev
   zlib1g-dev libzstd-dev
@@ -27,8 +29,8 @@ PACKAGES=(
   clang libclang-rt-14-dev
   # ACPI table checks in tests
   acpica-tools
-  # bench/blk.sh's comparison
-  fio
+  # bench/blk.sh's comparison; bench/hot-functions.sh's profile
+  fio valgrind
   # Guest kit and the nested system-test harness
   qemu-system-x86 qemu-utils busybox-static e2fsprogs e2fsck-static lz4 zstd python3 coreutils util-linux
 )

@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <sys/timerfd.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -57,6 +58,31 @@ Result<std::vector<std::byte>> read_file(const std::string& path, const char* wh
   std::vector<std::byte> bytes(size);
   TRY_CONTEXT(fd.pread_all(bytes, 0), fmt::format("{} '{}'", what, path));
   return bytes;
+}
+
+// Guest RAM is a memfd (shmem), so MADV_HUGEPAGE gives it 2 MiB pages only
+// where the host's shmem hugepage setting allows it (advise, within_size,
+// always). At Debian's default, never, each first touch of guest RAM is a
+// 4 KiB fault for KVM to fill: a Linux guest touches ~120 MiB while it boots,
+// which in bench/RESULTS.md's nested runs made keel-vmm's guest reach init
+// several times later than with hugepages, and later than QEMU's (anonymous
+// RAM, hugepages by default). Said once per process.
+void note_shmem_hugepages() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string path = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    Result<Fd> fd = Fd::open(path, O_RDONLY);
+    if (!fd) return;
+    char text[128] = {};
+    ssize_t length = ::read(fd->get(), text, sizeof(text) - 1);
+    if (length <= 0) return;
+    std::string_view setting(text, static_cast<size_t>(length));
+    if (setting.find("[never]") != std::string_view::npos ||
+        setting.find("[deny]") != std::string_view::npos) {
+      LOG_INFO("guest RAM gets no transparent hugepages: {} is never or deny (advise "
+               "gives them; README.md, host setup)", path);
+    }
+  });
 }
 
 // A guest that reboots through the BIOS (Linux's machine_real_restart,
@@ -145,6 +171,7 @@ Result<std::unique_ptr<Machine>> Machine::assemble(const VmConfig& config, const
 Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output,
                                                  ConsoleOutput virtio_console_output) {
+  note_shmem_hugepages();
   memory::GuestMemory memory = TRY(memory::GuestMemory::create(
       config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
