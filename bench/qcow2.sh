@@ -52,7 +52,9 @@ if [[ ! -f $raw || $(stat -c %s "$raw") -ne $size_bytes ]]; then
   dd if=/dev/urandom of="$raw" bs=1M count="$size_mib" status=none
   rm -f "$full"
 fi
-[[ -f $full ]] || qemu-img convert -f raw -O qcow2 "$raw" "$full"
+# -S 0: every cluster allocated even where raw.img holds zeroes, which it
+# does wherever an earlier run's write phases went (blk_bench writes zeroes).
+[[ -f $full ]] || qemu-img convert -S 0 -f raw -O qcow2 "$raw" "$full"
 
 fresh() {  # a new empty qcow2 image of the same size -> its path
   local path=$dir/fresh-$1.qcow2
