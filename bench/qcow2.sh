@@ -17,7 +17,8 @@ Usage: bench/qcow2.sh [--seconds S] [--size-mib N] [--dir DIR] [--runs N]
                  raw.img (random bytes), full.qcow2 (qemu-img convert of it:
                  every cluster allocated), fresh-*.qcow2 (made empty before
                  each write phase, so every write allocates)
-  --runs N       repeat both tables N times (default 1)
+  --runs N       repeat both tables N times (default 1); odd runs time raw
+                 first, even runs qcow2 first
 Needs build/bench/blk_bench (scripts/build.sh) and qemu-img (qemu-utils).
 USAGE
 }
@@ -51,7 +52,9 @@ if [[ ! -f $raw || $(stat -c %s "$raw") -ne $size_bytes ]]; then
   dd if=/dev/urandom of="$raw" bs=1M count="$size_mib" status=none
   rm -f "$full"
 fi
-[[ -f $full ]] || qemu-img convert -f raw -O qcow2 "$raw" "$full"
+# -S 0: every cluster allocated even where raw.img holds zeroes, which it
+# does wherever an earlier run's write phases went (blk_bench writes zeroes).
+[[ -f $full ]] || qemu-img convert -S 0 -f raw -O qcow2 "$raw" "$full"
 
 fresh() {  # a new empty qcow2 image of the same size -> its path
   local path=$dir/fresh-$1.qcow2
@@ -63,6 +66,19 @@ fresh() {  # a new empty qcow2 image of the same size -> its path
 # Before every timed run: write back what the previous one dirtied (and the
 # images just made), so that no run pays for another's writeback.
 settle() { sync; }
+
+# Puts files in the page cache in the same state: dropped (clean pages only,
+# hence the sync), then read back whole by one reader. The state matters as
+# much as the format: how a file's pages were cached decides the size of
+# their folios, and ext4 walks every 4 KiB block of a folio on each buffered
+# write into it, so 4 KiB writes into a file read in by `cat` (large folios)
+# ran ~5x slower than into one read 4 KiB at a time (bench/RESULTS.md).
+recache() {
+  sync
+  local f
+  for f in "$@"; do dd if="$f" iflag=nocache count=0 status=none; done
+  cat "$@" >/dev/null
+}
 
 keel() {  # format file phase [step [requests]] -> "iops mbps"
   settle
@@ -112,11 +128,17 @@ for ((run = 1; run <= runs; run++)); do
         "alloc-write-1m seqwrite-1m fresh 1048576 $pass_1m")
   for row in "${rows[@]}"; do
     read -r name phase image step requests <<<"$row"
-    cat "$raw" "$full" >/dev/null  # page-cached for every side
+    recache "$raw" "$full"  # page-cached alike for every side
     path=$full
     [[ $image == fresh ]] && path=$(fresh keel)
-    read -r raw_iops raw_mbps <<<"$(keel raw "$raw" "$phase" "${step:-}" "${requests:-}")"
-    read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
+    # Odd runs time raw first, even runs qcow2 first.
+    if ((run % 2 == 1)); then
+      read -r raw_iops raw_mbps <<<"$(keel raw "$raw" "$phase" "${step:-}" "${requests:-}")"
+      read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
+    else
+      read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
+      read -r raw_iops raw_mbps <<<"$(keel raw "$raw" "$phase" "${step:-}" "${requests:-}")"
+    fi
     printf '%-18s %10s %10s %11s %11s %10s\n' "$name" "$raw_iops" "$raw_mbps" "$q_iops" "$q_mbps" \
       "$(ratio "$q_iops" "$raw_iops")"
   done
@@ -135,7 +157,7 @@ for ((run = 1; run <= runs; run++)); do
          "write-1m-fresh fresh 1048576 1048576 1 seqwrite-1m")
   for c in "${cases[@]}"; do
     read -r name image bytes step write phase <<<"$c"
-    cat "$full" >/dev/null
+    recache "$full"
     if [[ $image == fresh ]]; then
       count=$pass_4k
       [[ $bytes == 1048576 ]] && count=$pass_1m

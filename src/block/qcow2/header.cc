@@ -28,37 +28,6 @@ bool inside(uint64_t offset, uint64_t length, uint64_t file_size) {
 
 }  // namespace
 
-uint32_t load_be32(const std::byte* p) {
-  uint32_t value = 0;
-  for (int i = 0; i < 4; ++i) value = (value << 8) | static_cast<uint8_t>(p[i]);
-  return value;
-}
-
-uint64_t load_be64(const std::byte* p) {
-  uint64_t value = 0;
-  for (int i = 0; i < 8; ++i) value = (value << 8) | static_cast<uint8_t>(p[i]);
-  return value;
-}
-
-void store_be16(std::byte* p, uint16_t value) {
-  p[0] = std::byte(static_cast<uint8_t>(value >> 8));
-  p[1] = std::byte(static_cast<uint8_t>(value));
-}
-
-void store_be32(std::byte* p, uint32_t value) {
-  for (int i = 3; i >= 0; --i) {
-    p[i] = std::byte(static_cast<uint8_t>(value));
-    value >>= 8;
-  }
-}
-
-void store_be64(std::byte* p, uint64_t value) {
-  for (int i = 7; i >= 0; --i) {
-    p[i] = std::byte(static_cast<uint8_t>(value));
-    value >>= 8;
-  }
-}
-
 uint64_t l1_entries_for(uint64_t size_bytes, uint32_t cluster_bits) {
   // One L1 entry maps an L2 table: cluster_size / 8 clusters.
   const uint32_t shift = cluster_bits + (cluster_bits - 3);
