@@ -56,31 +56,12 @@ std::string_view frame_type_name(FrameType type) {
   return "unknown";
 }
 
-Result<void> StreamWriter::write_all(std::span<const std::byte> data) {
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = socket_ ? ::send(fd_.get(), data.data() + done, data.size() - done, MSG_NOSIGNAL)
-                        : ::write(fd_.get(), data.data() + done, data.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == ENOTSOCK && socket_) {
-        socket_ = false;  // a pipe or file (tests): plain writes
-        continue;
-      }
-      return fail_errno(fmt::format("migration stream: send after {} bytes", bytes_sent_));
-    }
-    done += static_cast<size_t>(n);
-    bytes_sent_ += static_cast<uint64_t>(n);
-  }
-  return ok();
-}
-
 Result<void> StreamWriter::write_preamble() {
   ByteWriter out;
   out.put(kStreamMagic);
   out.put(kStreamVersion);
   out.put(snapshot_crc32(out.data()));
-  return write_all(out.data());
+  return write_parts({out.data(), {}});
 }
 
 Result<void> StreamWriter::send(FrameType type, std::span<const std::byte> payload) {
@@ -95,8 +76,12 @@ Result<void> StreamWriter::send(FrameType type, std::span<const std::byte> paylo
   header.put(static_cast<uint32_t>(payload.size()));
   header.put(snapshot_crc32(payload, snapshot_crc32(header.data())));
   // Header and payload in one system call (the stop-and-copy sends many
-  // frames while the guest waits); a short write goes on with the rest.
-  std::span<const std::byte> parts[2] = {header.data(), payload};
+  // frames while the guest waits).
+  return write_parts({header.data(), payload});
+}
+
+// Both parts, a short write going on with the rest.
+Result<void> StreamWriter::write_parts(std::array<std::span<const std::byte>, 2> parts) {
   size_t part = 0;
   while (part < 2) {
     iovec vectors[2];

@@ -53,7 +53,7 @@ class StreamWriter {
   uint64_t bytes_sent() const { return bytes_sent_; }
 
  private:
-  Result<void> write_all(std::span<const std::byte> data);
+  Result<void> write_parts(std::array<std::span<const std::byte>, 2> parts);
   const Fd& fd_;
   uint64_t bytes_sent_ = 0;
   bool socket_ = true;
