@@ -175,7 +175,9 @@ Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const k
   memory::GuestMemory memory = TRY(memory::GuestMemory::create(
       config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
-  TRY(machine->build_devices(std::move(serial_output), std::move(virtio_console_output)));
+  TRY(machine->build_devices(std::move(virtio_console_output)));
+  TRY(machine->add_serial_and_rtc(std::move(serial_output), {}));
+  TRY(machine->pci_bus_->assign_bars());
 
   std::vector<std::byte> kernel = TRY(read_file(config.kernel, "kernel"));
   std::vector<std::byte> initrd;
@@ -212,38 +214,66 @@ Result<std::unique_ptr<Machine>> Machine::restore(const std::string& path,
     return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
                                            snapshot.memory.payload_bytes, config.memory_mib));
   }
-  TRY(check_restorable(label, snapshot.machine, snapshot.reader.host(), config, kvm));
+  // Before anything is built (a tap created, a disk locked); the
+  // prebuilt machine's restore checks again, which costs little.
+  TRY(check_restorable(label, snapshot.machine, snapshot.reader.host(), config,
+                       TRY(kvm.supported_cpuid()), DiskHandover::Shared));
   memory::GuestMemory memory = TRY_CONTEXT(
       memory::GuestMemory::map_private(snapshot.reader.fd(), snapshot.memory.payload_offset,
                                        snapshot.memory.payload_bytes, layout::kPciHoleStart,
                                        layout::kPciHoleEnd),
       fmt::format("{}: guest RAM", label));
-  return rebuild(label, snapshot.machine, config, kvm, std::move(memory),
-                 std::move(serial_output), block::Locking::Lock);
+  Prebuilt prebuilt =
+      TRY_CONTEXT(prebuild(config, kvm, std::move(memory), block::Locking::Lock), label);
+  return std::move(prebuilt).restore(label, snapshot.machine, snapshot.reader.host(),
+                                     std::move(serial_output));
 }
 
-Result<std::unique_ptr<Machine>> Machine::restore_migrated(
-    const std::string& label, const migration::MachineState& saved,
-    const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
-    memory::GuestMemory memory, devices::Serial::Output serial_output, DiskHandover disks) {
-  if (memory.size_bytes() != config.memory_mib << 20) {
-    return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
-                                           memory.size_bytes(), config.memory_mib));
+Result<Machine::Prebuilt> Machine::prebuild(const VmConfig& config, const kvm::Kvm& kvm,
+                                            memory::GuestMemory memory,
+                                            block::Locking writable_disk_locking) {
+  kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
+  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
+  machine->writable_disk_locking_ = writable_disk_locking;
+  // The virtio console's output is dropped, as on every restore.
+  TRY(machine->build_devices({}));
+  for (uint32_t index = 0; index < config.cpus; ++index) {
+    machine->vcpus_.push_back(std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index))));
   }
-  TRY(check_restorable(label, saved, source, config, kvm, disks));
-  // The source still holds its writable disks' locks; they are taken by
-  // set_disk_locks(true) once it let go (docs/migration-protocol.md).
-  // Copied disks are this host's own files.
-  return rebuild(label, saved, config, kvm, std::move(memory), std::move(serial_output),
-                 disks == DiskHandover::Copied ? block::Locking::Lock
-                                               : block::Locking::ForceShare);
+  return Prebuilt(std::move(machine), std::move(supported));
+}
+
+Result<std::unique_ptr<Machine>> Machine::Prebuilt::restore(
+    const std::string& label, const migration::MachineState& saved,
+    const migration::HostCpuSummary& source, devices::Serial::Output serial_output,
+    DiskHandover disks) && {
+  std::unique_ptr<Machine> machine = std::move(machine_);
+  CHECK(machine != nullptr, "Machine::Prebuilt::restore on a moved-from or used Prebuilt");
+  if (machine->memory_.size_bytes() != machine->config_.memory_mib << 20) {
+    return fail(Errc::Corrupt, fmt::format("{}: {} bytes of RAM for a config of {} MiB", label,
+                                           machine->memory_.size_bytes(),
+                                           machine->config_.memory_mib));
+  }
+  TRY(check_restorable(label, saved, source, machine->config_, supported_cpuid_, disks));
+  TRY_CONTEXT(machine->add_serial_and_rtc(std::move(serial_output), saved.devices), label);
+  TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), label);
+  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("{}: vm", label));
+  for (uint32_t index = 0; index < machine->vcpus_.size(); ++index) {
+    TRY_CONTEXT(machine->vcpus_[index]->restore_state(saved.vcpus[index]),
+                fmt::format("{}: vcpu {}", label, index));
+    machine->cpuids_.push_back(saved.vcpus[index].cpuid);
+  }
+  // A notification the guest sent just before the save may never have been
+  // seen; the doorbells run as soon as the device I/O loop starts.
+  machine->kick_virtio_queues();
+  return machine;
 }
 
 Result<void> Machine::check_restorable(const std::string& label,
                                        const migration::MachineState& saved,
                                        const migration::HostCpuSummary& source,
-                                       const VmConfig& config, const kvm::Kvm& kvm,
-                                       DiskHandover disks) {
+                                       const VmConfig& config,
+                                       const kvm::CpuidEntries& supported, DiskHandover disks) {
   auto refuse = [&label](Errc code, const std::string& what) {
     return fail(code, fmt::format("{}: {}", label, what));
   };
@@ -271,36 +301,11 @@ Result<void> Machine::check_restorable(const std::string& label,
   } else {
     TRY_CONTEXT(migration::check_disks_unchanged(saved.disks), label);
   }
-  kvm::CpuidEntries supported = TRY(kvm.supported_cpuid());
   for (size_t index = 0; index < saved.vcpus.size(); ++index) {
     TRY_CONTEXT(migration::check_cpu_compatible(saved.vcpus[index].cpuid, supported, source),
                 fmt::format("{}: vcpu {}", label, index));
   }
   return ok();
-}
-
-Result<std::unique_ptr<Machine>> Machine::rebuild(const std::string& label,
-                                                  const migration::MachineState& saved,
-                                                  const VmConfig& config, const kvm::Kvm& kvm,
-                                                  memory::GuestMemory memory,
-                                                  devices::Serial::Output serial_output,
-                                                  block::Locking writable_disk_locking) {
-  std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
-  machine->writable_disk_locking_ = writable_disk_locking;
-  TRY_CONTEXT(machine->build_devices(std::move(serial_output), {}, saved.devices), label);
-  TRY_CONTEXT(machine->restore_virtio_devices(saved.devices), label);
-  TRY_CONTEXT(machine->vm_.restore_state(saved.vm), fmt::format("{}: vm", label));
-  for (uint32_t index = 0; index < config.cpus; ++index) {
-    auto vcpu = std::make_unique<kvm::Vcpu>(TRY(machine->vm_.create_vcpu(index)));
-    TRY_CONTEXT(vcpu->restore_state(saved.vcpus[index]),
-                fmt::format("{}: vcpu {}", label, index));
-    machine->vcpus_.push_back(std::move(vcpu));
-    machine->cpuids_.push_back(saved.vcpus[index].cpuid);
-  }
-  // A notification the guest sent just before the save may never have been
-  // seen; the doorbells run as soon as the device I/O loop starts.
-  machine->kick_virtio_queues();
-  return machine;
 }
 
 Result<void> Machine::restore_virtio_devices(std::span<const migration::DeviceState> saved) {
@@ -350,9 +355,8 @@ void Machine::kick_virtio_queues() {
   for (const auto& device : virtio_devices_) device->kick_queues();
 }
 
-Result<void> Machine::build_devices(devices::Serial::Output serial_output,
-                                    ConsoleOutput virtio_console_output,
-                                    std::span<const migration::DeviceState> saved) {
+Result<void> Machine::add_serial_and_rtc(devices::Serial::Output serial_output,
+                                         std::span<const migration::DeviceState> saved) {
   auto serial_interrupt = [this] {
     // An edge on ISA IRQ 4 (IOAPIC pin 4 / PIC line 4).
     if (!vm_.set_irq_line(layout::kCom1Irq, true) || !vm_.set_irq_line(layout::kCom1Irq, false)) {
@@ -377,10 +381,14 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
     rtc_ = TRY(devices::Rtc::restore(rtc));
   }
   TRY(pio_bus_.map(layout::kCom1Port, 8, serial_));
+  TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
+  return ok();
+}
+
+Result<void> Machine::build_devices(ConsoleOutput virtio_console_output) {
   TRY(pio_bus_.map(layout::kI8042Port, 5, std::make_shared<devices::I8042>([this] {
                      stop(StopReason::Reset, "i8042 reset");
                    })));
-  TRY(pio_bus_.map(layout::kRtcPort, 2, rtc_));
   TRY(pio_bus_.map(layout::kAcpiSleepControlPort, 3,
                    std::make_shared<devices::AcpiPm>(
                        layout::kAcpiS5SleepType, layout::kAcpiResetValue,
@@ -424,9 +432,9 @@ Result<void> Machine::build_devices(devices::Serial::Output serial_output,
   TRY(mmio_bus_.map(layout::kPciEcamStart, layout::kPciEcamSize,
                     std::make_shared<devices::PciEcam>(pci_bus_)));
   io_loop_ = TRY(EventLoop::create());
+  // BARs are assigned by create(); a restored guest keeps the ones it
+  // programmed (restore_virtio_devices).
   TRY(build_virtio_devices(std::move(virtio_console_output)));
-  // A restored guest keeps the BARs it programmed (restore_virtio_devices).
-  if (saved.empty()) TRY(pci_bus_->assign_bars());
   if (config_.debug_exit) {
     TRY(pio_bus_.map(layout::kDebugExitPort, 1,
                      std::make_shared<devices::DebugExit>([this](uint8_t code) {

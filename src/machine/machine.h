@@ -136,14 +136,32 @@ class Machine {
   // elsewhere). Checks first, building nothing: every vCPU's CPUID against
   // what this host's KVM offers (KVM_GET_SUPPORTED_CPUID), the disks
   // unchanged, sizes that agree; then maps guest RAM MAP_PRIVATE from the
-  // file (pages read on first touch), rebuilds the devices from their saved
-  // state (virtio-pci functions matched by PCI address and device type;
-  // a different device set is refused, naming the device) and restores the
-  // VM and each vCPU. Errors name path.
+  // file (pages read on first touch), builds the machine (prebuild) and
+  // applies the saved state (Prebuilt::restore: devices from their saved
+  // state, virtio-pci functions matched by PCI address and device type, a
+  // different device set refused naming the device; the VM; each vCPU).
+  // Errors name path.
   static Result<std::unique_ptr<Machine>> restore(const std::string& path,
                                                   const migration::Snapshot& snapshot,
                                                   const VmConfig& config, const kvm::Kvm& kvm,
                                                   devices::Serial::Output serial_output);
+
+  // Restore as constructor in two steps, shared by restore() and a
+  // migration's destination (docs/migration-protocol.md): prebuild() makes
+  // all that the config alone decides (the KVM VM with its irqchip and PIT,
+  // memory slots over memory, the buses, the devices with their host
+  // backends but no state and no BARs, the vCPUs with no state, and what
+  // this host's KVM offers for the CPUID check); Prebuilt::restore then
+  // checks a saved state and applies it. A Prebuilt cannot run, so a
+  // destination can build one while the pages still arrive into its RAM:
+  // no device I/O thread starts and no vCPU enters the guest before the
+  // whole state passed every check. writable_disk_locking: ForceShare on a
+  // destination whose source still holds the shared disks (locks taken by
+  // set_disk_locks(true) once it let go).
+  class Prebuilt;
+  static Result<Prebuilt> prebuild(const VmConfig& config, const kvm::Kvm& kvm,
+                                   memory::GuestMemory memory,
+                                   block::Locking writable_disk_locking);
   ~Machine();
 
   // Runs the vCPUs until the machine stops; returns why.
@@ -216,19 +234,6 @@ class Machine {
     devices::virtio::Blk* blk = nullptr;
   };
   std::vector<WritableDisk> writable_disks();
-
-  // Restore as constructor from a migration: the machine state the stream
-  // carried (decoded, not yet checked) and its RAM, already received into
-  // memory (a fresh memfd of config's size). The same checks as restore(),
-  // errors starting with label.
-  // With DiskHandover::Copied the writable disks are this host's own copies
-  // (the stream carried their contents): opened locked, and not checked
-  // against the source's disk identities.
-  static Result<std::unique_ptr<Machine>> restore_migrated(
-      const std::string& label, const migration::MachineState& saved,
-      const migration::HostCpuSummary& source, const VmConfig& config, const kvm::Kvm& kvm,
-      memory::GuestMemory memory, devices::Serial::Output serial_output,
-      DiskHandover disks = DiskHandover::Shared);
 
   // The device side of a save, for snapshots and migration alike. While the
   // returned object lives, the device I/O loop is held (no doorbell,
@@ -309,24 +314,22 @@ class Machine {
   // A VM with the in-kernel devices and memory's regions, then the Machine.
   static Result<std::unique_ptr<Machine>> assemble(const VmConfig& config, const kvm::Kvm& kvm,
                                                    memory::GuestMemory memory);
-  // restore() and restore_migrated(): the checks, then the machine.
+  // Prebuilt::restore (and restore(), before it builds anything): whether
+  // saved can be restored on this host (supported: what its KVM offers)
+  // with config. DiskHandover::Copied checks only the read-only disks'
+  // identities (the writable ones are this host's copies).
   static Result<void> check_restorable(const std::string& label,
                                        const migration::MachineState& saved,
                                        const migration::HostCpuSummary& source,
-                                       const VmConfig& config, const kvm::Kvm& kvm,
-                                       DiskHandover disks = DiskHandover::Shared);
-  static Result<std::unique_ptr<Machine>> rebuild(const std::string& label,
-                                                  const migration::MachineState& saved,
-                                                  const VmConfig& config, const kvm::Kvm& kvm,
-                                                  memory::GuestMemory memory,
-                                                  devices::Serial::Output serial_output,
-                                                  block::Locking writable_disk_locking);
+                                       const VmConfig& config,
+                                       const kvm::CpuidEntries& supported, DiskHandover disks);
 
-  // saved: the device sections of a snapshot to restore the serial port and
-  // RTC from; empty for a fresh machine.
-  Result<void> build_devices(devices::Serial::Output serial_output,
-                             ConsoleOutput virtio_console_output,
-                             std::span<const migration::DeviceState> saved = {});
+  // Every device but the serial port and RTC, fresh, BARs unassigned.
+  Result<void> build_devices(ConsoleOutput virtio_console_output);
+  // The serial port and RTC: fresh with no saved sections, else from
+  // their sections (a restore).
+  Result<void> add_serial_and_rtc(devices::Serial::Output serial_output,
+                                  std::span<const migration::DeviceState> saved);
   Result<void> build_virtio_devices(ConsoleOutput virtio_console_output);
   // Applies each virtio-pci function's saved section (restore only).
   Result<void> restore_virtio_devices(std::span<const migration::DeviceState> saved);
@@ -414,6 +417,34 @@ class Machine {
   std::optional<StopStatus> stop_status_;
   std::atomic<bool> stopping_{false};
   EventFd stopped_event_;
+};
+
+// What Machine::prebuild makes: a machine with no saved state yet, which
+// nothing can run. Dropping it lets go of everything it built.
+class Machine::Prebuilt {
+ public:
+  Prebuilt(Prebuilt&&) noexcept = default;
+  Prebuilt& operator=(Prebuilt&&) noexcept = default;
+
+  // Guest RAM, for a migration's pages (no vCPU runs).
+  std::span<std::byte> ram() const { return machine_->memory_.ram(); }
+  // Checks saved against this host and the config (Machine::restore's
+  // checks) and applies it: the serial port and RTC from their sections,
+  // each virtio-pci function's section, the VM's in-kernel state, then each
+  // vCPU's. Errors start with label; on one, nothing ran and what was built
+  // goes away with this object.
+  Result<std::unique_ptr<Machine>> restore(const std::string& label,
+                                           const migration::MachineState& saved,
+                                           const migration::HostCpuSummary& source,
+                                           devices::Serial::Output serial_output,
+                                           DiskHandover disks = DiskHandover::Shared) &&;
+
+ private:
+  friend class Machine;
+  Prebuilt(std::unique_ptr<Machine> machine, kvm::CpuidEntries supported_cpuid)
+      : machine_(std::move(machine)), supported_cpuid_(std::move(supported_cpuid)) {}
+  std::unique_ptr<Machine> machine_;
+  kvm::CpuidEntries supported_cpuid_;  // KVM_GET_SUPPORTED_CPUID, for the check
 };
 
 }  // namespace keel::machine

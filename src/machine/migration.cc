@@ -494,19 +494,44 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
                   fmt::format("{}: the source has {} bytes of RAM, this config {} MiB", label,
                               hello.ram_bytes, config.memory_mib));
     }
-    memory::GuestMemory memory = TRY(memory::GuestMemory::create(
+    std::optional<memory::GuestMemory> memory = TRY(memory::GuestMemory::create(
         config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+    // The machine is built while the pages arrive, so that after the end
+    // only the saved state is applied (Machine::prebuild). Not with copied
+    // disks: the copies are written here until the end and opened after.
+    std::optional<Machine::Prebuilt> prebuilt;
+    auto build = [&](block::Locking writable_disk_locking) -> Result<void> {
+      const Clock::time_point begin = Clock::now();
+      prebuilt.emplace(TRY_CONTEXT(
+          Machine::prebuild(config, kvm, std::move(*memory), writable_disk_locking), label));
+      memory.reset();
+      LOG_INFO("{}: machine prebuilt in {} us", label,
+               std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - begin)
+                   .count());
+      return ok();
+    };
     std::optional<migration::MachineState> state;
     std::optional<DiskMirrorTarget> disk_copies;  // the source copies its disks
     uint64_t pages = 0;
     for (;;) {
       migration::Frame frame = TRY(reader.next(kReceiveTimeoutMs));
+      // The first frame after the hello says whether disks are copied (a
+      // disk info frame comes first then).
+      if (!prebuilt && !disk_copies &&
+          (frame.type == migration::FrameType::Pages ||
+           frame.type == migration::FrameType::MachineState ||
+           frame.type == migration::FrameType::End)) {
+        // The source holds the shared disks until the end: no locks yet.
+        TRY(build(block::Locking::ForceShare));
+      }
       switch (frame.type) {
         case migration::FrameType::Pages:
           if (state) {
             return fail(Errc::Corrupt, fmt::format("{}: pages after the machine state", label));
           }
-          pages += TRY_CONTEXT(migration::apply_pages(frame.payload, memory.ram()), label);
+          pages += TRY_CONTEXT(
+              migration::apply_pages(frame.payload, prebuilt ? prebuilt->ram() : memory->ram()),
+              label);
           continue;
         case migration::FrameType::MachineState:
           if (state) return fail(Errc::Corrupt, fmt::format("{}: a second machine state", label));
@@ -517,13 +542,16 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           if (!state) return fail(Errc::Corrupt, fmt::format("{}: end before the state", label));
           LOG_INFO("{}: {} pages received ({} sent) in {} rounds", label, pages, end.pages_sent,
                    end.rounds);
-          // Never run on a partial copy: finish() refuses a missing chunk.
-          if (disk_copies) TRY_CONTEXT(disk_copies->finish(), label);
-          const DiskHandover handover = disk_copies ? DiskHandover::Copied : DiskHandover::Shared;
           const Clock::time_point restore_begin = Clock::now();
-          std::unique_ptr<Machine> machine = TRY(
-              Machine::restore_migrated(label, *state, hello.host, config, kvm, std::move(memory),
-                                        std::move(serial_output), handover));
+          // Never run on a partial copy: finish() refuses a missing chunk.
+          if (disk_copies) {
+            TRY_CONTEXT(disk_copies->finish(), label);
+            // Copied disks are this host's own files, locked as they open.
+            TRY(build(block::Locking::Lock));
+          }
+          const DiskHandover handover = disk_copies ? DiskHandover::Copied : DiskHandover::Shared;
+          std::unique_ptr<Machine> machine = TRY(std::move(*prebuilt).restore(
+              label, *state, hello.host, std::move(serial_output), handover));
           const Clock::time_point restored = Clock::now();
           // The source let go of its disks before it sent the end.
           if (handover == DiskHandover::Shared) TRY_CONTEXT(machine->set_disk_locks(true), label);
@@ -535,7 +563,7 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           return machine;
         }
         case migration::FrameType::DiskInfo: {
-          if (disk_copies || state) {
+          if (disk_copies || prebuilt) {
             return fail(Errc::Corrupt, fmt::format("{}: an unexpected disk info frame", label));
           }
           migration::DiskInfo info = TRY_CONTEXT(migration::decode_disk_info(frame.payload), label);

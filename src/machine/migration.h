@@ -4,8 +4,8 @@
 // pages, the machine state, and the destination's ack before the machine
 // stops for good (StopReason::Migrated). Any failure before the ack leaves
 // the source running as before. The destination calls receive_migration,
-// which builds a Machine only once the whole state has arrived and passed
-// every check.
+// which builds the machine while the pages arrive (Machine::prebuild) and
+// lets it run only once the whole state has arrived and passed every check.
 #pragma once
 
 #include <atomic>
@@ -145,9 +145,14 @@ class MigrationSender {
 };
 
 // The destination's half: reads the stream from connection (peer names it
-// in messages) into fresh RAM of config's size, then builds the machine
-// with Machine::restore_migrated and acks. Any failure is sent back as a
-// negative ack (best effort) and returned; no Machine exists until then.
+// in messages) into fresh RAM of config's size. At the first frame after
+// the hello it builds the machine on that RAM (Machine::prebuild, writable
+// disks without their locks), unless a disk info frame says the disks are
+// copied (then after the end, once the copies are complete). After the end
+// it applies the state (Machine::Prebuilt::restore, which checks it first),
+// takes the shared disks' locks and acks. Any failure is sent back as a
+// negative ack (best effort) and returned; nothing has run then, and the
+// prebuilt machine is let go of.
 Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const std::string& peer,
                                                    const VmConfig& config, const kvm::Kvm& kvm,
                                                    devices::Serial::Output serial_output);

@@ -335,6 +335,9 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
                             {"state", "eject-requested"}};
     }
     case CommandKind::ResizeDisk: {
+      // The destination opened the images when the migration began and
+      // knows their sizes from then (Machine::prebuild).
+      if (migrating()) return fail(Errc::Busy, "a migration is running (cancel it first)");
       uint64_t size = TRY(machine.resize_disk(command.device.id, command.device.size_bytes));
       events_.publish("disk-resized",
                       {{"boot", boot_}, {"id", command.device.id}, {"size_bytes", size}});
