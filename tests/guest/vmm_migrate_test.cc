@@ -25,6 +25,9 @@
 #include "block/image.h"
 #include "block/image_lock.h"
 #include "block/qcow2/create.h"
+#include "migration/snapshot.h"
+#include "migration/stream.h"
+#include "migration/transport.h"
 #include "counting_guest.h"
 #include "tiny_guest.h"
 #include "vmm_api_support.h"
@@ -34,6 +37,7 @@ namespace keel::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using namespace std::chrono_literals;
 using Json = nlohmann::json;
 
@@ -660,6 +664,70 @@ TEST_F(VmmMigrateTest, RefusalAfterTheEndGivesTheSourceItsDiskBack) {
   EXPECT_EQ(held.error().code(), Errc::Busy) << held.error().message();
   call(source_socket_, "PUT", "/api/v1/vm/stop");
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+// A destination builds its machine when the first pages arrive, before the
+// state: a state that then fails (one it cannot decode, or one whose CPUID
+// asks for what this host lacks) is still answered with a negative ack
+// naming why, and the destination exits 1 without the guest having run (it
+// printed nothing). The source here is the test, speaking the stream.
+TEST_F(VmmMigrateTest, AStateRefusedAfterThePrebuildIsAckedNegativelyAndNothingRuns) {
+  migration::MachineState incompatible;
+  incompatible.config_json = "{}";
+  incompatible.vcpus.emplace_back();
+  kvm::CpuidEntry leaf7{};
+  leaf7.function = 7;
+  leaf7.ebx = 0xffffffff;  // every structured feature: some this host's KVM lacks
+  incompatible.vcpus.back().cpuid = {leaf7};
+  incompatible.vcpus.back().xsave.resize(4096);  // a well-formed vcpu section has one
+  const std::vector<std::byte> garbage(64, std::byte{0x5a});
+  struct Case {
+    std::string_view name;
+    std::vector<std::byte> state;
+    std::string_view refusal;
+  };
+  const Case cases[] = {
+      {"undecodable", garbage, "incoming migration from"},
+      {"incompatible", migration::encode_machine_state(incompatible), "KVM on this host does not"},
+  };
+  for (const Case& test : cases) {
+    SCOPED_TRACE(test.name);
+    (void)::unlink(destination_console_.c_str());
+    std::vector<std::string> args = destination_args();
+    args.insert(args.end(), {"--log-level", "info"});
+    VmmProcess destination(args);
+    ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+    Result<migration::StreamAddress> address =
+        migration::parse_stream_address("unix:" + migration_socket_);
+    ASSERT_TRUE(address) << address.error().message();
+    Result<Fd> connection = migration::connect_stream(*address);
+    ASSERT_TRUE(connection) << connection.error().message();
+    migration::StreamWriter writer(*connection);
+    migration::StreamReader reader(*connection, "destination");
+    ASSERT_TRUE(writer.write_preamble());
+    ASSERT_TRUE(writer.send(migration::FrameType::Hello,
+                            migration::encode_hello(
+                                {64ull << 20, migration::HostCpuSummary::of_this_host()})));
+    ASSERT_TRUE(writer.send(migration::FrameType::Pages, migration::encode_zero_pages(0, 1)));
+    ASSERT_TRUE(writer.send(migration::FrameType::MachineState, test.state));
+    // The undecodable state is refused before the end, which may then find
+    // the connection closed.
+    (void)writer.send(migration::FrameType::End, migration::encode_end({1, 0}));
+    Result<migration::Frame> answer = reader.next(30'000);
+    ASSERT_TRUE(answer) << answer.error().message();
+    ASSERT_EQ(answer->type, migration::FrameType::Ack);
+    Result<migration::Verdict> verdict = migration::decode_verdict(answer->payload);
+    ASSERT_TRUE(verdict) << verdict.error().message();
+    EXPECT_FALSE(verdict->ok);
+    EXPECT_THAT(verdict->message, HasSubstr(test.refusal));
+    Outcome outcome = destination.wait(kGuestTimeout);
+    EXPECT_EQ(outcome.exit_status, 1) << outcome;
+    // Built before the state arrived, let go of unrun.
+    EXPECT_THAT(outcome.err, HasSubstr("machine prebuilt in"));
+    EXPECT_THAT(outcome.err, Not(HasSubstr("machine rebuilt in")));
+    EXPECT_EQ(read_text(destination_console_), "");
+    (void)::unlink(migration_socket_.c_str());
+  }
 }
 
 // migrate_disks: a local raw and a local qcow2 disk are copied into the
