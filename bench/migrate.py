@@ -208,7 +208,7 @@ def migrate_keel(args, working_set, work):
         warm_up(run.src_console, run.src, "keel-vmm source", run.src_log)
         wait_until(lambda: os.path.exists(src_sock), "keel-vmm's API socket")
         run.dst = start(keel_command(args.keel, working_set, run.dst_console.path, dst_sock) +
-                        ["--incoming", "unix:" + run.mig], run.dst_log)
+                        ["--incoming", "unix:" + run.mig, "--log-level", "info"], run.dst_log)
         wait_until(lambda: os.path.exists(run.mig), "keel-vmm's incoming socket")
         events = UnixHttp(src_sock, timeout=args.converge_s + 120)
         events.request("GET", "/api/v1/events?follow=true")
@@ -230,8 +230,20 @@ def migrate_keel(args, working_set, work):
         events.close()
         run.src.wait(timeout=60)
         run.wait_for_destination_report("keel-vmm")
-        return measure(args, run, started, outcome["total_ms"], outcome["downtime_ms"],
-                       forced=outcome.get("rounds", 0) >= 30)
+        r = measure(args, run, started, outcome["total_ms"], outcome["downtime_ms"],
+                    forced=outcome.get("rounds", 0) >= 30)
+        r["breakdown"] = keel_breakdown(outcome, open(run.dst_log, errors="replace").read())
+        return r
+
+
+def keel_breakdown(outcome, dst_log):
+    """Where keel-vmm's downtime went: the source's downtime_us steps that
+    matter most and the destination's logged build times, for the run line."""
+    steps = outcome.get("downtime_us", {})
+    logged = lambda what: (re.search(rf"machine {what} in (\d+) us", dst_log) or [None, "?"])[1]
+    return (f"ack {steps.get('ack', '?')} us, last pages {outcome.get('last_pages', '?')} in "
+            f"{steps.get('last_pages', '?')} us, pause {steps.get('pause', '?')} us; "
+            f"destination prebuilt {logged('prebuilt')} us, rebuilt {logged('rebuilt')} us")
 
 
 def migrate_qemu(args, working_set, work):
@@ -321,6 +333,8 @@ def main():
                       f" at {r['gap_at_ms']:6.0f} ms  (baseline {r['baseline_ms']:6.1f})  VMM downtime {r['vmm_downtime_ms']:6} ms"
                       f"  total {r['total_ms']:6} ms  TSC stall {r['tsc_stall_ms']:7.1f} ms"
                       f"{'  forced' if r['forced'] else ''}", flush=True)
+                if "breakdown" in r:
+                    print(f"    {r['breakdown']}", flush=True)
 
     print(f"\nlive migration, {MEMORY_MIB} MiB 1-vCPU guest, unix socket, downtime limit "
           f"{args.downtime_ms} ms, TSC {args.tsc_mhz:.0f} MHz, median of {args.runs}")
