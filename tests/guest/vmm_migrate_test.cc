@@ -54,6 +54,16 @@ class VmmMigrateTest : public ::testing::Test {
     migration_socket_ = dir_.file("migration.sock");
   }
 
+  void guest_continues(const std::string& dirty_log, const std::string& named);
+  void memory_arrives_exactly(const std::string& dirty_log, const std::string& stats_name);
+  // Whether keel-vmm's --dirty-log auto picks the ring here.
+  static bool ring_on_this_host() {
+    Result<kvm::Kvm> kvm = kvm::Kvm::open();
+    if (!kvm) return false;
+    kvm->set_dirty_log_mode(kvm::DirtyLogMode::Ring);
+    return kvm->create_vm().has_value();
+  }
+
   std::vector<std::string> destination_args() {
     std::vector<std::string> args = counting_guest(destination_socket_, destination_console_);
     args.push_back("--incoming");
@@ -238,11 +248,16 @@ class VmmMigrateTest : public ::testing::Test {
   std::string migration_socket_;
 };
 
-TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
-  std::unique_ptr<VmmProcess> source_process = start_source({"--log-level", "info"});
+// dirty_log: keel-vmm's --dirty-log for both processes, and the words the
+// source's log must name it with.
+void VmmMigrateTest::guest_continues(const std::string& dirty_log, const std::string& named) {
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--log-level", "info", "--dirty-log", dirty_log});
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
-  VmmProcess destination(destination_args());
+  std::vector<std::string> incoming = destination_args();
+  incoming.insert(incoming.end(), {"--dirty-log", dirty_log});
+  VmmProcess destination(incoming);
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
 
   api::HttpReply started = call(
@@ -253,6 +268,7 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
 
   Outcome source_outcome = source.wait(kGuestTimeout);
   EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_THAT(source_outcome.err, HasSubstr("dirty log from KVM's " + named));
   EXPECT_THAT(source_outcome.err, HasSubstr("migration round 0"));
   EXPECT_THAT(source_outcome.err, HasSubstr("completed"));
   EXPECT_THAT(source_outcome.err, HasSubstr("migration downtime (us): pause "));
@@ -278,20 +294,31 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
 }
 
+TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
+  guest_continues("auto", ring_on_this_host() ? "dirty ring" : "dirty bitmap");
+}
+
+TEST_F(VmmMigrateTest, GuestContinuesOnTheDestinationOverTheDirtyBitmap) {
+  guest_continues("bitmap", "dirty bitmap");
+}
+
 // zero_pages_check.elf checks its own memory after every pass while a
 // third of its pages turn zero (and another third back to data) in each:
 // after the migration it must go on with no mismatch, so every page the
 // destination holds, the ones zeroed by zero records included, is the
-// source's. RAM the guest never touched is not sent at all.
-TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
-  auto args = [](const std::string& socket, const std::string& console) {
+// source's. RAM the guest never touched is not sent at all. dirty_log as
+// in guest_continues; the source's migration statistics must name it.
+void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
+                                            const std::string& stats_name) {
+  auto args = [&](const std::string& socket, const std::string& console) {
     return std::vector<std::string>{
         "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/zero_pages_check.elf",
         "--memory",   "64",
         "--debug-exit", "--no-acpi",
         "--serial",   "file:" + console,
         "--api-socket", socket,
-        "--log-level", "info"};
+        "--log-level", "info",
+        "--dirty-log", dirty_log};
   };
   VmmProcess source(args(source_socket_, source_console_));
   ASSERT_GE(wait_for_file(source_console_, 30).size(), 30u) << source.wait(1s);
@@ -311,6 +338,8 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
                                      {"bandwidth_mib", 4}}
                                     .dump());
   ASSERT_EQ(started.status, 200u) << started.body;
+  EXPECT_EQ(Json::parse(started.body, nullptr, false).value("dirty_log", ""), stats_name)
+      << started.body;
   Outcome source_outcome = source.wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   std::smatch completed;
@@ -341,6 +370,19 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
   EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
   Outcome outcome = destination.wait(kGuestTimeout);
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
+  memory_arrives_exactly("auto", ring_on_this_host() ? "ring" : "bitmap");
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyBitmap) {
+  memory_arrives_exactly("bitmap", "bitmap");
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyRing) {
+  if (!ring_on_this_host()) GTEST_SKIP() << "this host's KVM has no dirty ring";
+  memory_arrives_exactly("ring", "ring");
 }
 
 TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {
