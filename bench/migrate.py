@@ -41,6 +41,9 @@ over instead of letting it run on.
 
 Usage: bench/migrate.py [--working-sets 64,256] [--runs N] [--downtime-ms 50]
                         [--keel PATH] [--qemu PATH] [--tsc-mhz F]
+                        [--only keel|qemu] [--dirty-logs auto|ring,bitmap]
+--dirty-logs ring,bitmap runs keel-vmm once with each of KVM's dirty logs
+(rows keel-ring and keel-bitmap), side by side.
 """
 import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile
 import threading, time
@@ -112,10 +115,10 @@ def guest_args(working_set):
     return f"migbench {working_set} {PERIOD_MCYCLES}"
 
 
-def keel_command(keel, working_set, console, sock):
+def keel_command(keel, working_set, console, sock, dirty_log="auto"):
     return [keel, "--kernel", GUEST, "--cmdline", guest_args(working_set),
             "--memory", str(MEMORY_MIB), "--cpus", "1", "--no-acpi", "--debug-exit",
-            "--serial", "file:" + console, "--api-socket", sock]
+            "--serial", "file:" + console, "--api-socket", sock, "--dirty-log", dirty_log]
 
 
 def qemu_command(qemu, working_set, console, qmp_sock):
@@ -201,13 +204,15 @@ class Run:
             fail(f"{what} destination exited {self.dst.returncode}: {open(self.dst_log).read()[-400:]}")
 
 
-def migrate_keel(args, working_set, work):
+def migrate_keel(args, working_set, work, dirty_log="auto"):
     with Run(work) as run:
         src_sock, dst_sock = run.path("src.sock"), run.path("dst.sock")
-        run.src = start(keel_command(args.keel, working_set, run.src_console.path, src_sock), run.src_log)
+        run.src = start(keel_command(args.keel, working_set, run.src_console.path, src_sock,
+                                     dirty_log), run.src_log)
         warm_up(run.src_console, run.src, "keel-vmm source", run.src_log)
         wait_until(lambda: os.path.exists(src_sock), "keel-vmm's API socket")
-        run.dst = start(keel_command(args.keel, working_set, run.dst_console.path, dst_sock) +
+        run.dst = start(keel_command(args.keel, working_set, run.dst_console.path, dst_sock,
+                                     dirty_log) +
                         ["--incoming", "unix:" + run.mig, "--log-level", "info"], run.dst_log)
         wait_until(lambda: os.path.exists(run.mig), "keel-vmm's incoming socket")
         events = UnixHttp(src_sock, timeout=args.converge_s + 120)
@@ -312,6 +317,9 @@ def main():
     parser.add_argument("--qemu", default=shutil.which("qemu-system-x86_64"))
     parser.add_argument("--tsc-mhz", type=float, help="default: cpu MHz from /proc/cpuinfo")
     parser.add_argument("--only", choices=("keel", "qemu"), help="run one VMM only")
+    parser.add_argument("--dirty-logs", default="auto",
+                        help="keel-vmm's --dirty-log values to compare, comma-separated "
+                             "(e.g. ring,bitmap): one keel row each")
     args = parser.parse_args()
     for path in (args.keel, GUEST, args.qemu):
         if not path or not os.path.exists(path):
@@ -319,8 +327,14 @@ def main():
     args.tsc_mhz = args.tsc_mhz or tsc_mhz()
     PERIOD_MCYCLES = round(args.tsc_mhz)  # one report a second
 
-    vmms = {"keel": migrate_keel, "qemu": migrate_qemu}
-    if args.only:
+    keels = {}
+    for dirty_log in args.dirty_logs.split(","):
+        name = "keel" if dirty_log == "auto" else f"keel-{dirty_log}"
+        keels[name] = lambda a, w, d, dirty_log=dirty_log: migrate_keel(a, w, d, dirty_log)
+    vmms = {**keels, "qemu": migrate_qemu}
+    if args.only == "keel":
+        vmms = keels
+    elif args.only:
         vmms = {args.only: vmms[args.only]}
     results = {}
     for working_set in (int(w) for w in args.working_sets.split(",")):
@@ -329,7 +343,7 @@ def main():
                 with tempfile.TemporaryDirectory(prefix="keel-migrate-bench-") as work:
                     r = migrate(args, working_set, work)
                 results.setdefault((working_set, name), []).append(r)
-                print(f"ws {working_set:4} MiB {name:5} run {run}: guest gap {r['guest_gap_ms']:8.1f} ms"
+                print(f"ws {working_set:4} MiB {name:11} run {run}: guest gap {r['guest_gap_ms']:8.1f} ms"
                       f" at {r['gap_at_ms']:6.0f} ms  (baseline {r['baseline_ms']:6.1f})  VMM downtime {r['vmm_downtime_ms']:6} ms"
                       f"  total {r['total_ms']:6} ms  TSC stall {r['tsc_stall_ms']:7.1f} ms"
                       f"{'  forced' if r['forced'] else ''}", flush=True)
@@ -338,12 +352,12 @@ def main():
 
     print(f"\nlive migration, {MEMORY_MIB} MiB 1-vCPU guest, unix socket, downtime limit "
           f"{args.downtime_ms} ms, TSC {args.tsc_mhz:.0f} MHz, median of {args.runs}")
-    print(f"{'ws MiB':>6} {'vmm':5} {'guest gap ms':>12} {'baseline ms':>11} {'VMM downtime ms':>15} "
+    print(f"{'ws MiB':>6} {'vmm':11} {'guest gap ms':>12} {'baseline ms':>11} {'VMM downtime ms':>15} "
           f"{'total ms':>8} {'TSC stall ms':>12}")
     for (working_set, name), rs in results.items():
         med = lambda key: statistics.median(r[key] for r in rs)
         forced = sum(r["forced"] for r in rs)
-        print(f"{working_set:6} {name:5} {med('guest_gap_ms'):12.1f} {med('baseline_ms'):11.1f} "
+        print(f"{working_set:6} {name:11} {med('guest_gap_ms'):12.1f} {med('baseline_ms'):11.1f} "
               f"{med('vmm_downtime_ms'):15.1f} {med('total_ms'):8.0f} {med('tsc_stall_ms'):12.1f}"
               f"{f'  forced {forced}/{len(rs)}' if forced else ''}")
 

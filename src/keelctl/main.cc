@@ -272,6 +272,7 @@ void print_created(const Json& reply) {
 void print_migration(const Json& stats) {
   std::string line = "migration " + text(stats.value("phase", Json()));
   if (stats.contains("destination")) line += " to " + text(stats["destination"]);
+  if (stats.contains("dirty_log")) line += " (dirty " + text(stats["dirty_log"]) + ")";
   if (stats.contains("rounds")) {
     line += fmt::format(": round {}, {} MiB sent, {} pages left, {} ms",
                         text(stats["rounds"]),

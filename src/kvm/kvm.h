@@ -14,12 +14,20 @@
 #include "base/fd.h"
 #include "base/mmap.h"
 #include "base/result.h"
+#include "kvm/dirty_ring.h"
 #include "kvm/types.h"
 
 namespace keel::kvm {
 
 class Vm;
 class Vcpu;
+
+// Entries of each vCPU's dirty ring: 4096 x 16 bytes = 64 KiB of kernel
+// memory per vCPU, for every VM on a host with the ring. KVM asks userspace
+// to harvest once the ring is nearly full (less a reserve, 512 entries
+// more with Intel's PML), so this bounds how many pages a vCPU dirties
+// between two exits.
+inline constexpr uint32_t kDirtyRingEntries = 4096;
 
 class Kvm {
  public:
@@ -32,7 +40,12 @@ class Kvm {
   Result<CpuidEntries> supported_cpuid() const;
   // The MSR indices KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
   Result<std::vector<uint32_t>> msr_index_list() const;
+  // A new VM. Unless the dirty log mode is Bitmap, its dirty ring is turned
+  // on here, the one moment KVM allows (before any vCPU): Auto falls back
+  // to the bitmap where KVM has no ring, Ring fails (Unsupported).
   Result<Vm> create_vm() const;
+  void set_dirty_log_mode(DirtyLogMode mode) { dirty_log_mode_ = mode; }
+  DirtyLogMode dirty_log_mode() const { return dirty_log_mode_; }
   // The kvm module in charge, e.g. "kvm_intel", "kvm_amd", "kvm_pvm", or "" if unknown.
   static std::string vendor_module();
 
@@ -41,6 +54,7 @@ class Kvm {
 
   Fd fd_;
   size_t vcpu_mmap_size_;
+  DirtyLogMode dirty_log_mode_ = DirtyLogMode::Auto;
 };
 
 enum class MemoryFlags : uint32_t { None = 0, LogDirtyPages = 1, ReadOnly = 2 };
@@ -90,6 +104,22 @@ class Vm {
   Result<void> clear_dirty_log(uint32_t slot, uint64_t first_page, uint32_t page_count,
                                std::span<uint64_t> bitmap);
 
+  // The dirty ring instead (api.rst: KVM_CAP_DIRTY_LOG_RING_ACQ_REL, or
+  // the plain KVM_CAP_DIRTY_LOG_RING on x86, whose stores are ordered
+  // anyway): entries per vCPU (a power of two), each 16 bytes of memory
+  // KVM allocates for every vCPU. False, and nothing changed, if KVM has
+  // no ring this large. Only before the first create_vcpu (Kvm::create_vm
+  // calls it); KVM_GET_DIRTY_LOG is refused from then on.
+  Result<bool> enable_dirty_ring(uint32_t entries);
+  bool dirty_ring() const { return dirty_ring_bytes_ > 0; }
+  DirtyLogMode dirty_log_mode() const {
+    return dirty_ring() ? DirtyLogMode::Ring : DirtyLogMode::Bitmap;
+  }
+  // Hands every entry the vCPUs' rings have marked RESET back to KVM,
+  // which write-protects those pages again (KVM_RESET_DIRTY_RINGS).
+  // Returns how many pages it re-protected.
+  Result<uint64_t> reset_dirty_rings();
+
   // The irqchip (PIC master and slave, IOAPIC), PIT and KVM clock, for a
   // snapshot. Call with every vCPU out of KVM_RUN.
   Result<VmState> save_state() const;
@@ -109,6 +139,7 @@ class Vm {
   bool has_irqchip_ = false;
   bool has_pit_ = false;
   bool manual_dirty_protect_ = false;
+  size_t dirty_ring_bytes_ = 0;  // per vCPU; 0 without the ring
 };
 
 // What a vCPU can save and restore on this KVM, decided once when it is made.
@@ -170,6 +201,8 @@ class Vcpu {
 
   uint32_t index() const { return index_; }
   int fd() const { return fd_.get(); }
+  // This vCPU's dirty ring, if the VM has one (enabled() false if not).
+  DirtyRing& dirty_ring() { return dirty_ring_; }
 
  private:
   friend class Vm;
@@ -182,6 +215,8 @@ class Vcpu {
   Fd fd_;
   Mmap run_;  // struct kvm_run, shared with the kernel.
   VcpuStateSupport support_;
+  Mmap dirty_ring_map_;  // the ring's entries, shared with the kernel; empty without
+  DirtyRing dirty_ring_;
 };
 
 }  // namespace keel::kvm

@@ -61,6 +61,7 @@ enum class Capability : int {
   Xsave = KVM_CAP_XSAVE,
   Xcrs = KVM_CAP_XCRS,
   DirtyLogRing = KVM_CAP_DIRTY_LOG_RING,
+  DirtyLogRingAcqRel = KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
   ManualDirtyLogProtect2 = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
   SyncMmu = KVM_CAP_SYNC_MMU,
   VcpuEvents = KVM_CAP_VCPU_EVENTS,
@@ -123,6 +124,23 @@ struct VcpuState {
   uint32_t tsc_khz = 0;                      // KVM_GET_TSC_KHZ, 0 if unknown
 };
 
+// How a VM logs the guest's writes for live migration (api.rst,
+// KVM_GET_DIRTY_LOG and KVM_CAP_DIRTY_LOG_RING). The ring must be chosen
+// when the VM is made, before its first vCPU, and rules the bitmap out.
+enum class DirtyLogMode {
+  Auto,    // the ring where KVM has it, else the bitmap
+  Ring,    // the ring, or an error where KVM lacks it
+  Bitmap,  // the per-slot bitmap (KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG)
+};
+std::string_view dirty_log_mode_name(DirtyLogMode mode);
+
+// One entry of a vCPU's dirty ring, shared with KVM (struct kvm_dirty_gfn).
+using DirtyGfn = kvm_dirty_gfn;
+static_assert(sizeof(DirtyGfn) == 16);
+inline constexpr uint32_t kDirtyGfnDirty = KVM_DIRTY_GFN_F_DIRTY;
+inline constexpr uint32_t kDirtyGfnReset = KVM_DIRTY_GFN_F_RESET;
+inline constexpr uint32_t kDirtyGfnMask = KVM_DIRTY_GFN_F_MASK;
+
 // The VM-wide state of the in-kernel devices and the clock.
 struct VmState {
   std::optional<IrqchipState> pic_master;  // with an in-kernel irqchip
@@ -159,6 +177,7 @@ struct VcpuExit {
     FailEntry,
     SystemEvent,  // code = KVM_SYSTEM_EVENT_* (shutdown, reset, crash)
     Interrupted,  // a signal or immediate_exit; no guest state changed
+    DirtyRingFull,  // this vCPU's dirty ring needs harvesting before it runs on
     Unknown,      // code = raw exit reason
   };
   Kind kind;

@@ -672,6 +672,15 @@ bool Machine::handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit) {
       return true;
     case Kind::Hlt:
     case Kind::Interrupted: return !stopping_.load();
+    case Kind::DirtyRingFull:
+      // KVM will not enter the guest again until the ring has room. This
+      // thread empties it itself rather than waiting for the migration's
+      // next round, so a pause or stop meanwhile finds it as any other exit.
+      if (Result<void> harvested = harvest_full_ring(vcpu); !harvested) {
+        stop(StopReason::Error, harvested.error().message());
+        return false;
+      }
+      return !stopping_.load();
     case Kind::SystemEvent:
       if (exit.code == kvm::kSystemEventShutdown) {
         stop(StopReason::PowerOff, "KVM shutdown event");
@@ -927,7 +936,13 @@ Result<void> Machine::set_disk_locks(bool held) {
 }
 
 Result<void> Machine::start_dirty_log() {
-  if (!vm_.manual_dirty_protect()) TRY(vm_.enable_manual_dirty_protect());
+  if (vm_.dirty_ring()) {
+    // Whatever a ring still holds from an earlier migration is stale.
+    migration::DirtyBitmap stale(memory_.page_count());
+    TRY(harvest_dirty_rings(stale));
+  } else if (!vm_.manual_dirty_protect()) {
+    TRY(vm_.enable_manual_dirty_protect());
+  }
   memory_.set_dirty_tracking(true);
   uint32_t slot = 0;
   for (const memory::MemoryRegion& region : memory_.regions()) {
@@ -937,22 +952,61 @@ Result<void> Machine::start_dirty_log() {
   return ok();
 }
 
+std::vector<migration::SlotPages> Machine::slot_pages() const {
+  constexpr uint64_t kPage = memory::GuestMemory::kPageBytes;
+  std::vector<migration::SlotPages> slots;
+  for (const memory::MemoryRegion& region : memory_.regions()) {
+    slots.push_back({.first_page = region.file_offset / kPage,
+                     .page_count = region.size_bytes / kPage});
+  }
+  return slots;
+}
+
+Result<void> Machine::harvest_dirty_rings(migration::DirtyBitmap& dirty) {
+  const std::vector<migration::SlotPages> slots = slot_pages();
+  std::lock_guard lock(dirty_ring_mutex_);
+  for (const std::unique_ptr<kvm::Vcpu>& vcpu : vcpus_) {
+    (void)migration::harvest_ring(vcpu->dirty_ring(), slots, dirty);
+  }
+  if (ring_pending_) {
+    dirty.merge(*ring_pending_);
+    ring_pending_->clear();
+  }
+  // Only now may KVM re-protect the pages: a write from here on is logged
+  // again, and one before it lands before the caller reads the page.
+  TRY(vm_.reset_dirty_rings());
+  return ok();
+}
+
+Result<void> Machine::harvest_full_ring(kvm::Vcpu& vcpu) {
+  const std::vector<migration::SlotPages> slots = slot_pages();
+  std::lock_guard lock(dirty_ring_mutex_);
+  if (!ring_pending_) ring_pending_.emplace(memory_.page_count());
+  (void)migration::harvest_ring(vcpu.dirty_ring(), slots, *ring_pending_);
+  TRY_CONTEXT(vm_.reset_dirty_rings(), fmt::format("vcpu {}: dirty ring full", vcpu.index()));
+  return ok();
+}
+
 Result<void> Machine::collect_dirty_pages(migration::DirtyBitmap& dirty,
                                           migration::DirtyBitmap& vmm_written) {
   constexpr uint64_t kPage = memory::GuestMemory::kPageBytes;
-  uint32_t slot = 0;
-  std::vector<uint64_t> log;
-  for (const memory::MemoryRegion& region : memory_.regions()) {
-    const uint64_t pages = region.size_bytes / kPage;
-    log.assign((pages + 63) / 64, 0);
-    TRY(vm_.get_dirty_log(slot, log));
-    if (vm_.manual_dirty_protect()) {
-      // Write-protect again exactly the pages about to be sent, before they
-      // are read: a write after this is logged for the next round.
-      TRY(vm_.clear_dirty_log(slot, 0, static_cast<uint32_t>(pages), log));
+  if (vm_.dirty_ring()) {
+    TRY(harvest_dirty_rings(dirty));
+  } else {
+    uint32_t slot = 0;
+    std::vector<uint64_t> log;
+    for (const memory::MemoryRegion& region : memory_.regions()) {
+      const uint64_t pages = region.size_bytes / kPage;
+      log.assign((pages + 63) / 64, 0);
+      TRY(vm_.get_dirty_log(slot, log));
+      if (vm_.manual_dirty_protect()) {
+        // Write-protect again exactly the pages about to be sent, before they
+        // are read: a write after this is logged for the next round.
+        TRY(vm_.clear_dirty_log(slot, 0, static_cast<uint32_t>(pages), log));
+      }
+      dirty.merge_words(region.file_offset / kPage, log);
+      ++slot;
     }
-    dirty.merge_words(region.file_offset / kPage, log);
-    ++slot;
   }
   migration::DirtyBitmap written(dirty.page_count());
   memory_.take_dirty_pages(written.words());
@@ -966,6 +1020,11 @@ Result<void> Machine::stop_dirty_log() {
   uint32_t slot = 0;
   for (const memory::MemoryRegion& region : memory_.regions()) {
     TRY(vm_.set_memory_region(slot++, region.start.value, region.size_bytes, region.host));
+  }
+  if (vm_.dirty_ring()) {
+    // Empty the rings, so that no vCPU exits full on entries nobody wants.
+    migration::DirtyBitmap stale(memory_.page_count());
+    TRY(harvest_dirty_rings(stale));
   }
   return ok();
 }

@@ -209,11 +209,14 @@ class Machine {
   // GuestMemory marks the VMM's own. collect_dirty_pages ORs the pages
   // dirtied since the last call into dirty (by RAM offset) and those the
   // VMM wrote also into vmm_written. From one thread at a time (the
-  // migration's).
+  // migration's). KVM's log is the VM's dirty ring if it has one (see
+  // dirty_log_mode(): the keel-vmm --dirty-log choice, made when the VM
+  // was created), else the per-slot bitmap; the pages reported are the same.
   Result<void> start_dirty_log();
   Result<void> collect_dirty_pages(migration::DirtyBitmap& dirty,
                                    migration::DirtyBitmap& vmm_written);
   Result<void> stop_dirty_log();
+  kvm::DirtyLogMode dirty_log_mode() const { return vm_.dirty_log_mode(); }
 
   // Disk handover for live migration on shared storage
   // (docs/migration-protocol.md): a migrated-in machine opens its writable
@@ -406,6 +409,19 @@ class Machine {
   static constexpr size_t kExitKinds = static_cast<size_t>(kvm::VcpuExit::Kind::Unknown) + 1;
   std::vector<std::array<std::atomic<uint64_t>, kExitKinds>> exit_counts_;
   std::vector<pthread_t> vcpu_threads_;
+
+  // Dirty ring mode: harvests every vCPU's ring into dirty (with
+  // dirty_ring_mutex_ held), then hands the entries back to KVM.
+  Result<void> harvest_dirty_rings(migration::DirtyBitmap& dirty);
+  // KVM_EXIT_DIRTY_RING_FULL, on that vCPU's thread: its ring into
+  // ring_pending_ and back to KVM, so it can run on at once.
+  Result<void> harvest_full_ring(kvm::Vcpu& vcpu);
+  std::vector<migration::SlotPages> slot_pages() const;
+  // Guards every vCPU's DirtyRing (its fetch index) and ring_pending_: the
+  // pages a full ring gave up between two collections. A leaf: nothing
+  // waits for a vCPU while holding it.
+  std::mutex dirty_ring_mutex_;
+  std::optional<migration::DirtyBitmap> ring_pending_;
 
   // Guards stop_status_, vcpu_threads_ during kicks, and the pause state
   // (pause_requested_ changes, held_vcpus_).

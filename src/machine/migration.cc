@@ -79,6 +79,7 @@ std::string_view migration_phase_name(MigrationPhase phase) {
 MigrationSender::MigrationSender(Machine& machine, MigrationOptions options, Report report)
     : machine_(machine), options_(std::move(options)), report_(std::move(report)) {
   stats_.destination = options_.destination.text;
+  stats_.dirty_log = std::string(kvm::dirty_log_mode_name(machine_.dirty_log_mode()));
 }
 
 Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine,
@@ -331,6 +332,8 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
 
   set_phase(MigrationPhase::Copying);
   TRY_CONTEXT(machine_.start_dirty_log(), "migrate: start dirty logging");
+  LOG_INFO("migration to {}: dirty log from KVM's {}", address.text,
+           machine_.dirty_log_mode() == kvm::DirtyLogMode::Ring ? "dirty ring" : "dirty bitmap");
   if (options_.migrate_disks) {
     std::vector<DiskMirrorSource::Disk> disks;
     for (const Machine::WritableDisk& disk : machine_.writable_disks()) {

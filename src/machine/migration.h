@@ -68,6 +68,7 @@ struct DowntimeBreakdown {
 struct MigrationStats {
   MigrationPhase phase = MigrationPhase::Connecting;
   std::string destination;
+  std::string dirty_log;                // "ring" or "bitmap": how KVM reports the guest's writes
   uint64_t rounds = 0;                  // dirty rounds after the first full pass
   uint64_t pages_sent = 0;              // with their data, counting resent pages each time
   uint64_t zero_pages = 0;              // found all zeros: skipped in the first pass, else a zero record

@@ -4,6 +4,7 @@
 #include <bit>
 
 #include "base/check.h"
+#include "base/log.h"
 
 namespace keel::migration {
 
@@ -78,6 +79,25 @@ void DirtyBitmap::for_each_run(uint64_t max_run_pages,
     while (page < page_count_ && test(page) && page - first < max_run_pages) ++page;
     visit(first, page - first);
   }
+}
+
+RingHarvest harvest_ring(kvm::DirtyRing& ring, std::span<const SlotPages> slots,
+                         DirtyBitmap& dirty) {
+  RingHarvest result;
+  result.entries = ring.harvest([&](uint32_t slot, uint64_t offset) {
+    // The slot's upper 16 bits are its address space (api.rst): ours is 0,
+    // so such an entry is past the end of slots like any unknown slot.
+    const bool known = slot < slots.size() && offset < slots[slot].page_count &&
+                       slots[slot].first_page + offset < dirty.page_count();
+    if (!known) {
+      ++result.rejected;
+      LOG_RATELIMITED(warn, "dirty ring: entry for slot {:#x} page {:#x} is not guest RAM; ignored",
+                      slot, offset);
+      return;
+    }
+    dirty.set(slots[slot].first_page + offset);
+  });
+  return result;
 }
 
 }  // namespace keel::migration

@@ -9,6 +9,8 @@
 #include <span>
 #include <vector>
 
+#include "kvm/dirty_ring.h"
+
 namespace keel::migration {
 
 class DirtyBitmap {
@@ -45,5 +47,24 @@ class DirtyBitmap {
   uint64_t page_count_;
   std::vector<uint64_t> words_;
 };
+
+// Where one KVM memory slot's pages sit in the RAM's page numbering.
+struct SlotPages {
+  uint64_t first_page = 0;
+  uint64_t page_count = 0;
+};
+
+struct RingHarvest {
+  uint64_t entries = 0;   // harvested from the ring, rejected ones included
+  uint64_t rejected = 0;  // naming a slot or page that is not RAM
+};
+
+// Harvests a vCPU's dirty ring (kvm/dirty_ring.h) into dirty: an entry's
+// slot indexes slots, its offset is a page of that slot. Both come from
+// KVM, on behalf of the guest: an entry naming another address space, a
+// slot not in slots or a page past its slot's end is counted as rejected
+// (with a rate-limited log line) and otherwise ignored.
+RingHarvest harvest_ring(kvm::DirtyRing& ring, std::span<const SlotPages> slots,
+                         DirtyBitmap& dirty);
 
 }  // namespace keel::migration

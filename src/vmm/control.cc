@@ -43,6 +43,7 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
   nlohmann::json json = {
       {"phase", machine::migration_phase_name(stats.phase)},
       {"destination", stats.destination},
+      {"dirty_log", stats.dirty_log},
       {"rounds", stats.rounds},
       {"pages_sent", stats.pages_sent},
       {"zero_pages", stats.zero_pages},

@@ -265,7 +265,7 @@ int run(int argc, char** argv) {
   app.add_option("--restore", restore_path,
                  "Go on running the machine a snapshot file holds (PUT /api/v1/vm/snapshot, "
                  "keelctl vm snapshot); the machine comes from the file, so only --serial, "
-                 "--no-reboot, --api-socket and --log-level may be given with it");
+                 "--no-reboot, --api-socket, --dirty-log and --log-level may be given with it");
   app.add_flag("--restore-paused", restore_paused,
                "With --restore: hold the vCPUs until PUT /api/v1/vm/resume (default: run at once)");
   std::string incoming_text;
@@ -273,6 +273,12 @@ int run(int argc, char** argv) {
                  "Receive a live migration on unix:PATH or tcp:HOST:PORT instead of booting: give "
                  "the source's machine flags (--cpus, --memory, devices; host paths may differ); "
                  "the VM runs once the whole state arrived (docs/migration-protocol.md)");
+  std::string dirty_log_text = "auto";
+  app.add_option("--dirty-log", dirty_log_text,
+                 "How live migration learns which pages the guest wrote: ring (KVM's per-vCPU "
+                 "dirty ring, 64 KiB of kernel memory per vCPU), bitmap (KVM's per-slot dirty "
+                 "bitmap) or auto (default: the ring where KVM has it); fixed when the VM is made")
+      ->check(CLI::IsMember({"auto", "ring", "bitmap"}));
   app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
   try {
     app.parse(argc, argv);
@@ -404,6 +410,9 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "keel-vmm: %s\n", kvm.error().message().c_str());
     return kExitFailure;
   }
+  kvm->set_dirty_log_mode(dirty_log_text == "ring"     ? kvm::DirtyLogMode::Ring
+                          : dirty_log_text == "bitmap" ? kvm::DirtyLogMode::Bitmap
+                                                       : kvm::DirtyLogMode::Auto);
   uint32_t max_vcpus = static_cast<uint32_t>(kvm->check_extension(kvm::Capability::MaxVcpus).value_or(1));
   if (Result<void> valid = machine::validate(config, max_vcpus, host_memory_bytes());
       !await_config && !valid) {

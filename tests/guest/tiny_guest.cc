@@ -116,6 +116,7 @@ Result<TinyVm> TinyVm::assemble(const TinyGuestOptions& options, Fd memory_fd, M
   sigaction(SIGUSR1, &action, nullptr);
 
   kvm::Kvm kvm = TRY(kvm::Kvm::open());
+  kvm.set_dirty_log_mode(options.dirty_log);
   kvm::Vm vm = TRY(kvm.create_vm());
   TRY(vm.set_tss_address(0xfffbd000));
   if (options.irqchip == InKernelIrqchip::Yes) {

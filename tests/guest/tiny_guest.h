@@ -29,6 +29,9 @@ struct TinyGuestOptions {
   InKernelIrqchip irqchip = InKernelIrqchip::No;
   // Ends the run at the first OUT to this port (a checkpoint a test acts on).
   std::optional<uint16_t> stop_port;
+  // The VM's dirty log (Kvm::create_vm): Auto turns the dirty ring on
+  // where KVM has it, as keel-vmm does.
+  kvm::DirtyLogMode dirty_log = kvm::DirtyLogMode::Auto;
 };
 
 struct TinyGuestResult {

@@ -58,6 +58,61 @@ class VmmMigrateTest : public ::testing::Test {
     migration_socket_ = dir_.file("migration.sock");
   }
 
+  void guest_continues(const std::string& dirty_log, const std::string& named);
+  // zero_pages_check (elf: the guest's build) with --dirty-log dirty_log:
+  // a source once it printed letters letters, or with 0 a destination
+  // listening for the migration.
+  std::unique_ptr<VmmProcess> start_zero_pages_check(const std::string& elf, int memory_mib,
+                                                     const std::string& dirty_log,
+                                                     size_t letters) {
+    const bool source = letters > 0;
+    const std::string& console = source ? source_console_ : destination_console_;
+    std::vector<std::string> args = {
+        "--kernel",     std::string(KEEL_VMM_GUEST_DIR) + "/" + elf,
+        "--memory",     std::to_string(memory_mib),
+        "--debug-exit", "--no-acpi",
+        "--serial",     "file:" + console,
+        "--api-socket", source ? source_socket_ : destination_socket_,
+        "--log-level",  "info",
+        "--dirty-log",  dirty_log};
+    if (!source) args.insert(args.end(), {"--incoming", "unix:" + migration_socket_});
+    auto process = std::make_unique<VmmProcess>(args);
+    if (source) {
+      EXPECT_GE(wait_for_file(console, letters).size(), letters) << process->wait(1s);
+      EXPECT_TRUE(api_answers(source_socket_, kGuestTimeout));
+    } else {
+      EXPECT_TRUE(wait_for_listener()) << process->wait(1s);
+    }
+    return process;
+  }
+  // After the migration: the source saw no mismatch, and the guest goes on
+  // on the destination from the next letter for at least letters passes,
+  // each finding every page as it wrote it; then the destination stops.
+  void expect_zero_pages_check_goes_on(VmmProcess& destination, size_t letters) {
+    const std::string before = read_text(source_console_);
+    ASSERT_FALSE(before.empty());
+    ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
+    std::string after = wait_for_file(destination_console_, letters);
+    ASSERT_EQ(after.find("BAD"), std::string::npos)
+        << "the guest found a page it did not write: " << after.substr(0, 200);
+    ASSERT_GE(after.size(), letters) << "the destination printed too little: "
+                                     << destination.wait(1s);
+    EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+        << "after '" << before.back() << "': " << after.substr(0, 200);
+    ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+    EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+    Outcome outcome = destination.wait(kGuestTimeout);
+    EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  }
+  void memory_arrives_exactly(const std::string& dirty_log, const std::string& stats_name);
+  // Whether keel-vmm's --dirty-log auto picks the ring here.
+  static bool ring_on_this_host() {
+    Result<kvm::Kvm> kvm = kvm::Kvm::open();
+    if (!kvm) return false;
+    kvm->set_dirty_log_mode(kvm::DirtyLogMode::Ring);
+    return kvm->create_vm().has_value();
+  }
+
   std::vector<std::string> destination_args() {
     std::vector<std::string> args = counting_guest(destination_socket_, destination_console_);
     args.push_back("--incoming");
@@ -242,11 +297,16 @@ class VmmMigrateTest : public ::testing::Test {
   std::string migration_socket_;
 };
 
-TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
-  std::unique_ptr<VmmProcess> source_process = start_source({"--log-level", "info"});
+// dirty_log: keel-vmm's --dirty-log for both processes, and the words the
+// source's log must name it with.
+void VmmMigrateTest::guest_continues(const std::string& dirty_log, const std::string& named) {
+  std::unique_ptr<VmmProcess> source_process =
+      start_source({"--log-level", "info", "--dirty-log", dirty_log});
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *source_process;
-  VmmProcess destination(destination_args());
+  std::vector<std::string> incoming = destination_args();
+  incoming.insert(incoming.end(), {"--dirty-log", dirty_log});
+  VmmProcess destination(incoming);
   ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
 
   api::HttpReply started = call(
@@ -257,6 +317,7 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
 
   Outcome source_outcome = source.wait(kGuestTimeout);
   EXPECT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_THAT(source_outcome.err, HasSubstr("dirty log from KVM's " + named));
   EXPECT_THAT(source_outcome.err, HasSubstr("migration round 0"));
   EXPECT_THAT(source_outcome.err, HasSubstr("completed"));
   EXPECT_THAT(source_outcome.err, HasSubstr("migration downtime (us): pause "));
@@ -282,28 +343,27 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
   EXPECT_EQ(outcome.exit_status, 0) << outcome;
 }
 
+TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
+  guest_continues("auto", ring_on_this_host() ? "dirty ring" : "dirty bitmap");
+}
+
+TEST_F(VmmMigrateTest, GuestContinuesOnTheDestinationOverTheDirtyBitmap) {
+  guest_continues("bitmap", "dirty bitmap");
+}
+
 // zero_pages_check.elf checks its own memory after every pass while a
 // third of its pages turn zero (and another third back to data) in each:
 // after the migration it must go on with no mismatch, so every page the
 // destination holds, the ones zeroed by zero records included, is the
-// source's. RAM the guest never touched is not sent at all.
-TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
-  auto args = [](const std::string& socket, const std::string& console) {
-    return std::vector<std::string>{
-        "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/zero_pages_check.elf",
-        "--memory",   "64",
-        "--debug-exit", "--no-acpi",
-        "--serial",   "file:" + console,
-        "--api-socket", socket,
-        "--log-level", "info"};
-  };
-  VmmProcess source(args(source_socket_, source_console_));
-  ASSERT_GE(wait_for_file(source_console_, 30).size(), 30u) << source.wait(1s);
-  ASSERT_TRUE(api_answers(source_socket_, kGuestTimeout));
-  std::vector<std::string> incoming = args(destination_socket_, destination_console_);
-  incoming.insert(incoming.end(), {"--incoming", "unix:" + migration_socket_});
-  VmmProcess destination(incoming);
-  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+// source's. RAM the guest never touched is not sent at all. dirty_log as
+// in guest_continues; the source's migration statistics must name it.
+void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
+                                            const std::string& stats_name) {
+  std::unique_ptr<VmmProcess> source =
+      start_zero_pages_check("zero_pages_check.elf", 64, dirty_log, 30);
+  std::unique_ptr<VmmProcess> destination =
+      start_zero_pages_check("zero_pages_check.elf", 64, dirty_log, 0);
+  ASSERT_FALSE(HasFailure());
 
   // At 4 MiB/s the first pass (about 3 MiB of data) takes long enough for
   // the guest to rewrite its pages many times, and a downtime of 5 s lets
@@ -315,7 +375,9 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
                                      {"bandwidth_mib", 4}}
                                     .dump());
   ASSERT_EQ(started.status, 200u) << started.body;
-  Outcome source_outcome = source.wait(kGuestTimeout);
+  EXPECT_EQ(Json::parse(started.body, nullptr, false).value("dirty_log", ""), stats_name)
+      << started.body;
+  Outcome source_outcome = source->wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   std::smatch completed;
   const std::regex summary(
@@ -330,21 +392,48 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
   // 64 MiB of RAM, of which the guest touches its 4 MiB and its image.
   EXPECT_GT(zero_pages, (48u << 20) / 4096) << "untouched RAM counts as zero pages";
   EXPECT_LT(bytes, 32u << 20) << "untouched RAM is not sent";
-
-  const std::string before = read_text(source_console_);
-  ASSERT_FALSE(before.empty());
-  ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
   // Hundreds of passes, each checking every page the source had written.
-  std::string after = wait_for_file(destination_console_, 300);
-  ASSERT_EQ(after.find("BAD"), std::string::npos)
-      << "the guest found a page it did not write: " << after.substr(0, 200);
-  ASSERT_GE(after.size(), 300u) << "the destination printed too little: " << destination.wait(1s);
-  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
-      << "after '" << before.back() << "': " << after.substr(0, 200);
-  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
-  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
-  Outcome outcome = destination.wait(kGuestTimeout);
-  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  expect_zero_pages_check_goes_on(*destination, 300);
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
+  memory_arrives_exactly("auto", ring_on_this_host() ? "ring" : "bitmap");
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyBitmap) {
+  memory_arrives_exactly("bitmap", "bitmap");
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyRing) {
+  if (!ring_on_this_host()) GTEST_SKIP() << "this host's KVM has no dirty ring";
+  memory_arrives_exactly("ring", "ring");
+}
+
+// zero_pages_check_large.elf writes 8192 pages (32 MiB) a pass, twice as
+// many as a vCPU's dirty ring holds: while the migration runs the vCPU
+// exits with a full ring again and again, harvests it itself and runs on,
+// and no page may get lost on the way (the guest checks every one on the
+// destination).
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyThroughFullDirtyRings) {
+  if (!ring_on_this_host()) GTEST_SKIP() << "this host's KVM has no dirty ring";
+  std::unique_ptr<VmmProcess> source =
+      start_zero_pages_check("zero_pages_check_large.elf", 128, "ring", 3);
+  std::unique_ptr<VmmProcess> destination =
+      start_zero_pages_check("zero_pages_check_large.elf", 128, "ring", 0);
+  ASSERT_FALSE(HasFailure());
+  // At 16 MiB/s the first pass takes over a second, many guest passes.
+  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
+                                Json{{"destination", "unix:" + migration_socket_},
+                                     {"downtime_ms", 5000},
+                                     {"bandwidth_mib", 16}}
+                                    .dump());
+  ASSERT_EQ(started.status, 200u) << started.body;
+  Outcome source_outcome = source->wait(kGuestTimeout);
+  ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_THAT(source_outcome.err, HasSubstr("dirty log from KVM's dirty ring"));
+  EXPECT_THAT(source_outcome.err, HasSubstr("dirty-ring-full"))
+      << "the guest was meant to fill its dirty ring: " << source_outcome.err;
+  expect_zero_pages_check_goes_on(*destination, 30);
 }
 
 TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {

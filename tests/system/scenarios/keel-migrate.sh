@@ -57,7 +57,12 @@ wait_for_socket "$doomed"
 ctl vm migrate "unix:$doomed" --bandwidth 1 > "$KEEL_WORKDIR/doomed.out" 2> "$KEEL_WORKDIR/doomed.err" &
 migrate_pid=$!
 sleep 3
-assert_match "$(ctl --json vm migrate-status)" '"phase": "copying"' "migration in progress"
+status=$(ctl --json vm migrate-status)
+assert_match "$status" '"phase": "copying"' "migration in progress"
+# keel-vmm's default --dirty-log auto: L1's KVM dirty ring if it has one.
+dirty_log=$(printf '%s\n' "$status" | grep -o '"dirty_log": *"[a-z]*"' | grep -o '[a-z]*"$' | tr -d '"')
+log "dirty log in L1: ${dirty_log:-none reported}"
+assert_match "$dirty_log" '^(ring|bitmap)$' "the migration names its dirty log"
 l2_kill doomed
 if wait "$migrate_pid"; then fail "keelctl vm migrate succeeded with a dead destination"; fi
 log "keelctl: $(cat "$KEEL_WORKDIR/doomed.err")"

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <utility>
 #include <vector>
 
@@ -94,6 +95,139 @@ TEST(DirtyBitmapTest, IgnoresSlotBitsPastTheEnd) {
   bitmap.merge_words(60, slot);
   EXPECT_EQ(bitmap.count(), 10u);
   EXPECT_EQ(runs_of(bitmap), (Runs{{60, 10}}));
+}
+
+// A dirty ring in plain memory, filled as KVM fills it: slot, offset, then
+// the DIRTY flag; reset_by_kvm() plays KVM_RESET_DIRTY_RINGS.
+class FakeRing {
+ public:
+  explicit FakeRing(size_t size) : entries_(size) {}
+  kvm::DirtyRing ring() { return kvm::DirtyRing(entries_); }
+  void push(uint32_t slot, uint64_t offset) {
+    kvm::DirtyGfn& entry = entries_[dirty_index_++ % entries_.size()];
+    ASSERT_EQ(entry.flags, 0u) << "KVM only reuses entries it reset";
+    entry.slot = slot;
+    entry.offset = offset;
+    entry.flags = kvm::kDirtyGfnDirty;
+  }
+  // KVM resets, in order from its reset index, the entries marked RESET.
+  uint32_t reset_by_kvm() {
+    uint32_t reset = 0;
+    while (reset_index_ != dirty_index_ &&
+           (entries_[reset_index_ % entries_.size()].flags & kvm::kDirtyGfnReset) != 0) {
+      entries_[reset_index_++ % entries_.size()].flags = 0;
+      ++reset;
+    }
+    return reset;
+  }
+  uint32_t flags(size_t index) const { return entries_[index].flags; }
+
+ private:
+  std::vector<kvm::DirtyGfn> entries_;
+  uint32_t dirty_index_ = 0;
+  uint32_t reset_index_ = 0;
+};
+
+// Two slots as the machine lays them out: low RAM, then high RAM after it.
+constexpr std::array<SlotPages, 2> kSlots = {SlotPages{.first_page = 0, .page_count = 100},
+                                             SlotPages{.first_page = 100, .page_count = 28}};
+
+TEST(DirtyRingHarvestTest, MarksEachEntrysPageByItsSlotAndMarksTheEntryForReset) {
+  FakeRing fake(8);
+  kvm::DirtyRing ring = fake.ring();
+  fake.push(0, 5);
+  fake.push(1, 0);
+  fake.push(1, 27);
+  DirtyBitmap dirty(128);
+  RingHarvest harvest = harvest_ring(ring, kSlots, dirty);
+  EXPECT_EQ(harvest.entries, 3u);
+  EXPECT_EQ(harvest.rejected, 0u);
+  EXPECT_EQ(runs_of(dirty), (Runs{{5, 1}, {100, 1}, {127, 1}}));
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(fake.flags(i), kvm::kDirtyGfnReset) << i;
+  EXPECT_EQ(fake.flags(3), 0u);
+  EXPECT_EQ(ring.fetch_index(), 3u);
+  // Nothing new: nothing harvested, the entries wait for KVM's reset.
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 0u);
+  EXPECT_EQ(fake.reset_by_kvm(), 3u);
+}
+
+TEST(DirtyRingHarvestTest, EntriesNamingNoRamAreCountedAndIgnored) {
+  FakeRing fake(8);
+  kvm::DirtyRing ring = fake.ring();
+  fake.push(2, 0);                // no such slot
+  fake.push(0, 100);              // one past slot 0's end
+  fake.push(1, ~uint64_t{0});     // far past slot 1's end
+  fake.push(1u << 16, 3);         // slot 0 of address space 1 (SMM): not ours
+  fake.push(0xffffffff, 0);
+  fake.push(0, 99);               // the last page of slot 0: fine
+  DirtyBitmap dirty(128);
+  RingHarvest harvest = harvest_ring(ring, kSlots, dirty);
+  EXPECT_EQ(harvest.entries, 6u);
+  EXPECT_EQ(harvest.rejected, 5u);
+  EXPECT_EQ(runs_of(dirty), (Runs{{99, 1}}));
+  // Rejected entries are handed back too, or the ring would fill up.
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(fake.flags(i), kvm::kDirtyGfnReset) << i;
+}
+
+TEST(DirtyRingHarvestTest, SlotsTooLargeForTheBitmapAreRejectedNotCrashed) {
+  FakeRing fake(4);
+  kvm::DirtyRing ring = fake.ring();
+  fake.push(1, 27);  // page 127, but this bitmap has 120 pages
+  DirtyBitmap dirty(120);
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).rejected, 1u);
+  EXPECT_TRUE(dirty.empty());
+}
+
+TEST(DirtyRingHarvestTest, WrapsAroundTheRingInOrder) {
+  FakeRing fake(4);
+  kvm::DirtyRing ring = fake.ring();
+  DirtyBitmap dirty(128);
+  uint64_t page = 0;
+  // Ten rounds of three entries over a ring of four: every round crosses
+  // the end of the ring somewhere, and the fetch index keeps counting.
+  for (int round = 0; round < 10; ++round) {
+    for (int i = 0; i < 3; ++i) fake.push(0, page++);
+    RingHarvest harvest = harvest_ring(ring, kSlots, dirty);
+    EXPECT_EQ(harvest.entries, 3u) << round;
+    EXPECT_EQ(fake.reset_by_kvm(), 3u) << round;
+  }
+  EXPECT_EQ(ring.fetch_index(), 30u);
+  EXPECT_EQ(runs_of(dirty), (Runs{{0, 30}}));
+}
+
+TEST(DirtyRingHarvestTest, AFullRingIsHarvestedWholeAndStopsAtEntriesNotYetReset) {
+  FakeRing fake(4);
+  kvm::DirtyRing ring = fake.ring();
+  for (uint64_t page = 0; page < 4; ++page) fake.push(0, page);
+  DirtyBitmap dirty(128);
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 4u);
+  // Harvested but not reset by KVM: the next harvest must not take them
+  // again (the fetch index is back at a RESET entry).
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 0u);
+  EXPECT_EQ(fake.reset_by_kvm(), 4u);
+  fake.push(0, 50);
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 1u);
+  EXPECT_EQ(runs_of(dirty), (Runs{{0, 4}, {50, 1}}));
+}
+
+TEST(DirtyRingHarvestTest, AnEntryWithoutTheDirtyFlagEndsTheHarvest) {
+  // KVM has claimed entry 1 but not yet published it; entry 2 is stale.
+  std::vector<kvm::DirtyGfn> raw(8);
+  raw[0] = {.flags = kvm::kDirtyGfnDirty, .slot = 0, .offset = 1};
+  raw[1] = {.flags = 0, .slot = 0, .offset = 7};
+  raw[2] = {.flags = kvm::kDirtyGfnDirty, .slot = 0, .offset = 8};
+  kvm::DirtyRing ring(raw);
+  DirtyBitmap dirty(128);
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 1u);
+  EXPECT_EQ(runs_of(dirty), (Runs{{1, 1}}));
+  EXPECT_EQ(raw[2].flags, kvm::kDirtyGfnDirty);
+}
+
+TEST(DirtyRingHarvestTest, ADisabledRingHarvestsNothing) {
+  kvm::DirtyRing ring;
+  EXPECT_FALSE(ring.enabled());
+  DirtyBitmap dirty(128);
+  EXPECT_EQ(harvest_ring(ring, kSlots, dirty).entries, 0u);
 }
 
 }  // namespace
