@@ -109,7 +109,8 @@ class CommandHandler {
   virtual void submit(Command command, ReplyCallback done) = 0;
 };
 
-// 400 InvalidArgument/OutOfRange, 404 NotFound, 409 Busy, 501 Unsupported,
+// 400 InvalidArgument/OutOfRange, 404 NotFound, 409 Busy, 422 Corrupt (a
+// snapshot or image the request named is malformed), 501 Unsupported,
 // 503 Timeout, 403 PermissionDenied, 500 otherwise.
 unsigned http_status_for(Errc code);
 

@@ -44,8 +44,10 @@ unsigned http_status_for(Errc code) {
     case Errc::Busy: return 409;
     case Errc::Unsupported: return 501;
     case Errc::Timeout: return 503;
-    case Errc::Io:
-    case Errc::Corrupt: return 500;
+    // A file the request named (a snapshot, a disk image) is malformed:
+    // the request cannot be carried out as it is, the server is fine.
+    case Errc::Corrupt: return 422;
+    case Errc::Io: return 500;
   }
   return 500;
 }

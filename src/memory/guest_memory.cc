@@ -80,6 +80,17 @@ Result<std::span<std::byte>> GuestMemory::locate(GuestAddr address, uint64_t len
               fmt::format("guest range {:#x}+{:#x} is not RAM", address.value, length));
 }
 
+Result<std::span<std::byte>> GuestMemory::locate_aligned(GuestAddr address, uint64_t length,
+                                                         uint64_t* file_offset) const {
+  // Regions start on page boundaries of a page-aligned mapping, so an
+  // aligned guest address is an aligned host address.
+  if (address.value % length != 0) {
+    return fail(Errc::OutOfRange, fmt::format("guest address {:#x} is not {}-byte aligned",
+                                              address.value, length));
+  }
+  return locate(address, length, file_offset);
+}
+
 Result<std::span<std::byte>> GuestMemory::host_span(GuestAddr address, uint64_t length) const {
   uint64_t file_offset = 0;
   std::span<std::byte> span = TRY(locate(address, length, &file_offset));

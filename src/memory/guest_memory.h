@@ -74,6 +74,29 @@ class GuestMemory {
     return write(address, std::as_bytes(std::span(&value, 1)));
   }
 
+  // One load or store of a naturally aligned 1, 2, 4 or 8-byte value that
+  // the guest may change at the same moment (virtqueue indices and event
+  // fields): never torn. read_obj/write_obj copy with memcpy, which may
+  // read a 2-byte value as two loads, so a guest moving idx from 0x21ff to
+  // 0x2200 could be seen as 0x22ff. A misaligned address is OutOfRange.
+  template <typename T>
+  Result<T> load_atomic(GuestAddr address) const {
+    static_assert(std::is_integral_v<T> && (sizeof(T) == 1 || sizeof(T) == 2 ||
+                                            sizeof(T) == 4 || sizeof(T) == 8));
+    std::span<std::byte> bytes = TRY(locate_aligned(address, sizeof(T), nullptr));
+    return std::atomic_ref<T>(*reinterpret_cast<T*>(bytes.data())).load(std::memory_order_relaxed);
+  }
+  template <typename T>
+  Result<void> store_atomic(GuestAddr address, T value) const {
+    static_assert(std::is_integral_v<T> && (sizeof(T) == 1 || sizeof(T) == 2 ||
+                                            sizeof(T) == 4 || sizeof(T) == 8));
+    uint64_t file_offset = 0;
+    std::span<std::byte> bytes = TRY(locate_aligned(address, sizeof(T), &file_offset));
+    std::atomic_ref<T>(*reinterpret_cast<T*>(bytes.data())).store(value, std::memory_order_relaxed);
+    mark_dirty(file_offset, sizeof(T));
+    return ok();
+  }
+
   // True if [address, address + length) is RAM (in one region).
   bool contains(GuestAddr address, uint64_t length) const;
 
@@ -111,6 +134,9 @@ class GuestMemory {
   // The region and offset behind a range, without marking it dirty.
   Result<std::span<std::byte>> locate(GuestAddr address, uint64_t length,
                                       uint64_t* file_offset) const;
+  // locate(), for an address that must be a multiple of length.
+  Result<std::span<std::byte>> locate_aligned(GuestAddr address, uint64_t length,
+                                              uint64_t* file_offset) const;
   void mark_dirty(uint64_t file_offset, uint64_t length) const;
 
   GuestMemory(Fd fd, Mmap mapping, uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end,

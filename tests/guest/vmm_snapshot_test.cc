@@ -168,6 +168,43 @@ TEST_F(VmmSnapshotTest, RestoreRefusesABadFileNamingIt) {
   EXPECT_THAT(outcome.err, HasSubstr("missing.snap"));
 }
 
+// Through the API, a bad snapshot is the client's fault, not the server's:
+// a malformed or truncated file is a 422, a missing one a 404, each naming
+// the file, and keel-vmm stays unconfigured, ready for a good one.
+TEST_F(VmmSnapshotTest, ApiRestoreRefusesABadFileWithA4xx) {
+  std::string letters = run_and_snapshot();
+  ASSERT_EQ(saved_status_, 200u) << saved_body_;
+  std::string whole = read_text(snapshot_);
+  ASSERT_GT(whole.size(), 4096u);
+  std::string truncated = dir_.write("truncated.snap", whole.substr(0, whole.size() / 2));
+  std::string bogus = dir_.write("bogus.snap", "not a snapshot at all");
+
+  std::string restored_socket = dir_.file("restored.sock");
+  VmmProcess vmm({"--api-socket", restored_socket});
+  wait_for_api(restored_socket);
+  for (const std::string& bad : {bogus, truncated}) {
+    api::HttpReply reply =
+        call(restored_socket, "PUT", "/api/v1/vm/restore", Json{{"path", bad}}.dump());
+    EXPECT_EQ(reply.status, 422u) << bad << ": " << reply.body;
+    EXPECT_THAT(reply.body, HasSubstr(bad));
+  }
+  std::string missing = dir_.file("missing.snap");
+  api::HttpReply reply =
+      call(restored_socket, "PUT", "/api/v1/vm/restore", Json{{"path", missing}}.dump());
+  EXPECT_EQ(reply.status, 404u) << reply.body;
+  EXPECT_THAT(reply.body, HasSubstr(missing));
+  Json vm = Json::parse(call(restored_socket, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "not-configured") << "refused: nothing changed";
+
+  // The good snapshot still restores in the same keel-vmm.
+  reply = call(restored_socket, "PUT", "/api/v1/vm/restore",
+               Json{{"path", snapshot_}, {"paused", true}, {"serial", "none"}}.dump());
+  EXPECT_EQ(reply.status, 200u) << reply.body;
+  EXPECT_EQ(call(restored_socket, "PUT", "/api/v1/vm/stop").status, 200u);
+  EXPECT_EQ(vmm.wait(kGuestTimeout).exit_status, 0);
+  EXPECT_FALSE(letters.empty());
+}
+
 TEST_F(VmmSnapshotTest, RestoreRefusesBootOptions) {
   VmmProcess restored({"--restore", dir_.file("any.snap"), "--kernel", "/x"});
   Outcome outcome = restored.wait(kGuestTimeout);

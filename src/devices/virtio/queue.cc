@@ -86,7 +86,8 @@ VirtqueueState Virtqueue::save() const {
 }
 
 Result<uint16_t> Virtqueue::read_avail_idx() const {
-  uint16_t idx = TRY(memory_->read_obj<uint16_t>(config_.avail_ring + 2));
+  // One 16-bit load: the driver moves idx while we read it.
+  uint16_t idx = TRY(memory_->load_atomic<uint16_t>(config_.avail_ring + 2));
   // Ring entries and descriptors are read after idx; pairs with the
   // driver's write barrier before it publishes idx (§2.7.13.3).
   std::atomic_thread_fence(std::memory_order_acquire);
@@ -216,7 +217,7 @@ Result<void> Virtqueue::push_used(uint16_t head, uint32_t written_len) {
   // The element must be visible before the index that publishes it (§2.7.8).
   std::atomic_thread_fence(std::memory_order_release);
   uint16_t next = static_cast<uint16_t>(used_idx_ + 1);
-  TRY(memory_->write_obj(config_.used_ring + 2, next));
+  TRY(memory_->store_atomic(config_.used_ring + 2, next));
   used_idx_ = next;
   return ok();
 }
@@ -228,7 +229,7 @@ bool Virtqueue::needs_notification() {
   if (!event_idx()) {
     // The rings were checked at create(); a failed read cannot happen, and
     // notifying is the safe answer if it did.
-    auto flags = memory_->read_obj<uint16_t>(config_.avail_ring);
+    auto flags = memory_->load_atomic<uint16_t>(config_.avail_ring);
     return !flags || !(*flags & kAvailFlagNoInterrupt);
   }
   uint16_t old_idx = signalled_used_;
@@ -236,7 +237,7 @@ bool Virtqueue::needs_notification() {
   signalled_used_ = used_idx_;
   signalled_used_valid_ = true;
   if (!valid) return true;
-  auto used_event = memory_->read_obj<uint16_t>(used_event_addr());
+  auto used_event = memory_->load_atomic<uint16_t>(used_event_addr());
   if (!used_event) return true;
   return need_event(*used_event, used_idx_, old_idx);
 }
@@ -245,14 +246,14 @@ Result<void> Virtqueue::disable_driver_notifications() {
   // With EVENT_IDX the driver only notifies when avail idx passes
   // avail_event, which stays where we last enabled it: nothing to write.
   if (event_idx()) return ok();
-  return memory_->write_obj(config_.used_ring, kUsedFlagNoNotify);
+  return memory_->store_atomic(config_.used_ring, kUsedFlagNoNotify);
 }
 
 Result<bool> Virtqueue::enable_driver_notifications() {
   if (event_idx()) {
-    TRY(memory_->write_obj(avail_event_addr(), last_avail_idx_));
+    TRY(memory_->store_atomic(avail_event_addr(), last_avail_idx_));
   } else {
-    TRY(memory_->write_obj(config_.used_ring, uint16_t{0}));
+    TRY(memory_->store_atomic(config_.used_ring, uint16_t{0}));
   }
   // The store above must precede the re-read of avail idx, or a chain
   // made available in between would wait for a notification never sent.

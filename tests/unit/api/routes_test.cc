@@ -139,6 +139,7 @@ TEST(RoutesTest, MachineErrorsMapToStatuses) {
   EXPECT_EQ(error_from(Error(Errc::NotFound, "x")).status, 404u);
   EXPECT_EQ(error_from(Error(Errc::Timeout, "x")).status, 503u);
   EXPECT_EQ(error_from(Error(Errc::Io, "x")).status, 500u);
+  EXPECT_EQ(error_from(Error(Errc::Corrupt, "bad snapshot")).status, 422u);
   EXPECT_EQ(error_from(Error(Errc::Unsupported, "x")).status, 501u);
 }
 
