@@ -101,6 +101,13 @@ class VmmMigrateTest : public ::testing::Test {
     return stats;
   }
 
+  // Starts a migration to the unix socket with request's options.
+  void start_migration(Json request) {
+    request["destination"] = "unix:" + migration_socket_;
+    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate", request.dump());
+    EXPECT_EQ(started.status, 200u) << started.body;
+  }
+
   // Starts a migration to the unix socket with default options; its
   // statistics once it ended.
   Json migrate_to_an_end() {
@@ -232,6 +239,54 @@ class VmmMigrateTest : public ::testing::Test {
     EXPECT_EQ(vm["state"], "running");
   }
 
+  // zero_pages_check.S, built as elf (it checks its own pages after every
+  // pass and prints a letter), in a source that printed first_letters and
+  // a destination waiting for it, both logging at info.
+  struct SelfCheckingPair {
+    std::unique_ptr<VmmProcess> source, destination;
+  };
+  SelfCheckingPair start_self_checking_pair(const std::string& elf, size_t first_letters) {
+    auto args = [&elf](const std::string& socket, const std::string& console) {
+      return std::vector<std::string>{
+          "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/" + elf,
+          "--memory",   "64",
+          "--debug-exit", "--no-acpi",
+          "--serial",   "file:" + console,
+          "--api-socket", socket,
+          "--log-level", "info"};
+    };
+    SelfCheckingPair pair;
+    pair.source = std::make_unique<VmmProcess>(args(source_socket_, source_console_));
+    EXPECT_GE(wait_for_file(source_console_, first_letters).size(), first_letters)
+        << pair.source->wait(1s);
+    EXPECT_TRUE(api_answers(source_socket_, kGuestTimeout));
+    std::vector<std::string> incoming = args(destination_socket_, destination_console_);
+    incoming.insert(incoming.end(), {"--incoming", "unix:" + migration_socket_});
+    pair.destination = std::make_unique<VmmProcess>(incoming);
+    EXPECT_TRUE(wait_for_listener()) << pair.destination->wait(1s);
+    return pair;
+  }
+
+  // Once the source of a self-checking pair migrated away: the guest goes
+  // on on the destination for letters passes with no mismatch, from the
+  // letter after the source's last; then the destination is stopped.
+  void expect_self_checks_go_on(VmmProcess& destination, size_t letters) {
+    const std::string before = read_text(source_console_);
+    ASSERT_FALSE(before.empty());
+    ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
+    std::string after = wait_for_file(destination_console_, letters);
+    ASSERT_EQ(after.find("BAD"), std::string::npos)
+        << "the guest found a page it did not write: " << after.substr(0, 200);
+    ASSERT_GE(after.size(), letters) << "the destination printed too little: "
+                                     << destination.wait(1s);
+    EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+        << "after '" << before.back() << "': " << after.substr(0, 200);
+    ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+    EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+    Outcome outcome = destination.wait(kGuestTimeout);
+    EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  }
+
   TempDir dir_;
   std::string source_socket_, source_console_;
   std::string destination_socket_, destination_console_;
@@ -284,33 +339,16 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
 // destination holds, the ones zeroed by zero records included, is the
 // source's. RAM the guest never touched is not sent at all.
 TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
-  auto args = [](const std::string& socket, const std::string& console) {
-    return std::vector<std::string>{
-        "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/zero_pages_check.elf",
-        "--memory",   "64",
-        "--debug-exit", "--no-acpi",
-        "--serial",   "file:" + console,
-        "--api-socket", socket,
-        "--log-level", "info"};
-  };
-  VmmProcess source(args(source_socket_, source_console_));
-  ASSERT_GE(wait_for_file(source_console_, 30).size(), 30u) << source.wait(1s);
-  ASSERT_TRUE(api_answers(source_socket_, kGuestTimeout));
-  std::vector<std::string> incoming = args(destination_socket_, destination_console_);
-  incoming.insert(incoming.end(), {"--incoming", "unix:" + migration_socket_});
-  VmmProcess destination(incoming);
-  ASSERT_TRUE(wait_for_listener()) << destination.wait(1s);
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check.elf", 30);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *pair.source;
 
   // At 4 MiB/s the first pass (about 3 MiB of data) takes long enough for
   // the guest to rewrite its pages many times, and a downtime of 5 s lets
   // the rest go in the stop-and-copy: pages that were sent with data and
   // turned zero since must go as zero records.
-  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                                Json{{"destination", "unix:" + migration_socket_},
-                                     {"downtime_ms", 5000},
-                                     {"bandwidth_mib", 4}}
-                                    .dump());
-  ASSERT_EQ(started.status, 200u) << started.body;
+  start_migration({{"downtime_ms", 5000}, {"bandwidth_mib", 4}});
+  ASSERT_FALSE(HasFailure());
   Outcome source_outcome = source.wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   std::smatch completed;
@@ -326,21 +364,60 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
   // 64 MiB of RAM, of which the guest touches its 4 MiB and its image.
   EXPECT_GT(zero_pages, (48u << 20) / 4096) << "untouched RAM counts as zero pages";
   EXPECT_LT(bytes, 32u << 20) << "untouched RAM is not sent";
-
-  const std::string before = read_text(source_console_);
-  ASSERT_FALSE(before.empty());
-  ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
   // Hundreds of passes, each checking every page the source had written.
-  std::string after = wait_for_file(destination_console_, 300);
-  ASSERT_EQ(after.find("BAD"), std::string::npos)
-      << "the guest found a page it did not write: " << after.substr(0, 200);
-  ASSERT_GE(after.size(), 300u) << "the destination printed too little: " << destination.wait(1s);
-  EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
-      << "after '" << before.back() << "': " << after.substr(0, 200);
-  ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
-  EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
-  Outcome outcome = destination.wait(kGuestTimeout);
-  EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  expect_self_checks_go_on(*pair.destination, 300);
+}
+
+// Auto-converge: dirty_rate_check.elf (zero_pages_check's self-checking
+// passes over 1 MiB, each page written then a spin, so it dirties pages at
+// a rate bounded per unit of time it runs) outpaces a 4 MiB/s link; the
+// migration must throttle its vCPU (throttle_percent above 0 in the API's
+// statistics while it runs, still "running" rather than paused) and
+// complete, the guest finding every page as it wrote it on the destination.
+TEST_F(VmmMigrateTest, AutoConvergeThrottlesAGuestThatOutpacesTheLink) {
+  SelfCheckingPair pair = start_self_checking_pair("dirty_rate_check.elf", 5);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *pair.source;
+
+  // auto_converge is on unless asked otherwise. A 1 MiB working set at
+  // 4 MiB/s: each round takes a fraction of a second, and the guest at
+  // full speed rewrites all of it in that time.
+  start_migration({{"downtime_ms", 30}, {"bandwidth_mib", 4}});
+  ASSERT_FALSE(HasFailure());
+  uint64_t highest_throttle = 0;
+  bool paused_while_throttled = false;
+  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+    Result<api::HttpReply> reply =
+        api::Client(source_socket_, 2s).request("GET", "/api/v1/vm/migrate");
+    if (!reply) break;  // the source exited: migrated
+    Json stats = Json::parse(reply->body, nullptr, false);
+    const uint64_t throttle = stats.value("throttle_percent", uint64_t{0});
+    if (throttle > 0 && stats.value("phase", "") == "copying") {
+      highest_throttle = std::max(highest_throttle, throttle);
+      Result<api::HttpReply> vm = api::Client(source_socket_, 2s).request("GET", "/api/v1/vm");
+      if (vm && Json::parse(vm->body, nullptr, false).value("state", "") == "paused") {
+        // Only if the copy rounds still went on after it: the stop-and-copy
+        // (which changes the phase first) pauses for real.
+        Result<api::HttpReply> again =
+            api::Client(source_socket_, 2s).request("GET", "/api/v1/vm/migrate");
+        if (again && Json::parse(again->body, nullptr, false).value("phase", "") == "copying") {
+          paused_while_throttled = true;
+        }
+      }
+    }
+    const std::string phase = stats.value("phase", "");
+    if (phase == "completed" || phase == "failed" || phase == "cancelled") break;
+    std::this_thread::sleep_for(20ms);
+  }
+  Outcome source_outcome = source.wait(kGuestTimeout);
+  ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_GT(highest_throttle, 0u) << "never throttled: " << source_outcome.err;
+  EXPECT_FALSE(paused_while_throttled) << "a throttled machine showed as paused";
+  std::smatch completed;
+  ASSERT_TRUE(std::regex_search(source_outcome.err, completed, std::regex(R"(throttle (\d+)%)")))
+      << source_outcome.err;
+  EXPECT_GT(std::stoull(completed[1]), 0u) << source_outcome.err;
+  expect_self_checks_go_on(*pair.destination, 30);
 }
 
 TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {

@@ -12,11 +12,23 @@
    is all zeros when (p + g) % 3 == 0, else every qword is
    (g << 16) + p + 1, so each generation a third of the pages that held
    data become zero and a third of the zero pages get data.
-   A mismatch prints "\nBAD\n" and writes 13 to the debug-exit port 0xf4. */
+   A mismatch prints "\nBAD\n" and writes 13 to the debug-exit port 0xf4.
+
+   Built twice: zero_pages_check.elf as it is, and dirty_rate_check.elf with
+   -DPAGES=256 -DWRITE_DELAY=N, which spins N iterations after writing each
+   page, so it dirties pages at a bounded rate per unit of time it runs (the
+   auto-converge test: throttling its vCPU makes it dirty fewer pages per
+   migration round, where the fast one rewrites all of them in every round
+   however little it runs). */
 	.equ LOAD, 0x100000                 /* pvh_guest.ld links .text here */
 #include "ring3.inc"
 	.equ WORK_BASE, 0x1000000           /* 16 MiB */
-	.equ PAGES, 1024                    /* 4 MiB */
+#ifndef PAGES
+#define PAGES 1024                          /* 4 MiB */
+#endif
+#ifndef WRITE_DELAY
+#define WRITE_DELAY 0
+#endif
 	.equ COM1, 0x3f8
 
 	.text
@@ -75,6 +87,11 @@ write:
 	add $WORK_BASE, %rdi
 	mov $512, %ecx
 	rep stosq
+#if WRITE_DELAY
+	mov $WRITE_DELAY, %ecx
+2:	dec %ecx
+	jnz 2b
+#endif
 	inc %r8
 	cmp $PAGES, %r8
 	jne write
