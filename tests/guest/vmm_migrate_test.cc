@@ -606,6 +606,37 @@ TEST_F(VmmMigrateTest, CancelKeepsTheSourceAndEndsTheDestination) {
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
 }
 
+// A cancel ends the throttle: dirty_rate_check throttled to 99% (a
+// downtime of 1 ms that a round where it ran at all never fits, at 1 MiB/s)
+// prints about a letter a second at best; once cancelled it must be back at
+// full speed, 30 letters well within the wait (throttled, they would take
+// half a minute or more). The cancel comes early in the round after the one
+// that raised the throttle to 99%, long before that round can end.
+TEST_F(VmmMigrateTest, CancelEndsTheThrottle) {
+  SelfCheckingPair pair = start_self_checking_pair("dirty_rate_check.elf", 5);
+  ASSERT_FALSE(HasFailure());
+  start_migration({{"downtime_ms", 1}, {"bandwidth_mib", 1}});
+  ASSERT_FALSE(HasFailure());
+  Json stats;
+  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+    stats = Json::parse(call(source_socket_, "GET", "/api/v1/vm/migrate").body, nullptr, false);
+    if (stats.value("throttle_percent", uint64_t{0}) >= 99 ||
+        stats.value("phase", "") != "copying") {
+      break;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_EQ(stats.value("throttle_percent", uint64_t{0}), 99u) << stats.dump();
+  ASSERT_EQ(stats.value("phase", ""), "copying") << stats.dump();
+  api::HttpReply cancelled = call(source_socket_, "DELETE", "/api/v1/vm/migrate");
+  EXPECT_EQ(cancelled.status, 200u) << cancelled.body;
+  EXPECT_EQ(wait_for_migration_end(source_socket_)["phase"], "cancelled");
+  expect_source_runs_on();
+  EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  EXPECT_EQ(pair.source->wait(kGuestTimeout).exit_status, 0);
+  EXPECT_NE(pair.destination->wait(kGuestTimeout).exit_status, 0);
+}
+
 TEST_F(VmmMigrateTest, NoDestinationFailsAndTheSourceRunsOn) {
   std::unique_ptr<VmmProcess> source_process = start_source();
   ASSERT_FALSE(HasFailure());
