@@ -61,6 +61,7 @@ struct MigrateRequest {
   uint64_t bandwidth_mib = 0;  // MiB/s, 0 for no limit
   bool compress = false;
   bool migrate_disks = false;  // copy writable disks into the destination's own images
+  bool auto_converge = true;   // throttle the vCPUs while the guest outpaces the link
 };
 
 std::string_view command_name(CommandKind kind);

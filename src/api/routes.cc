@@ -24,7 +24,7 @@ constexpr std::string_view kConfigFields[] = {
 constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
 constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
-                                               "compress", "migrate_disks"};
+                                               "compress", "migrate_disks", "auto_converge"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -494,10 +494,14 @@ std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body)
     } else if (key == "migrate_disks") {
       if (!value.is_boolean()) return ApiError{400, "migrate_disks: must be true or false", key};
       request.migrate_disks = value.get<bool>();
+    } else if (key == "auto_converge") {
+      if (!value.is_boolean()) return ApiError{400, "auto_converge: must be true or false", key};
+      request.auto_converge = value.get<bool>();
     } else {
       return ApiError{400,
                       fmt::format("unknown field '{}': migrate takes destination, downtime_ms, "
-                                  "bandwidth_mib, compress and migrate_disks", key),
+                                  "bandwidth_mib, compress, migrate_disks and auto_converge",
+                                  key),
                       key};
     }
   }

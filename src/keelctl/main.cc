@@ -279,6 +279,9 @@ void print_migration(const Json& stats) {
                         stats.value("bytes_sent", uint64_t{0}) >> 20,
                         text(stats.value("remaining_pages", Json())),
                         text(stats.value("total_ms", Json())));
+    if (stats.value("throttle_percent", uint64_t{0}) > 0) {
+      line += fmt::format(", vCPUs throttled {}%", stats.value("throttle_percent", uint64_t{0}));
+    }
     if (stats.value("disk_bytes_copied", uint64_t{0}) > 0) {
       line += fmt::format(", disks {} MiB copied, {} MiB left",
                           stats.value("disk_bytes_copied", uint64_t{0}) >> 20,
@@ -545,7 +548,7 @@ int run(int argc, char** argv) {
   receive_command->callback([&receive_chosen] { receive_chosen = true; });
   std::string migrate_destination;
   uint64_t downtime_ms = 300, bandwidth_mib = 0;
-  bool compress = false, migrate_disks = false, migrate_chosen = false;
+  bool compress = false, migrate_disks = false, no_auto_converge = false, migrate_chosen = false;
   CLI::App* migrate_command = vm->add_subcommand(
       "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST (or told "
                  "`keelctl vm receive DEST`); prints "
@@ -559,6 +562,10 @@ int run(int argc, char** argv) {
   migrate_command->add_flag("--with-disks", migrate_disks,
                             "Copy the writable disks into the destination's own images (its "
                             "--disk paths, of the same size) instead of sharing them");
+  migrate_command->add_flag("--no-auto-converge", no_auto_converge,
+                            "Never throttle the vCPUs; by default they are slowed down (20% "
+                            "and up, 99% at most) while the guest dirties RAM faster than the "
+                            "link carries it");
   migrate_command->callback([&migrate_chosen] { migrate_chosen = true; });
   try {
     app.parse(argc, argv);
@@ -597,7 +604,7 @@ int run(int argc, char** argv) {
     return migrate(client, json,
                    Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
                         {"bandwidth_mib", bandwidth_mib}, {"compress", compress},
-                        {"migrate_disks", migrate_disks}});
+                        {"migrate_disks", migrate_disks}, {"auto_converge", !no_auto_converge}});
   }
   if (receive_chosen) return receive(client, json, receive_source, receive_no_wait);
   if (restore_chosen) {

@@ -124,6 +124,7 @@ Machine::Machine(const VmConfig& config, kvm::Vm vm, memory::GuestMemory memory,
       stopped_event_(std::move(stopped_event)) {}
 
 Machine::~Machine() {
+  set_throttle(0);  // joins the ticker, which kicks the vCPUs
   // Pending unplug timeouts first (their callbacks take hotplug_mutex_).
   std::vector<EventLoop::WatchId> timers;
   {
@@ -578,6 +579,7 @@ StopStatus Machine::run() {
     std::unique_lock lock(stop_mutex_);
     stop_cv_.wait(lock, [this] { return stop_status_.has_value(); });
   }
+  set_throttle(0);
   kick_vcpus();
   {
     // Forget the handles before joining: a late stop() must not signal a
@@ -598,13 +600,18 @@ void Machine::stop(StopReason reason, std::string detail) {
     stopping_.store(true);
   }
   stop_cv_.notify_all();
-  pause_cv_.notify_all();  // a held vCPU leaves to stop
+  pause_cv_.notify_all();  // a held or throttled vCPU leaves to stop
+  throttle_cv_.notify_all();
   (void)stopped_event_.signal();
   kick_vcpus();
 }
 
 void Machine::kick_vcpus() {
   std::lock_guard lock(stop_mutex_);
+  kick_vcpus_locked();
+}
+
+void Machine::kick_vcpus_locked() {
   for (size_t i = 0; i < vcpu_threads_.size(); ++i) {
     // immediate_exit covers a vCPU that is about to enter KVM_RUN; the
     // signal (handler installed by the process, without SA_RESTART) covers
@@ -615,9 +622,17 @@ void Machine::kick_vcpus() {
 }
 
 void Machine::vcpu_loop(kvm::Vcpu& vcpu) {
+  uint64_t tick_served = throttle_tick_.load();
   while (!stopping_.load()) {
     if (pause_requested_.load()) {
       hold_while_paused(vcpu);
+      continue;
+    }
+    if (throttle_tick_.load() != tick_served) {
+      throttle_sleep(vcpu);
+      // A tick that came during the sleep is served by it (QEMU skips a
+      // tick while the vCPU's sleep is still pending, too).
+      tick_served = throttle_tick_.load();
       continue;
     }
     Result<kvm::VcpuExit> exit = vcpu.run();
@@ -670,8 +685,10 @@ bool Machine::handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit) {
         LOG_RATELIMITED(debug, "vcpu {}: unclaimed MMIO write at {:#x}", vcpu.index(), exit.address);
       }
       return true;
-    case Kind::Hlt:
-    case Kind::Interrupted: return !stopping_.load();
+    case Kind::Hlt: return !stopping_.load();
+    case Kind::Interrupted:
+      absorb_kick(vcpu);
+      return !stopping_.load();
     case Kind::DirtyRingFull:
       // KVM will not enter the guest again until the ring has room. This
       // thread empties it itself rather than waiting for the migration's
@@ -751,7 +768,9 @@ Result<void> Machine::pause() {
     pause_requested_.store(true);
   }
   // A vCPU inside KVM_RUN comes out on the kick; one about to enter sees
-  // immediate_exit; one not yet started sees pause_requested_ first.
+  // immediate_exit; one not yet started sees pause_requested_ first; a
+  // throttled one wakes from its sleep.
+  pause_cv_.notify_all();
   kick_vcpus();
   constexpr auto kPauseTimeout = std::chrono::seconds(5);
   std::unique_lock lock(stop_mutex_);
@@ -1038,6 +1057,76 @@ void Machine::hold_while_paused(kvm::Vcpu& vcpu) {
   // The pause's kick set immediate_exit; clear it under the lock kicks take,
   // so a stop() racing with this resume still gets through (it sets
   // stopping_ under the same lock, and the loop checks it first).
+  vcpu.set_immediate_exit(false);
+}
+
+// ---- vCPU throttle (auto-converge) ----
+
+void Machine::set_throttle(uint32_t percent) {
+  percent = std::min(percent, kMaxThrottlePercent);
+  std::lock_guard control(throttle_control_mutex_);
+  {
+    std::lock_guard lock(stop_mutex_);
+    if (stopping_.load()) percent = 0;
+    throttle_percent_.store(percent);
+  }
+  throttle_cv_.notify_all();
+  pause_cv_.notify_all();  // a vCPU asleep for a throttle that ended wakes now
+  if (percent > 0 && !throttle_thread_.joinable()) {
+    throttle_thread_ = std::thread([this] { throttle_ticks(); });
+  } else if (percent == 0 && throttle_thread_.joinable()) {
+    throttle_thread_.join();
+  }
+}
+
+void Machine::throttle_ticks() {
+  using Clock = std::chrono::steady_clock;
+  std::unique_lock lock(stop_mutex_);
+  // A new percentage takes effect from the next tick: waiting from scratch
+  // on each change would never tick while a migration changes it faster
+  // than one period.
+  Clock::time_point next_tick = Clock::now();
+  for (;;) {
+    const uint32_t percent = throttle_percent_.load();
+    if (percent == 0 || stopping_.load()) return;
+    // Each period the vCPUs run one timeslice and sleep the rest.
+    next_tick += std::chrono::duration_cast<Clock::duration>(kThrottleTimeslice) * 100 /
+                 (100 - percent);
+    next_tick = std::max(next_tick, Clock::now());  // no burst of ticks after a late wake
+    if (throttle_cv_.wait_until(lock, next_tick, [this] {
+          return throttle_percent_.load() == 0 || stopping_.load();
+        })) {
+      return;
+    }
+    throttle_tick_.fetch_add(1);
+    kick_vcpus_locked();
+  }
+}
+
+void Machine::throttle_sleep(kvm::Vcpu& vcpu) {
+  std::unique_lock lock(stop_mutex_);
+  const uint32_t percent = throttle_percent_.load();
+  if (percent > 0) {
+    const auto sleep =
+        std::chrono::duration_cast<std::chrono::microseconds>(kThrottleTimeslice) * percent /
+        (100 - percent);
+    // A timed wait, not a sleep: a pause or stop must not wait for it.
+    pause_cv_.wait_for(lock, sleep, [this] {
+      return pause_requested_.load() || stopping_.load() || throttle_percent_.load() == 0;
+    });
+  }
+  // The tick's kick set immediate_exit; cleared under the lock kicks take,
+  // and the loop checks stopping_ and pause_requested_ before running again.
+  vcpu.set_immediate_exit(false);
+}
+
+void Machine::absorb_kick(kvm::Vcpu& vcpu) {
+  // A kick for a pause, stop or throttle tick is seen by the loop's checks,
+  // which run after this (every kick sets its flag under stop_mutex_
+  // first); a kick that comes later sets immediate_exit again. Without
+  // this, a kick whose purpose was already served would leave KVM_RUN
+  // returning at once forever.
+  std::lock_guard lock(stop_mutex_);
   vcpu.set_immediate_exit(false);
 }
 

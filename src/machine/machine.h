@@ -182,6 +182,20 @@ class Machine {
   bool paused() const { return pause_requested_.load(); }
   // Before run(): the vCPUs start held, as if paused (resume() lets them go).
   void start_paused() { pause_requested_.store(true); }
+
+  // vCPU throttling, for a live migration's auto-converge (QEMU's
+  // cpu-throttle design): with percent > 0 (at most kMaxThrottlePercent,
+  // larger values are clamped) a ticker thread kicks every vCPU out of
+  // KVM_RUN once each kThrottleTimeslice / (1 - p) of wall time, and each
+  // vCPU then sleeps p / (1 - p) x kThrottleTimeslice, so it spends p% of
+  // wall time outside the guest. Not a pause: paused() stays false, and a
+  // sleeping vCPU wakes at once for a pause, a stop or a lower throttle.
+  // 0 ends it (and joins the ticker). Thread-safe; a machine that is
+  // stopping is never throttled.
+  static constexpr uint32_t kMaxThrottlePercent = 99;
+  static constexpr std::chrono::milliseconds kThrottleTimeslice{10};
+  void set_throttle(uint32_t percent);
+  uint32_t throttle_percent() const { return throttle_percent_.load(); }
   // Writes a snapshot of the paused machine to path (docs/snapshot-format.md):
   // the config, every vCPU (pending I/O completed first), the VM's KVM state,
   // the devices (quiesced first, see quiesce_devices) and guest RAM. Busy
@@ -357,8 +371,15 @@ class Machine {
   bool handle_exit(kvm::Vcpu& vcpu, const kvm::VcpuExit& exit);
   std::string register_dump(kvm::Vcpu& vcpu);
   void kick_vcpus();
+  void kick_vcpus_locked();  // with stop_mutex_ held
   // Parks the calling vCPU thread while a pause is requested.
   void hold_while_paused(kvm::Vcpu& vcpu);
+  // A throttle tick's sleep of the calling vCPU thread (see set_throttle).
+  void throttle_sleep(kvm::Vcpu& vcpu);
+  // After a kick that asked nothing of this vCPU: immediate_exit cleared.
+  void absorb_kick(kvm::Vcpu& vcpu);
+  // The ticker thread's loop (see set_throttle).
+  void throttle_ticks();
 
   VmConfig config_;
   kvm::Vm vm_;
@@ -432,6 +453,14 @@ class Machine {
   size_t held_vcpus_ = 0;
   std::optional<StopStatus> stop_status_;
   std::atomic<bool> stopping_{false};
+  // The throttle: the percentage changes under stop_mutex_ (so a sleeping
+  // vCPU's and the ticker's waits see it); throttle_tick_ counts the
+  // ticker's kicks, each vCPU sleeping once for each tick it sees.
+  std::atomic<uint32_t> throttle_percent_{0};
+  std::atomic<uint64_t> throttle_tick_{0};
+  std::condition_variable throttle_cv_;  // the ticker's: the percentage changed, or stopping
+  std::mutex throttle_control_mutex_;    // one set_throttle at a time: guards throttle_thread_
+  std::thread throttle_thread_;
   EventFd stopped_event_;
 };
 

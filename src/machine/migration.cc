@@ -8,6 +8,7 @@
 #include <cerrno>
 
 #include "base/log.h"
+#include "machine/auto_converge.h"
 #include "machine/layout.h"
 #include "migration/stream.h"
 
@@ -17,8 +18,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr uint64_t kPageBytes = memory::GuestMemory::kPageBytes;
 // Rounds after the first full pass before the final copy goes ahead even
-// though the remainder does not fit the downtime limit (no auto-converge
-// yet): a guest dirtying faster than the link would never converge.
+// though the remainder does not fit the downtime limit: the last resort for
+// a guest that dirties faster than the link even throttled to 99% (or with
+// auto-converge off), which would never converge.
 constexpr uint64_t kMaxDirtyRounds = 30;
 constexpr int kAckTimeoutMs = 30'000;
 // A destination waits this long for each part of the stream.
@@ -138,6 +140,9 @@ void MigrationSender::set_phase(MigrationPhase phase) {
 
 void MigrationSender::run() {
   Result<void> result = migrate();
+  // The throttle ends with the migration, whatever the end (the source's
+  // guest runs on at full speed after a failure or cancel).
+  machine_.set_throttle(0);
   // Tracking stops either way: the destination owns its copies now, or the
   // source goes on with its own disks, which it never let go of.
   disk_mirror_.reset();
@@ -149,9 +154,9 @@ void MigrationSender::run() {
     }
     MigrationStats done = stats();
     LOG_INFO("migration to {} completed: {} pages sent with data, {} zero pages ({} as zero "
-             "records), {} bytes, {} rounds, downtime {} ms",
+             "records), {} bytes, {} rounds, throttle {}%, downtime {} ms",
              options_.destination.text, done.pages_sent, done.zero_pages, zero_records_,
-             done.bytes_sent, done.rounds, done.downtime_ms);
+             done.bytes_sent, done.rounds, done.throttle_percent, done.downtime_ms);
     const DowntimeBreakdown& times = done.downtime;
     LOG_INFO("migration downtime (us): pause {}, quiesce {}, save state {}, dirty log {}, last {} "
              "pages {}, send state {}, release disks and end {}, destination until ack {}",
@@ -358,8 +363,10 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   }
   uint64_t send_ms_total = 0;
   uint64_t pages_total = 0;
+  AutoConvergeState converge;
   for (uint64_t round = 0;; ++round) {
     const Clock::time_point round_begin = Clock::now();
+    const uint64_t round_bytes_before = writer.bytes_sent();
     {
       std::lock_guard lock(mutex_);
       stats_.remaining_pages = dirty.count();
@@ -387,8 +394,24 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
         static_cast<double>(rate_pages) / static_cast<double>(send_ms_total);
     const double estimate_ms =
         static_cast<double>(remaining + disk_remaining_pages) / std::max(pages_per_ms, 1e-3);
+    const bool fits = estimate_ms <= static_cast<double>(options_.downtime_ms);
+    if (!fits && options_.auto_converge) {
+      // What the guest dirtied during this round against what the round
+      // put on the wire (QEMU compares bytes too: zero records and
+      // compression make the link look slower, which is what it is).
+      const uint32_t before = converge.throttle_percent;
+      converge = next_auto_converge(converge,
+                                    (remaining + disk_remaining_pages) * kPageBytes,
+                                    writer.bytes_sent() - round_bytes_before);
+      if (converge.throttle_percent != before) {
+        machine_.set_throttle(converge.throttle_percent);
+        LOG_INFO("migration round {}: the guest dirties faster than the link; vCPUs throttled "
+                 "to {}%", round, converge.throttle_percent);
+      }
+    }
     {
       std::lock_guard lock(mutex_);
+      stats_.throttle_percent = converge.throttle_percent;
       stats_.rounds = round;
       stats_.remaining_pages = remaining;
       stats_.dirty_pages_per_second = remaining * 1000 / round_ms;
@@ -398,7 +421,7 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     if (report_) report_("migration-progress", stats());
     LOG_INFO("migration round {}: {} pages in {} ms, {} dirty (~{:.0f} ms to send)", round, pages,
              round_ms, remaining, estimate_ms);
-    if (estimate_ms <= static_cast<double>(options_.downtime_ms)) break;
+    if (fits) break;
     if (round >= kMaxDirtyRounds) {
       LOG_WARN("migration: {} pages still dirty after {} rounds; stopping the VM to finish",
                remaining, round);
@@ -422,6 +445,8 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     TRY_CONTEXT(machine_.pause(), "migrate: pause");
     paused_by_us_ = true;
   }
+  // Held now: if the handover fails they resume at full speed.
+  machine_.set_throttle(0);
   lap(&DowntimeBreakdown::pause_us);
   // Devices quiesced after the vCPUs stop (their last completions write
   // RAM), then the state (completing a vCPU's half-done I/O may write RAM),

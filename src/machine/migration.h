@@ -1,6 +1,7 @@
 // Live migration of a Machine (docs/migration-protocol.md). The source
 // runs a MigrationSender on its own thread: pre-copy of all RAM, dirty
-// rounds until the remainder fits the downtime limit, then pause, the last
+// rounds until the remainder fits the downtime limit (the vCPUs throttled
+// more each round the guest outpaces the link: auto-converge), then pause, the last
 // pages, the machine state, and the destination's ack before the machine
 // stops for good (StopReason::Migrated). Any failure before the ack leaves
 // the source running as before. The destination calls receive_migration,
@@ -33,6 +34,10 @@ struct MigrationOptions {
   uint64_t downtime_ms = 300;  // the longest pause the final copy may take
   uint64_t bandwidth_mib = 0;  // MiB/s on the wire, 0 for no limit
   bool compress = false;       // zstd per pages frame
+  // Throttle the vCPUs (Machine::set_throttle) while the guest dirties RAM
+  // faster than the link carries it (machine/auto_converge.h), so the
+  // remainder comes to fit the downtime limit.
+  bool auto_converge = true;
   // Copy the writable disks' contents into the destination's own images
   // (machine/disk_mirror.h) instead of handing shared images over.
   bool migrate_disks = false;
@@ -76,6 +81,9 @@ struct MigrationStats {
   uint64_t remaining_pages = 0;         // dirty, not yet sent
   uint64_t dirty_pages_per_second = 0;  // in the last round
   uint64_t bandwidth_bytes_per_second = 0;
+  // The vCPUs' throttle auto-converge set after the last round, 0 to 99
+  // (once the migration is over: the last one in force).
+  uint32_t throttle_percent = 0;
   uint64_t total_ms = 0;
   uint64_t downtime_ms = 0;  // from the pause to the ack
   uint64_t disk_bytes_copied = 0;     // migrate_disks: chunk bytes read and sent, resent ones too

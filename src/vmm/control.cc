@@ -51,6 +51,7 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
       {"remaining_pages", stats.remaining_pages},
       {"dirty_pages_per_second", stats.dirty_pages_per_second},
       {"bandwidth_bytes_per_second", stats.bandwidth_bytes_per_second},
+      {"throttle_percent", stats.throttle_percent},
       {"total_ms", stats.total_ms},
       {"downtime_ms", stats.downtime_ms},
       {"disk_bytes_copied", stats.disk_bytes_copied},
@@ -182,6 +183,7 @@ api::Reply ApiControl::start_migration(const api::MigrateRequest& request,
   options.bandwidth_mib = request.bandwidth_mib;
   options.compress = request.compress;
   options.migrate_disks = request.migrate_disks;
+  options.auto_converge = request.auto_converge;
   migration_.reset();  // the last one, finished: join its thread
   uint64_t boot = boot_;
   // Runs on the migration thread; the EventLog has its own lock.

@@ -5,7 +5,6 @@
 // config whose device set differs, naming the device.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <signal.h>
 
 #include <chrono>
 #include <filesystem>
@@ -22,18 +21,13 @@ namespace {
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
-void ignore_signal(int) {}
-
 class MachineSnapshotTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (auto reason = testing::tiny_guest_unavailable_reason()) {
       GTEST_SKIP() << "needs a usable /dev/kvm: " << *reason;
     }
-    // Machine kicks vCPUs with SIGUSR1: a handler without SA_RESTART.
-    struct sigaction action {};
-    action.sa_handler = ignore_signal;
-    sigaction(SIGUSR1, &action, nullptr);
+    testing::install_kick_handler();
     std::string pattern = ::testing::TempDir() + "keel-machine-snapshot-XXXXXX";
     ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
     dir_ = pattern;

@@ -110,10 +110,14 @@ std::optional<std::string> tiny_guest_unavailable_reason() {
   return std::nullopt;
 }
 
-Result<TinyVm> TinyVm::assemble(const TinyGuestOptions& options, Fd memory_fd, Mmap memory) {
+void install_kick_handler() {
   struct sigaction action {};
   action.sa_handler = ignore_signal;
   sigaction(SIGUSR1, &action, nullptr);
+}
+
+Result<TinyVm> TinyVm::assemble(const TinyGuestOptions& options, Fd memory_fd, Mmap memory) {
+  install_kick_handler();
 
   kvm::Kvm kvm = TRY(kvm::Kvm::open());
   kvm.set_dirty_log_mode(options.dirty_log);

@@ -48,6 +48,10 @@ struct TinyGuestResult {
 // Why tiny guests cannot run here, or nullopt if they can.
 std::optional<std::string> tiny_guest_unavailable_reason();
 
+// Machine and TinyVm kick vCPUs out of KVM_RUN with SIGUSR1: this installs
+// a handler that does nothing, without SA_RESTART (as keel-vmm does).
+void install_kick_handler();
+
 Result<TinyGuestResult> run_tiny_guest(const std::string& binary_path,
                                        const TinyGuestOptions& options = {});
 

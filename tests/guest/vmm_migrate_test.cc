@@ -59,51 +59,6 @@ class VmmMigrateTest : public ::testing::Test {
   }
 
   void guest_continues(const std::string& dirty_log, const std::string& named);
-  // zero_pages_check (elf: the guest's build) with --dirty-log dirty_log:
-  // a source once it printed letters letters, or with 0 a destination
-  // listening for the migration.
-  std::unique_ptr<VmmProcess> start_zero_pages_check(const std::string& elf, int memory_mib,
-                                                     const std::string& dirty_log,
-                                                     size_t letters) {
-    const bool source = letters > 0;
-    const std::string& console = source ? source_console_ : destination_console_;
-    std::vector<std::string> args = {
-        "--kernel",     std::string(KEEL_VMM_GUEST_DIR) + "/" + elf,
-        "--memory",     std::to_string(memory_mib),
-        "--debug-exit", "--no-acpi",
-        "--serial",     "file:" + console,
-        "--api-socket", source ? source_socket_ : destination_socket_,
-        "--log-level",  "info",
-        "--dirty-log",  dirty_log};
-    if (!source) args.insert(args.end(), {"--incoming", "unix:" + migration_socket_});
-    auto process = std::make_unique<VmmProcess>(args);
-    if (source) {
-      EXPECT_GE(wait_for_file(console, letters).size(), letters) << process->wait(1s);
-      EXPECT_TRUE(api_answers(source_socket_, kGuestTimeout));
-    } else {
-      EXPECT_TRUE(wait_for_listener()) << process->wait(1s);
-    }
-    return process;
-  }
-  // After the migration: the source saw no mismatch, and the guest goes on
-  // on the destination from the next letter for at least letters passes,
-  // each finding every page as it wrote it; then the destination stops.
-  void expect_zero_pages_check_goes_on(VmmProcess& destination, size_t letters) {
-    const std::string before = read_text(source_console_);
-    ASSERT_FALSE(before.empty());
-    ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
-    std::string after = wait_for_file(destination_console_, letters);
-    ASSERT_EQ(after.find("BAD"), std::string::npos)
-        << "the guest found a page it did not write: " << after.substr(0, 200);
-    ASSERT_GE(after.size(), letters) << "the destination printed too little: "
-                                     << destination.wait(1s);
-    EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
-        << "after '" << before.back() << "': " << after.substr(0, 200);
-    ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
-    EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
-    Outcome outcome = destination.wait(kGuestTimeout);
-    EXPECT_EQ(outcome.exit_status, 0) << outcome;
-  }
   void memory_arrives_exactly(const std::string& dirty_log, const std::string& stats_name);
   // Whether keel-vmm's --dirty-log auto picks the ring here.
   static bool ring_on_this_host() {
@@ -158,6 +113,13 @@ class VmmMigrateTest : public ::testing::Test {
       std::this_thread::sleep_for(20ms);
     }
     return stats;
+  }
+
+  // Starts a migration to the unix socket with request's options.
+  void start_migration(Json request) {
+    request["destination"] = "unix:" + migration_socket_;
+    api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate", request.dump());
+    EXPECT_EQ(started.status, 200u) << started.body;
   }
 
   // Starts a migration to the unix socket with default options; its
@@ -291,6 +253,58 @@ class VmmMigrateTest : public ::testing::Test {
     EXPECT_EQ(vm["state"], "running");
   }
 
+  // zero_pages_check.S, built as elf (it checks its own pages after every
+  // pass and prints a letter), in a source that printed first_letters and
+  // a destination waiting for it, both logging at info, with memory_mib of
+  // RAM and --dirty-log dirty_log.
+  struct SelfCheckingPair {
+    std::unique_ptr<VmmProcess> source, destination;
+  };
+  SelfCheckingPair start_self_checking_pair(const std::string& elf, size_t first_letters,
+                                            int memory_mib = 64,
+                                            const std::string& dirty_log = "auto") {
+    auto args = [&](const std::string& socket, const std::string& console) {
+      return std::vector<std::string>{
+          "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/" + elf,
+          "--memory",   std::to_string(memory_mib),
+          "--debug-exit", "--no-acpi",
+          "--serial",   "file:" + console,
+          "--api-socket", socket,
+          "--log-level", "info",
+          "--dirty-log", dirty_log};
+    };
+    SelfCheckingPair pair;
+    pair.source = std::make_unique<VmmProcess>(args(source_socket_, source_console_));
+    EXPECT_GE(wait_for_file(source_console_, first_letters).size(), first_letters)
+        << pair.source->wait(1s);
+    EXPECT_TRUE(api_answers(source_socket_, kGuestTimeout));
+    std::vector<std::string> incoming = args(destination_socket_, destination_console_);
+    incoming.insert(incoming.end(), {"--incoming", "unix:" + migration_socket_});
+    pair.destination = std::make_unique<VmmProcess>(incoming);
+    EXPECT_TRUE(wait_for_listener()) << pair.destination->wait(1s);
+    return pair;
+  }
+
+  // Once the source of a self-checking pair migrated away: the guest goes
+  // on on the destination for letters passes with no mismatch, from the
+  // letter after the source's last; then the destination is stopped.
+  void expect_self_checks_go_on(VmmProcess& destination, size_t letters) {
+    const std::string before = read_text(source_console_);
+    ASSERT_FALSE(before.empty());
+    ASSERT_TRUE(in_sequence(before, 'a')) << "the source saw a mismatch: " << before;
+    std::string after = wait_for_file(destination_console_, letters);
+    ASSERT_EQ(after.find("BAD"), std::string::npos)
+        << "the guest found a page it did not write: " << after.substr(0, 200);
+    ASSERT_GE(after.size(), letters) << "the destination printed too little: "
+                                     << destination.wait(1s);
+    EXPECT_TRUE(in_sequence(after, next_letter(before.back())))
+        << "after '" << before.back() << "': " << after.substr(0, 200);
+    ASSERT_TRUE(api_answers(destination_socket_, kGuestTimeout));
+    EXPECT_EQ(call(destination_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+    Outcome outcome = destination.wait(kGuestTimeout);
+    EXPECT_EQ(outcome.exit_status, 0) << outcome;
+  }
+
   TempDir dir_;
   std::string source_socket_, source_console_;
   std::string destination_socket_, destination_console_;
@@ -359,11 +373,9 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestinationOverTheDirtyBitmap) {
 // in guest_continues; the source's migration statistics must name it.
 void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
                                             const std::string& stats_name) {
-  std::unique_ptr<VmmProcess> source =
-      start_zero_pages_check("zero_pages_check.elf", 64, dirty_log, 30);
-  std::unique_ptr<VmmProcess> destination =
-      start_zero_pages_check("zero_pages_check.elf", 64, dirty_log, 0);
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check.elf", 30, 64, dirty_log);
   ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *pair.source;
 
   // At 4 MiB/s the first pass (about 3 MiB of data) takes long enough for
   // the guest to rewrite its pages many times, and a downtime of 5 s lets
@@ -377,7 +389,7 @@ void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
   ASSERT_EQ(started.status, 200u) << started.body;
   EXPECT_EQ(Json::parse(started.body, nullptr, false).value("dirty_log", ""), stats_name)
       << started.body;
-  Outcome source_outcome = source->wait(kGuestTimeout);
+  Outcome source_outcome = source.wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   std::smatch completed;
   const std::regex summary(
@@ -393,7 +405,7 @@ void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
   EXPECT_GT(zero_pages, (48u << 20) / 4096) << "untouched RAM counts as zero pages";
   EXPECT_LT(bytes, 32u << 20) << "untouched RAM is not sent";
   // Hundreds of passes, each checking every page the source had written.
-  expect_zero_pages_check_goes_on(*destination, 300);
+  expect_self_checks_go_on(*pair.destination, 300);
 }
 
 TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
@@ -416,10 +428,7 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyRing) {
 // destination).
 TEST_F(VmmMigrateTest, MemoryArrivesExactlyThroughFullDirtyRings) {
   if (!ring_on_this_host()) GTEST_SKIP() << "this host's KVM has no dirty ring";
-  std::unique_ptr<VmmProcess> source =
-      start_zero_pages_check("zero_pages_check_large.elf", 128, "ring", 3);
-  std::unique_ptr<VmmProcess> destination =
-      start_zero_pages_check("zero_pages_check_large.elf", 128, "ring", 0);
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128, "ring");
   ASSERT_FALSE(HasFailure());
   // At 16 MiB/s the first pass takes over a second, many guest passes.
   api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
@@ -428,12 +437,64 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyThroughFullDirtyRings) {
                                      {"bandwidth_mib", 16}}
                                     .dump());
   ASSERT_EQ(started.status, 200u) << started.body;
-  Outcome source_outcome = source->wait(kGuestTimeout);
+  Outcome source_outcome = pair.source->wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   EXPECT_THAT(source_outcome.err, HasSubstr("dirty log from KVM's dirty ring"));
   EXPECT_THAT(source_outcome.err, HasSubstr("dirty-ring-full"))
       << "the guest was meant to fill its dirty ring: " << source_outcome.err;
-  expect_zero_pages_check_goes_on(*destination, 30);
+  expect_self_checks_go_on(*pair.destination, 30);
+}
+
+// Auto-converge: dirty_rate_check.elf (zero_pages_check's self-checking
+// passes over 1 MiB, each page written then a spin, so it dirties pages at
+// a rate bounded per unit of time it runs) outpaces a 4 MiB/s link; the
+// migration must throttle its vCPU (throttle_percent above 0 in the API's
+// statistics while it runs, still "running" rather than paused) and
+// complete, the guest finding every page as it wrote it on the destination.
+TEST_F(VmmMigrateTest, AutoConvergeThrottlesAGuestThatOutpacesTheLink) {
+  SelfCheckingPair pair = start_self_checking_pair("dirty_rate_check.elf", 5);
+  ASSERT_FALSE(HasFailure());
+  VmmProcess& source = *pair.source;
+
+  // auto_converge is on unless asked otherwise. A 1 MiB working set at
+  // 4 MiB/s: each round takes a fraction of a second, and the guest at
+  // full speed rewrites all of it in that time.
+  start_migration({{"downtime_ms", 30}, {"bandwidth_mib", 4}});
+  ASSERT_FALSE(HasFailure());
+  uint64_t highest_throttle = 0;
+  bool paused_while_throttled = false;
+  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+    Result<api::HttpReply> reply =
+        api::Client(source_socket_, 2s).request("GET", "/api/v1/vm/migrate");
+    if (!reply) break;  // the source exited: migrated
+    Json stats = Json::parse(reply->body, nullptr, false);
+    const uint64_t throttle = stats.value("throttle_percent", uint64_t{0});
+    if (throttle > 0 && stats.value("phase", "") == "copying") {
+      highest_throttle = std::max(highest_throttle, throttle);
+      Result<api::HttpReply> vm = api::Client(source_socket_, 2s).request("GET", "/api/v1/vm");
+      if (vm && Json::parse(vm->body, nullptr, false).value("state", "") == "paused") {
+        // Only if the copy rounds still went on after it: the stop-and-copy
+        // (which changes the phase first) pauses for real.
+        Result<api::HttpReply> again =
+            api::Client(source_socket_, 2s).request("GET", "/api/v1/vm/migrate");
+        if (again && Json::parse(again->body, nullptr, false).value("phase", "") == "copying") {
+          paused_while_throttled = true;
+        }
+      }
+    }
+    const std::string phase = stats.value("phase", "");
+    if (phase == "completed" || phase == "failed" || phase == "cancelled") break;
+    std::this_thread::sleep_for(20ms);
+  }
+  Outcome source_outcome = source.wait(kGuestTimeout);
+  ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_GT(highest_throttle, 0u) << "never throttled: " << source_outcome.err;
+  EXPECT_FALSE(paused_while_throttled) << "a throttled machine showed as paused";
+  std::smatch completed;
+  ASSERT_TRUE(std::regex_search(source_outcome.err, completed, std::regex(R"(throttle (\d+)%)")))
+      << source_outcome.err;
+  EXPECT_GT(std::stoull(completed[1]), 0u) << source_outcome.err;
+  expect_self_checks_go_on(*pair.destination, 30);
 }
 
 TEST_F(VmmMigrateTest, KeelctlMigratesAndReportsTheEnd) {
@@ -620,6 +681,38 @@ TEST_F(VmmMigrateTest, CancelKeepsTheSourceAndEndsTheDestination) {
   EXPECT_TRUE(read_text(destination_console_).empty()) << "the destination never ran the guest";
   EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
   EXPECT_EQ(source.wait(kGuestTimeout).exit_status, 0);
+}
+
+// A cancel ends the throttle: dirty_rate_check throttled to 99% (a
+// downtime of 1 ms that a round where it ran at all never fits, at 1 MiB/s)
+// prints about a letter a second at best; once cancelled it must be back at
+// full speed, 30 letters well within the wait (throttled, they would take
+// half a minute or more). The cancel comes early in the round after the one
+// that raised the throttle to 99%, long before that round can end.
+TEST_F(VmmMigrateTest, CancelEndsTheThrottle) {
+  SelfCheckingPair pair = start_self_checking_pair("dirty_rate_check.elf", 5);
+  ASSERT_FALSE(HasFailure());
+  start_migration({{"downtime_ms", 1}, {"bandwidth_mib", 1}});
+  ASSERT_FALSE(HasFailure());
+  Json stats;
+  for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+    stats = Json::parse(call(source_socket_, "GET", "/api/v1/vm/migrate").body, nullptr, false);
+    const std::string phase = stats.value("phase", "");
+    if (stats.value("throttle_percent", uint64_t{0}) >= 99 ||
+        (phase != "connecting" && phase != "copying")) {
+      break;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_EQ(stats.value("throttle_percent", uint64_t{0}), 99u) << stats.dump();
+  ASSERT_EQ(stats.value("phase", ""), "copying") << stats.dump();
+  api::HttpReply cancelled = call(source_socket_, "DELETE", "/api/v1/vm/migrate");
+  EXPECT_EQ(cancelled.status, 200u) << cancelled.body;
+  EXPECT_EQ(wait_for_migration_end(source_socket_)["phase"], "cancelled");
+  expect_source_runs_on();
+  EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  EXPECT_EQ(pair.source->wait(kGuestTimeout).exit_status, 0);
+  EXPECT_NE(pair.destination->wait(kGuestTimeout).exit_status, 0);
 }
 
 TEST_F(VmmMigrateTest, NoDestinationFailsAndTheSourceRunsOn) {

@@ -12,16 +12,25 @@
    is all zeros when (p + g) % 3 == 0, else every qword is
    (g << 16) + p + 1, so each generation a third of the pages that held
    data become zero and a third of the zero pages get data.
-   A mismatch prints "\nBAD\n" and writes 13 to the debug-exit port 0xf4. */
+   A mismatch prints "\nBAD\n" and writes 13 to the debug-exit port 0xf4.
+
+   Built three times: zero_pages_check.elf as it is,
+   zero_pages_check_large.elf with -DPAGES=8192 (32 MiB, more pages a pass
+   than a vCPU's dirty ring holds), and dirty_rate_check.elf with
+   -DPAGES=256 -DWRITE_DELAY=N, which spins N iterations after writing each
+   page, so it dirties pages at a bounded rate per unit of time it runs (the
+   auto-converge test: throttling its vCPU makes it dirty fewer pages per
+   migration round, where the fast one rewrites all of them in every round
+   however little it runs). */
 	.equ LOAD, 0x100000                 /* pvh_guest.ld links .text here */
 #include "ring3.inc"
 	.equ WORK_BASE, 0x1000000           /* 16 MiB */
-/* 4 MiB; zero_pages_check_large.elf is built with 8192 (32 MiB), more
-   pages a pass than a vCPU's dirty ring holds. */
-#ifndef ZERO_PAGES_CHECK_PAGES
-#define ZERO_PAGES_CHECK_PAGES 1024
+#ifndef PAGES
+#define PAGES 1024                          /* 4 MiB */
 #endif
-	.equ PAGES, ZERO_PAGES_CHECK_PAGES
+#ifndef WRITE_DELAY
+#define WRITE_DELAY 0
+#endif
 	.equ COM1, 0x3f8
 
 	.text
@@ -80,6 +89,11 @@ write:
 	add $WORK_BASE, %rdi
 	mov $512, %ecx
 	rep stosq
+#if WRITE_DELAY
+	mov $WRITE_DELAY, %ecx
+2:	dec %ecx
+	jnz 2b
+#endif
 	inc %r8
 	cmp $PAGES, %r8
 	jne write

@@ -422,7 +422,7 @@ TEST_F(ApiServerTest, MigrateStartsWatchesAndCancels) {
   HttpReply started = request(
       "PUT", "/api/v1/vm/migrate",
       R"({"destination": "unix:/tmp/m.sock", "downtime_ms": 50, "bandwidth_mib": 100, "compress": true,
-          "migrate_disks": true})");
+          "migrate_disks": true, "auto_converge": false})");
   EXPECT_EQ(started.status, 200u) << started.body;
   ASSERT_EQ(handler_.migrations().size(), 1u);
   MigrateRequest sent = handler_.migrations().front();
@@ -431,6 +431,7 @@ TEST_F(ApiServerTest, MigrateStartsWatchesAndCancels) {
   EXPECT_EQ(sent.bandwidth_mib, 100u);
   EXPECT_TRUE(sent.compress);
   EXPECT_TRUE(sent.migrate_disks);
+  EXPECT_FALSE(sent.auto_converge);
   EXPECT_EQ(json_of(request("GET", "/api/v1/vm/migrate"))["rounds"], 2);
   EXPECT_EQ(request("DELETE", "/api/v1/vm/migrate").status, 200u);
 }
@@ -443,6 +444,7 @@ TEST_F(ApiServerTest, MigrateWithABadBodyIs400NamingTheFieldAndNeverReachesTheMa
                            R"({"destination": "unix:/x", "bandwidth_mib": 1.5})",
                            R"({"destination": "unix:/x", "compress": "yes"})",
                            R"({"destination": "unix:/x", "migrate_disks": 1})",
+                           R"({"destination": "unix:/x", "auto_converge": "on"})",
                            R"({"destination": "unix:/x", "speed": 1})"}) {
     HttpReply reply = request("PUT", "/api/v1/vm/migrate", body);
     EXPECT_EQ(reply.status, 400u) << body;
