@@ -219,7 +219,7 @@ class Machine {
 
   // Restore as constructor from a migration: the machine state the stream
   // carried (decoded, not yet checked) and its RAM, already received into
-  // memory (a fresh memfd of config's size). The same checks as restore(),
+  // memory (fresh RAM of config's size and memory_backend). The same checks as restore(),
   // errors starting with label.
   // With DiskHandover::Copied the writable disks are this host's own copies
   // (the stream carried their contents): opened locked, and not checked

@@ -283,11 +283,20 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestination) {
 // after the migration it must go on with no mismatch, so every page the
 // destination holds, the ones zeroed by zero records included, is the
 // source's. RAM the guest never touched is not sent at all.
-TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
+// On both fresh-machine RAM backends: the first pass finds the populated
+// pages through pagemap (anonymous RAM) or SEEK_DATA (a memfd).
+class VmmMigrateBackendTest : public VmmMigrateTest,
+                              public ::testing::WithParamInterface<std::string> {};
+
+INSTANTIATE_TEST_SUITE_P(Backends, VmmMigrateBackendTest, ::testing::Values("anon", "memfd"),
+                         [](const auto& info) { return info.param; });
+
+TEST_P(VmmMigrateBackendTest, MemoryArrivesExactlyWithPagesTurningZero) {
   auto args = [](const std::string& socket, const std::string& console) {
     return std::vector<std::string>{
         "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/zero_pages_check.elf",
         "--memory",   "64",
+        "--memory-backend", GetParam(),
         "--debug-exit", "--no-acpi",
         "--serial",   "file:" + console,
         "--api-socket", socket,
