@@ -289,7 +289,7 @@ class VmmMigrateBackendTest : public VmmMigrateTest,
                               public ::testing::WithParamInterface<std::string> {};
 
 INSTANTIATE_TEST_SUITE_P(Backends, VmmMigrateBackendTest, ::testing::Values("anon", "memfd"),
-                         [](const auto& info) { return info.param; });
+                         [](const auto& test_info) { return test_info.param; });
 
 TEST_P(VmmMigrateBackendTest, MemoryArrivesExactlyWithPagesTurningZero) {
   auto args = [](const std::string& socket, const std::string& console) {
