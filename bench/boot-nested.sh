@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Linux boot-to-init, keel-vmm vs QEMU microvm, side by side in one L1 of the
 # nested harness (bench/nested/boot-to-init.sh). Prints each run and the
-# medians. Usage: [BENCH_CMDLINE="kernel params"] bench/boot-nested.sh [RUNS]
-# (default 5 rounds; BENCH_CMDLINE is added to both VMMs' command line)
+# medians. Usage: [BENCH_CMDLINE="kernel params"] [BENCH_KEEL_ARGS="keel-vmm flags"]
+# [BENCH_SHMEM_THP=never|advise] bench/boot-nested.sh [RUNS]
+# (default 5 rounds; BENCH_CMDLINE is added to both VMMs' command line; L1's
+# shmem hugepage setting stays at Debian's default, never, unless set)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 runs=${1:-5}
@@ -14,7 +16,8 @@ rm -rf "$out"
 KEEL_SCENARIO_DIR="$root/bench/nested" python3 "$root/tests/system/harness.py" run \
   --kit "$root/build/kit" --binary "$root/build/src/vmm/keel-vmm" --scenario boot-to-init \
   --env "BENCH_RUNS=$runs" --env "BENCH_CMDLINE=${BENCH_CMDLINE:-}" \
-  --env "BENCH_SHMEM_THP=${BENCH_SHMEM_THP:-advise}" --out "$out" \
+  --env "BENCH_KEEL_ARGS=${BENCH_KEEL_ARGS:-}" \
+  --env "BENCH_SHMEM_THP=${BENCH_SHMEM_THP:-never}" --out "$out" \
   --timeout 1500 >&2
 python3 - "$out/boot-to-init.log" <<'PY'
 import re, statistics, sys

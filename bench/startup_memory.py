@@ -5,10 +5,13 @@ startup: wall time from exec of the VMM to its exit, for a guest that checks
 its PVH entry state and writes the debug-exit port at once (so it bounds
 "exec -> first guest instruction" from above: it includes VM teardown).
 memory:  resident memory of the VMM process while a 1-vCPU 256 MiB guest
-spins (pvh-test s), from /proc/PID/status; for keel-vmm, guest RAM is a
-memfd and shows as RssShmem, so "beyond guest memory" is VmRSS - RssShmem.
+spins (pvh-test s), from /proc/PID/status; for keel-vmm, "beyond guest
+memory" is VmRSS minus the resident part of its guest RAM mapping (from
+/proc/PID/smaps: the 256 MiB anonymous mapping with the default
+--memory-backend anon, the memfd "keel-guest-ram" with memfd).
 
 Usage: bench/startup_memory.py [--runs N] [--keel PATH] [--guest PATH]
+                               [--memory-backend anon|memfd]
 Run it on an idle machine; it prints a table for bench/RESULTS.md.
 """
 import argparse, os, shutil, signal, statistics, subprocess, sys, time
@@ -16,11 +19,14 @@ import argparse, os, shutil, signal, statistics, subprocess, sys, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def commands(keel, qemu, guest, mode):
+GUEST_MIB = 256
+
+
+def commands(keel, qemu, guest, mode, backend):
     cmdline = "pvh-test" + (" s" if mode == "spin" else "")
     return {
-        "keel": [keel, "--kernel", guest, "--cmdline", cmdline, "--memory", "256", "--cpus", "1",
-                 "--serial", "none", "--debug-exit"],
+        "keel": [keel, "--kernel", guest, "--cmdline", cmdline, "--memory", str(GUEST_MIB),
+                 "--memory-backend", backend, "--cpus", "1", "--serial", "none", "--debug-exit"],
         "qemu": [qemu, "-M", "microvm,x-option-roms=off,isa-serial=off,rtc=off", "-enable-kvm",
                  # QEMU's default CPU model: -cpu host aborts on a PVM host
                  # (MSR 0x10a), and the guest needs nothing beyond it.
@@ -55,7 +61,29 @@ def status_kib(pid):
             if key in ("Pss", "Private_Clean", "Private_Dirty"):
                 fields[key] = int(value.split()[0])
     fields["Uss"] = fields.pop("Private_Clean", 0) + fields.pop("Private_Dirty", 0)
+    fields["GuestRss"], fields["GuestHuge"] = guest_ram_kib(pid)
     return fields
+
+
+def guest_ram_kib(pid):
+    """Rss and AnonHugePages (KiB) of keel-vmm's guest RAM mapping: the memfd
+    named keel-guest-ram, or an anonymous mapping of exactly the guest's size
+    (nothing else in keel-vmm maps 256 MiB)."""
+    rss = huge = 0
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                begin, end = (int(x, 16) for x in head[0].split("-"))
+                name = head[5] if len(head) > 5 else ""
+                inside = "keel-guest-ram" in name or (
+                    name == "" and end - begin == GUEST_MIB << 20)
+            elif inside and head and head[0] == "Rss:":
+                rss += int(head[1])
+            elif inside and head and head[0] == "AnonHugePages:":
+                huge += int(head[1])
+    return rss, huge
 
 
 def resident(cmd):
@@ -80,12 +108,13 @@ def main():
     parser.add_argument("--keel", default=os.path.join(ROOT, "build/src/vmm/keel-vmm"))
     parser.add_argument("--guest", default=os.path.join(ROOT, "build/tests/guest/pvh_check.elf"))
     parser.add_argument("--qemu", default=shutil.which("qemu-system-x86_64"))
+    parser.add_argument("--memory-backend", default="anon", choices=("anon", "memfd"))
     args = parser.parse_args()
     for path in (args.keel, args.guest, args.qemu):
         if not path or not os.path.exists(path):
             sys.exit(f"startup_memory: {path} not found (build first: scripts/build.sh)")
 
-    exits = commands(args.keel, args.qemu, args.guest, "exit")
+    exits = commands(args.keel, args.qemu, args.guest, "exit", args.memory_backend)
     expected = {"keel": 0, "qemu": 1}  # isa-debug-exit reports (0 << 1) | 1
     times = {"keel": [], "qemu": []}
     for vmm in ("keel", "qemu"):
@@ -94,7 +123,7 @@ def main():
         for vmm in ("keel", "qemu"):
             times[vmm].append(startup_ms(exits[vmm], expected[vmm]))
 
-    spins = commands(args.keel, args.qemu, args.guest, "spin")
+    spins = commands(args.keel, args.qemu, args.guest, "spin", args.memory_backend)
     memory = {vmm: resident(spins[vmm]) for vmm in ("keel", "qemu")}
 
     print(f"startup, exec -> guest exits ({args.runs} runs each, interleaved)")
@@ -104,13 +133,16 @@ def main():
               f"   min {t[0]:7.2f} ms")
     ratio = statistics.median(times["keel"]) / statistics.median(times["qemu"])
     print(f"  keel/qemu median: {ratio:.2f}")
-    print("resident memory, 1 vCPU, 256 MiB guest spinning (KiB)")
+    print(f"resident memory, 1 vCPU, {GUEST_MIB} MiB guest spinning (KiB); "
+          f"keel-vmm --memory-backend {args.memory_backend}")
     for vmm in ("keel", "qemu"):
         m = memory[vmm]
-        beyond = m["VmRSS"] - (m.get("RssShmem", 0) if vmm == "keel" else 0)
+        beyond = m["VmRSS"] - (m["GuestRss"] if vmm == "keel" else 0)
         print(f"  {vmm:5} VmRSS {m['VmRSS']:6}  RssAnon {m['RssAnon']:6}  RssFile {m['RssFile']:6}"
               f"  RssShmem {m['RssShmem']:4}  Pss {m['Pss']:6}  Uss {m['Uss']:6}"
-              f"  VmRSS beyond guest RAM {beyond:6}")
+              f"  VmRSS beyond guest RAM {beyond:6}"
+              + (f"  (guest RAM resident {m['GuestRss']}, in hugepages {m['GuestHuge']})"
+                 if vmm == "keel" else ""))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
 // The top-level keys of the VM config (docs/vm-config.md); a unit test holds
 // them equal to machine::json_keys().
 constexpr std::string_view kConfigFields[] = {
-    "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
-    "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
+    "kernel",  "initrd", "cmdline", "cpus", "memory_mib", "memory_backend",
+    "serial",  "reboot", "debug_exit", "acpi", "disks",   "nets",
+    "rng",     "virtio_console", "balloon", "vsock"};
 constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
 constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",

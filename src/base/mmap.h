@@ -26,6 +26,10 @@ class Mmap {
 
   // Private anonymous read-write memory, zero-filled.
   static Result<Mmap> anonymous(size_t size_bytes, int extra_flags = MAP_NORESERVE);
+  // The same starting at a multiple of alignment (a power of two), e.g.
+  // 2 MiB so that transparent hugepages can back it from its first byte.
+  static Result<Mmap> anonymous_aligned(size_t size_bytes, size_t alignment,
+                                        int extra_flags = MAP_NORESERVE);
   // A shared or private mapping of an open file (memfd, image, snapshot).
   static Result<Mmap> file(const Fd& fd, size_t size_bytes, uint64_t offset, int prot,
                            int flags);

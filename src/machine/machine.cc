@@ -60,17 +60,19 @@ Result<std::vector<std::byte>> read_file(const std::string& path, const char* wh
   return bytes;
 }
 
-// Guest RAM is a memfd (shmem), so MADV_HUGEPAGE gives it 2 MiB pages only
-// where the host's shmem hugepage setting allows it (advise, within_size,
-// always). At Debian's default, never, each first touch of guest RAM is a
-// 4 KiB fault for KVM to fill: a Linux guest touches ~120 MiB while it boots,
-// which in bench/RESULTS.md's nested runs made keel-vmm's guest reach init
-// several times later than with hugepages, and later than QEMU's (anonymous
-// RAM, hugepages by default). Said once per process.
-void note_shmem_hugepages() {
+// MADV_HUGEPAGE gives guest RAM 2 MiB pages only where the host's
+// transparent hugepage setting allows it: `enabled` (madvise or always) for
+// the anonymous backend, `shmem_enabled` (advise, within_size, always) for
+// the memfd one, which Debian leaves at never. Without them each first touch
+// of guest RAM is a 4 KiB fault for KVM to fill: a Linux guest touches
+// ~120 MiB while it boots, which in bench/RESULTS.md's nested runs made
+// keel-vmm's guest reach init several times later. Said once per process.
+void note_hugepages(memory::MemoryBackend backend) {
   static std::once_flag once;
-  std::call_once(once, [] {
-    const std::string path = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+  std::call_once(once, [backend] {
+    const bool memfd = backend == memory::MemoryBackend::Memfd;
+    const std::string path = memfd ? "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+                                   : "/sys/kernel/mm/transparent_hugepage/enabled";
     Result<Fd> fd = Fd::open(path, O_RDONLY);
     if (!fd) return;
     char text[128] = {};
@@ -79,8 +81,8 @@ void note_shmem_hugepages() {
     std::string_view setting(text, static_cast<size_t>(length));
     if (setting.find("[never]") != std::string_view::npos ||
         setting.find("[deny]") != std::string_view::npos) {
-      LOG_INFO("guest RAM gets no transparent hugepages: {} is never or deny (advise "
-               "gives them; README.md, host setup)", path);
+      LOG_INFO("guest RAM gets no transparent hugepages: {} is never or deny ({} gives them; "
+               "README.md, host setup)", path, memfd ? "advise" : "madvise");
     }
   });
 }
@@ -172,9 +174,10 @@ Result<std::unique_ptr<Machine>> Machine::assemble(const VmConfig& config, const
 Result<std::unique_ptr<Machine>> Machine::create(const VmConfig& config, const kvm::Kvm& kvm,
                                                  devices::Serial::Output serial_output,
                                                  ConsoleOutput virtio_console_output) {
-  note_shmem_hugepages();
-  memory::GuestMemory memory = TRY(memory::GuestMemory::create(
-      config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+  note_hugepages(config.memory_backend);
+  memory::GuestMemory memory =
+      TRY(memory::GuestMemory::create(config.memory_mib << 20, layout::kPciHoleStart,
+                                      layout::kPciHoleEnd, config.memory_backend));
   std::unique_ptr<Machine> machine = TRY(assemble(config, kvm, std::move(memory)));
   TRY(machine->build_devices(std::move(virtio_console_output)));
   TRY(machine->add_serial_and_rtc(std::move(serial_output), {}));
@@ -878,15 +881,14 @@ Result<void> Machine::save(const std::string& path) {
   // which the vCPU and VM state saved below must already hold.
   QuiescedDevices quiesced = TRY_CONTEXT(quiesce_devices(), "snapshot");
   migration::MachineState state = TRY(save_state(quiesced));
-  if (memory_.backing() == memory::GuestMemory::Backing::PrivateFile) {
-    // RAM restored from a snapshot: the guest's changes are private pages
-    // of the mapping, the rest is still the old file's, so the mapping is
-    // what to write. The new file is written beside and renamed over the
-    // path, so even the very file the mapping reads from may be replaced:
-    // the mapping keeps the old file's inode alive.
-    return migration::write_snapshot(path, state, memory_.ram());
-  }
-  return migration::write_snapshot(path, state, memory_.fd(), memory_.size_bytes());
+  // RAM is written from its mapping, whatever backs it. For RAM restored
+  // from a snapshot, the guest's changes are private pages of the mapping
+  // and the rest is still the old file's; the new file is written beside
+  // and renamed over the path, so even the very file the mapping reads from
+  // may be replaced: the mapping keeps the old file's inode alive.
+  std::vector<memory::ByteRange> populated =
+      TRY_CONTEXT(memory_.populated_ranges(), "snapshot");
+  return migration::write_snapshot(path, state, memory_.ram(), populated);
 }
 
 Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quiesced) {

@@ -31,27 +31,16 @@ uint64_t elapsed_ms(Clock::time_point since) {
       std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count());
 }
 
-// The first pass: every page of RAM that may hold data. A memfd's holes
-// (never written, or discarded) read as zeros, which the destination's
-// fresh RAM already is, so they are skipped without being read (reading a
-// hole of a shared memfd mapping would allocate it).
+// The first pass: every page of RAM that may hold data. The rest (never
+// touched, or discarded) reads as zeros, which the destination's fresh RAM
+// already is, so it is skipped without being read (reading it would
+// allocate it). Dirty logging is on already, so a page the guest touches
+// after this look is sent in a later round.
 Result<void> mark_data_pages(const memory::GuestMemory& memory, migration::DirtyBitmap& pages) {
-  if (memory.backing() != memory::GuestMemory::Backing::SharedMemfd) {
-    pages.set_all();
-    return ok();
-  }
-  const off_t size = static_cast<off_t>(memory.size_bytes());
-  for (off_t offset = 0; offset < size;) {
-    off_t data = ::lseek(memory.fd().get(), offset, SEEK_DATA);
-    if (data < 0 && errno == ENXIO) break;  // only holes from offset on
-    if (data < 0) return fail_errno("migrate: SEEK_DATA in the guest RAM memfd");
-    off_t hole = ::lseek(memory.fd().get(), data, SEEK_HOLE);
-    if (hole < 0) return fail_errno("migrate: SEEK_HOLE in the guest RAM memfd");
-    hole = std::min(hole, size);
-    const uint64_t first = static_cast<uint64_t>(data) / kPageBytes;
-    const uint64_t end = (static_cast<uint64_t>(hole) + kPageBytes - 1) / kPageBytes;
-    if (end > first) pages.set_range(first, end - first);
-    offset = hole;
+  std::vector<memory::ByteRange> populated =
+      TRY_CONTEXT(memory.populated_ranges(), "migrate: the first pass");
+  for (const memory::ByteRange& range : populated) {
+    pages.set_range(range.begin / kPageBytes, (range.end - range.begin) / kPageBytes);
   }
   return ok();
 }
@@ -356,7 +345,7 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   }
   migration::DirtyBitmap dirty(memory.page_count());
   migration::DirtyBitmap vmm_written(memory.page_count());
-  TRY(mark_data_pages(memory, dirty));  // the first pass: all of RAM but the memfd's holes
+  TRY(mark_data_pages(memory, dirty));  // the first pass: all of RAM but what was never touched
   {
     std::lock_guard lock(mutex_);
     stats_.zero_pages = memory.page_count() - dirty.count();
@@ -523,7 +512,7 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
                               hello.ram_bytes, config.memory_mib));
     }
     std::optional<memory::GuestMemory> memory = TRY(memory::GuestMemory::create(
-        config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd));
+        config.memory_mib << 20, layout::kPciHoleStart, layout::kPciHoleEnd, config.memory_backend));
     // The machine is built while the pages arrive, so that after the end
     // only the saved state is applied (Machine::prebuild). Not with copied
     // disks: the copies are written here until the end and opened after.

@@ -17,9 +17,10 @@ using nlohmann::json;
 
 constexpr uint64_t kMinimumMemoryMib = 16;
 
-constexpr std::array<std::string_view, 15> kJsonKeys = {
-    "kernel", "initrd", "cmdline", "cpus",  "memory_mib",     "serial",  "reboot", "debug_exit",
-    "acpi",   "disks",  "nets",    "rng",   "virtio_console", "balloon", "vsock"};
+constexpr std::array<std::string_view, 16> kJsonKeys = {
+    "kernel",  "initrd", "cmdline", "cpus", "memory_mib", "memory_backend",
+    "serial",  "reboot", "debug_exit", "acpi", "disks",   "nets",
+    "rng",     "virtio_console", "balloon", "vsock"};
 
 Result<const json*> member(const json& object, const char* key, json::value_t type,
                            const std::string& source) {
@@ -245,6 +246,13 @@ std::string serial_text(const SerialConfig& serial) {
 
 }  // namespace
 
+Result<memory::MemoryBackend> parse_memory_backend(const std::string& text) {
+  if (text == "anon") return memory::MemoryBackend::Anonymous;
+  if (text == "memfd") return memory::MemoryBackend::Memfd;
+  return fail(Errc::InvalidArgument,
+              fmt::format("memory_backend '{}': expected anon or memfd", text));
+}
+
 Result<SerialConfig> parse_serial(const std::string& text) {
   if (text == "stdio") return SerialConfig{SerialConfig::Kind::Stdio, ""};
   if (text == "none") return SerialConfig{SerialConfig::Kind::None, ""};
@@ -294,7 +302,8 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
     if (std::find(kJsonKeys.begin(), kJsonKeys.end(), key) == kJsonKeys.end()) {
       return fail(Errc::InvalidArgument,
                   fmt::format("{}: unknown key \"{}\" (known: kernel, initrd, cmdline, cpus, "
-                              "memory_mib, serial, reboot, debug_exit, acpi, disks, nets, rng, virtio_console, "
+                              "memory_mib, memory_backend, serial, reboot, debug_exit, acpi, disks, nets, rng, "
+                              "virtio_console, "
                               "balloon, vsock)",
                               source, key));
     }
@@ -312,6 +321,9 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
   }
   if (auto v = TRY(member(document, "memory_mib", T::number_unsigned, source))) {
     config.memory_mib = TRY(whole_number(*v, "memory_mib", source));
+  }
+  if (auto v = TRY(member(document, "memory_backend", T::string, source))) {
+    config.memory_backend = TRY_CONTEXT(parse_memory_backend(v->get<std::string>()), source);
   }
   if (auto v = TRY(member(document, "serial", T::string, source))) {
     config.serial = TRY_CONTEXT(parse_serial(v->get<std::string>()), source);
@@ -417,6 +429,7 @@ std::string to_json(const VmConfig& config) {
   document["cmdline"] = config.cmdline;
   document["cpus"] = config.cpus;
   document["memory_mib"] = config.memory_mib;
+  document["memory_backend"] = memory::memory_backend_name(config.memory_backend);
   document["serial"] = serial_text(config.serial);
   document["reboot"] = config.reboot;
   document["debug_exit"] = config.debug_exit;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "memory/guest_memory.h"
 
 namespace keel::machine {
 
@@ -60,6 +61,10 @@ struct VmConfig {
   std::string cmdline = "console=ttyS0 reboot=k panic=-1";
   uint32_t cpus = 1;
   uint64_t memory_mib = 512;
+  // What a fresh machine's RAM is: anonymous memory (hugepages under the
+  // host's default THP setting) or a memfd (shareable). A restored machine's
+  // RAM is always a private mapping of its snapshot.
+  memory::MemoryBackend memory_backend = memory::MemoryBackend::Anonymous;
   SerialConfig serial;
   bool reboot = true;        // false: a guest reboot ends keel-vmm (exit status 3)
   bool debug_exit = false;   // map the test-exit port 0xf4
@@ -75,6 +80,11 @@ struct VmConfig {
 
 // "stdio", "none", "file:PATH" or "unix:PATH".
 Result<SerialConfig> parse_serial(const std::string& text);
+
+// "anon" or "memfd" (--memory-backend, "memory_backend"); the error names
+// the field and the value.
+// memory::memory_backend_name is the other way.
+Result<memory::MemoryBackend> parse_memory_backend(const std::string& text);
 
 // The comma-separated key=value forms of --disk, --net, --balloon and
 // --vsock; errors name the flag, the key and the value.

@@ -10,26 +10,59 @@
 
 namespace keel::memory {
 
+namespace {
+
+// Transparent hugepages are 2 MiB on x86-64: RAM that starts on such a
+// boundary can be backed by them from its first byte.
+constexpr uint64_t kHugePageBytes = 2 << 20;
+
+}  // namespace
+
 Result<GuestMemory> GuestMemory::create(uint64_t size_bytes, uint64_t hole_start,
-                                        uint64_t hole_end) {
-  if (size_bytes == 0 || size_bytes % 4096 != 0) {
+                                        uint64_t hole_end, MemoryBackend backend) {
+  if (size_bytes == 0 || size_bytes % kPageBytes != 0) {
     return fail(Errc::InvalidArgument,
                 fmt::format("guest memory of {} bytes: must be a non-zero multiple of 4 KiB",
                             size_bytes));
   }
-  int raw = ::memfd_create("keel-guest-ram", MFD_CLOEXEC);
-  if (raw < 0) return fail_errno("memfd_create for guest RAM");
-  Fd fd(raw);
-  if (::ftruncate(fd.get(), static_cast<off_t>(size_bytes)) < 0) {
-    return fail_errno(fmt::format("size guest RAM memfd to {} bytes", size_bytes));
+  Fd fd;
+  Mmap mapping;
+  if (backend == MemoryBackend::Anonymous) {
+    // Private anonymous memory gets hugepages under the host's usual THP
+    // setting (enabled=madvise or always) once asked below, where shmem
+    // needs shmem_enabled, which Debian leaves at never. NORESERVE: RAM the
+    // guest never touches costs nothing, as a memfd's holes did.
+    mapping = TRY_CONTEXT(Mmap::anonymous_aligned(size_bytes, kHugePageBytes, MAP_NORESERVE),
+                          "guest RAM");
+  } else {
+    int raw = ::memfd_create("keel-guest-ram", MFD_CLOEXEC);
+    if (raw < 0) return fail_errno("memfd_create for guest RAM");
+    fd = Fd(raw);
+    if (::ftruncate(fd.get(), static_cast<off_t>(size_bytes)) < 0) {
+      return fail_errno(fmt::format("size guest RAM memfd to {} bytes", size_bytes));
+    }
+    mapping = TRY(Mmap::file(fd, size_bytes, 0, PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_NORESERVE));
   }
-  Mmap mapping = TRY(Mmap::file(fd, size_bytes, 0, PROT_READ | PROT_WRITE,
-                                MAP_SHARED | MAP_NORESERVE));
-  // Transparent hugepages cut TLB misses for guest RAM; advisory only.
+  // Transparent hugepages cut TLB misses and first-touch faults for guest
+  // RAM; advisory only.
   (void)::madvise(mapping.data(), size_bytes, MADV_HUGEPAGE);
 
   return GuestMemory(std::move(fd), std::move(mapping), size_bytes, hole_start, hole_end,
-                     Backing::SharedMemfd);
+                     backend == MemoryBackend::Anonymous ? Backing::Anonymous
+                                                         : Backing::SharedMemfd);
+}
+
+Result<std::vector<ByteRange>> GuestMemory::populated_ranges() const {
+  switch (backing_) {
+    case Backing::Anonymous:
+      return TRY_CONTEXT(resident_ranges(ram()), "guest RAM");
+    case Backing::SharedMemfd:
+      return TRY_CONTEXT(file_data_ranges(fd_, size_bytes_, kPageBytes), "guest RAM memfd");
+    case Backing::PrivateFile:
+      break;
+  }
+  return std::vector<ByteRange>{{0, size_bytes_}};
 }
 
 Result<GuestMemory> GuestMemory::map_private(const Fd& file, uint64_t offset, uint64_t size_bytes,
@@ -134,17 +167,19 @@ Result<void> GuestMemory::discard(GuestAddr address, uint64_t size_bytes) const 
     }
     const uint64_t offset = address.value - region.start.value;
     if (size_bytes > region.size_bytes - offset) break;
-    if (backing_ == Backing::PrivateFile) {
-      // RAM restored from a snapshot: dropping the private copies frees the
-      // only memory this process owns for the range (the snapshot file's
-      // pages are page cache, shared and reclaimable); the range reads back
+    if (backing_ != Backing::SharedMemfd) {
+      // Private memory: dropping the pages frees them (KVM's mappings go
+      // too, through the MMU notifiers). Anonymous RAM reads back as zeros.
+      // RAM restored from a snapshot: the private copies were the only
+      // memory this process owned for the range (the snapshot file's pages
+      // are page cache, shared and reclaimable); the range reads back
       // as the file's bytes, which neither the balloon nor free page
       // reporting promises the driver otherwise (PAGE_POISON is not offered).
       if (::madvise(region.host + offset, size_bytes, MADV_DONTNEED) < 0) {
         return fail_errno(
             fmt::format("madvise DONTNEED at guest {:#x}+{:#x}", address.value, size_bytes));
       }
-      mark_dirty(region.file_offset + offset, size_bytes);  // the file's bytes again
+      mark_dirty(region.file_offset + offset, size_bytes);  // zeros or the file's bytes again
       return ok();
     }
     // The mapping is MAP_SHARED on a memfd, so MADV_DONTNEED would only drop

@@ -1,7 +1,10 @@
-// GuestMemory: the guest's RAM, memfd-backed (so snapshots, migration and
-// hugepages can share or map it later), in one or two regions around the
-// 32-bit PCI hole. Devices and loaders reach RAM only through here: every
-// access is bounds-checked against the regions, and a range that is not
+// GuestMemory: the guest's RAM, in one or two regions around the 32-bit PCI
+// hole. A fresh machine's RAM is private anonymous memory by default (it
+// gets transparent hugepages under the host's usual THP setting, madvise or
+// always), or a memfd when asked (MemoryBackend::Memfd: for sharing it with
+// another process later, e.g. vhost-user); a restored machine's is a private
+// mapping of its snapshot. Devices and loaders reach RAM only through here:
+// every access is bounds-checked against the regions, and a range that is not
 // wholly inside one region is an error, never a host out-of-bounds access.
 #pragma once
 
@@ -10,12 +13,14 @@
 #include <cstring>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include "base/fd.h"
 #include "base/mmap.h"
 #include "base/result.h"
+#include "memory/populated_ranges.h"
 
 namespace keel::memory {
 
@@ -31,28 +36,49 @@ struct GuestAddr {
 struct MemoryRegion {
   GuestAddr start;
   uint64_t size_bytes;
-  uint64_t file_offset;  // where this region starts in the memfd
+  uint64_t file_offset;  // where this region starts in RAM (ram(), the memfd)
   std::byte* host;       // the mapping of this region
 };
+
+// What a fresh machine's RAM is made of.
+enum class MemoryBackend {
+  Anonymous,  // MAP_PRIVATE|MAP_ANONYMOUS: THP under the host's default setting
+  Memfd,      // MAP_SHARED of a memfd: shareable; THP only if shmem_enabled allows
+};
+// "anon" or "memfd", as the config's memory_backend spells it.
+constexpr std::string_view memory_backend_name(MemoryBackend backend) {
+  return backend == MemoryBackend::Memfd ? "memfd" : "anon";
+}
 
 class GuestMemory {
  public:
   // RAM of size_bytes laid out below hole_start, the rest from hole_end up.
-  static Result<GuestMemory> create(uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end);
+  static Result<GuestMemory> create(uint64_t size_bytes, uint64_t hole_start, uint64_t hole_end,
+                                    MemoryBackend backend = MemoryBackend::Anonymous);
   // RAM restored from a snapshot: size_bytes of file from offset (a page
   // multiple), mapped MAP_PRIVATE, so a page is read only when first
-  // touched and the guest's writes never reach the file. Such RAM is not
-  // in a memfd (backing() says so), and a page it gives back (discard())
-  // reads as the file's again, not as zeros.
+  // touched and the guest's writes never reach the file. A page such RAM
+  // gives back (discard()) reads as the file's again, not as zeros.
   static Result<GuestMemory> map_private(const Fd& file, uint64_t offset, uint64_t size_bytes,
                                          uint64_t hole_start, uint64_t hole_end);
 
-  enum class Backing { SharedMemfd, PrivateFile };
+  enum class Backing { Anonymous, SharedMemfd, PrivateFile };
   Backing backing() const { return backing_; }
 
   uint64_t size_bytes() const { return size_bytes_; }
   const std::vector<MemoryRegion>& regions() const { return regions_; }
+  // The memfd (SharedMemfd) or the snapshot file (PrivateFile); invalid for
+  // anonymous RAM.
   const Fd& fd() const { return fd_; }
+
+  // The ranges of ram() (byte offsets, page aligned, in order) that may
+  // hold anything but zeros; every other page reads as zeros and need not be
+  // read, written to a snapshot or sent. Anonymous RAM: the pages present or
+  // swapped out (/proc/self/pagemap); a memfd: its data extents (SEEK_DATA);
+  // a snapshot's private mapping: all of it (an untouched page reads the
+  // file). May over-report, never under-reports. The guest may touch more
+  // pages while this runs: callers pause it or track dirty pages first.
+  Result<std::vector<ByteRange>> populated_ranges() const;
 
   // The host span behind [address, address + length), or an error if any of
   // it is outside RAM or straddles two regions.
@@ -101,8 +127,9 @@ class GuestMemory {
   bool contains(GuestAddr address, uint64_t length) const;
 
   // Gives the host memory behind [address, address + size_bytes) back: the
-  // memfd's pages are freed (a hole punched) and the range reads as zero on
-  // the next touch, by the guest or by us; for RAM mapped from a snapshot,
+  // anonymous pages are dropped (MADV_DONTNEED) or the memfd's freed (a hole
+  // punched), and the range reads as zero on the next touch, by the guest or
+  // by us; for RAM mapped from a snapshot,
   // the private copies are dropped and the range reads as the file's bytes. For the balloon and free page
   // reporting. address and size_bytes must be multiples of kPageBytes and
   // the range wholly inside one region; zero bytes is a no-op.
@@ -114,7 +141,7 @@ class GuestMemory {
   // guest's own writes; device emulation writes RAM from host threads, so
   // while tracking is on every page that write() changes, host_span() hands
   // out (its callers may write through the span) or discard() zeroes is
-  // marked here. Pages are numbered by their offset in the RAM (the memfd),
+  // marked here. Pages are numbered by their offset in ram(),
   // the same numbering as the migration stream.
   void set_dirty_tracking(bool on) const;
   // ORs the marked pages into bitmap (one bit per page, at least
@@ -145,7 +172,7 @@ class GuestMemory {
   Backing backing_;
 
   Fd fd_;
-  Mmap mapping_;  // all of RAM (the memfd shared, or the file private); regions point into it
+  Mmap mapping_;  // all of RAM (anonymous, the memfd shared, or the file private); regions point into it
   std::vector<MemoryRegion> regions_;
   uint64_t size_bytes_;
   std::unique_ptr<DirtyLog> dirty_;  // a pointer so GuestMemory stays movable

@@ -1,5 +1,5 @@
 // DirtyBitmap: which pages of guest RAM changed, one bit per 4 KiB page,
-// numbered by offset in the RAM (the memfd), as the migration stream sends
+// numbered by offset in the RAM (GuestMemory::ram()), as the migration stream sends
 // them. KVM's per-slot dirty logs and GuestMemory's VMM-side marks are
 // merged into one; the sender walks it as runs of consecutive pages.
 #pragma once

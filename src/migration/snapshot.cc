@@ -189,24 +189,36 @@ Result<MachineState> decode_machine_state(std::span<const std::byte> bytes,
   return decode_machine_sections(sections, label);
 }
 
-Result<void> write_snapshot(const std::string& path, const MachineState& machine,
-                            const Fd& memory, uint64_t memory_bytes, const HostCpuSummary& host) {
+namespace {
+
+// The machine's sections, then RAM as add_memory adds it.
+template <typename AddMemory>
+Result<void> write_snapshot_with(const std::string& path, const MachineState& machine,
+                                 const HostCpuSummary& host, AddMemory add_memory) {
   SnapshotWriter writer = TRY(SnapshotWriter::create(path, host));
   for (const StateSection& section : machine_sections(machine)) {
     TRY(writer.add(section.type, section.name, section.payload));
   }
-  TRY(writer.add_file_contents(SectionType::Memory, kMemoryName, memory, memory_bytes));
+  TRY(add_memory(writer));
   return writer.finish();
 }
 
+}  // namespace
+
 Result<void> write_snapshot(const std::string& path, const MachineState& machine,
-                            std::span<const std::byte> memory, const HostCpuSummary& host) {
-  SnapshotWriter writer = TRY(SnapshotWriter::create(path, host));
-  for (const StateSection& section : machine_sections(machine)) {
-    TRY(writer.add(section.type, section.name, section.payload));
-  }
-  TRY(writer.add_memory_contents(SectionType::Memory, kMemoryName, memory));
-  return writer.finish();
+                            std::span<const std::byte> memory,
+                            std::span<const memory::ByteRange> populated,
+                            const HostCpuSummary& host) {
+  return write_snapshot_with(path, machine, host, [&](SnapshotWriter& writer) {
+    return writer.add_memory_contents(SectionType::Memory, kMemoryName, memory, populated);
+  });
+}
+
+Result<void> write_snapshot(const std::string& path, const MachineState& machine,
+                            const Fd& memory, uint64_t memory_bytes, const HostCpuSummary& host) {
+  return write_snapshot_with(path, machine, host, [&](SnapshotWriter& writer) {
+    return writer.add_file_contents(SectionType::Memory, kMemoryName, memory, memory_bytes);
+  });
 }
 
 Result<Snapshot> read_snapshot(const std::string& path) {

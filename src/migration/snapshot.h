@@ -55,16 +55,18 @@ std::vector<std::byte> encode_machine_state(const MachineState& machine);
 Result<MachineState> decode_machine_state(std::span<const std::byte> bytes,
                                           std::string_view label);
 
-// Writes the machine and memory_bytes of guest RAM from memory (a memfd),
-// via a ".partial" file renamed into place.
-Result<void> write_snapshot(const std::string& path, const MachineState& machine,
-                            const Fd& memory, uint64_t memory_bytes,
-                            const HostCpuSummary& host = HostCpuSummary::of_this_host());
-
-// The same with RAM read from a mapping (a restored machine's, which is no
-// memfd; see SnapshotWriter::add_memory_contents).
+// Writes the machine and guest RAM (memory, of which only the populated
+// ranges are read: memory::GuestMemory::populated_ranges(); see
+// SnapshotWriter::add_memory_contents) via a ".partial" file renamed into
+// place.
 Result<void> write_snapshot(const std::string& path, const MachineState& machine,
                             std::span<const std::byte> memory,
+                            std::span<const memory::ByteRange> populated,
+                            const HostCpuSummary& host = HostCpuSummary::of_this_host());
+
+// The same with memory_bytes of RAM from the start of a memfd.
+Result<void> write_snapshot(const std::string& path, const MachineState& machine,
+                            const Fd& memory, uint64_t memory_bytes,
                             const HostCpuSummary& host = HostCpuSummary::of_this_host());
 
 struct Snapshot {

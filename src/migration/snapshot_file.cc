@@ -30,29 +30,6 @@ using Vendor = std::array<char, 12>;
 using FeatureWords = std::array<uint32_t, 8>;
 using Tag = std::array<char, 4>;
 
-// The [begin, end) ranges of source below length that hold data, in order
-// (SEEK_DATA/SEEK_HOLE); all of it where the file cannot tell.
-Result<std::vector<std::pair<uint64_t, uint64_t>>> data_extents(const Fd& source,
-                                                                uint64_t length) {
-  std::vector<std::pair<uint64_t, uint64_t>> extents;
-  uint64_t position = 0;
-  while (position < length) {
-    off_t start = ::lseek(source.get(), static_cast<off_t>(position), SEEK_DATA);
-    if (start < 0 && errno == ENXIO) break;  // only a hole is left
-    if (start < 0) {
-      extents.emplace_back(position, length);
-      break;
-    }
-    off_t end = ::lseek(source.get(), start, SEEK_HOLE);
-    if (end < 0) return fail_errno("lseek SEEK_HOLE in guest memory");
-    auto begin = std::min<uint64_t>(static_cast<uint64_t>(start), length);
-    auto finish = std::min<uint64_t>(static_cast<uint64_t>(end), length);
-    if (finish > begin) extents.emplace_back(begin, finish);
-    position = std::max(finish, position + 1);
-  }
-  return extents;
-}
-
 // crc continued over count zero bytes, without reading any.
 uint32_t crc32_of_zeros(uint32_t crc, uint64_t count) {
   static const std::vector<std::byte> zeros(kCrcChunkBytes);
@@ -233,45 +210,51 @@ Result<void> SnapshotWriter::add(SectionType type, std::string_view name,
   return ok();
 }
 
-// Guest RAM the guest never touched (or gave back through the balloon) is a
-// hole in the memfd. Only the data extents are read and written: reading a
-// hole through a shared mapping would allocate it (shmem fills holes on a
-// fault), and skipping holes keeps the snapshot as sparse as the guest's
-// memory, so a restore maps zero pages for the rest.
 Result<void> SnapshotWriter::add_file_contents(SectionType type, std::string_view name,
                                                const Fd& source, uint64_t length) {
   Mmap mapping;
   if (length > 0) mapping = TRY(Mmap::file(source, length, 0, PROT_READ, MAP_SHARED));
-  std::vector<std::pair<uint64_t, uint64_t>> extents = TRY(data_extents(source, length));
-  uint32_t crc = snapshot_crc32({});
-  uint64_t position = 0;
-  for (auto [begin, end] : extents) {
-    crc = crc32_of_zeros(crc, begin - position);
-    crc = snapshot_crc32(mapping.bytes().subspan(begin, end - begin), crc);
-    position = end;
-  }
-  crc = crc32_of_zeros(crc, length - position);
-
-  uint64_t payload_offset =
-      TRY(write_section_header(type, name, kSectionLazy, kPageBytes, length, crc));
-  for (auto [begin, end] : extents) {
-    TRY_CONTEXT(fd_.pwrite_all(mapping.bytes().subspan(begin, end - begin),
-                               payload_offset + begin),
-                fmt::format("snapshot {}", path_));
-  }
-  offset_ = payload_offset + length;
-  return ok();
+  std::vector<memory::ByteRange> populated =
+      TRY_CONTEXT(memory::file_data_ranges(source, length, kPageBytes),
+                  fmt::format("snapshot {}: guest memory", path_));
+  return add_memory_contents(type, name, mapping.bytes(), populated);
 }
 
+// Guest RAM the guest never touched (or gave back through the balloon) is
+// outside populated and is never read: reading it would allocate it (a read
+// fault fills a shmem hole, and maps the zero page into anonymous memory).
+// Inside, pages of zeros are skipped as well, so the snapshot is as sparse
+// as the guest's memory and a restore maps zero pages for the rest.
 Result<void> SnapshotWriter::add_memory_contents(SectionType type, std::string_view name,
-                                                 std::span<const std::byte> memory) {
+                                                 std::span<const std::byte> memory,
+                                                 std::span<const memory::ByteRange> populated) {
   if (memory.size() % kPageBytes != 0) {
     return fail(Errc::InvalidArgument,
                 fmt::format("snapshot {}: {} bytes of memory is not whole pages", path_,
                             memory.size()));
   }
-  const uint64_t payload_offset = TRY(write_section_header(
-      type, name, kSectionLazy, kPageBytes, memory.size(), snapshot_crc32(memory)));
+  uint64_t position = 0;
+  for (const memory::ByteRange& range : populated) {
+    if (range.begin < position || range.end < range.begin || range.end > memory.size() ||
+        range.begin % kPageBytes != 0 || range.end % kPageBytes != 0) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("snapshot {}: populated range {:#x}-{:#x} is not in order, page "
+                              "aligned and inside {} bytes of memory",
+                              path_, range.begin, range.end, memory.size()));
+    }
+    position = range.end;
+  }
+  uint32_t crc = snapshot_crc32({});
+  position = 0;
+  for (const memory::ByteRange& range : populated) {
+    crc = crc32_of_zeros(crc, range.begin - position);
+    crc = snapshot_crc32(memory.subspan(range.begin, range.end - range.begin), crc);
+    position = range.end;
+  }
+  crc = crc32_of_zeros(crc, memory.size() - position);
+  const uint64_t payload_offset =
+      TRY(write_section_header(type, name, kSectionLazy, kPageBytes, memory.size(), crc));
+
   auto is_zero = [](std::span<const std::byte> page) {
     return std::all_of(page.begin(), page.end(), [](std::byte b) { return b == std::byte{0}; });
   };
@@ -284,14 +267,15 @@ Result<void> SnapshotWriter::add_memory_contents(SectionType type, std::string_v
                                  payload_offset + run_start),
                   fmt::format("snapshot {}", path_));
     }
-    run_start = run_end;
     return ok();
   };
-  for (uint64_t page = 0; page < memory.size(); page += kPageBytes) {
-    if (is_zero(memory.subspan(page, kPageBytes))) {
-      TRY(flush());
-      run_start = run_end = page + kPageBytes;
-    } else {
+  for (const memory::ByteRange& range : populated) {
+    for (uint64_t page = range.begin; page < range.end; page += kPageBytes) {
+      if (is_zero(memory.subspan(page, kPageBytes))) continue;
+      if (page != run_end) {
+        TRY(flush());
+        run_start = page;
+      }
       run_end = page + kPageBytes;
     }
   }

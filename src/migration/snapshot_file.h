@@ -13,6 +13,7 @@
 
 #include "base/fd.h"
 #include "base/result.h"
+#include "memory/populated_ranges.h"
 
 namespace keel::migration {
 
@@ -30,7 +31,7 @@ enum class SectionType : uint16_t {
   Vcpu = 2,           // one vCPU's KVM state, named "vcpu<N>"
   Vm = 3,             // irqchip, PIT and clock
   Device = 4,         // one device's state, named by the device; opaque here
-  Memory = 5,         // guest RAM: the memfd's bytes, page aligned, lazy
+  Memory = 5,         // guest RAM's bytes, page aligned, lazy
   Disks = 6,          // the disk images' identities (migration/disks.h)
   End = 0xffff,       // the trailer
 };
@@ -81,15 +82,17 @@ class SnapshotWriter {
 
   Result<void> add(SectionType type, std::string_view name, std::span<const std::byte> payload,
                    uint16_t flags = 0);
-  // A lazy section of length bytes from the start of source (the guest's
-  // memfd), page aligned in the file.
+  // A lazy section holding memory (guest RAM, a whole number of pages),
+  // page aligned in the file. Only the populated ranges (in order, page
+  // aligned; memory::GuestMemory::populated_ranges()) are read, the rest
+  // is zeros; pages of zeros stay holes in the file.
+  Result<void> add_memory_contents(SectionType type, std::string_view name,
+                                   std::span<const std::byte> memory,
+                                   std::span<const memory::ByteRange> populated);
+  // The same from length bytes at the start of source (a memfd), its data
+  // extents (SEEK_DATA) as the populated ranges.
   Result<void> add_file_contents(SectionType type, std::string_view name, const Fd& source,
                                  uint64_t length);
-  // The same from memory the caller has mapped (RAM that is not a memfd:
-  // a restored machine's private mapping of its snapshot); a whole number
-  // of pages. Every page is read; pages of zeros stay holes in the file.
-  Result<void> add_memory_contents(SectionType type, std::string_view name,
-                                   std::span<const std::byte> memory);
   // Writes the end section, syncs and renames into place.
   Result<void> finish();
 

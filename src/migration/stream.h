@@ -87,7 +87,7 @@ Result<Hello> decode_hello(std::span<const std::byte> payload);
 // A pages frame's encoding. Zero carries no data: the destination zeroes
 // the run (a page that became all zeros since it was last sent).
 enum class Compression : uint32_t { None = 0, Zstd = 1, Zero = 2 };
-// Pages [first_page, first_page + page_count) of ram (all of RAM in memfd
+// Pages [first_page, first_page + page_count) of ram (all of RAM in offset
 // order), at most kMaxPagesPerFrame; with Zstd, compressed unless that does
 // not make it smaller.
 Result<std::vector<std::byte>> encode_pages(std::span<const std::byte> ram, uint64_t first_page,

@@ -226,6 +226,7 @@ int run(int argc, char** argv) {
   std::string config_file, serial_text, log_level = "warn";
   std::optional<uint32_t> cpus;
   std::optional<uint64_t> memory_mib;
+  std::optional<std::string> memory_backend;
   std::optional<std::string> kernel, initrd, cmdline;
   bool no_reboot = false, debug_exit = false, no_acpi = false, print_config = false, rng = false;
   std::vector<std::string> disk_texts, net_texts;
@@ -236,6 +237,10 @@ int run(int argc, char** argv) {
   app.add_option("--cmdline", cmdline, "Kernel command line (default: \"" + config.cmdline + "\")");
   app.add_option("--cpus", cpus, "Number of vCPUs (default 1)");
   app.add_option("--memory", memory_mib, "Guest memory in MiB (default 512)");
+  app.add_option("--memory-backend", memory_backend,
+                 "What guest RAM is: anon (default; private anonymous memory, transparent "
+                 "hugepages under the host's default THP setting) or memfd (shareable with "
+                 "another process; hugepages only if shmem_enabled allows)");
   app.add_option("--serial", serial_text, "Serial console: stdio (default), none, file:PATH or unix:PATH");
   app.add_option("--disk", disk_texts,
                  "A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=auto|raw|qcow2]; "
@@ -301,7 +306,7 @@ int run(int argc, char** argv) {
   std::optional<migration::Snapshot> snapshot;
   if (!restore_path.empty()) {
     for (const char* name : {"--config", "--kernel", "--initrd", "--cmdline", "--cpus", "--memory",
-                             "--disk", "--net", "--rng", "--virtio-console", "--balloon", "--vsock",
+                             "--memory-backend", "--disk", "--net", "--rng", "--virtio-console", "--balloon", "--vsock",
                              "--no-acpi", "--debug-exit"}) {
       if (app.count(name) > 0) {
         std::fprintf(stderr, "keel-vmm: --restore takes the machine from the snapshot: drop %s\n",
@@ -342,6 +347,11 @@ int run(int argc, char** argv) {
   if (cmdline) config.cmdline = *cmdline;
   if (cpus) config.cpus = *cpus;
   if (memory_mib) config.memory_mib = *memory_mib;
+  if (memory_backend) {
+    Result<memory::MemoryBackend> backend = machine::parse_memory_backend(*memory_backend);
+    if (!backend) return config_error(Error(backend.error()).wrap("--memory-backend"));
+    config.memory_backend = *backend;
+  }
   if (!serial_text.empty()) {
     Result<machine::SerialConfig> serial = machine::parse_serial(serial_text);
     if (!serial) return config_error(Error(serial.error()).wrap("--serial"));

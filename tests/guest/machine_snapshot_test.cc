@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -53,10 +54,23 @@ class MachineSnapshotTest : public ::testing::Test {
   std::string dir_;
 };
 
-TEST_F(MachineSnapshotTest, PausedMachineSavesItsConfigVcpusAndRam) {
+// On both fresh-machine RAM backends: Machine::save writes RAM from its
+// populated ranges (pagemap for anonymous RAM, SEEK_DATA for a memfd).
+class MachineSnapshotBackendTest : public MachineSnapshotTest,
+                                   public ::testing::WithParamInterface<memory::MemoryBackend> {};
+
+INSTANTIATE_TEST_SUITE_P(Backends, MachineSnapshotBackendTest,
+                         ::testing::Values(memory::MemoryBackend::Anonymous,
+                                           memory::MemoryBackend::Memfd),
+                         [](const auto& test_info) {
+                           return std::string(memory::memory_backend_name(test_info.param));
+                         });
+
+TEST_P(MachineSnapshotBackendTest, PausedMachineSavesItsConfigVcpusAndRam) {
   Result<kvm::Kvm> kvm = kvm::Kvm::open();
   ASSERT_TRUE(kvm) << kvm.error().message();
   VmConfig config;
+  config.memory_backend = GetParam();
   config.kernel = std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf";
   config.cmdline = "pvh-test spin";
   config.cpus = 2;
@@ -93,6 +107,12 @@ TEST_F(MachineSnapshotTest, PausedMachineSavesItsConfigVcpusAndRam) {
   EXPECT_TRUE(snapshot->machine.vm.pit.has_value());
   EXPECT_EQ(snapshot->memory.payload_bytes, config.memory_mib << 20);
   EXPECT_TRUE(snapshot->reader.verify(snapshot->memory));
+  // The saved RAM is the machine's, byte for byte (it is stopped now).
+  Result<Mmap> saved_ram = snapshot->map_memory();
+  ASSERT_TRUE(saved_ram) << saved_ram.error().message();
+  std::span<const std::byte> ram = (*machine)->memory().ram();
+  ASSERT_EQ(saved_ram->size_bytes(), ram.size());
+  EXPECT_EQ(std::memcmp(saved_ram->data(), ram.data(), ram.size()), 0);
 }
 
 TEST_F(MachineSnapshotTest, VirtioFunctionsAreSavedAndADifferentDeviceSetIsRefused) {

@@ -59,7 +59,8 @@ class VmmMigrateTest : public ::testing::Test {
   }
 
   void guest_continues(const std::string& dirty_log, const std::string& named);
-  void memory_arrives_exactly(const std::string& dirty_log, const std::string& stats_name);
+  void memory_arrives_exactly(const std::string& dirty_log, const std::string& stats_name,
+                              const std::string& backend = "anon");
   // Whether keel-vmm's --dirty-log auto picks the ring here.
   static bool ring_on_this_host() {
     Result<kvm::Kvm> kvm = kvm::Kvm::open();
@@ -256,13 +257,14 @@ class VmmMigrateTest : public ::testing::Test {
   // zero_pages_check.S, built as elf (it checks its own pages after every
   // pass and prints a letter), in a source that printed first_letters and
   // a destination waiting for it, both logging at info, with memory_mib of
-  // RAM and --dirty-log dirty_log.
+  // RAM, --dirty-log dirty_log and --memory-backend memory_backend.
   struct SelfCheckingPair {
     std::unique_ptr<VmmProcess> source, destination;
   };
   SelfCheckingPair start_self_checking_pair(const std::string& elf, size_t first_letters,
                                             int memory_mib = 64,
-                                            const std::string& dirty_log = "auto") {
+                                            const std::string& dirty_log = "auto",
+                                            const std::string& memory_backend = "anon") {
     auto args = [&](const std::string& socket, const std::string& console) {
       return std::vector<std::string>{
           "--kernel",   std::string(KEEL_VMM_GUEST_DIR) + "/" + elf,
@@ -271,7 +273,8 @@ class VmmMigrateTest : public ::testing::Test {
           "--serial",   "file:" + console,
           "--api-socket", socket,
           "--log-level", "info",
-          "--dirty-log", dirty_log};
+          "--dirty-log", dirty_log,
+          "--memory-backend", memory_backend};
     };
     SelfCheckingPair pair;
     pair.source = std::make_unique<VmmProcess>(args(source_socket_, source_console_));
@@ -370,10 +373,14 @@ TEST_F(VmmMigrateTest, GuestContinuesOnTheDestinationOverTheDirtyBitmap) {
 // after the migration it must go on with no mismatch, so every page the
 // destination holds, the ones zeroed by zero records included, is the
 // source's. RAM the guest never touched is not sent at all. dirty_log as
-// in guest_continues; the source's migration statistics must name it.
+// in guest_continues; the source's migration statistics must name it. On
+// both fresh-machine RAM backends (backend): the first pass finds the
+// populated pages through pagemap (anonymous RAM) or SEEK_DATA (a memfd).
 void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
-                                            const std::string& stats_name) {
-  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check.elf", 30, 64, dirty_log);
+                                            const std::string& stats_name,
+                                            const std::string& backend) {
+  SelfCheckingPair pair =
+      start_self_checking_pair("zero_pages_check.elf", 30, 64, dirty_log, backend);
   ASSERT_FALSE(HasFailure());
   VmmProcess& source = *pair.source;
 
@@ -410,6 +417,10 @@ void VmmMigrateTest::memory_arrives_exactly(const std::string& dirty_log,
 
 TEST_F(VmmMigrateTest, MemoryArrivesExactlyWithPagesTurningZero) {
   memory_arrives_exactly("auto", ring_on_this_host() ? "ring" : "bitmap");
+}
+
+TEST_F(VmmMigrateTest, MemoryArrivesExactlyFromAMemfd) {
+  memory_arrives_exactly("auto", ring_on_this_host() ? "ring" : "bitmap", "memfd");
 }
 
 TEST_F(VmmMigrateTest, MemoryArrivesExactlyOverTheDirtyBitmap) {

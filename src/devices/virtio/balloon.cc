@@ -640,7 +640,7 @@ Result<void> Balloon::restore_state(ActivateContext context, std::span<const std
     }
     ballooned_pages_ += range.pages;
     // Whatever backs RAM now (a snapshot's file, a migration's fresh
-    // memfd) need not hold these pages: give them back again.
+    // memory) need not hold these pages: give them back again.
     discard_range(first * kBalloonPageBytes, uint64_t{range.pages} * kBalloonPageBytes);
   }
   num_pages_ = config.num_pages;

@@ -22,6 +22,25 @@ TEST(MmapTest, ZeroSizeIsRejected) {
   EXPECT_EQ(map.error().code(), Errc::InvalidArgument);
 }
 
+TEST(MmapTest, AnonymousAlignedStartsOnTheAlignment) {
+  constexpr size_t kAlignment = 2 << 20;
+  for (size_t size : {size_t{4096}, size_t{3} << 20, size_t{5} << 20}) {
+    Mmap map = *Mmap::anonymous_aligned(size, kAlignment);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(map.data()) % kAlignment, 0u) << size;
+    ASSERT_EQ(map.size_bytes(), size);
+    map.data()[0] = std::byte{1};
+    map.data()[size - 1] = std::byte{2};
+    EXPECT_EQ(map.bytes()[size - 1], std::byte{2});
+  }
+}
+
+TEST(MmapTest, AnonymousAlignedRejectsAnAlignmentThatIsNoPowerOfTwo) {
+  Result<Mmap> map = Mmap::anonymous_aligned(4096, 3 << 20);
+  ASSERT_FALSE(map);
+  EXPECT_EQ(map.error().code(), Errc::InvalidArgument);
+  EXPECT_FALSE(Mmap::anonymous_aligned(4096, 0));
+}
+
 TEST(MmapTest, SharedFileMappingSeesFileWrites) {
   int raw = ::memfd_create("keel-mmap-test", MFD_CLOEXEC);
   ASSERT_GE(raw, 0);

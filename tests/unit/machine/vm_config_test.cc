@@ -70,7 +70,7 @@ TEST(MergeJsonTest, EveryKey) {
   VmConfig config;
   Result<void> merged = merge_json(R"({
     "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "cmdline": "console=ttyS0 quiet",
-    "cpus": 4, "memory_mib": 2048, "serial": "unix:/tmp/s.sock",
+    "cpus": 4, "memory_mib": 2048, "memory_backend": "memfd", "serial": "unix:/tmp/s.sock",
     "reboot": false, "debug_exit": true, "acpi": false
   })", "vm.json", config);
   ASSERT_TRUE(merged) << merged.error().message();
@@ -79,11 +79,29 @@ TEST(MergeJsonTest, EveryKey) {
   EXPECT_EQ(config.cmdline, "console=ttyS0 quiet");
   EXPECT_EQ(config.cpus, 4u);
   EXPECT_EQ(config.memory_mib, 2048u);
+  EXPECT_EQ(config.memory_backend, memory::MemoryBackend::Memfd);
   EXPECT_EQ(config.serial.kind, SerialConfig::Kind::Unix);
   EXPECT_EQ(config.serial.path, "/tmp/s.sock");
   EXPECT_FALSE(config.reboot);
   EXPECT_TRUE(config.debug_exit);
   EXPECT_FALSE(config.acpi);
+}
+
+TEST(MergeJsonTest, MemoryBackendDefaultsToAnonymousAndRoundTrips) {
+  VmConfig config;
+  EXPECT_EQ(config.memory_backend, memory::MemoryBackend::Anonymous);
+  ASSERT_TRUE(merge_json(R"({"memory_backend": "anon"})", "vm.json", config));
+  EXPECT_EQ(config.memory_backend, memory::MemoryBackend::Anonymous);
+  config.memory_backend = memory::MemoryBackend::Memfd;
+  VmConfig again;
+  ASSERT_TRUE(merge_json(to_json(config), "again.json", again));
+  EXPECT_EQ(again.memory_backend, memory::MemoryBackend::Memfd);
+  EXPECT_EQ(*parse_memory_backend("anon"), memory::MemoryBackend::Anonymous);
+  EXPECT_EQ(*parse_memory_backend("memfd"), memory::MemoryBackend::Memfd);
+  Result<memory::MemoryBackend> bad = parse_memory_backend("Anon");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code(), Errc::InvalidArgument);
+  EXPECT_THAT(bad.error().message(), HasSubstr("memory_backend 'Anon'"));
 }
 
 TEST(MergeJsonTest, EmptyObjectChangesNothing) {
@@ -149,6 +167,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "\"memory_mib\" must not be negative (got -512)"},
         BadJson{"memory_bool", R"({"memory_mib": true})",
                 "\"memory_mib\" must be a whole number, not boolean"},
+        BadJson{"memory_backend_junk", R"({"memory_backend": "hugetlb"})",
+                "memory_backend 'hugetlb': expected anon or memfd"},
+        BadJson{"memory_backend_number", R"({"memory_backend": 1})",
+                "\"memory_backend\" must be a string, not number"},
         BadJson{"serial_number", R"({"serial": 1})", "\"serial\" must be a string"},
         BadJson{"serial_junk", R"({"serial": "bogus"})", "serial 'bogus'"},
         BadJson{"reboot_string", R"({"reboot": "no"})", "\"reboot\" must be true or false, not string"},

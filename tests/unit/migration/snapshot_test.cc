@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "memory/guest_memory.h"
 #include "migration/device_state.h"
 #include "migration/kvm_state.h"
 
@@ -285,7 +286,9 @@ TEST_F(SnapshotTest, RamFromAPrivateMappingIsSavedAgainEvenOverItsOwnFile) {
   std::memset(mapped->data() + (4 << 20), 0, kPageBytes);
   std::vector<std::byte> expected(mapped->data(), mapped->data() + kLargeRam);
 
-  Result<void> written = write_snapshot(path_, sample_machine(), mapped->bytes());
+  // All of a private mapping may hold data (GuestMemory::populated_ranges).
+  const std::vector<memory::ByteRange> whole = {{0, kLargeRam}};
+  Result<void> written = write_snapshot(path_, sample_machine(), mapped->bytes(), whole);
   ASSERT_TRUE(written) << written.error().message();
   EXPECT_FALSE(fs::exists(path_ + ".partial"));
   // The old mapping still reads the old file (its inode lives on).
@@ -305,11 +308,76 @@ TEST_F(SnapshotTest, RamFromAPrivateMappingIsSavedAgainEvenOverItsOwnFile) {
 
   // Memory that is not whole pages is refused, and leaves no file.
   const std::string other = dir_ + "/odd.snap";
-  Result<void> odd = write_snapshot(other, sample_machine(), mapped->bytes().first(100));
+  Result<void> odd = write_snapshot(other, sample_machine(), mapped->bytes().first(100),
+                                    std::vector<memory::ByteRange>{});
   ASSERT_FALSE(odd);
   EXPECT_EQ(odd.error().code(), Errc::InvalidArgument);
   EXPECT_FALSE(fs::exists(other));
   EXPECT_FALSE(fs::exists(other + ".partial"));
+}
+
+// A fresh machine's RAM, whichever backend it is, saved as Machine::save
+// does (its populated ranges) and read back: every byte the same, untouched
+// and discarded RAM zeros and holes in the file, and saving reads nothing
+// it need not (untouched RAM stays unpopulated).
+class GuestMemorySnapshotTest : public SnapshotTest,
+                                public ::testing::WithParamInterface<memory::MemoryBackend> {};
+
+INSTANTIATE_TEST_SUITE_P(Backends, GuestMemorySnapshotTest,
+                         ::testing::Values(memory::MemoryBackend::Anonymous,
+                                           memory::MemoryBackend::Memfd),
+                         [](const auto& test_info) {
+                           return std::string(memory::memory_backend_name(test_info.param));
+                         });
+
+TEST_P(GuestMemorySnapshotTest, RoundTripKeepsRamAndLeavesUntouchedPagesOut) {
+  constexpr uint64_t kRam = 64 << 20;
+  constexpr uint64_t kHole = 48 << 20;  // RAM in two regions, as a machine's above 3 GiB
+  memory::GuestMemory ram = *memory::GuestMemory::create(kRam, kHole, 64 << 20, GetParam());
+  std::vector<std::byte> block(3 << 20);
+  for (size_t i = 0; i < block.size(); ++i) block[i] = std::byte(i * 13 + 1);
+  ASSERT_TRUE(ram.write(memory::GuestAddr(1 << 20), block));
+  ASSERT_TRUE(ram.write(memory::GuestAddr((64 << 20) + (10 << 20)), block));  // high region
+  ASSERT_TRUE(ram.discard(memory::GuestAddr(2 << 20), 1 << 20));            // given back
+  // Built aside: reading all of RAM would populate it (the zero page).
+  std::vector<std::byte> expected(kRam);
+  std::copy(block.begin(), block.end(), expected.begin() + (1 << 20));
+  std::fill_n(expected.begin() + (2 << 20), 1 << 20, std::byte{0});
+  std::copy(block.begin(), block.end(), expected.begin() + kHole + (10 << 20));
+
+  Result<std::vector<memory::ByteRange>> populated = ram.populated_ranges();
+  ASSERT_TRUE(populated) << populated.error().message();
+  Result<void> written = write_snapshot(path_, sample_machine(), ram.ram(), *populated);
+  ASSERT_TRUE(written) << written.error().message();
+  Result<std::vector<memory::ByteRange>> after = ram.populated_ranges();
+  ASSERT_TRUE(after);
+  EXPECT_EQ(*after, *populated) << "saving touched RAM it should have skipped";
+
+  struct stat info {};
+  ASSERT_EQ(::stat(path_.c_str(), &info), 0);
+  EXPECT_LT(static_cast<uint64_t>(info.st_blocks) * 512, 8u << 20) << "untouched RAM was written";
+  Result<Snapshot> snapshot = read_snapshot(path_);
+  ASSERT_TRUE(snapshot) << snapshot.error().message();
+  EXPECT_TRUE(snapshot->reader.verify(snapshot->memory));
+  Result<Mmap> mapped = snapshot->map_memory();
+  ASSERT_TRUE(mapped) << mapped.error().message();
+  ASSERT_EQ(mapped->size_bytes(), kRam);
+  EXPECT_EQ(std::memcmp(mapped->data(), expected.data(), kRam), 0);
+}
+
+TEST_F(SnapshotTest, PopulatedRangesMustBeInOrderAndInside) {
+  std::vector<std::byte> ram(16 * kPageBytes);
+  auto refused = [&](std::vector<memory::ByteRange> ranges) {
+    Result<void> written = write_snapshot(path_, sample_machine(), ram, ranges);
+    ASSERT_FALSE(written);
+    EXPECT_EQ(written.error().code(), Errc::InvalidArgument);
+    EXPECT_THAT(written.error().message(), HasSubstr("populated range"));
+    EXPECT_FALSE(fs::exists(path_));
+  };
+  refused({{0, 17 * kPageBytes}});
+  refused({{4 * kPageBytes, 5 * kPageBytes}, {0, kPageBytes}});
+  refused({{100, kPageBytes}});
+  refused({{2 * kPageBytes, kPageBytes}});
 }
 
 TEST_F(SnapshotTest, VcpuWithFpuInsteadOfXsaveRoundTrips) {

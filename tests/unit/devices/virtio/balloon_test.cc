@@ -59,14 +59,18 @@ std::vector<std::byte> stat_bytes(std::vector<std::pair<uint16_t, uint64_t>> rec
   return out;
 }
 
+// Bytes of RAM that hold pages, on either backend.
 uint64_t allocated_bytes(const GuestMemory& memory) {
-  struct stat st {};
-  EXPECT_EQ(::fstat(memory.fd().get(), &st), 0);
-  return static_cast<uint64_t>(st.st_blocks) * 512;
+  const std::vector<memory::ByteRange> ranges = memory.populated_ranges().value();
+  uint64_t bytes = 0;
+  for (const memory::ByteRange& range : ranges) bytes += range.end - range.begin;
+  return bytes;
 }
 
 class BalloonTest : public ::testing::Test {
  protected:
+  explicit BalloonTest(memory::MemoryBackend backend = memory::MemoryBackend::Anonymous)
+      : ram_(std::move(*GuestMemory::create(kRamBytes, kHoleStart, kHoleEnd, backend))) {}
   void SetUp() override { loop_ = std::move(*EventLoop::create()); }
   void TearDown() override {
     if (balloon_) balloon_->reset();
@@ -148,7 +152,7 @@ class BalloonTest : public ::testing::Test {
     balloon_->write_config(offset, std::as_bytes(std::span(&value, 1)));
   }
 
-  GuestMemory ram_ = std::move(*GuestMemory::create(kRamBytes, kHoleStart, kHoleEnd));
+  GuestMemory ram_;
   std::array<GuestMemory, 4> ring_memory_{make_test_memory(), make_test_memory(),
                                           make_test_memory(), make_test_memory()};
   std::array<std::optional<FakeVirtqueue>, 4> fakes_;
@@ -220,7 +224,22 @@ TEST_F(BalloonTest, OnlyActualIsWritable) {
   EXPECT_EQ(space.poison_val, 0u);
 }
 
-TEST_F(BalloonTest, InflateDiscardsGuestPages) {
+// Giving pages back works on both fresh-machine backends (MADV_DONTNEED on
+// anonymous RAM, a punched hole in a memfd).
+class BalloonDiscardTest : public BalloonTest,
+                           public ::testing::WithParamInterface<memory::MemoryBackend> {
+ protected:
+  BalloonDiscardTest() : BalloonTest(GetParam()) {}
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, BalloonDiscardTest,
+                         ::testing::Values(memory::MemoryBackend::Anonymous,
+                                           memory::MemoryBackend::Memfd),
+                         [](const auto& test_info) {
+                           return std::string(memory::memory_backend_name(test_info.param));
+                         });
+
+TEST_P(BalloonDiscardTest, InflateDiscardsGuestPages) {
   start();
   for (uint32_t pfn = 0x80; pfn < 0x90; ++pfn) fill_page(pfn, 0xa5);
   for (uint32_t pfn = kHighPfn; pfn < kHighPfn + 4; ++pfn) fill_page(pfn, 0xa5);
@@ -460,7 +479,7 @@ TEST_F(BalloonTest, NoTimerWithoutAPeriod) {
   EXPECT_EQ(queue(2).used_idx(), 0);
 }
 
-TEST_F(BalloonTest, FreePageReportingDiscardsRanges) {
+TEST_P(BalloonDiscardTest, FreePageReportingDiscardsRanges) {
   start();  // reporting_vq is queue 3, in ram_
   for (uint32_t pfn = 0x80; pfn < 0x94; ++pfn) fill_page(pfn, 0x66);
   for (uint32_t pfn = kHighPfn + 0x10; pfn < kHighPfn + 0x14; ++pfn) fill_page(pfn, 0x66);
