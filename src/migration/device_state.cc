@@ -1,6 +1,6 @@
 #include "migration/device_state.h"
 
-#include "migration/records.h"
+#include "base/records.h"
 
 #include <algorithm>
 #include <charconv>

@@ -2,7 +2,7 @@
 
 #include <fmt/format.h>
 
-#include "migration/bytes.h"
+#include "base/bytes.h"
 
 namespace keel::migration {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <fmt/format.h>
 
-#include "migration/records.h"
+#include "base/records.h"
 
 namespace keel::migration {
 namespace {

@@ -6,7 +6,7 @@
 
 #include <fmt/format.h>
 
-#include "migration/bytes.h"
+#include "base/bytes.h"
 #include "migration/kvm_state.h"
 
 namespace keel::migration {

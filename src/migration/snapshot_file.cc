@@ -11,7 +11,7 @@
 #include <fmt/format.h>
 
 #include "base/mmap.h"
-#include "migration/bytes.h"
+#include "base/bytes.h"
 
 namespace keel::migration {
 namespace {

@@ -11,7 +11,7 @@
 #include <cstring>
 
 #include "base/check.h"
-#include "migration/bytes.h"
+#include "base/bytes.h"
 
 namespace keel::migration {
 namespace {

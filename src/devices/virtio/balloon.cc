@@ -11,7 +11,7 @@
 #include <fmt/format.h>
 
 #include "base/log.h"
-#include "migration/records.h"
+#include "base/records.h"
 
 namespace keel::devices::virtio {
 namespace {
@@ -581,7 +581,7 @@ Result<VirtioDeviceState> Balloon::save_state() const {
   std::vector<SavedStat> stats;
   for (const auto& [tag, value] : stats_.values) stats.push_back({tag, {}, value});
 
-  migration::RecordWriter out;
+  RecordWriter out;
   out.value(BalloonField::Config, SavedConfig{num_pages_, actual_});
   out.value(BalloonField::Flags, broken_ ? kBalloonFlagBroken : uint32_t{0});
   out.bytes(BalloonField::Ballooned, std::as_bytes(std::span(ranges)));
@@ -596,7 +596,7 @@ Result<void> Balloon::restore_state(ActivateContext context, std::span<const std
   auto corrupt = [kLabel](const std::string& what) {
     return fail(Errc::Corrupt, fmt::format("{}: {}", kLabel, what));
   };
-  const auto records = TRY(migration::Records::parse(extra, kLabel, kLastBalloonField));
+  const auto records = TRY(Records::parse(extra, kLabel, kLastBalloonField));
   const auto config = TRY(records.required<SavedConfig>(BalloonField::Config, "config"));
   const auto flags = TRY(records.required<uint32_t>(BalloonField::Flags, "flags"));
   const auto ranges =

@@ -24,7 +24,7 @@
 #include <gtest/gtest.h>
 
 #include "base/event_loop.h"
-#include "migration/records.h"
+#include "base/records.h"
 #include "fake_interrupt.h"
 #include "fake_virtqueue.h"
 
@@ -754,7 +754,7 @@ TEST_F(BalloonSnapshotTest, CorruptOrTruncatedDeviceBytesAreRefused) {
     uint32_t pages;
   };
   auto with = [](std::vector<Range> ranges, uint32_t flags = 0, uint32_t num_pages = 0) {
-    migration::RecordWriter out;
+    RecordWriter out;
     out.value(uint16_t{1}, std::array<uint32_t, 2>{num_pages, 0});
     out.value(uint16_t{2}, flags);
     out.bytes(uint16_t{3}, std::as_bytes(std::span(ranges)));
@@ -772,7 +772,7 @@ TEST_F(BalloonSnapshotTest, CorruptOrTruncatedDeviceBytesAreRefused) {
   refused(with({{0x10, 0}}), "empty range");
   refused(with({{0xffffffff, 2}}), "range past 2^32 pages");
   std::vector<std::byte> extra_field = with({});
-  migration::RecordWriter unknown;
+  RecordWriter unknown;
   unknown.value(uint16_t{6}, uint32_t{0});
   std::vector<std::byte> tail = unknown.take();
   extra_field.insert(extra_field.end(), tail.begin(), tail.end());

@@ -17,7 +17,7 @@
 
 #include "base/result.h"
 
-namespace keel::migration {
+namespace keel {
 
 static_assert(std::endian::native == std::endian::little, "snapshot fields are little-endian");
 
@@ -75,4 +75,4 @@ class ByteReader {
   size_t offset_ = 0;
 };
 
-}  // namespace keel::migration
+}  // namespace keel

@@ -15,9 +15,9 @@
 #include <fmt/format.h>
 
 #include "base/result.h"
-#include "migration/bytes.h"
+#include "base/bytes.h"
 
-namespace keel::migration {
+namespace keel {
 
 class RecordWriter {
  public:
@@ -109,4 +109,4 @@ class Records {
   std::map<uint16_t, std::span<const std::byte>> fields_;
 };
 
-}  // namespace keel::migration
+}  // namespace keel
