@@ -442,12 +442,8 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyThroughFullDirtyRings) {
   SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128, "ring");
   ASSERT_FALSE(HasFailure());
   // At 16 MiB/s the first pass takes over a second, many guest passes.
-  api::HttpReply started = call(source_socket_, "PUT", "/api/v1/vm/migrate",
-                                Json{{"destination", "unix:" + migration_socket_},
-                                     {"downtime_ms", 5000},
-                                     {"bandwidth_mib", 16}}
-                                    .dump());
-  ASSERT_EQ(started.status, 200u) << started.body;
+  start_migration({{"downtime_ms", 5000}, {"bandwidth_mib", 16}});
+  ASSERT_FALSE(HasFailure());
   Outcome source_outcome = pair.source->wait(kGuestTimeout);
   ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
   EXPECT_THAT(source_outcome.err, HasSubstr("dirty log from KVM's dirty ring"));
