@@ -62,6 +62,7 @@ struct MigrateRequest {
   bool compress = false;
   bool migrate_disks = false;  // copy writable disks into the destination's own images
   bool auto_converge = true;   // throttle the vCPUs while the guest outpaces the link
+  bool postcopy = false;       // after the first pass, run on the destination and fetch the rest
 };
 
 std::string_view command_name(CommandKind kind);

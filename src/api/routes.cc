@@ -25,7 +25,8 @@ constexpr std::string_view kConfigFields[] = {
 constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
 constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
-                                               "compress", "migrate_disks", "auto_converge"};
+                                               "compress", "migrate_disks", "auto_converge",
+                                               "postcopy"};
 
 const std::array kRoutes = {
     Route{"GET", "/api/v1/version", RouteId::Version, std::nullopt, {}, {}},
@@ -498,10 +499,13 @@ std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body)
     } else if (key == "auto_converge") {
       if (!value.is_boolean()) return ApiError{400, "auto_converge: must be true or false", key};
       request.auto_converge = value.get<bool>();
+    } else if (key == "postcopy") {
+      if (!value.is_boolean()) return ApiError{400, "postcopy: must be true or false", key};
+      request.postcopy = value.get<bool>();
     } else {
       return ApiError{400,
                       fmt::format("unknown field '{}': migrate takes destination, downtime_ms, "
-                                  "bandwidth_mib, compress, migrate_disks and auto_converge",
+                                  "bandwidth_mib, compress, migrate_disks, auto_converge and postcopy",
                                   key),
                       key};
     }

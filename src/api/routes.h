@@ -102,7 +102,8 @@ Result<uint64_t> parse_balloon_body(std::string_view body, std::string& bad_fiel
 // and not end in '/'; a 400 names the field at fault otherwise.
 std::variant<std::string, ApiError> parse_snapshot_body(std::string_view body);
 // {"destination": "unix:PATH" | "tcp:HOST:PORT", "downtime_ms": N,
-//  "bandwidth_mib": N, "compress": bool, "migrate_disks": bool, "auto_converge": bool}:
+//  "bandwidth_mib": N, "compress": bool, "migrate_disks": bool, "auto_converge": bool,
+//  "postcopy": bool}:
 //  destination required, the rest optional (auto_converge on unless false);
 //  errors name the field.
 std::variant<MigrateRequest, ApiError> parse_migrate_body(std::string_view body);

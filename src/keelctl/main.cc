@@ -282,6 +282,11 @@ void print_migration(const Json& stats) {
     if (stats.value("throttle_percent", uint64_t{0}) > 0) {
       line += fmt::format(", vCPUs throttled {}%", stats.value("throttle_percent", uint64_t{0}));
     }
+    if (stats.contains("postcopy") && text(stats["phase"]) == "postcopy") {
+      line += fmt::format(", post-copy: {} pages requested, {} sent behind",
+                          stats["postcopy"].value("pages_requested", uint64_t{0}),
+                          stats["postcopy"].value("background_pages", uint64_t{0}));
+    }
     if (stats.value("disk_bytes_copied", uint64_t{0}) > 0) {
       line += fmt::format(", disks {} MiB copied, {} MiB left",
                           stats.value("disk_bytes_copied", uint64_t{0}) >> 20,
@@ -325,8 +330,13 @@ int migrate(const api::Client& client, bool json, const Json& request) {
                       text(event.value("total_ms", Json())).c_str(),
                       text(event.value("downtime_ms", Json())).c_str());
         } else if (type == "migration-failed") {
-          std::fprintf(stderr, "keelctl: vm migrate: %s; the VM runs on here\n",
-                       text(event.value("error", Json())).c_str());
+          const bool gone = event.contains("postcopy") &&
+                            event["postcopy"].value("running_on_destination", false);
+          std::fprintf(stderr, "keelctl: vm migrate: %s; %s\n",
+                       text(event.value("error", Json())).c_str(),
+                       gone ? "post-copy had begun: the VM stays paused here, the destination "
+                              "cannot go on"
+                            : "the VM runs on here");
         } else if (type == "migration-progress") {
           print_migration(event);
         }
@@ -549,6 +559,7 @@ int run(int argc, char** argv) {
   std::string migrate_destination;
   uint64_t downtime_ms = 300, bandwidth_mib = 0;
   bool compress = false, migrate_disks = false, no_auto_converge = false, migrate_chosen = false;
+  bool postcopy = false;
   CLI::App* migrate_command = vm->add_subcommand(
       "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST (or told "
                  "`keelctl vm receive DEST`); prints "
@@ -566,6 +577,12 @@ int run(int argc, char** argv) {
                             "Never throttle the vCPUs; by default they are slowed down (20% "
                             "and up, 99% at most) while the guest dirties RAM faster than the "
                             "link carries it");
+  migrate_command->add_flag(
+      "--postcopy", postcopy,
+      "Post-copy: after the first full pass, pause here and run the VM on the destination at "
+      "once, its missing pages fetched as it touches them and the rest streamed after. Once "
+      "it runs there, no way back: a broken connection leaves the VM paused here (resuming it "
+      "would lose the destination's writes) and the destination exits with an error");
   migrate_command->callback([&migrate_chosen] { migrate_chosen = true; });
   try {
     app.parse(argc, argv);
@@ -604,7 +621,8 @@ int run(int argc, char** argv) {
     return migrate(client, json,
                    Json{{"destination", migrate_destination}, {"downtime_ms", downtime_ms},
                         {"bandwidth_mib", bandwidth_mib}, {"compress", compress},
-                        {"migrate_disks", migrate_disks}, {"auto_converge", !no_auto_converge}});
+                        {"migrate_disks", migrate_disks}, {"auto_converge", !no_auto_converge},
+                        {"postcopy", postcopy}});
   }
   if (receive_chosen) return receive(client, json, receive_source, receive_no_wait);
   if (restore_chosen) {

@@ -473,6 +473,7 @@ class Machine::Prebuilt {
 
   // Guest RAM, for a migration's pages (no vCPU runs).
   std::span<std::byte> ram() const { return machine_->memory_.ram(); }
+  const memory::GuestMemory& memory() const { return machine_->memory_; }
   // Checks saved against this host and the config (Machine::restore's
   // checks) and applies it: the serial port and RTC from their sections,
   // each virtio-pci function's section, the VM's in-kernel state, then each

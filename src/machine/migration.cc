@@ -57,6 +57,8 @@ std::string_view migration_phase_name(MigrationPhase phase) {
       return "stop-and-copy";
     case MigrationPhase::AwaitingAck:
       return "awaiting-ack";
+    case MigrationPhase::Postcopy:
+      return "postcopy";
     case MigrationPhase::Completed:
       return "completed";
     case MigrationPhase::Failed:
@@ -78,6 +80,9 @@ Result<std::unique_ptr<MigrationSender>> MigrationSender::start(Machine& machine
                                                                 Report report) {
   TRY_CONTEXT(machine.check_state_saveable(), "migrate");
   if (!options.migrate_disks) TRY_CONTEXT(machine.check_disks_hand_over(), "migrate");
+  if (options.postcopy && options.migrate_disks) {
+    return fail(Errc::Unsupported, "migrate: postcopy does not copy disks (migrate_disks)");
+  }
   if (machine.stop_status()) return fail(Errc::Busy, "migrate: the VM is stopping");
   std::unique_ptr<MigrationSender> sender(
       new MigrationSender(machine, std::move(options), std::move(report)));
@@ -107,7 +112,8 @@ Result<void> MigrationSender::cancel() {
   // Once the end is sent the destination may already be taking the machine
   // over; dropping the connection then could lose its ack and leave the
   // guest running twice. Its answer (or the ack timeout) decides instead.
-  if (committed_.load() || stats_.phase == MigrationPhase::AwaitingAck) {
+  if (committed_.load() || stats_.phase == MigrationPhase::AwaitingAck ||
+      stats_.phase == MigrationPhase::Postcopy) {
     return fail(Errc::Busy, "the destination is taking the machine over: too late to cancel");
   }
   cancelled_.store(true);
@@ -160,10 +166,26 @@ void MigrationSender::run() {
     quiesced_.reset();
     return;
   }
-  // The source stays the machine: logging off, its disks' locks back,
-  // devices going on, then vCPUs running again if we held them.
   (void)machine_.stop_dirty_log();
   std::string message = cancelled_.load() ? "cancelled" : result.error().message();
+  if (committed_.load()) {
+    // Post-copy after the destination ran the machine: its writes live
+    // only there, so resuming here would lose them (and its disk writes
+    // would not match this RAM). QEMU's choice too: stay paused, say so.
+    message += "; post-copy had begun: the VM stays paused here";
+    {
+      std::lock_guard lock(mutex_);
+      stats_.phase = MigrationPhase::Failed;
+      stats_.error = message;
+      stats_.total_ms = elapsed_ms(started_);
+    }
+    LOG_ERROR("migration to {} failed in post-copy: {}", options_.destination.text, message);
+    if (report_) report_("migration-failed", stats());
+    finished_.store(true);
+    return;
+  }
+  // The source stays the machine: logging off, its disks' locks back,
+  // devices going on, then vCPUs running again if we held them.
   if (Result<void> locked = retake_disk_locks(); !locked) {
     // Never run on without the disk: another process may be writing it.
     message += fmt::format("; the VM stays paused: {}", locked.error().message());
@@ -199,34 +221,49 @@ Result<void> MigrationSender::retake_disk_locks() {
   return locked;
 }
 
-Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
-                                         const migration::DirtyBitmap& dirty, Pass pass) {
+Result<void> MigrationSender::send_run(migration::StreamWriter& writer, uint64_t first,
+                                       uint64_t count, Pass pass) {
   std::span<const std::byte> ram = machine_.memory().ram();
   const migration::Compression compression =
       options_.compress ? migration::Compression::Zstd : migration::Compression::None;
-  const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
-  const Clock::time_point begin = Clock::now();
-  const uint64_t bytes_at_begin = writer.bytes_sent();
   auto is_zero = [&](uint64_t page) {
     return migration::is_zero_page(ram.subspan(page * kPageBytes, kPageBytes));
   };
   // One frame for a sub-run of pages alike (all zero, or all with data).
-  auto send_run = [&](uint64_t first, uint64_t count, bool zero) -> Result<void> {
+  auto send_alike = [&](uint64_t start, uint64_t pages, bool zero) -> Result<void> {
     if (!zero) {
       std::vector<std::byte> frame = TRY(
-          migration::encode_pages(ram, first, static_cast<uint32_t>(count), compression));
+          migration::encode_pages(ram, start, static_cast<uint32_t>(pages), compression));
       TRY(writer.send(migration::FrameType::Pages, frame));
     } else if (pass == Pass::Later) {
       TRY(writer.send(migration::FrameType::Pages,
-                      migration::encode_zero_pages(first, static_cast<uint32_t>(count))));
-      zero_records_ += count;
+                      migration::encode_zero_pages(start, static_cast<uint32_t>(pages))));
+      zero_records_ += pages;
     }
     std::lock_guard lock(mutex_);
-    (zero ? stats_.zero_pages : stats_.pages_sent) += count;
+    (zero ? stats_.zero_pages : stats_.pages_sent) += pages;
     stats_.bytes_sent = writer.bytes_sent();
-    stats_.remaining_pages -= std::min(stats_.remaining_pages, count);
+    stats_.remaining_pages -= std::min(stats_.remaining_pages, pages);
     return ok();
   };
+  // Split the run where pages turn from zero to data and back.
+  uint64_t start = first;
+  bool zero = is_zero(first);
+  for (uint64_t page = first + 1; page < first + count; ++page) {
+    bool page_zero = is_zero(page);
+    if (page_zero == zero) continue;
+    TRY(send_alike(start, page - start, zero));
+    start = page;
+    zero = page_zero;
+  }
+  return send_alike(start, first + count - start, zero);
+}
+
+Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
+                                         const migration::DirtyBitmap& dirty, Pass pass) {
+  const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
+  const Clock::time_point begin = Clock::now();
+  const uint64_t bytes_at_begin = writer.bytes_sent();
   Result<void> result = ok();
   dirty.for_each_run(migration::kMaxPagesPerFrame, [&](uint64_t first, uint64_t count) {
     if (!result) return;
@@ -234,17 +271,7 @@ Result<void> MigrationSender::send_dirty(migration::StreamWriter& writer,
       result = check_cancelled();
       return;
     }
-    // Split the run where pages turn from zero to data and back.
-    uint64_t start = first;
-    bool zero = is_zero(first);
-    for (uint64_t page = first + 1; page < first + count && result; ++page) {
-      bool page_zero = is_zero(page);
-      if (page_zero == zero) continue;
-      result = send_run(start, page - start, zero);
-      start = page;
-      zero = page_zero;
-    }
-    if (result) result = send_run(start, first + count - start, zero);
+    result = send_run(writer, first, count, pass);
     if (result && limit_bytes_per_second > 0) {
       // Hold the average since this pass began at the limit.
       auto due = begin + std::chrono::microseconds((writer.bytes_sent() - bytes_at_begin) *
@@ -411,6 +438,11 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     LOG_INFO("migration round {}: {} pages in {} ms, {} dirty (~{:.0f} ms to send)", round, pages,
              round_ms, remaining, estimate_ms);
     if (fits) break;
+    if (options_.postcopy) {
+      LOG_INFO("migration: {} pages still dirty after the first pass: switching to post-copy",
+               remaining);
+      break;
+    }
     if (round >= kMaxDirtyRounds) {
       LOG_WARN("migration: {} pages still dirty after {} rounds; stopping the VM to finish",
                remaining, round);
@@ -454,6 +486,17 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
     stats_.downtime.last_pages = dirty.count();
   }
   lap(&DowntimeBreakdown::dirty_log_us);
+  if (options_.postcopy && !dirty.empty()) {
+    // The destination runs as soon as it has the state; the dirty pages
+    // follow. The disks' locks go first, as before an end.
+    TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
+    lap(&DowntimeBreakdown::send_state_us);
+    disks_released_ = true;
+    TRY_CONTEXT(machine_.set_disk_locks(false), "migrate");
+    TRY(writer.send(migration::FrameType::PostcopyStart, migration::encode_postcopy_start(dirty)));
+    lap(&DowntimeBreakdown::release_disks_us);
+    return postcopy(writer, reader, dirty, pause_begin);
+  }
   TRY(send_dirty(writer, dirty, Pass::Later));
   // The devices are quiesced: no disk write is in flight or can start.
   TRY(send_disk_chunks(writer));
@@ -492,12 +535,140 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   return ok();
 }
 
+Result<void> MigrationSender::postcopy(migration::StreamWriter& writer,
+                                       migration::StreamReader& reader,
+                                       const migration::DirtyBitmap& pending,
+                                       Clock::time_point paused_at) {
+  const std::string& peer = options_.destination.text;
+  const uint64_t ram_pages = machine_.memory().page_count();
+  const Clock::time_point switched = Clock::now();
+  migration::DirtyBitmap sent(ram_pages);
+  {
+    std::lock_guard lock(mutex_);
+    stats_.phase = MigrationPhase::Postcopy;
+    stats_.remaining_pages = pending.count();
+  }
+  LOG_INFO("migration to {}: post-copy of {} pages", peer, pending.count());
+  auto wanted = [&](uint64_t page) { return pending.test(page) && !sent.test(page); };
+  // Sends [first, end) (pages still wanted, at most a frame's worth).
+  auto send_wanted = [&](uint64_t first, uint64_t end, uint64_t PostcopyStats::*counter)
+      -> Result<void> {
+    TRY(send_run(writer, first, end - first, Pass::Later));
+    for (uint64_t page = first; page < end; ++page) sent.set(page);
+    std::lock_guard lock(mutex_);
+    stats_.postcopy.*counter += end - first;
+    return ok();
+  };
+  bool running = false;  // the destination acked that the machine runs there
+  bool ended = false;    // every page and the end are sent
+  bool complete = false;  // the destination acked that it holds every page
+  auto answer = [&](const migration::Frame& frame) -> Result<void> {
+    switch (frame.type) {
+      case migration::FrameType::PageRequest: {
+        migration::PageRequest request = TRY_CONTEXT(
+            migration::decode_page_request(frame.payload, ram_pages), "migrate: " + peer);
+        // A page not pending is there already; a page sent is on its way.
+        const uint64_t end = request.first_page + request.page_count;
+        for (uint64_t page = request.first_page; page < end;) {
+          if (!wanted(page)) {
+            ++page;
+            continue;
+          }
+          uint64_t run_end = page + 1;
+          while (run_end < end && wanted(run_end)) ++run_end;
+          TRY(send_wanted(page, run_end, &PostcopyStats::pages_requested));
+          page = run_end;
+        }
+        return ok();
+      }
+      case migration::FrameType::Ack:
+      case migration::FrameType::Abort: {
+        migration::Verdict verdict = TRY(migration::decode_verdict(frame.payload));
+        if (frame.type == migration::FrameType::Abort || !verdict.ok) {
+          return fail(Errc::Io, fmt::format("migrate: {} {}: {}", peer,
+                                            running ? "failed in post-copy" : "refused the machine",
+                                            verdict.message));
+        }
+        if (!running) {
+          // No way back from here: the guest writes its RAM there now.
+          running = true;
+          committed_.store(true);
+          std::lock_guard lock(mutex_);
+          stats_.postcopy.running_on_destination = true;
+          stats_.downtime_ms = elapsed_ms(paused_at);
+          LOG_INFO("migration to {}: the machine runs there after {} ms paused", peer,
+                   stats_.downtime_ms);
+          return ok();
+        }
+        if (!ended) {
+          return fail(Errc::Corrupt,
+                      fmt::format("migrate: {} acked every page before the end", peer));
+        }
+        complete = true;
+        return ok();
+      }
+      default:
+        return fail(Errc::Corrupt, fmt::format("migrate: {} answered with a {} frame in "
+                                               "post-copy",
+                                               peer, migration::frame_type_name(frame.type)));
+    }
+  };
+  const uint64_t limit_bytes_per_second = options_.bandwidth_mib << 20;
+  uint64_t background_bytes = 0;
+  uint64_t cursor = 0;  // the background stream's next page
+  while (!complete) {
+    // The destination's requests go ahead of the background stream, which
+    // waits for them as long as the bandwidth limit holds it back anyway.
+    int timeout_ms = 0;
+    if (ended) {
+      timeout_ms = kAckTimeoutMs;
+    } else if (limit_bytes_per_second > 0) {
+      const auto due = switched + std::chrono::microseconds(background_bytes * 1'000'000 /
+                                                            limit_bytes_per_second);
+      timeout_ms = static_cast<int>(std::max<int64_t>(
+          0, std::chrono::duration_cast<std::chrono::milliseconds>(due - Clock::now()).count()));
+    }
+    if (TRY(reader.readable(timeout_ms))) {
+      TRY(answer(TRY(reader.next(kAckTimeoutMs))));
+      continue;
+    }
+    if (ended) {
+      return fail(Errc::Timeout, fmt::format("migrate: {} sent nothing for {} s in post-copy",
+                                              peer, kAckTimeoutMs / 1000));
+    }
+    while (cursor < ram_pages && !wanted(cursor)) ++cursor;
+    if (cursor == ram_pages) {
+      TRY(writer.send(migration::FrameType::End,
+                      migration::encode_end({stats().pages_sent, stats().rounds})));
+      ended = true;
+      std::lock_guard lock(mutex_);
+      stats_.postcopy.ms = elapsed_ms(switched);
+      stats_.bytes_sent = writer.bytes_sent();
+      continue;
+    }
+    uint64_t run_end = cursor + 1;
+    while (run_end < ram_pages && run_end - cursor < migration::kMaxPagesPerFrame &&
+           wanted(run_end)) {
+      ++run_end;
+    }
+    const uint64_t before = writer.bytes_sent();
+    TRY(send_wanted(cursor, run_end, &PostcopyStats::background_pages));
+    background_bytes += writer.bytes_sent() - before;
+  }
+  const MigrationStats done = stats();
+  LOG_INFO("migration to {}: post-copy done in {} ms: {} pages requested, {} in the background",
+           peer, done.postcopy.ms, done.postcopy.pages_requested, done.postcopy.background_pages);
+  return ok();
+}
+
 Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const std::string& peer,
                                                    const VmConfig& config, const kvm::Kvm& kvm,
-                                                   devices::Serial::Output serial_output) {
+                                                   devices::Serial::Output serial_output,
+                                                   std::unique_ptr<PostcopyIncoming>* postcopy) {
   migration::StreamWriter writer(connection);
   migration::StreamReader reader(connection, peer);
   const std::string label = fmt::format("incoming migration from {}", peer);
+  std::unique_ptr<PostcopyIncoming> incoming;  // once a post-copy start arrived
   auto receive = [&]() -> Result<std::unique_ptr<Machine>> {
     TRY(reader.read_preamble(kReceiveTimeoutMs));
     migration::Frame hello_frame = TRY(reader.next(kReceiveTimeoutMs));
@@ -600,17 +771,58 @@ Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const s
           migration::Verdict verdict = TRY(migration::decode_verdict(frame.payload));
           return fail(Errc::Io, fmt::format("{}: the source gave up: {}", label, verdict.message));
         }
+        case migration::FrameType::PostcopyStart: {
+          if (postcopy == nullptr) {
+            return fail(Errc::Unsupported, fmt::format("{}: post-copy is not supported here",
+                                                       label));
+          }
+          if (!state || !prebuilt || disk_copies) {
+            return fail(Errc::Corrupt,
+                        fmt::format("{}: a post-copy start before the machine state", label));
+          }
+          migration::DirtyBitmap pending = TRY_CONTEXT(
+              migration::decode_postcopy_start(frame.payload, prebuilt->memory().page_count()),
+              label);
+          LOG_INFO("{}: {} pages received, post-copy of {} more", label, pages, pending.count());
+          // RAM registered with userfaultfd before anything can touch it:
+          // restoring the devices may read it already.
+          incoming = TRY(PostcopyIncoming::start(connection, label, prebuilt->memory(),
+                                                 std::move(pending)));
+          std::unique_ptr<Machine> machine = TRY(std::move(*prebuilt).restore(
+              label, *state, hello.host, std::move(serial_output), DiskHandover::Shared));
+          // The source let go of its disks before it sent the post-copy start.
+          TRY_CONTEXT(machine->set_disk_locks(true), label);
+          return machine;
+        }
         case migration::FrameType::Hello:
         case migration::FrameType::Ack:
+        case migration::FrameType::PageRequest:
           return fail(Errc::Corrupt, fmt::format("{}: an unexpected {} frame", label,
                                                  migration::frame_type_name(frame.type)));
       }
     }
   };
   Result<std::unique_ptr<Machine>> machine = receive();
+  if (machine && incoming) {
+    // The fault thread writes too: the ack goes through it.
+    Result<void> acked = incoming->running(**machine);
+    if (acked) {
+      *postcopy = std::move(incoming);
+      return machine;
+    }
+    machine = fail(Error(acked.error()).wrap(label));
+  }
   if (!machine) {
-    (void)writer.send(migration::FrameType::Ack,
-                      migration::encode_verdict({false, machine.error().message()}));
+    const std::vector<std::byte> refusal =
+        migration::encode_verdict({false, machine.error().message()});
+    if (incoming) {
+      // Nothing ran. Its fault thread may be writing a request: refuse
+      // through it, then end its threads.
+      (void)incoming->send(migration::FrameType::Ack, refusal);
+      incoming.reset();
+    } else {
+      (void)writer.send(migration::FrameType::Ack, refusal);
+    }
     return fail(machine.error());
   }
   TRY_CONTEXT(writer.send(migration::FrameType::Ack, migration::encode_verdict({true, "running"})),

@@ -24,6 +24,7 @@
 #include "base/result.h"
 #include "machine/disk_mirror.h"
 #include "machine/machine.h"
+#include "machine/postcopy.h"
 #include "migration/stream.h"
 #include "migration/transport.h"
 
@@ -41,6 +42,11 @@ struct MigrationOptions {
   // Copy the writable disks' contents into the destination's own images
   // (machine/disk_mirror.h) instead of handing shared images over.
   bool migrate_disks = false;
+  // Post-copy (docs/migration-protocol.md): after the first full pass, the
+  // vCPUs stop here, the machine state and the list of pages not yet sent
+  // go over and the destination runs at once; the rest follows, the pages
+  // the destination asks for first. Not with migrate_disks.
+  bool postcopy = false;
 };
 
 enum class MigrationPhase {
@@ -48,6 +54,7 @@ enum class MigrationPhase {
   Copying,      // all RAM, then dirty rounds, vCPUs running
   StopAndCopy,  // vCPUs paused: the last pages and the machine state
   AwaitingAck,
+  Postcopy,  // the destination runs; the pages it lacks still go over
   Completed,
   Failed,
   Cancelled,
@@ -70,6 +77,15 @@ struct DowntimeBreakdown {
   uint64_t ack_us = 0;
 };
 
+struct PostcopyStats {
+  // The destination acked that the machine runs there: the source can
+  // never resume without losing its writes.
+  bool running_on_destination = false;
+  uint64_t pages_requested = 0;   // sent because the destination asked (a fault there)
+  uint64_t background_pages = 0;  // sent in order behind them
+  uint64_t ms = 0;                // from the switch-over to the last page sent
+};
+
 struct MigrationStats {
   MigrationPhase phase = MigrationPhase::Connecting;
   std::string destination;
@@ -89,6 +105,7 @@ struct MigrationStats {
   uint64_t disk_bytes_copied = 0;     // migrate_disks: chunk bytes read and sent, resent ones too
   uint64_t disk_remaining_bytes = 0;  // migrate_disks: written since last sent
   DowntimeBreakdown downtime;  // filled in as the stop-and-copy goes
+  PostcopyStats postcopy;      // options.postcopy
   std::string error;         // Failed, Cancelled
 };
 
@@ -126,6 +143,16 @@ class MigrationSender {
   enum class Pass { First, Later };
   Result<void> send_dirty(migration::StreamWriter& writer, const migration::DirtyBitmap& dirty,
                           Pass pass);
+  // Pages [first, first + count), at most kMaxPagesPerFrame, in frames of
+  // pages alike (all zero, or all with data).
+  Result<void> send_run(migration::StreamWriter& writer, uint64_t first, uint64_t count,
+                        Pass pass);
+  // Post-copy once the destination has the machine state and the list of
+  // pages still to come (pending): serves its requests ahead of the rest.
+  // paused_at: when the vCPUs stopped, for the downtime.
+  Result<void> postcopy(migration::StreamWriter& writer, migration::StreamReader& reader,
+                        const migration::DirtyBitmap& pending,
+                        std::chrono::steady_clock::time_point paused_at);
   Result<void> check_cancelled() const;
   // After a failed handover: the disks' locks again (retried for a while).
   Result<void> retake_disk_locks();
@@ -161,9 +188,13 @@ class MigrationSender {
 // it applies the state (Machine::Prebuilt::restore, which checks it first),
 // takes the shared disks' locks and acks. Any failure is sent back as a
 // negative ack (best effort) and returned; nothing has run then, and the
-// prebuilt machine is let go of.
-Result<std::unique_ptr<Machine>> receive_migration(const Fd& connection, const std::string& peer,
-                                                   const VmConfig& config, const kvm::Kvm& kvm,
-                                                   devices::Serial::Output serial_output);
+// prebuilt machine is let go of. A post-copy start in place of the end
+// (machine/postcopy.h) hands the rest to *postcopy, which must outlive
+// the machine's run and go before the machine; without postcopy it is
+// refused.
+Result<std::unique_ptr<Machine>> receive_migration(
+    const Fd& connection, const std::string& peer, const VmConfig& config, const kvm::Kvm& kvm,
+    devices::Serial::Output serial_output,
+    std::unique_ptr<PostcopyIncoming>* postcopy = nullptr);
 
 }  // namespace keel::machine

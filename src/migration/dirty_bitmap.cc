@@ -18,6 +18,11 @@ void DirtyBitmap::set(uint64_t page) {
   words_[page / 64] |= uint64_t{1} << (page % 64);
 }
 
+void DirtyBitmap::reset(uint64_t page) {
+  CHECK(page < page_count_, "dirty page past the end of RAM");
+  words_[page / 64] &= ~(uint64_t{1} << (page % 64));
+}
+
 void DirtyBitmap::set_range(uint64_t first_page, uint64_t count) {
   CHECK(first_page <= page_count_ && count <= page_count_ - first_page,
         "dirty range past the end of RAM");

@@ -23,6 +23,7 @@ class DirtyBitmap {
   // Pages past the end are ignored (CHECKed: our own callers compute them).
   void set(uint64_t page);
   void set_range(uint64_t first_page, uint64_t count);
+  void reset(uint64_t page);
   void set_all() { set_range(0, page_count_); }
   void clear();
   // ORs other (of the same size) into this.
@@ -40,6 +41,7 @@ class DirtyBitmap {
 
   // The raw words, for GuestMemory::take_dirty_pages.
   std::span<uint64_t> words() { return words_; }
+  std::span<const uint64_t> words() const { return words_; }
 
  private:
   void trim();  // keeps the bits past page_count_ clear

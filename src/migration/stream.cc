@@ -27,9 +27,22 @@ struct PagesHeader {
 };
 static_assert(sizeof(PagesHeader) == 16);
 
+// A run of 1 to kMaxPagesPerFrame pages inside RAM of ram_pages, or
+// Corrupt naming the frame.
+Result<void> check_run(std::string_view frame, uint64_t first_page, uint64_t page_count,
+                       uint64_t ram_pages) {
+  if (page_count == 0 || page_count > kMaxPagesPerFrame || first_page > ram_pages ||
+      page_count > ram_pages - first_page) {
+    return fail(Errc::Corrupt,
+                fmt::format("{} frame: pages {}+{} outside RAM of {} pages (at most {} a frame)",
+                            frame, first_page, page_count, ram_pages, kMaxPagesPerFrame));
+  }
+  return ok();
+}
+
 bool known_frame(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::Hello) &&
-         type <= static_cast<uint16_t>(FrameType::DiskChunk);
+         type <= static_cast<uint16_t>(FrameType::PageRequest);
 }
 
 }  // namespace
@@ -52,6 +65,10 @@ std::string_view frame_type_name(FrameType type) {
       return "disk info";
     case FrameType::DiskChunk:
       return "disk chunk";
+    case FrameType::PostcopyStart:
+      return "post-copy start";
+    case FrameType::PageRequest:
+      return "page request";
   }
   return "unknown";
 }
@@ -208,6 +225,15 @@ Result<Frame> StreamReader::next(int timeout_ms) {
   return frame;
 }
 
+Result<bool> StreamReader::readable(int timeout_ms) {
+  pollfd waiting{fd_.get(), POLLIN, 0};
+  for (;;) {
+    int ready = ::poll(&waiting, 1, timeout_ms);
+    if (ready >= 0) return ready > 0;
+    if (errno != EINTR) return fail_errno(fmt::format("migration stream from {}: poll", peer_));
+  }
+}
+
 std::vector<std::byte> encode_hello(const Hello& hello) {
   ByteWriter out;
   out.put(hello.ram_bytes);
@@ -280,28 +306,20 @@ bool is_zero_page(std::span<const std::byte> page) {
   return std::memcmp(page.data(), kZeros.data(), kPageBytes) == 0;
 }
 
-Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram) {
+Result<DecodedPages> decode_pages(std::span<const std::byte> payload, uint64_t ram_pages) {
   ByteReader in(payload);
   auto header = TRY_CONTEXT(in.get<PagesHeader>("pages header"), "pages frame");
-  const uint64_t ram_pages = ram.size() / kPageBytes;
-  if (header.page_count == 0 || header.page_count > kMaxPagesPerFrame ||
-      header.first_page > ram_pages || header.page_count > ram_pages - header.first_page) {
-    return fail(Errc::Corrupt,
-                fmt::format("pages frame: pages {}+{} outside RAM of {} pages (at most {} a "
-                            "frame)",
-                            header.first_page, header.page_count, ram_pages, kMaxPagesPerFrame));
-  }
+  TRY(check_run("pages", header.first_page, header.page_count, ram_pages));
   const size_t bytes = size_t{header.page_count} * kPageBytes;
-  std::span<std::byte> target = ram.subspan(header.first_page * kPageBytes, bytes);
   std::span<const std::byte> data = in.get_bytes(in.remaining(), "pages").value();
+  DecodedPages pages{header.first_page, header.page_count, false, data};
   switch (static_cast<Compression>(header.compression)) {
     case Compression::None:
       if (data.size() != bytes) {
         return fail(Errc::Corrupt, fmt::format("pages frame: {} bytes for {} pages", data.size(),
                                                header.page_count));
       }
-      std::memcpy(target.data(), data.data(), bytes);
-      return header.page_count;
+      return pages;
     case Compression::Zstd: {
       // Into a buffer first, so a damaged frame leaves RAM untouched.
       thread_local std::vector<std::byte> buffer;
@@ -318,8 +336,8 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
                                 "expected {}",
                                 header.first_page, header.page_count, unpacked, bytes));
       }
-      std::memcpy(target.data(), buffer.data(), bytes);
-      return header.page_count;
+      pages.data = buffer;
+      return pages;
     }
     case Compression::Zero:
       if (!data.empty()) {
@@ -327,11 +345,77 @@ Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::
                                                "data",
                                                header.first_page, header.page_count, data.size()));
       }
-      std::memset(target.data(), 0, bytes);
-      return header.page_count;
+      pages.zero = true;
+      pages.data = {};
+      return pages;
   }
   return fail(Errc::Corrupt,
               fmt::format("pages frame: unknown compression {}", header.compression));
+}
+
+Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram) {
+  DecodedPages pages = TRY(decode_pages(payload, ram.size() / kPageBytes));
+  std::span<std::byte> target =
+      ram.subspan(pages.first_page * kPageBytes, size_t{pages.page_count} * kPageBytes);
+  if (pages.zero) {
+    std::memset(target.data(), 0, target.size());
+  } else {
+    std::memcpy(target.data(), pages.data.data(), target.size());
+  }
+  return pages.page_count;
+}
+
+std::vector<std::byte> encode_postcopy_start(const DirtyBitmap& pending) {
+  ByteWriter out;
+  out.put(pending.page_count());
+  for (uint64_t word : pending.words()) out.put(word);
+  return std::move(out.data());
+}
+
+Result<DirtyBitmap> decode_postcopy_start(std::span<const std::byte> payload, uint64_t ram_pages) {
+  ByteReader in(payload);
+  auto page_count = TRY_CONTEXT(in.get<uint64_t>("page count"), "post-copy start frame");
+  if (page_count != ram_pages) {
+    return fail(Errc::Corrupt, fmt::format("post-copy start frame: a bitmap of {} pages for RAM "
+                                           "of {} pages",
+                                           page_count, ram_pages));
+  }
+  const uint64_t word_count = (ram_pages + 63) / 64;
+  if (in.remaining() != word_count * sizeof(uint64_t)) {
+    return fail(Errc::Corrupt,
+                fmt::format("post-copy start frame: {} bytes of bitmap for {} pages (expected {})",
+                            in.remaining(), ram_pages, word_count * sizeof(uint64_t)));
+  }
+  DirtyBitmap pending(ram_pages);
+  std::span<uint64_t> words = pending.words();
+  for (uint64_t i = 0; i < word_count; ++i) {
+    words[i] = TRY_CONTEXT(in.get<uint64_t>("bitmap word"), "post-copy start frame");
+  }
+  if (ram_pages % 64 != 0 && (words[word_count - 1] >> (ram_pages % 64)) != 0) {
+    return fail(Errc::Corrupt, fmt::format("post-copy start frame: bits set past page {}",
+                                           ram_pages));
+  }
+  return pending;
+}
+
+std::vector<std::byte> encode_page_request(const PageRequest& request) {
+  ByteWriter out;
+  out.put(request.first_page);
+  out.put(request.page_count);
+  return std::move(out.data());
+}
+
+Result<PageRequest> decode_page_request(std::span<const std::byte> payload, uint64_t ram_pages) {
+  ByteReader in(payload);
+  PageRequest request;
+  request.first_page = TRY_CONTEXT(in.get<uint64_t>("first page"), "page request frame");
+  request.page_count = TRY_CONTEXT(in.get<uint32_t>("page count"), "page request frame");
+  if (in.remaining() != 0) {
+    return fail(Errc::Corrupt,
+                fmt::format("page request frame: {} bytes too many", in.remaining()));
+  }
+  TRY(check_run("page request", request.first_page, request.page_count, ram_pages));
+  return request;
 }
 
 std::vector<std::byte> encode_end(const EndSummary& end) {

@@ -13,6 +13,7 @@
 
 #include "base/fd.h"
 #include "base/result.h"
+#include "migration/dirty_bitmap.h"
 #include "migration/snapshot_file.h"
 
 namespace keel::migration {
@@ -35,6 +36,9 @@ enum class FrameType : uint16_t {
   // Local disks copied with the migration (migration/disk_records.h).
   DiskInfo = 7,   // source -> destination: which disks are copied, their sizes
   DiskChunk = 8,  // one chunk of a copied disk: data or zeroes
+  // Post-copy (docs/migration-protocol.md, "Post-copy").
+  PostcopyStart = 9,  // source -> destination: the pages still to come; run now
+  PageRequest = 10,   // destination -> source: a run of pages the guest waits for
 };
 std::string_view frame_type_name(FrameType type);
 
@@ -67,6 +71,9 @@ class StreamReader {
   StreamReader(const Fd& fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
   Result<void> read_preamble(int timeout_ms = -1);
   Result<Frame> next(int timeout_ms = -1);
+  // Whether a frame (or the end of the connection) can be read now, after
+  // waiting up to timeout_ms for it.
+  Result<bool> readable(int timeout_ms);
   uint64_t bytes_received() const { return bytes_received_; }
 
  private:
@@ -98,6 +105,16 @@ std::vector<std::byte> encode_zero_pages(uint64_t first_page, uint32_t page_coun
 // Checks a pages payload against ram's size and writes its pages there;
 // returns how many. Nothing is written for a payload that does not check.
 Result<uint32_t> apply_pages(std::span<const std::byte> payload, std::span<std::byte> ram);
+// A pages payload checked against RAM of ram_pages pages and unpacked:
+// data holds page_count pages, or is empty for a zero run. A zstd payload
+// is unpacked into a thread-local buffer, valid until the next call.
+struct DecodedPages {
+  uint64_t first_page = 0;
+  uint32_t page_count = 0;
+  bool zero = false;
+  std::span<const std::byte> data;
+};
+Result<DecodedPages> decode_pages(std::span<const std::byte> payload, uint64_t ram_pages);
 // True if the page (kPageBytes) holds only zero bytes.
 bool is_zero_page(std::span<const std::byte> page);
 
@@ -108,6 +125,21 @@ struct EndSummary {
 };
 std::vector<std::byte> encode_end(const EndSummary& end);
 Result<EndSummary> decode_end(std::span<const std::byte> payload);
+
+// PostcopyStart: the pages the destination does not hold yet (one bit a
+// page, all of RAM), which the source sends from now on.
+std::vector<std::byte> encode_postcopy_start(const DirtyBitmap& pending);
+// Checks the bitmap is of ram_pages pages, with no bit set past them.
+Result<DirtyBitmap> decode_postcopy_start(std::span<const std::byte> payload, uint64_t ram_pages);
+
+// PageRequest: pages [first_page, first_page + page_count) of RAM.
+struct PageRequest {
+  uint64_t first_page = 0;
+  uint32_t page_count = 0;
+};
+std::vector<std::byte> encode_page_request(const PageRequest& request);
+// Checks the run is 1 to kMaxPagesPerFrame pages inside RAM of ram_pages.
+Result<PageRequest> decode_page_request(std::span<const std::byte> payload, uint64_t ram_pages);
 
 // Ack and Abort carry a status word and a message.
 struct Verdict {

@@ -66,6 +66,11 @@ nlohmann::json migration_json(const machine::MigrationStats& stats) {
         {"release_disks", stats.downtime.release_disks_us},
         {"ack", stats.downtime.ack_us}}},
       {"last_pages", stats.downtime.last_pages},
+      {"postcopy",
+       {{"running_on_destination", stats.postcopy.running_on_destination},
+        {"pages_requested", stats.postcopy.pages_requested},
+        {"background_pages", stats.postcopy.background_pages},
+        {"ms", stats.postcopy.ms}}},
   };
   if (!stats.error.empty()) json["error"] = stats.error;
   return json;
@@ -184,6 +189,7 @@ api::Reply ApiControl::start_migration(const api::MigrateRequest& request,
   options.compress = request.compress;
   options.migrate_disks = request.migrate_disks;
   options.auto_converge = request.auto_converge;
+  options.postcopy = request.postcopy;
   migration_.reset();  // the last one, finished: join its thread
   uint64_t boot = boot_;
   // Runs on the migration thread; the EventLog has its own lock.

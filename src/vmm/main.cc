@@ -196,7 +196,8 @@ bool wait_for_start(ApiControl& control, ApiControl::Setup& setup, const Fd& sig
 // Nothing runs until the whole state arrived and was rebuilt.
 Result<std::unique_ptr<machine::Machine>> receive_incoming(
     const migration::StreamAddress& address, const Fd& listener, const machine::VmConfig& config,
-    const kvm::Kvm& kvm, devices::Serial::Output serial_output) {
+    const kvm::Kvm& kvm, devices::Serial::Output serial_output,
+    std::unique_ptr<machine::PostcopyIncoming>& postcopy) {
   LOG_INFO("waiting for a migration on {}", address.text);
   // No machine runs yet, so no signalfd is watched: let SIGTERM/SIGINT/
   // SIGHUP end the wait (their default action) instead of being ignored.
@@ -209,7 +210,7 @@ Result<std::unique_ptr<machine::Machine>> receive_incoming(
   Result<Fd> connection = migration::accept_stream(listener, address);
   Result<std::unique_ptr<machine::Machine>> machine =
       connection ? machine::receive_migration(*connection, address.text, config, kvm,
-                                              std::move(serial_output))
+                                              std::move(serial_output), &postcopy)
                  : Result<std::unique_ptr<machine::Machine>>(fail(connection.error()));
   pthread_sigmask(SIG_BLOCK, &mask, nullptr);
   return machine;
@@ -539,6 +540,9 @@ int run(int argc, char** argv) {
   }
 
   for (uint64_t boot = 1;; ++boot) {
+    // A post-copy migration still fetching pages while the machine runs;
+    // reset before the machine goes (below).
+    std::unique_ptr<machine::PostcopyIncoming> postcopy;
     // The snapshot is the first boot; a guest reset after it boots afresh.
     Result<std::unique_ptr<machine::Machine>> machine =
         first_machine ? Result<std::unique_ptr<machine::Machine>>(std::move(first_machine))
@@ -551,7 +555,8 @@ int run(int argc, char** argv) {
             ? receive_incoming(*incoming, incoming_listener, config, *kvm,
                                [sink = console.get()](std::span<const std::byte> bytes) {
                                  sink->write(bytes);
-                               })
+                               },
+                               postcopy)
             : build_machine(config, *kvm, *console, virtio_console.get());
     if (boot == 1 && incoming) {
       incoming_listener.reset();
@@ -583,6 +588,9 @@ int run(int argc, char** argv) {
     LOG_INFO("VM stopped: {} {}", machine::stop_reason_name(status.reason), status.detail);
     LOG_INFO("userspace exits: {}", (*machine)->exit_summary());
     control.stopped(status, status.reason == machine::StopReason::Reset && config.reboot);
+    // Before the machine: its threads install pages into the machine's RAM
+    // (a post-copy that failed after the machine ran exits from here).
+    postcopy.reset();
     switch (status.reason) {
       case machine::StopReason::PowerOff:
       case machine::StopReason::Stopped:

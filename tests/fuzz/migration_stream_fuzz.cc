@@ -49,6 +49,12 @@ void decode_payload(migration::FrameType type, std::span<const std::byte> payloa
     case migration::FrameType::DiskChunk:
       (void)migration::decode_disk_chunk(payload);
       break;
+    case migration::FrameType::PostcopyStart:
+      (void)migration::decode_postcopy_start(payload, kRamPages);
+      break;
+    case migration::FrameType::PageRequest:
+      (void)migration::decode_page_request(payload, kRamPages);
+      break;
   }
 }
 
@@ -65,7 +71,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (auto type :
        {migration::FrameType::Hello, migration::FrameType::Pages,
         migration::FrameType::MachineState, migration::FrameType::End, migration::FrameType::Ack,
-        migration::FrameType::DiskInfo, migration::FrameType::DiskChunk}) {
+        migration::FrameType::DiskInfo, migration::FrameType::DiskChunk,
+        migration::FrameType::PostcopyStart, migration::FrameType::PageRequest}) {
     decode_payload(type, bytes, ram);
   }
 

@@ -87,6 +87,22 @@ class VmmMigrateTest : public ::testing::Test {
     return source;
   }
 
+  // Polls the source's statistics until its machine runs on the
+  // destination while post-copy goes on; false (with why) if it never did.
+  ::testing::AssertionResult wait_for_postcopy_under_way() {
+    Json during;
+    for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
+      during = Json::parse(call(source_socket_, "GET", "/api/v1/vm/migrate").body, nullptr, false);
+      const std::string phase = during.value("phase", "");
+      if (phase == "postcopy" && during["postcopy"].value("running_on_destination", false)) {
+        return ::testing::AssertionSuccess();
+      }
+      if (phase == "completed" || phase == "failed") break;
+      std::this_thread::sleep_for(5ms);
+    }
+    return ::testing::AssertionFailure() << "never saw post-copy under way: " << during.dump();
+  }
+
   // The destination's --incoming socket exists once it listens.
   bool wait_for_listener() {
     for (Clock::time_point deadline = Clock::now() + kGuestTimeout; Clock::now() < deadline;) {
@@ -450,6 +466,77 @@ TEST_F(VmmMigrateTest, MemoryArrivesExactlyThroughFullDirtyRings) {
   EXPECT_THAT(source_outcome.err, HasSubstr("dirty-ring-full"))
       << "the guest was meant to fill its dirty ring: " << source_outcome.err;
   expect_self_checks_go_on(*pair.destination, 30);
+}
+
+// Post-copy: zero_pages_check.elf rewrites its 4 MiB all the time, so the
+// first pass leaves hundreds of pages dirty, more than a 1 ms downtime
+// allows, and postcopy switches over: the destination runs at once on RAM
+// missing those pages, and its guest, checking every page it wrote, touches
+// them long before the background stream (4 MiB/s) gets there, so most
+// come on demand through userfaultfd. Every page must be exactly the
+// source's (the guest checks them all, every pass).
+TEST_F(VmmMigrateTest, PostcopyMemoryArrivesExactlyOnDemand) {
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check.elf", 30);
+  ASSERT_FALSE(HasFailure());
+  start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 4}});
+  ASSERT_FALSE(HasFailure());
+  Outcome source_outcome = pair.source->wait(kGuestTimeout);
+  ASSERT_EQ(source_outcome.exit_status, 0) << source_outcome;
+  EXPECT_THAT(source_outcome.err, HasSubstr("switching to post-copy")) << source_outcome.err;
+  EXPECT_THAT(source_outcome.err, HasSubstr("VM stopped: migrated"));
+  std::smatch done;
+  const std::regex summary(
+      R"(post-copy done in (\d+) ms: (\d+) pages requested, (\d+) in the background)");
+  ASSERT_TRUE(std::regex_search(source_outcome.err, done, summary)) << source_outcome.err;
+  const uint64_t requested = std::stoull(done[2]);
+  const uint64_t background = std::stoull(done[3]);
+  EXPECT_GT(requested, 0u) << "the guest touched pages not sent yet: " << source_outcome.err;
+  EXPECT_GT(requested + background, 100u) << source_outcome.err;
+  expect_self_checks_go_on(*pair.destination, 300);
+  Outcome destination_outcome = pair.destination->wait(kGuestTimeout);
+  EXPECT_THAT(destination_outcome.err, HasSubstr("post-copy complete"))
+      << destination_outcome.err;
+}
+
+// The source's half of post-copy's failure semantics: once the machine
+// runs on the destination, a destination that dies leaves the source
+// paused (resuming it would lose the destination's writes), its
+// migration failed with an error saying so. zero_pages_check_large.elf's
+// 32 MiB of pages keep post-copy going for a while.
+TEST_F(VmmMigrateTest, PostcopyDestinationKilledLeavesTheSourcePaused) {
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128);
+  ASSERT_FALSE(HasFailure());
+  start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 2}});
+  ASSERT_FALSE(HasFailure());
+  ASSERT_TRUE(wait_for_postcopy_under_way());
+  pair.destination->send_signal(SIGKILL);
+  pair.destination->wait(kGuestTimeout);
+
+  Json stats = wait_for_migration_end(source_socket_);
+  EXPECT_EQ(stats["phase"], "failed") << stats.dump();
+  EXPECT_THAT(stats.value("error", ""), HasSubstr("the VM stays paused here")) << stats.dump();
+  EXPECT_TRUE(stats["postcopy"].value("running_on_destination", false)) << stats.dump();
+  Json vm = Json::parse(call(source_socket_, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "paused") << vm.dump();
+  EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
+  pair.source->wait(kGuestTimeout);
+}
+
+// The destination's half: a source that dies in post-copy leaves the
+// destination with RAM it can never complete; it must say so and exit
+// non-zero rather than run on.
+TEST_F(VmmMigrateTest, PostcopySourceKilledEndsTheDestinationWithAnError) {
+  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128);
+  ASSERT_FALSE(HasFailure());
+  start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 2}});
+  ASSERT_FALSE(HasFailure());
+  ASSERT_TRUE(wait_for_postcopy_under_way());
+  pair.source->send_signal(SIGKILL);
+  pair.source->wait(kGuestTimeout);
+  Outcome outcome = pair.destination->wait(kGuestTimeout);
+  EXPECT_FALSE(outcome.timed_out) << outcome;
+  EXPECT_EQ(outcome.exit_status, 1) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("post-copy failed")) << outcome.err;
 }
 
 // Auto-converge: dirty_rate_check.elf (zero_pages_check's self-checking

@@ -1,5 +1,5 @@
 #!/bin/sh
-# keel-timeout: 700
+# keel-timeout: 900
 # Live migration of a real Linux guest with a virtio-blk disk (a raw image
 # both keel-vmm processes open, as shared storage would be) over a unix
 # socket: a shell loop in the guest counts in /tmp/counter and another
@@ -13,7 +13,9 @@
 # (keelctl vm migrate --with-disks) into a local image of the third
 # keel-vmm while the disk loop writes to it: the loop goes on there
 # without a mismatch, data written before reads back, and a new write
-# lands in the copy.
+# lands in the copy. Then it moves once more by post-copy (keelctl vm
+# migrate --postcopy) to a fourth keel-vmm sharing that image: the counter
+# and the disk loop go on there.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -125,8 +127,45 @@ l2_wait_exit dst 60 || fail "the second VMM did not exit after the disk copy"
 assert_eq "$L2_EXIT_RC" 0 "second VMM exit status"
 disk_host_check "$scratch" "the migration"
 disk_loop_check copy "the disk copy" "$disk_before" "$disk_pid"
-assert_match "$(keelctl --socket "$csock" vm stop)" '^stopping' "keelctl vm stop on the copy"
-l2_wait_exit copy 60 || fail "the third VMM did not exit"
-assert_eq "$L2_EXIT_RC" 0 "third VMM exit status"
+# The copy VMM wrote through (fsync'd): its image holds the new write now.
 disk_host_check "$copy" "the disk copy"
+
+# 4. Post-copy: copy -> pc, the copied image shared again, the counter and
+# the disk loop going on throughout. pc runs the guest right after the
+# first pass (a 1 ms downtime never fits what the guest dirtied) and
+# fetches the pages it lacks on demand while the rest streams behind.
+disk_loop_start copy "post-copy"
+sleep 2
+l2_cmd copy 'cat /tmp/counter /tmp/diskcount /tmp/disk.pid'
+counter_before=$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)
+disk_before=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+disk_pid=$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)
+assert_match "$counter_before" '^[0-9]+$' "counter before post-copy"
+assert_match "$disk_before" '^[0-9]+$' "disk loop iterations before post-copy"
+mig4=$KEEL_WORKDIR/postcopy-migration.sock
+psock=$KEEL_WORKDIR/postcopy.sock
+l2_incoming pc "unix:$mig4" --vmm-arg "--api-socket=$psock"
+wait_for_socket "$mig4"
+out=$(keelctl --json --socket "$csock" vm migrate "unix:$mig4" --postcopy --downtime-ms 1) ||
+  fail "keelctl vm migrate --postcopy failed: $out"
+printf '%s\n' "$out" | grep migration-completed | sed 's/^/post-copy| /'
+assert_match "$out" '"type": ?"migration-completed"' "keelctl vm migrate --postcopy completed"
+assert_match "$out" '"running_on_destination": ?true' "the guest ran on pc during post-copy"
+l2_wait_exit copy 60 || fail "the third VMM did not exit after post-copy"
+assert_eq "$L2_EXIT_RC" 0 "third VMM exit status"
+l2_cmd pc "cat /tmp/kept /tmp/counter; kill -0 $counter_pid && echo alive" 120
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 1p)" kept-in-tmp "/tmp survived post-copy"
+after=$(printf '%s\n' "$L2_OUTPUT" | sed -n 2p)
+assert_match "$after" '^[0-9]+$' "counter after post-copy"
+[ "$after" -ge "$counter_before" ] || fail "the counter went back: $counter_before, then $after"
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | sed -n 3p)" alive "the counting process survived post-copy"
+sleep 2
+l2_cmd pc 'cat /tmp/counter'
+[ "$L2_OUTPUT" -gt "$after" ] || fail "the counter stopped after post-copy ($after, then $L2_OUTPUT)"
+log "ok: post-copy, counter $counter_before before, $after after, then $L2_OUTPUT"
+disk_loop_check pc "post-copy" "$disk_before" "$disk_pid"
+assert_match "$(keelctl --socket "$psock" vm stop)" '^stopping' "keelctl vm stop on pc"
+l2_wait_exit pc 60 || fail "the post-copy destination did not exit"
+assert_eq "$L2_EXIT_RC" 0 "post-copy destination exit status"
+disk_host_check "$copy" "post-copy"
 echo "KEEL-PASS"

@@ -422,7 +422,7 @@ TEST_F(ApiServerTest, MigrateStartsWatchesAndCancels) {
   HttpReply started = request(
       "PUT", "/api/v1/vm/migrate",
       R"({"destination": "unix:/tmp/m.sock", "downtime_ms": 50, "bandwidth_mib": 100, "compress": true,
-          "migrate_disks": true, "auto_converge": false})");
+          "migrate_disks": true, "auto_converge": false, "postcopy": true})");
   EXPECT_EQ(started.status, 200u) << started.body;
   ASSERT_EQ(handler_.migrations().size(), 1u);
   MigrateRequest sent = handler_.migrations().front();
@@ -432,6 +432,7 @@ TEST_F(ApiServerTest, MigrateStartsWatchesAndCancels) {
   EXPECT_TRUE(sent.compress);
   EXPECT_TRUE(sent.migrate_disks);
   EXPECT_FALSE(sent.auto_converge);
+  EXPECT_TRUE(sent.postcopy);
   EXPECT_EQ(json_of(request("GET", "/api/v1/vm/migrate"))["rounds"], 2);
   EXPECT_EQ(request("DELETE", "/api/v1/vm/migrate").status, 200u);
 }
@@ -445,6 +446,7 @@ TEST_F(ApiServerTest, MigrateWithABadBodyIs400NamingTheFieldAndNeverReachesTheMa
                            R"({"destination": "unix:/x", "compress": "yes"})",
                            R"({"destination": "unix:/x", "migrate_disks": 1})",
                            R"({"destination": "unix:/x", "auto_converge": "on"})",
+                           R"({"destination": "unix:/x", "postcopy": "yes"})",
                            R"({"destination": "unix:/x", "speed": 1})"}) {
     HttpReply reply = request("PUT", "/api/v1/vm/migrate", body);
     EXPECT_EQ(reply.status, 400u) << body;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "migration/dirty_bitmap.h"
 #include "migration/snapshot.h"
 
 namespace keel::migration {
@@ -287,6 +288,101 @@ TEST(StreamTest, MachineStateRejectsBadSections) {
   ASSERT_FALSE(duplicate);
   EXPECT_NE(duplicate.error().context().find("twice"), std::string::npos);
   EXPECT_FALSE(decode_machine_state({}, "test")) << "no config, no vcpus";
+}
+
+// The post-copy records over a real stream: the pending bitmap and a page
+// request come back as sent.
+TEST(StreamTest, PostcopyRecordsRoundTrip) {
+  for (uint64_t ram_pages : {uint64_t{64}, uint64_t{1000}, uint64_t{16385}}) {
+    Pipe pipe = Pipe::make();
+    DirtyBitmap pending(ram_pages);
+    pending.set(0);
+    pending.set_range(ram_pages / 3, 17);
+    pending.set(ram_pages - 1);
+    StreamWriter writer(pipe.write);
+    ASSERT_TRUE(writer.send(FrameType::PostcopyStart, encode_postcopy_start(pending)));
+    ASSERT_TRUE(writer.send(FrameType::PageRequest,
+                            encode_page_request({ram_pages - 5, 5})));
+    StreamReader reader(pipe.read, "test");
+    Result<Frame> start = reader.next(1000);
+    ASSERT_TRUE(start) << start.error().message();
+    ASSERT_EQ(start->type, FrameType::PostcopyStart);
+    Result<DirtyBitmap> decoded = decode_postcopy_start(start->payload, ram_pages);
+    ASSERT_TRUE(decoded) << decoded.error().message();
+    EXPECT_EQ(decoded->count(), pending.count());
+    for (uint64_t page = 0; page < ram_pages; ++page) {
+      ASSERT_EQ(decoded->test(page), pending.test(page)) << "page " << page;
+    }
+    Result<Frame> request = reader.next(1000);
+    ASSERT_TRUE(request) << request.error().message();
+    ASSERT_EQ(request->type, FrameType::PageRequest);
+    Result<PageRequest> asked = decode_page_request(request->payload, ram_pages);
+    ASSERT_TRUE(asked) << asked.error().message();
+    EXPECT_EQ(asked->first_page, ram_pages - 5);
+    EXPECT_EQ(asked->page_count, 5u);
+  }
+}
+
+TEST(StreamTest, PostcopyStartRejectsABadBitmap) {
+  DirtyBitmap pending(100);
+  pending.set(99);
+  std::vector<std::byte> payload = encode_postcopy_start(pending);
+  // Another RAM size.
+  EXPECT_FALSE(decode_postcopy_start(payload, 101));
+  EXPECT_FALSE(decode_postcopy_start(payload, 99));
+  // Every truncation, and a byte too many.
+  for (size_t size = 0; size < payload.size(); ++size) {
+    EXPECT_FALSE(decode_postcopy_start(std::span(payload).first(size), 100)) << size;
+  }
+  std::vector<std::byte> longer = payload;
+  longer.push_back(std::byte{0});
+  EXPECT_FALSE(decode_postcopy_start(longer, 100));
+  // A bit past the last page.
+  std::vector<std::byte> past = payload;
+  past.back() |= std::byte{0x80};
+  Result<DirtyBitmap> decoded = decode_postcopy_start(past, 100);
+  ASSERT_FALSE(decoded);
+  EXPECT_NE(decoded.error().message().find("past page 100"), std::string::npos)
+      << decoded.error().message();
+  EXPECT_TRUE(decode_postcopy_start(payload, 100));
+}
+
+TEST(StreamTest, PageRequestsOutsideRamOrTruncatedAreCorrupt) {
+  EXPECT_TRUE(decode_page_request(encode_page_request({0, kMaxPagesPerFrame}), 256));
+  EXPECT_TRUE(decode_page_request(encode_page_request({255, 1}), 256));
+  EXPECT_FALSE(decode_page_request(encode_page_request({256, 1}), 256));
+  EXPECT_FALSE(decode_page_request(encode_page_request({255, 2}), 256));
+  EXPECT_FALSE(decode_page_request(encode_page_request({0, 0}), 256));
+  EXPECT_FALSE(decode_page_request(encode_page_request({0, kMaxPagesPerFrame + 1}), 1024));
+  // A first page that would wrap around.
+  EXPECT_FALSE(decode_page_request(encode_page_request({~uint64_t{0}, 2}), 256));
+  std::vector<std::byte> payload = encode_page_request({3, 4});
+  for (size_t size = 0; size < payload.size(); ++size) {
+    EXPECT_FALSE(decode_page_request(std::span(payload).first(size), 256)) << size;
+  }
+  payload.push_back(std::byte{0});
+  EXPECT_FALSE(decode_page_request(payload, 256));
+}
+
+// decode_pages unpacks without writing: a zero run carries no data.
+TEST(StreamTest, DecodePagesGivesTheDataOrAZeroRun) {
+  std::vector<std::byte> ram = patterned_ram(8);
+  for (Compression compression : {Compression::None, Compression::Zstd}) {
+    auto payload = encode_pages(ram, 3, 4, compression);
+    ASSERT_TRUE(payload);
+    Result<DecodedPages> pages = decode_pages(*payload, 8);
+    ASSERT_TRUE(pages) << pages.error().message();
+    EXPECT_EQ(pages->first_page, 3u);
+    EXPECT_EQ(pages->page_count, 4u);
+    EXPECT_FALSE(pages->zero);
+    ASSERT_EQ(pages->data.size(), 4 * kPageBytes);
+    EXPECT_EQ(std::memcmp(pages->data.data(), ram.data() + 3 * kPageBytes, 4 * kPageBytes), 0);
+    EXPECT_FALSE(decode_pages(*payload, 6));  // outside a smaller RAM
+  }
+  Result<DecodedPages> zero = decode_pages(encode_zero_pages(5, 3), 8);
+  ASSERT_TRUE(zero);
+  EXPECT_TRUE(zero->zero);
+  EXPECT_TRUE(zero->data.empty());
 }
 
 TEST(StreamTest, VerdictMessagesArePrintable) {
