@@ -488,7 +488,12 @@ Result<void> MigrationSender::transfer(migration::StreamWriter& writer,
   lap(&DowntimeBreakdown::dirty_log_us);
   if (options_.postcopy && !dirty.empty()) {
     // The destination runs as soon as it has the state; the dirty pages
-    // follow. The disks' locks go first, as before an end.
+    // follow (none is sent paused). The disks' locks go first, as before
+    // an end.
+    {
+      std::lock_guard lock(mutex_);
+      stats_.downtime.last_pages = 0;
+    }
     TRY(writer.send(migration::FrameType::MachineState, migration::encode_machine_state(state)));
     lap(&DowntimeBreakdown::send_state_us);
     disks_released_ = true;

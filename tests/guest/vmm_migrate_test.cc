@@ -490,6 +490,9 @@ TEST_F(VmmMigrateTest, PostcopyMemoryArrivesExactlyOnDemand) {
   ASSERT_TRUE(std::regex_search(source_outcome.err, done, summary)) << source_outcome.err;
   const uint64_t requested = std::stoull(done[2]);
   const uint64_t background = std::stoull(done[3]);
+  RecordProperty("postcopy_ms", done[1].str());
+  RecordProperty("pages_requested", done[2].str());
+  RecordProperty("background_pages", done[3].str());
   EXPECT_GT(requested, 0u) << "the guest touched pages not sent yet: " << source_outcome.err;
   EXPECT_GT(requested + background, 100u) << source_outcome.err;
   expect_self_checks_go_on(*pair.destination, 300);
