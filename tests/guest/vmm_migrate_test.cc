@@ -324,6 +324,18 @@ class VmmMigrateTest : public ::testing::Test {
     EXPECT_EQ(outcome.exit_status, 0) << outcome;
   }
 
+  // zero_pages_check_large.elf's 32 MiB of pages (post-copy goes on for a
+  // while) in a self-checking pair, migrating with postcopy until its
+  // machine runs on the destination while pages still come.
+  SelfCheckingPair start_postcopy_under_way() {
+    SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128);
+    if (HasFailure()) return pair;
+    start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 2}});
+    if (HasFailure()) return pair;
+    EXPECT_TRUE(wait_for_postcopy_under_way());
+    return pair;
+  }
+
   TempDir dir_;
   std::string source_socket_, source_console_;
   std::string destination_socket_, destination_console_;
@@ -504,14 +516,10 @@ TEST_F(VmmMigrateTest, PostcopyMemoryArrivesExactlyOnDemand) {
 // The source's half of post-copy's failure semantics: once the machine
 // runs on the destination, a destination that dies leaves the source
 // paused (resuming it would lose the destination's writes), its
-// migration failed with an error saying so. zero_pages_check_large.elf's
-// 32 MiB of pages keep post-copy going for a while.
+// migration failed with an error saying so.
 TEST_F(VmmMigrateTest, PostcopyDestinationKilledLeavesTheSourcePaused) {
-  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128);
+  SelfCheckingPair pair = start_postcopy_under_way();
   ASSERT_FALSE(HasFailure());
-  start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 2}});
-  ASSERT_FALSE(HasFailure());
-  ASSERT_TRUE(wait_for_postcopy_under_way());
   pair.destination->send_signal(SIGKILL);
   pair.destination->wait(kGuestTimeout);
 
@@ -529,11 +537,8 @@ TEST_F(VmmMigrateTest, PostcopyDestinationKilledLeavesTheSourcePaused) {
 // destination with RAM it can never complete; it must say so and exit
 // non-zero rather than run on.
 TEST_F(VmmMigrateTest, PostcopySourceKilledEndsTheDestinationWithAnError) {
-  SelfCheckingPair pair = start_self_checking_pair("zero_pages_check_large.elf", 3, 128);
+  SelfCheckingPair pair = start_postcopy_under_way();
   ASSERT_FALSE(HasFailure());
-  start_migration({{"postcopy", true}, {"downtime_ms", 1}, {"bandwidth_mib", 2}});
-  ASSERT_FALSE(HasFailure());
-  ASSERT_TRUE(wait_for_postcopy_under_way());
   pair.source->send_signal(SIGKILL);
   pair.source->wait(kGuestTimeout);
   Outcome outcome = pair.destination->wait(kGuestTimeout);
