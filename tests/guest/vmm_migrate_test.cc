@@ -529,8 +529,11 @@ TEST_F(VmmMigrateTest, PostcopyDestinationKilledLeavesTheSourcePaused) {
   EXPECT_TRUE(stats["postcopy"].value("running_on_destination", false)) << stats.dump();
   Json vm = Json::parse(call(source_socket_, "GET", "/api/v1/vm").body, nullptr, false);
   EXPECT_EQ(vm["state"], "paused") << vm.dump();
+  // It can still be stopped.
   EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
-  pair.source->wait(kGuestTimeout);
+  Outcome outcome = pair.source->wait(kGuestTimeout);
+  EXPECT_FALSE(outcome.timed_out) << outcome;
+  EXPECT_THAT(outcome.err, HasSubstr("failed in post-copy")) << outcome.err;
 }
 
 // The destination's half: a source that dies in post-copy leaves the
