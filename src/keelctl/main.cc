@@ -563,7 +563,8 @@ int run(int argc, char** argv) {
   CLI::App* migrate_command = vm->add_subcommand(
       "migrate", "Live-migrate the VM to DEST, a keel-vmm started with --incoming DEST (or told "
                  "`keelctl vm receive DEST`); prints "
-                 "progress until it completes (exit 0) or fails (the VM runs on here)");
+                 "progress until it completes (exit 0) or fails (the VM runs on here, unless "
+                 "post-copy had begun: see --postcopy)");
   migrate_command->add_option("destination", migrate_destination, "unix:PATH or tcp:HOST:PORT")
       ->required();
   migrate_command->add_option("--downtime-ms", downtime_ms,
