@@ -39,7 +39,8 @@ l2_boot src --mem 256 --serial-agent --disk-rw "$scratch" --vmm-arg "--api-socke
 l2_cmd src 'cat /sys/block/vda/size'
 assert_eq "$L2_OUTPUT" 131072 "the scratch disk is vda, 64 MiB"
 disk_loop_start src "the migration"
-l2_cmd src 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
+# The counter is renamed into place: a reader never sees it truncated.
+l2_cmd src 'echo kept-in-tmp > /tmp/kept; (i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid; echo started'
 assert_eq "$L2_OUTPUT" started "counter started"
 sleep 2
 l2_cmd src 'cat /tmp/counter /tmp/counter.pid /tmp/diskcount /tmp/disk.pid'
