@@ -593,7 +593,14 @@ int run(int argc, char** argv) {
         std::fprintf(stderr, "keel-vmm: the guest panicked: %s\n", status.detail.c_str());
         return kExitGuestPanic;
       case machine::StopReason::Reset:
-        if (!config.reboot) return kExitRebootRefused;
+        if (!config.reboot) {
+          // Not silent: a guest that resets unasked (a crash that Linux
+          // turns into a reboot) must say so to whoever sees the exit.
+          console.reset();
+          std::fprintf(stderr, "keel-vmm: the guest reset (%s); --no-reboot: exiting\n",
+                       status.detail.c_str());
+          return kExitRebootRefused;
+        }
         LOG_INFO("guest reset: rebooting (boot {})", boot + 1);
         continue;
       case machine::StopReason::TripleFault:
