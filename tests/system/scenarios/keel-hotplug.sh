@@ -11,7 +11,10 @@
 # slot asked for (7), a file system and a file written on it by the guest,
 # the VM snapshotted and stopped; a new keel-vmm --restore of it has the
 # disk in slot 7 under the same id, and the guest, its caches dropped and
-# the file system mounted afresh, reads its file back whole.
+# the file system mounted afresh, reads its file back whole. The restored
+# guest (whose config now names that disk in slot 7) then live-migrates
+# into a keel-vmm started with the boot flags plus that disk in that slot,
+# and reads its file there too.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -136,9 +139,27 @@ assert_match "$(cat "$KEEL_WORKDIR/devices")" 'virtio-blk +pci +0000:00:07\.0.*i
 l2_cmd vm 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/f | cut -d" " -f1; umount /mnt && mount /dev/vda /mnt && sha256sum /mnt/f | cut -d" " -f1' 120
 assert_eq "$(printf '%s\n' "$L2_OUTPUT" | tr '\n' ' ')" "$written $written " \
   "the file read back after the restore (caches dropped, then remounted)"
-l2_cmd vm 'umount /mnt && echo unmounted'
+
+# 4. Live migration of the restored guest: the destination is configured
+# with the source's current config (GET /api/v1/vm/config): the boot
+# flags, plus the disk with its id in its slot.
+assert_match "$(ctl --json vm config)" '"slot": *7' "the restored VM's config names the disk's slot"
+mig=$KEEL_WORKDIR/mig.sock
+dsock=$KEEL_WORKDIR/dst-api.sock
+l2_incoming dst "unix:$mig" --vmm-arg "--api-socket=$dsock" \
+  --vmm-arg --disk --vmm-arg "path=$snapdisk,format=raw,id=snapd,slot=7"
+out=$(ctl vm migrate "unix:$mig" --downtime-ms 300) || fail "keelctl vm migrate failed: $out"
+assert_match "$out" "migrated to unix:$mig" "keelctl vm migrate output"
+l2_wait_exit vm 60 || fail "the source did not exit after the migration"
+assert_eq "$L2_EXIT_RC" 0 "the source VMM's exit status"
+l2_wait_answer dst "$KEEL_WORKDIR/dst-devices" keelctl --socket "$dsock" vm devices
+assert_match "$(cat "$KEEL_WORKDIR/dst-devices")" 'virtio-blk +pci +0000:00:07\.0.*id=snapd' \
+  "the migrated disk in slot 7 under its id"
+l2_cmd dst 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/f | cut -d" " -f1' 120
+assert_eq "$L2_OUTPUT" "$written" "the file read back after the migration (caches dropped)"
+l2_cmd dst 'umount /mnt && echo unmounted'
 assert_eq "$L2_OUTPUT" unmounted "the hot-plugged disk's file system unmounted"
-l2_send vm keel-exit
-l2_wait_exit vm 60 || fail "VMM did not exit after the guest powered off"
-assert_eq "$L2_EXIT_RC" 0 "VMM exit status"
+l2_send dst keel-exit
+l2_wait_exit dst 60 || fail "the destination VMM did not exit after the guest powered off"
+assert_eq "$L2_EXIT_RC" 0 "the destination VMM's exit status"
 echo "KEEL-PASS"
