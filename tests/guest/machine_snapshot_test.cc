@@ -244,7 +244,7 @@ class MachineHotplugSnapshotTest : public MachineSnapshotTest {
                         std::thread& runner) {
     VmConfig config;
     config.kernel = std::string(KEEL_VMM_GUEST_DIR) + "/pvh_check.elf";
-    config.cmdline = "pvh-test e";  // ejects what it is asked to
+    config.cmdline = "pvh-test j";  // ejects what it is asked to
     config.memory_mib = 64;
     config.acpi = true;  // hotplug is ACPI's
     config.rng = true;
@@ -274,7 +274,7 @@ class MachineHotplugSnapshotTest : public MachineSnapshotTest {
         HotplugKind::Disk, "disk0", 10s,
         [&ejected](const UnplugOutcome& outcome) { ejected.set_value(outcome); });
     ASSERT_TRUE(unplug) << unplug.error().message();
-    EXPECT_TRUE(ejected.get_future().get().ejected) << "pvh-test e ejects what it is asked to";
+    EXPECT_TRUE(ejected.get_future().get().ejected) << "pvh-test j ejects what it is asked to";
   }
 
   const std::map<std::string, std::string> kHotplugged = {{"virtio-blk:hot1", "0000:00:03.0"},

@@ -18,7 +18,7 @@
      c  count forever: print a..z, a..z, ... one letter per step, the
         position kept in RAM (so a restored snapshot goes on from the
         letter after the last one printed)
-     e  eject what the host asks, for ever, as the guest's acpiphp would
+     j  eject what the host asks, for ever, as the guest's acpiphp would
         without ACPI: read the PCI hotplug registers at 0xfeb01000 (PCIU,
         which the read clears: plugs taken; PCID: slots to eject) and write
         PCID's bits to B0EJ
@@ -96,7 +96,7 @@ print:
 	je count
 	cmp $'h', %edi
 	je halt
-	cmp $'e', %edi
+	cmp $'j', %edi
 	je eject
 	xor %eax, %eax                  /* every check passed */
 fail:
