@@ -467,10 +467,20 @@ Result<void> check_device_slots(const VmConfig& config) {
     ids.push_back(net_id(config, i));
   }
   TRY(unique_ids(ids, "nets"));
-  TRY(take(config.slots.rng, "slots.rng"));
-  TRY(take(config.slots.virtio_console, "slots.virtio_console"));
-  TRY(take(config.slots.balloon, "slots.balloon"));
-  TRY(take(config.slots.vsock, "slots.vsock"));
+  // A slot for a device the config does not have is a mistake to report,
+  // not to ignore.
+  auto single = [&take](std::optional<uint8_t> slot, bool present,
+                        const char* field) -> Result<void> {
+    if (slot && !present) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("slots.{}: slot {} given, but there is no {}", field, *slot, field));
+    }
+    return take(slot, fmt::format("slots.{}", field));
+  };
+  TRY(single(config.slots.rng, config.rng, "rng"));
+  TRY(single(config.slots.virtio_console, config.virtio_console.has_value(), "virtio_console"));
+  TRY(single(config.slots.balloon, config.balloon.has_value(), "balloon"));
+  TRY(single(config.slots.vsock, config.vsock.has_value(), "vsock"));
   return ok();
 }
 

@@ -105,7 +105,8 @@ std::string disk_id(const VmConfig& config, size_t index);
 std::string net_id(const VmConfig& config, size_t index);
 
 // The devices' PCI slots and ids: each slot given is in 1-31 and held by
-// one device only (disks, nets and "slots" alike); disk ids and NIC ids are
+// one device only (disks, nets and "slots" alike, the latter only for a
+// device the config has); disk ids and NIC ids are
 // each unique. Errors name the field and the value ("nets[0].slot: slot 3
 // is disks[1]'s too"). validate() calls it, and so does every machine
 // build (a snapshot's config is input too).

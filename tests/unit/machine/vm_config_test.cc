@@ -478,6 +478,9 @@ TEST(DeviceSlotsTest, TwoDevicesOnOneSlotAreRefusedNamingBoth) {
   config.disks = {disk_at("/a", 3), disk_at("/b", std::nullopt), disk_at("/c", 5)};
   config.nets = {net_at("t0", 4)};
   config.slots.rng = 6;
+  EXPECT_THAT(check_device_slots(config).error().message(),
+              HasSubstr("slots.rng: slot 6 given, but there is no rng"));
+  config.rng = true;
   EXPECT_TRUE(check_device_slots(config));
   config.nets[0].slot = 5;
   Result<void> clash = check_device_slots(config);
