@@ -444,6 +444,24 @@ l2_restore() {
   _l2_restore_from=
 }
 
+# l2_wait_answer NAME OUTPUT COMMAND...: runs COMMAND (a keelctl call on the
+# API of NAME's keel-vmm, just started or restored) until it succeeds, its
+# output in OUTPUT; fails with keel-vmm's stderr if that exits first or
+# does not answer within 60 s.
+l2_wait_answer() {
+  local name output deadline
+  name=$1 output=$2
+  shift 2
+  deadline=$(_deadline_cs 60)
+  until "$@" > "$output" 2>/dev/null; do
+    _pid_alive "$(cat "$(_vm_dir "$name")/pid")" ||
+      fail "the keel-vmm of $name exited: $(cat "$(_vm_dir "$name")/vmm.err")"
+    [ "$(_now_cs)" -lt "$deadline" ] ||
+      fail "the keel-vmm of $name never answered: $(cat "$(_vm_dir "$name")/vmm.err")"
+    sleep 0.2
+  done
+}
+
 # l2_incoming NAME ADDRESS [--vmm-arg ARG]...: a keel-vmm with the machine
 # flags of the last l2_boot (kernel, sizes, disks), waiting on ADDRESS
 # (unix:PATH or tcp:HOST:PORT) for a live migration (--incoming). Once the
