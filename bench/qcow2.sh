@@ -15,8 +15,9 @@ Usage: bench/qcow2.sh [--seconds S] [--size-mib N] [--dir DIR] [--runs N]
   --size-mib N   virtual size of the images (default 1024); must fit in RAM
   --dir DIR      where the images live (default /var/tmp/keel-qcow2-bench):
                  raw.img (random bytes), full.qcow2 (qemu-img convert of it:
-                 every cluster allocated), fresh-*.qcow2 (made empty before
-                 each write phase, so every write allocates)
+                 every cluster allocated), fresh-*.qcow2 and fresh-raw.img
+                 (made empty before each allocating phase, so every write
+                 allocates, in qcow2 and in the file system alike)
   --runs N       repeat both tables N times (default 1); odd runs time raw
                  first, even runs qcow2 first
 Needs build/bench/blk_bench (scripts/build.sh) and qemu-img (qemu-utils).
@@ -63,9 +64,29 @@ fresh() {  # a new empty qcow2 image of the same size -> its path
   echo "$path"
 }
 
+fresh_raw() {  # a new sparse raw image of the same size -> its path
+  # The raw side of an allocating row: its writes allocate the file's
+  # blocks too, as a fresh raw disk's first writes do. Against raw.img
+  # (every block allocated and cached) the row timed block allocation on
+  # one side only.
+  local path=$dir/fresh-raw.img
+  rm -f "$path"
+  truncate -s "$size_bytes" "$path"
+  echo "$path"
+}
+
 # Before every timed run: write back what the previous one dirtied (and the
-# images just made), so that no run pays for another's writeback.
-settle() { sync; }
+# images just made), so that no run pays for another's writeback; then wait
+# until the kernel reports no dirty or writeback pages left (sync returns
+# when this process's view is clean, other flushers may still be busy).
+settle() {
+  sync
+  local i
+  for ((i = 0; i < 50; ++i)); do
+    awk '/^(Dirty|Writeback):/ { n += $2 } END { exit !(n < 1024) }' /proc/meminfo && return 0
+    sleep 0.1
+  done
+}
 
 # Puts files in the page cache in the same state: dropped (clean pages only,
 # hence the sync), then read back whole by one reader. The state matters as
@@ -117,7 +138,8 @@ echo "# images in $dir ($size_mib MiB), depth 32, keel $seconds s per timed phas
 for ((run = 1; run <= runs; run++)); do
   echo
   echo "## keel device path: qcow2 against raw (full: every cluster allocated; alloc: a fresh"
-  echo "## qcow2 image, one pass in which every request allocates, against raw on the same offsets)"
+  echo "## qcow2 image, one pass in which every request allocates, against a fresh sparse raw"
+  echo "## file on the same offsets)"
   printf '%-18s %10s %10s %11s %11s %10s\n' phase raw_iops raw_MB/s qcow2_iops qcow2_MB/s qcow2/raw
   # name phase qcow2-image [step requests]
   rows=("randread-4k randread-4k full"
@@ -130,14 +152,18 @@ for ((run = 1; run <= runs; run++)); do
     read -r name phase image step requests <<<"$row"
     recache "$raw" "$full"  # page-cached alike for every side
     path=$full
-    [[ $image == fresh ]] && path=$(fresh keel)
+    raw_path=$raw
+    if [[ $image == fresh ]]; then
+      path=$(fresh keel)
+      raw_path=$(fresh_raw)
+    fi
     # Odd runs time raw first, even runs qcow2 first.
     if ((run % 2 == 1)); then
-      read -r raw_iops raw_mbps <<<"$(keel raw "$raw" "$phase" "${step:-}" "${requests:-}")"
+      read -r raw_iops raw_mbps <<<"$(keel raw "$raw_path" "$phase" "${step:-}" "${requests:-}")"
       read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
     else
       read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
-      read -r raw_iops raw_mbps <<<"$(keel raw "$raw" "$phase" "${step:-}" "${requests:-}")"
+      read -r raw_iops raw_mbps <<<"$(keel raw "$raw_path" "$phase" "${step:-}" "${requests:-}")"
     fi
     printf '%-18s %10s %10s %11s %11s %10s\n' "$name" "$raw_iops" "$raw_mbps" "$q_iops" "$q_mbps" \
       "$(ratio "$q_iops" "$raw_iops")"
@@ -178,4 +204,4 @@ for ((run = 1; run <= runs; run++)); do
       "$none" "$(ratio "$keel_iops" "$none")"
   done
 done
-rm -f "$dir"/fresh-*.qcow2
+rm -f "$dir"/fresh-*.qcow2 "$dir"/fresh-raw.img

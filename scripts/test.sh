@@ -116,9 +116,20 @@ for name in failures:
         print(f"  {scenario}: {verdict.get('status')}: {verdict.get('reason', '')}")
     if scenario and os.path.exists(f"{out}/{scenario}.log"):
         with open(f"{out}/{scenario}.log", errors="replace") as f:
-            lines = f.read().split("\n----- ", 1)[0].splitlines()
+            text = f.read()
+        lines = text.split("\n----- ", 1)[0].splitlines()
         for line in lines[-15:]:
             print(f"  {scenario}| {line}")
+        # The guests' dumps follow: each console's and each VMM stderr's
+        # last lines (a VMM that exited says why there).
+        for section in text.split("\n----- ")[1:]:
+            head, _, body = section.partition("\n")
+            if head.startswith("end of "):
+                continue
+            body = body.split("\n----- end of ", 1)[0].splitlines()
+            print(f"  ----- {head.split(': ', 1)[0].rstrip(' -')} (last {min(len(body), 12)} lines)")
+            for line in body[-12:]:
+                print(f"  {line}")
 print(f"keel-tests: {passed} passed, {failed} failed, {skipped} skipped")
 PY
 exit $status

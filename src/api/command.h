@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -78,6 +79,7 @@ struct DeviceRequest {
   std::string tap;              // AddNet
   std::string mac;              // AddNet; empty: random
   uint64_t timeout_ms = 0;      // RemoveDisk, RemoveNet
+  std::optional<uint8_t> slot;  // AddDisk, AddNet: the PCI slot; none: the lowest free one
 };
 
 struct Command {

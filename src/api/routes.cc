@@ -12,16 +12,16 @@ namespace {
 constexpr std::string_view kEventsParameters[] = {"after", "follow"};
 constexpr std::string_view kBalloonFields[] = {"target_mib"};
 constexpr std::string_view kSnapshotFields[] = {"path"};
-constexpr std::string_view kAddDiskFields[] = {"id", "path", "format", "readonly"};
+constexpr std::string_view kAddDiskFields[] = {"id", "path", "format", "readonly", "slot"};
 constexpr std::string_view kResizeDiskFields[] = {"id", "size_bytes"};
-constexpr std::string_view kAddNetFields[] = {"id", "tap", "mac"};
+constexpr std::string_view kAddNetFields[] = {"id", "tap", "mac", "slot"};
 constexpr std::string_view kRemoveFields[] = {"id", "timeout_ms"};
 // The top-level keys of the VM config (docs/vm-config.md); a unit test holds
 // them equal to machine::json_keys().
 constexpr std::string_view kConfigFields[] = {
     "kernel",  "initrd", "cmdline", "cpus", "memory_mib", "memory_backend",
     "serial",  "reboot", "debug_exit", "acpi", "disks",   "nets",
-    "rng",     "virtio_console", "balloon", "vsock"};
+    "rng",     "virtio_console", "balloon", "vsock", "slots"};
 constexpr std::string_view kRestoreFields[] = {"path", "paused", "serial"};
 constexpr std::string_view kReceiveFields[] = {"source"};
 constexpr std::string_view kMigrateFields[] = {"destination", "downtime_ms", "bandwidth_mib",
@@ -423,6 +423,16 @@ std::variant<DeviceRequest, ApiError> parse_device_body(const Route& route, std:
       return ApiError{400, fmt::format("mac: '{}' is not xx:xx:xx:xx:xx:xx", mac), "mac"};
     }
     request.mac = std::move(mac);
+  }
+  if (has("slot")) {
+    KEEL_TAKE(slot, number("slot"));
+    // 0 is the host bridge's; ACPI hotplug describes slots 1-31.
+    constexpr uint64_t kFirstSlot = 1, kLastSlot = 31;
+    if (slot && (*slot < kFirstSlot || *slot > kLastSlot)) {
+      return ApiError{400, fmt::format("slot: {} is not {} to {}", *slot, kFirstSlot, kLastSlot),
+                      "slot"};
+    }
+    if (slot) request.slot = static_cast<uint8_t>(*slot);
   }
   if (has("timeout_ms")) {
     KEEL_TAKE(timeout, number("timeout_ms"));

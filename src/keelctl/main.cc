@@ -461,21 +461,25 @@ int run(int argc, char** argv) {
   std::string device_id, disk_path, disk_format = "auto", tap, mac;
   bool read_only = false;
   uint64_t size_bytes = 0, eject_timeout_ms = 30000;
+  uint64_t slot = 0;  // disk-add, net-add: the PCI slot (1-31), sent when given
   CLI::App* disk_add = vm->add_subcommand(
       "disk-add", "Hot-plug a virtio-blk disk (the guest sees it without a rescan)");
   disk_add->add_option("id", device_id, "A name for the disk (letters, digits, _ and -)")->required();
   disk_add->add_option("path", disk_path, "The image (made absolute)")->required();
   disk_add->add_option("--format", disk_format, "auto, raw or qcow2 (default auto)");
   disk_add->add_flag("--readonly", read_only, "Plug it read-only");
+  CLI::Option* disk_slot =
+      disk_add->add_option("--slot", slot, "The PCI slot, 1-31 (default: the lowest free one)");
   disk_add->callback([&] {
     chosen = &kDiskAdd;
     std::error_code error;
     std::string absolute = std::filesystem::absolute(disk_path, error).string();
-    request_body = Json{{"id", device_id},
-                        {"path", error ? disk_path : absolute},
-                        {"format", disk_format},
-                        {"readonly", read_only}}
-                       .dump();
+    Json body = {{"id", device_id},
+                 {"path", error ? disk_path : absolute},
+                 {"format", disk_format},
+                 {"readonly", read_only}};
+    if (disk_slot->count() > 0) body["slot"] = slot;
+    request_body = body.dump();
   });
   CLI::App* disk_resize =
       vm->add_subcommand("disk-resize", "Grow a disk; the guest is told its new size");
@@ -490,10 +494,13 @@ int run(int argc, char** argv) {
   net_add->add_option("id", device_id, "A name for the NIC (letters, digits, _ and -)")->required();
   net_add->add_option("tap", tap, "The tap device (created if missing)")->required();
   net_add->add_option("--mac", mac, "The guest's MAC (default: random)");
+  CLI::Option* net_slot =
+      net_add->add_option("--slot", slot, "The PCI slot, 1-31 (default: the lowest free one)");
   net_add->callback([&] {
     chosen = &kNetAdd;
     Json body = {{"id", device_id}, {"tap", tap}};
     if (!mac.empty()) body["mac"] = mac;
+    if (net_slot->count() > 0) body["slot"] = slot;
     request_body = body.dump();
   });
   for (const VmCommand* command : {&kDiskRemove, &kNetRemove}) {

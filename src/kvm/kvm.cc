@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -256,12 +257,15 @@ Result<Vm> Kvm::create_vm() const {
   auto msr_indices = std::make_shared<const std::vector<uint32_t>>(TRY(msr_index_list()));
   Vm vm(std::move(owner), vcpu_mmap_size_, std::move(msr_indices));
   if (dirty_log_mode_ != DirtyLogMode::Bitmap) {
-    bool ring = TRY(vm.enable_dirty_ring(kDirtyRingEntries));
+    bool ring = TRY(vm.enable_dirty_ring(dirty_ring_entries_));
     if (!ring && dirty_log_mode_ == DirtyLogMode::Ring) {
       return fail(Errc::Unsupported,
                   fmt::format("dirty log mode ring: this host's KVM offers no dirty ring of {} "
-                              "entries (KVM_CAP_DIRTY_LOG_RING); use bitmap or auto",
-                              kDirtyRingEntries));
+                              "entries (KVM_CAP_DIRTY_LOG_RING: {} bytes at most); use a smaller "
+                              "ring, bitmap or auto",
+                              dirty_ring_entries_,
+                              std::max(check_extension(Capability::DirtyLogRingAcqRel).value_or(0),
+                                       check_extension(Capability::DirtyLogRing).value_or(0))));
     }
   }
   return vm;

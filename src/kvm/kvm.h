@@ -22,12 +22,21 @@ namespace keel::kvm {
 class Vm;
 class Vcpu;
 
-// Entries of each vCPU's dirty ring: 4096 x 16 bytes = 64 KiB of kernel
-// memory per vCPU, for every VM on a host with the ring. KVM asks userspace
-// to harvest once the ring is nearly full (less a reserve, 512 entries
-// more with Intel's PML), so this bounds how many pages a vCPU dirties
-// between two exits.
+// Entries of each vCPU's dirty ring by default: 4096 x 16 bytes = 64 KiB of
+// kernel memory per vCPU, for every VM on a host with the ring. KVM asks
+// userspace to harvest once the ring is nearly full (less a reserve, 512
+// entries more with Intel's PML), so this bounds how many pages a vCPU
+// dirties between two exits. A power of two from kMinDirtyRingEntries
+// (KVM's reserve must fit, and a page) to kMaxDirtyRingEntries (KVM's own
+// limit, KVM_DIRTY_RING_MAX_ENTRIES).
 inline constexpr uint32_t kDirtyRingEntries = 4096;
+inline constexpr uint32_t kMinDirtyRingEntries = 1024;
+inline constexpr uint32_t kMaxDirtyRingEntries = 65536;
+// Whether entries is a dirty ring size Keel asks KVM for (see above).
+constexpr bool valid_dirty_ring_entries(uint32_t entries) {
+  return entries >= kMinDirtyRingEntries && entries <= kMaxDirtyRingEntries &&
+         (entries & (entries - 1)) == 0;
+}
 
 class Kvm {
  public:
@@ -46,6 +55,11 @@ class Kvm {
   Result<Vm> create_vm() const;
   void set_dirty_log_mode(DirtyLogMode mode) { dirty_log_mode_ = mode; }
   DirtyLogMode dirty_log_mode() const { return dirty_log_mode_; }
+  // Each vCPU's ring in entries (valid_dirty_ring_entries; the caller
+  // checks): a larger ring means fewer full-ring exits of a guest that
+  // dirties fast, at 16 bytes of kernel memory per entry and vCPU.
+  void set_dirty_ring_entries(uint32_t entries) { dirty_ring_entries_ = entries; }
+  uint32_t dirty_ring_entries() const { return dirty_ring_entries_; }
   // The kvm module in charge, e.g. "kvm_intel", "kvm_amd", "kvm_pvm", or "" if unknown.
   static std::string vendor_module();
 
@@ -55,6 +69,7 @@ class Kvm {
   Fd fd_;
   size_t vcpu_mmap_size_;
   DirtyLogMode dirty_log_mode_ = DirtyLogMode::Auto;
+  uint32_t dirty_ring_entries_ = kDirtyRingEntries;
 };
 
 enum class MemoryFlags : uint32_t { None = 0, LogDirtyPages = 1, ReadOnly = 2 };

@@ -106,6 +106,12 @@ Result<void> write_reset_vector_stub(const memory::GuestMemory& memory) {
 
 }  // namespace
 
+namespace {
+
+std::string pci_address(uint8_t slot) { return fmt::format("0000:00:{:02x}.0", slot); }
+
+}  // namespace
+
 std::string_view stop_reason_name(StopReason reason) {
   switch (reason) {
     case StopReason::PowerOff: return "power-off";
@@ -452,17 +458,17 @@ Result<void> Machine::build_devices(ConsoleOutput virtio_console_output) {
   return ok();
 }
 
-Result<std::shared_ptr<devices::virtio::VirtioPci>> Machine::add_virtio(
-    std::shared_ptr<devices::virtio::VirtioDevice> device) {
+Result<std::pair<std::shared_ptr<devices::virtio::VirtioPci>, uint8_t>> Machine::add_virtio(
+    std::shared_ptr<devices::virtio::VirtioDevice> device, std::optional<uint8_t> slot) {
   const std::string name(device->name());
   auto pci = TRY_CONTEXT(
       devices::virtio::VirtioPci::create(std::move(device), memory_, interrupt_fabric_, *io_loop_),
       name);
   std::lock_guard lock(hotplug_mutex_);
-  uint8_t slot = TRY_CONTEXT(pci_bus_->add_device(pci), name);
-  LOG_DEBUG("{} at PCI 00:{:02x}.0", name, slot);
+  uint8_t plugged = TRY_CONTEXT(pci_bus_->add_device(pci, slot), name);
+  LOG_DEBUG("{} at PCI 00:{:02x}.0", name, plugged);
   virtio_devices_.push_back(pci);
-  return pci;
+  return std::pair(std::move(pci), plugged);
 }
 
 Result<std::shared_ptr<devices::virtio::Blk>> Machine::open_disk(const DiskConfig& disk,
@@ -507,22 +513,30 @@ Result<std::shared_ptr<devices::virtio::Net>> Machine::open_nic(const NetConfig&
 }
 
 Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) {
-  // The config's disks and NICs get names, so the API can resize and
-  // unplug them as it does hot-plugged ones.
-  auto name = [this](HotplugKind kind, std::string id,
-                     const std::shared_ptr<devices::virtio::VirtioPci>& pci) {
-    for (uint8_t slot = 0; slot < devices::PciBus::kSlotCount; ++slot) {
-      if (pci_bus_->device(slot) != pci) continue;
-      std::lock_guard lock(hotplug_mutex_);
-      named_.push_back(Named{.kind = kind, .id = std::move(id), .slot = slot, .pci = pci,
-                             .done = {}, .timer = {}, .timer_watch = {}});
-      return;
-    }
+  // A snapshot's config is input like any other: slots and ids checked here
+  // for every build, not only where validate() ran.
+  TRY(check_device_slots(config_));
+  // Every device is made in the config's order; those the config gives a
+  // slot are plugged there first, then the rest into the lowest free slots
+  // in that order, so a config without slots places them as it always did.
+  struct Planned {
+    std::shared_ptr<devices::virtio::VirtioDevice> device;
+    std::optional<uint8_t> slot;                   // wanted, then where it went
+    std::optional<Named> named;                    // the config's disks and NICs
+    std::optional<uint8_t>* recorded = nullptr;    // a single device's entry in device_slots_
+  };
+  std::vector<Planned> planned;
+  auto named = [](HotplugKind kind, std::string id) {
+    return Named{.kind = kind, .id = std::move(id), .slot = 0, .pci = nullptr, .disk = {},
+                 .net = {}, .done = {}, .timer = {}, .timer_watch = {}};
   };
   for (size_t index = 0; index < config_.disks.size(); ++index) {
     const DiskConfig& disk = config_.disks[index];
     auto blk = TRY(open_disk(disk, fmt::format("disk {} '{}'", index, disk.path)));
-    name(HotplugKind::Disk, fmt::format("disk{}", index), TRY(add_virtio(std::move(blk))));
+    Named entry = named(HotplugKind::Disk, disk_id(config_, index));
+    entry.disk = disk;
+    entry.disk.id = entry.id;
+    planned.push_back({std::move(blk), disk.slot, std::move(entry), nullptr});
   }
   for (size_t index = 0; index < config_.nets.size(); ++index) {
     // The config records the MAC the guest sees, so that a snapshot's config
@@ -530,17 +544,21 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
     if (config_.nets[index].mac.empty()) config_.nets[index].mac = default_mac(index).to_string();
     const NetConfig& nic = config_.nets[index];
     auto device = TRY(open_nic(nic, index, fmt::format("net {} (tap '{}')", index, nic.tap)));
-    name(HotplugKind::Net, fmt::format("net{}", index), TRY(add_virtio(std::move(device))));
+    Named entry = named(HotplugKind::Net, net_id(config_, index));
+    entry.net = nic;
+    entry.net.id = entry.id;
+    planned.push_back({std::move(device), nic.slot, std::move(entry), nullptr});
   }
   if (config_.rng) {
     std::shared_ptr<devices::virtio::Rng> rng = TRY(devices::virtio::Rng::create());
-    TRY(add_virtio(std::move(rng)));
+    planned.push_back({std::move(rng), config_.slots.rng, std::nullopt, &device_slots_.rng});
   }
   if (config_.virtio_console) {
     auto output = virtio_console_output ? std::move(virtio_console_output)
                                         : ConsoleOutput([](std::span<const std::byte>) {});
     virtio_console_ = TRY(devices::virtio::VirtioConsole::create(std::move(output)));
-    TRY(add_virtio(virtio_console_));
+    planned.push_back({virtio_console_, config_.slots.virtio_console, std::nullopt,
+                       &device_slots_.virtio_console});
   }
   if (config_.balloon) {
     const BalloonConfig& balloon = *config_.balloon;
@@ -551,16 +569,55 @@ Result<void> Machine::build_virtio_devices(ConsoleOutput virtio_console_output) 
                                .stats_period_s = balloon.stats_period_s,
                                .guest_memory_bytes = config_.memory_mib << 20}),
                            "balloon");
-    TRY(add_virtio(balloon_));
+    planned.push_back({balloon_, config_.slots.balloon, std::nullopt, &device_slots_.balloon});
   }
   if (config_.vsock) {
     devices::virtio::VsockDeviceConfig vsock_config;
     vsock_config.guest_cid = config_.vsock->cid;
     vsock_config.socket_path = config_.vsock->socket;
     auto vsock = TRY_CONTEXT(devices::virtio::Vsock::create(std::move(vsock_config)), "--vsock");
-    TRY(add_virtio(std::move(vsock)));
+    planned.push_back({std::move(vsock), config_.slots.vsock, std::nullopt, &device_slots_.vsock});
+  }
+  std::vector<std::shared_ptr<devices::virtio::VirtioPci>> functions(planned.size());
+  for (bool with_slot : {true, false}) {
+    for (size_t index = 0; index < planned.size(); ++index) {
+      Planned& device = planned[index];
+      if (device.slot.has_value() != with_slot) continue;
+      auto [pci, slot] = TRY(add_virtio(std::move(device.device), device.slot));
+      functions[index] = std::move(pci);
+      device.slot = slot;
+    }
+  }
+  // The config's disks and NICs get names (in the config's order), so the
+  // API can resize and unplug them as it does hot-plugged ones.
+  std::lock_guard lock(hotplug_mutex_);
+  for (size_t index = 0; index < planned.size(); ++index) {
+    Planned& device = planned[index];
+    if (device.recorded != nullptr) *device.recorded = device.slot;
+    if (!device.named) continue;
+    device.named->slot = *device.slot;
+    device.named->pci = functions[index];
+    device.named->disk.slot = device.slot;
+    device.named->net.slot = device.slot;
+    named_.push_back(std::move(*device.named));
   }
   return ok();
+}
+
+VmConfig Machine::current_config() const {
+  VmConfig config = config_;
+  config.disks.clear();
+  config.nets.clear();
+  std::lock_guard lock(hotplug_mutex_);
+  for (const Named& named : named_) {
+    if (named.kind == HotplugKind::Disk) {
+      config.disks.push_back(named.disk);
+    } else {
+      config.nets.push_back(named.net);
+    }
+  }
+  config.slots = device_slots_;
+  return config;
 }
 
 void Machine::virtio_console_input(std::span<const std::byte> bytes) {
@@ -802,29 +859,26 @@ Result<void> Machine::resume() {
 }
 
 Result<void> Machine::check_state_saveable() const {
-  // Refused before anything is written or sent: a snapshot without a
-  // device's state would restore into a guest whose driver disagrees with
-  // the device.
-  {
-    // The saved config would not describe this machine's devices.
+  // Refused before anything is written or sent. The ACPI hotplug registers
+  // and the GED's event are not saved: an unplug the guest has not answered
+  // would never end on the restored side, and a plug whose notification
+  // the guest has not read would never be seen there.
+  if (pci_hotplug_ != nullptr) {
+    const uint32_t unread_plugs = pci_hotplug_->up();
     std::lock_guard lock(hotplug_mutex_);
-    if (!hotplug_changes_.empty()) {
-      // Named one by one, so the caller knows what to put in a config.
-      constexpr size_t kNamed = 8;
-      std::string changes = fmt::format(
-          "{}", fmt::join(hotplug_changes_.begin(),
-                          hotplug_changes_.begin() +
-                              static_cast<std::ptrdiff_t>(std::min(kNamed, hotplug_changes_.size())),
-                          "; "));
-      if (hotplug_changes_.size() > kNamed) {
-        changes += fmt::format("; and {} more", hotplug_changes_.size() - kNamed);
+    for (const Named& named : named_) {
+      if (named.done) {
+        return fail(Errc::Busy,
+                    fmt::format("{} '{}' at {}: an unplug is pending (wait until the guest "
+                                "ejects it or the unplug times out)",
+                                hotplug_kind_name(named.kind), named.id, pci_address(named.slot)));
       }
-      return fail(Errc::Unsupported,
-                  fmt::format("devices changed since the VM started ({}); the saved state holds "
-                              "only the config's devices, so a machine with hot-plugged or "
-                              "unplugged devices cannot be saved or migrated yet (start it from "
-                              "a config that names them instead)",
-                              changes));
+      if ((unread_plugs >> named.slot) & 1) {
+        return fail(Errc::Busy,
+                    fmt::format("{} '{}' at {}: the guest has not taken its hotplug "
+                                "notification yet (retry once it has)",
+                                hotplug_kind_name(named.kind), named.id, pci_address(named.slot)));
+      }
     }
   }
   // A device without snapshot state answers Unsupported, naming itself,
@@ -895,7 +949,9 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
   if (!paused()) return fail(Errc::Busy, "snapshot: the VM is not paused");
   TRY_CONTEXT(check_state_saveable(), "snapshot");
   migration::MachineState state;
-  VmConfig config = config_;
+  // The devices as they are now (hot-plugged ones in, ejected ones out, each
+  // in its slot), so a restore builds each where its section says.
+  VmConfig config = current_config();
   // The run-time target (PUT /api/v1/vm/balloon) is the host's: a restore
   // keeps it even where the driver never started (the device bytes, saved
   // only for an active driver, hold it too).
@@ -911,27 +967,23 @@ Result<migration::MachineState> Machine::save_state(const QuiescedDevices& quies
   }
   state.vm = TRY_CONTEXT(vm_.save_state(), "save");
   state.devices = TRY_CONTEXT(save_devices(quiesced), "snapshot");
-  for (const DiskConfig& disk : config_.disks) {
+  for (const DiskConfig& disk : config.disks) {
     state.disks.push_back(TRY_CONTEXT(migration::identify_disk(disk.path), "save"));
   }
   return state;
 }
 
 std::vector<Machine::WritableDisk> Machine::writable_disks() {
-  // The config's disks by their names (disk0, disk1, ...): a hot-plug
-  // changes slots and the device list, never these names.
+  // In current_config()'s order: the destination's config lists the same.
   std::vector<WritableDisk> disks;
   std::lock_guard lock(hotplug_mutex_);
-  for (size_t index = 0; index < config_.disks.size(); ++index) {
-    const DiskConfig& disk = config_.disks[index];
-    if (disk.read_only) continue;  // readers share an image: nothing to hand over
-    const std::string id = fmt::format("disk{}", index);
-    for (const Named& named : named_) {
-      if (named.kind != HotplugKind::Disk || named.id != id) continue;
-      if (auto* blk = dynamic_cast<devices::virtio::Blk*>(&named.pci->device())) {
-        disks.push_back(
-            {static_cast<uint32_t>(index), fmt::format("disk '{}'", disk.path), blk});
-      }
+  uint32_t index = 0;
+  for (const Named& named : named_) {
+    if (named.kind != HotplugKind::Disk) continue;
+    const uint32_t this_index = index++;
+    if (named.disk.read_only) continue;  // readers share an image: nothing to hand over
+    if (auto* blk = dynamic_cast<devices::virtio::Blk*>(&named.pci->device())) {
+      disks.push_back({this_index, fmt::format("disk '{}'", named.disk.path), blk});
     }
   }
   return disks;
@@ -1147,34 +1199,43 @@ std::string_view hotplug_kind_name(HotplugKind kind) {
   return kind == HotplugKind::Disk ? "disk" : "net";
 }
 
-namespace {
-
-std::string pci_address(uint8_t slot) { return fmt::format("0000:00:{:02x}.0", slot); }
-
-}  // namespace
-
 Result<std::string> Machine::add_disk(const HotplugDisk& disk) {
   if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
   // The guest sees the id as the disk's serial (GET_ID), cut to its 20 bytes.
   const DiskConfig config{.path = disk.path, .read_only = disk.read_only,
                           .serial = disk.id.substr(0, devices::virtio::kBlkIdBytes),
-                          .format = disk.format};
+                          .format = disk.format, .id = disk.id, .slot = std::nullopt};
   auto blk = TRY(open_disk(config, fmt::format("disk '{}' ({})", disk.id, disk.path)));
-  return hotplug(HotplugKind::Disk, disk.id, std::move(blk));
+  return hotplug(Named{.kind = HotplugKind::Disk, .id = disk.id, .slot = 0, .pci = nullptr,
+                       .disk = config, .net = {}, .done = {}, .timer = {}, .timer_watch = {}},
+                 std::move(blk), disk.slot);
 }
 
 Result<std::string> Machine::add_net(const HotplugNet& nic) {
   if (pci_hotplug_ == nullptr) return fail(Errc::Busy, "the VM has no ACPI, hence no hotplug");
-  const NetConfig config{.tap = nic.tap, .mac = nic.mac, .mtu = 1500, .bridge = ""};
+  // The MAC the guest sees is recorded, for current_config().
+  const std::string mac =
+      nic.mac.empty() ? default_mac(config_.nets.size() + hot_nets_).to_string() : nic.mac;
+  const NetConfig config{.tap = nic.tap, .mac = mac, .mtu = 1500, .bridge = "", .id = nic.id,
+                         .slot = std::nullopt};
   auto device = TRY(open_nic(config, config_.nets.size() + hot_nets_,
                              fmt::format("net '{}' (tap '{}')", nic.id, nic.tap)));
   ++hot_nets_;
-  return hotplug(HotplugKind::Net, nic.id, std::move(device));
+  return hotplug(Named{.kind = HotplugKind::Net, .id = nic.id, .slot = 0, .pci = nullptr,
+                       .disk = {}, .net = config, .done = {}, .timer = {}, .timer_watch = {}},
+                 std::move(device), nic.slot);
 }
 
-Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
-                                     std::shared_ptr<devices::virtio::VirtioDevice> device) {
+Result<std::string> Machine::hotplug(Named entry,
+                                     std::shared_ptr<devices::virtio::VirtioDevice> device,
+                                     std::optional<uint8_t> wanted_slot) {
   if (stop_status()) return fail(Errc::Busy, "the VM is stopping");
+  const HotplugKind kind = entry.kind;
+  const std::string id = entry.id;
+  if (wanted_slot && (*wanted_slot < kFirstDeviceSlot || *wanted_slot > kLastDeviceSlot)) {
+    return fail(Errc::InvalidArgument, fmt::format("slot: {} is not one of {}-{}", *wanted_slot,
+                                                   kFirstDeviceSlot, kLastDeviceSlot));
+  }
   const std::string name(device->name());
   auto pci = TRY_CONTEXT(
       devices::virtio::VirtioPci::create(std::move(device), memory_, interrupt_fabric_, *io_loop_),
@@ -1188,12 +1249,15 @@ Result<std::string> Machine::hotplug(HotplugKind kind, const std::string& id,
       }
     }
     // BARs unassigned and decode off: the guest's acpiphp places them.
-    slot = TRY_CONTEXT(pci_bus_->add_device(pci), name);
+    slot = TRY_CONTEXT(pci_bus_->add_device(pci, wanted_slot),
+                       wanted_slot ? fmt::format("{} at {}", name, pci_address(*wanted_slot))
+                                   : name);
     virtio_devices_.push_back(pci);
-    named_.push_back(Named{.kind = kind, .id = id, .slot = slot, .pci = pci, .done = {},
-                           .timer = {}, .timer_watch = {}});
-    hotplug_changes_.push_back(
-        fmt::format("{} '{}' plugged at {}", hotplug_kind_name(kind), id, pci_address(slot)));
+    entry.slot = slot;
+    entry.pci = pci;
+    entry.disk.slot = slot;
+    entry.net.slot = slot;
+    named_.push_back(std::move(entry));
   }
   pci_hotplug_->plugged(slot);
   ged_->trigger(boot::acpi::kGedEventPciHotplug);
@@ -1257,9 +1321,6 @@ void Machine::ejected(uint8_t slot) {
     gone = std::move(*it);
     named_.erase(it);
     std::erase(virtio_devices_, gone->pci);
-    hotplug_changes_.push_back(fmt::format("{} '{}' unplugged from {}",
-                                           hotplug_kind_name(gone->kind), gone->id,
-                                           pci_address(slot)));
   }
   // Waits for a timeout callback that may be running; it finds nothing.
   if (gone->timer_watch) io_loop_->remove(*gone->timer_watch);
@@ -1284,8 +1345,8 @@ void Machine::unplug_timed_out(HotplugKind kind, const std::string& id) {
     });
     if (it == named_.end()) return;
     pending = Named{.kind = it->kind, .id = it->id, .slot = it->slot, .pci = nullptr,
-                    .done = std::exchange(it->done, nullptr), .timer = std::move(it->timer),
-                    .timer_watch = it->timer_watch};
+                    .disk = {}, .net = {}, .done = std::exchange(it->done, nullptr),
+                    .timer = std::move(it->timer), .timer_watch = it->timer_watch};
     it->timer.reset();
     it->timer_watch.reset();
     pci_hotplug_->cancel_eject(it->slot);

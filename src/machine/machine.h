@@ -93,12 +93,14 @@ struct HotplugDisk {
   std::string path;
   std::string format = "auto";
   bool read_only = false;
+  std::optional<uint8_t> slot;  // none: the lowest free slot
 };
 
 struct HotplugNet {
   std::string id;
   std::string tap;
   std::string mac;  // empty: a random locally administered address
+  std::optional<uint8_t> slot;  // none: the lowest free slot
 };
 
 // How an unplug ended: the guest ejected the device (it is gone, its
@@ -203,9 +205,10 @@ class Machine {
   // (resume and retry); Timeout if a device's host I/O does not finish.
   // Call from the thread that paused. A machine restored from a snapshot
   // writes its RAM from its private mapping (path may even be the file it
-  // was restored from: the new file is renamed over it). Unsupported,
-  // before anything is written, for one whose devices were hot-plugged or
-  // ejected (the snapshot's config would not describe the machine).
+  // was restored from: the new file is renamed over it). The config written
+  // is current_config(): hot-plugged devices in, ejected ones out, every
+  // device with its PCI slot. Refused before anything is written while a
+  // hotplug is half done (check_state_saveable).
   Result<void> save(const std::string& path);
   // What save() writes, without the RAM, for save() and a migration's
   // final state alike: the same checks but the RAM backing (migration reads
@@ -213,9 +216,11 @@ class Machine {
   // (quiesce_devices, after pause) and from the thread that paused.
   class QuiescedDevices;
   Result<migration::MachineState> save_state(const QuiescedDevices& quiesced);
-  // Unsupported for a machine whose state save_state cannot hold yet (its
-  // devices were hot-plugged or ejected). Checked before a snapshot is
-  // written or a migration starts.
+  // Busy, naming the device, while a hotplug is half done: an unplug the
+  // guest has not answered yet, or a plug whose notification the guest has
+  // not read (the ACPI hotplug registers are not saved, so a restored guest
+  // would never learn of either). Checked before a snapshot is written or a
+  // migration starts.
   Result<void> check_state_saveable() const;
 
   // Dirty tracking for live migration (docs/migration-protocol.md): every
@@ -242,7 +247,7 @@ class Machine {
   // naming it, for a writable disk whose format caches metadata (qcow2).
   Result<void> check_disks_hand_over();
   Result<void> set_disk_locks(bool held);
-  // Every writable config disk's virtio-blk (index in config().disks, and
+  // Every writable disk's virtio-blk (index in current_config().disks, and
   // "disk 'PATH'" for errors), for the handover and for a migration that
   // copies local disks (machine/disk_mirror.h).
   struct WritableDisk {
@@ -304,7 +309,14 @@ class Machine {
   // device I/O thread; waits for it. Returns the new size.
   Result<uint64_t> resize_disk(const std::string& id, uint64_t size_bytes);
 
+  // The config the machine was built from (a reboot's, too).
   const VmConfig& config() const { return config_; }
+  // The machine as it is now, as a config: the disks and NICs plugged now
+  // (the config's that are left, then the hot-plugged ones in the order
+  // they came), each with its id and PCI slot, and the other virtio
+  // devices' slots. What a snapshot records and GET /api/v1/vm/config
+  // shows; a migration's destination is started with it.
+  VmConfig current_config() const;
   // Every device the guest can see, PCI functions first.
   std::vector<DeviceInfo> devices() const;
   // Every virtio device's counters, in PCI slot order.
@@ -351,16 +363,19 @@ class Machine {
   // Applies each virtio-pci function's saved section (restore only).
   Result<void> restore_virtio_devices(std::span<const migration::DeviceState> saved);
   void kick_virtio_queues();
-  // Plugs device into the lowest free slot; returns its VirtioPci.
-  Result<std::shared_ptr<devices::virtio::VirtioPci>> add_virtio(
-      std::shared_ptr<devices::virtio::VirtioDevice> device);
+  // Plugs device into slot, or the lowest free one; returns its VirtioPci
+  // and the slot.
+  Result<std::pair<std::shared_ptr<devices::virtio::VirtioPci>, uint8_t>> add_virtio(
+      std::shared_ptr<devices::virtio::VirtioDevice> device, std::optional<uint8_t> slot);
   Result<std::shared_ptr<devices::virtio::Blk>> open_disk(const DiskConfig& disk,
                                                           const std::string& what);
   Result<std::shared_ptr<devices::virtio::Net>> open_nic(const NetConfig& nic, size_t index,
                                                          const std::string& what);
-  // A run-time plug: the device in a free slot, then the guest notified.
-  Result<std::string> hotplug(HotplugKind kind, const std::string& id,
-                              std::shared_ptr<devices::virtio::VirtioDevice> device);
+  // A run-time plug: the device in slot (or a free one), then the guest
+  // notified. entry says what it is (kind, id, its disk or NIC config).
+  struct Named;
+  Result<std::string> hotplug(Named entry, std::shared_ptr<devices::virtio::VirtioDevice> device,
+                              std::optional<uint8_t> slot);
   // The guest's _EJ0 (vCPU thread) and the unplug timeout (I/O thread).
   void ejected(uint8_t slot);
   void unplug_timed_out(HotplugKind kind, const std::string& id);
@@ -402,6 +417,10 @@ class Machine {
     std::string id;
     uint8_t slot = 0;
     std::shared_ptr<devices::virtio::VirtioPci> pci;
+    // What current_config() lists for it (id and slot filled in; a NIC's
+    // MAC as the guest sees it): the one of disk and net its kind says.
+    DiskConfig disk;
+    NetConfig net;
     // While an unplug is pending: who waits, and its timeout's timerfd.
     UnplugDone done;
     std::optional<Fd> timer;
@@ -413,9 +432,8 @@ class Machine {
   mutable std::mutex hotplug_mutex_;
   std::vector<std::shared_ptr<devices::virtio::VirtioPci>> virtio_devices_;
   std::vector<Named> named_;
-  // What was plugged or ejected at run time, in order ("disk 'hot1'
-  // plugged at 0000:00:05.0"), for the refusal of a snapshot or migration.
-  std::vector<std::string> hotplug_changes_;
+  // Where the single virtio devices went (current_config()'s "slots").
+  DeviceSlots device_slots_;
   size_t hot_nets_ = 0;  // NICs plugged at run time, for their default MACs
   // ForceShare on a migration destination until set_disk_locks(true).
   block::Locking writable_disk_locking_ = block::Locking::Lock;

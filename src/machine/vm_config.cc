@@ -17,10 +17,10 @@ using nlohmann::json;
 
 constexpr uint64_t kMinimumMemoryMib = 16;
 
-constexpr std::array<std::string_view, 16> kJsonKeys = {
+constexpr std::array<std::string_view, 17> kJsonKeys = {
     "kernel",  "initrd", "cmdline", "cpus", "memory_mib", "memory_backend",
     "serial",  "reboot", "debug_exit", "acpi", "disks",   "nets",
-    "rng",     "virtio_console", "balloon", "vsock"};
+    "rng",     "virtio_console", "balloon", "vsock", "slots"};
 
 Result<const json*> member(const json& object, const char* key, json::value_t type,
                            const std::string& source) {
@@ -137,6 +137,34 @@ Failure unknown_key(const std::string& what, const std::string& key, const char*
               fmt::format("{}: unknown key '{}' (known: {})", what, key, known));
 }
 
+// A PCI slot a device may be given (see kFirstDeviceSlot).
+Result<uint8_t> parse_slot(const std::string& value, const std::string& what,
+                           const std::string& key) {
+  uint64_t slot = TRY(parse_number(value, what, key, kLastDeviceSlot));
+  if (slot < kFirstDeviceSlot) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: {}={} is the PCI host bridge's (devices take {}-{})", what, key,
+                            slot, kFirstDeviceSlot, kLastDeviceSlot));
+  }
+  return static_cast<uint8_t>(slot);
+}
+
+// The same rule as the control API's hotplug ids, so either can name any.
+Result<std::string> parse_id(const std::string& value, const std::string& what) {
+  constexpr size_t kMaxIdBytes = 32;
+  bool valid = !value.empty() && value.size() <= kMaxIdBytes;
+  for (char c : value) {
+    valid = valid && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                      (c >= '0' && c <= '9') || c == '_' || c == '-');
+  }
+  if (!valid) {
+    return fail(Errc::InvalidArgument,
+                fmt::format("{}: id='{}' is not 1-{} letters, digits, '_' or '-'", what, value,
+                            kMaxIdBytes));
+  }
+  return value;
+}
+
 Result<DiskConfig> disk_from(const KeyValues& pairs, const std::string& what) {
   DiskConfig disk;
   for (const auto& [key, value] : pairs) {
@@ -156,8 +184,12 @@ Result<DiskConfig> disk_from(const KeyValues& pairs, const std::string& what) {
                     fmt::format("{}: format='{}' must be auto, raw or qcow2", what, value));
       }
       disk.format = value;
+    } else if (key == "id") {
+      disk.id = TRY(parse_id(value, what));
+    } else if (key == "slot") {
+      disk.slot = TRY(parse_slot(value, what, key));
     } else {
-      return unknown_key(what, key, "path, readonly, serial, format");
+      return unknown_key(what, key, "path, readonly, serial, format, id, slot");
     }
   }
   if (disk.path.empty()) return fail(Errc::InvalidArgument, fmt::format("{}: path= is missing", what));
@@ -184,8 +216,12 @@ Result<NetConfig> net_from(const KeyValues& pairs, const std::string& what) {
       }
     } else if (key == "bridge") {
       net.bridge = value;
+    } else if (key == "id") {
+      net.id = TRY(parse_id(value, what));
+    } else if (key == "slot") {
+      net.slot = TRY(parse_slot(value, what, key));
     } else {
-      return unknown_key(what, key, "tap, mac, mtu, bridge");
+      return unknown_key(what, key, "tap, mac, mtu, bridge, id, slot");
     }
   }
   if (net.tap.empty()) return fail(Errc::InvalidArgument, fmt::format("{}: tap= is missing", what));
@@ -232,6 +268,24 @@ Result<VsockConfig> vsock_from(const KeyValues& pairs, const std::string& what) 
     return fail(Errc::InvalidArgument, fmt::format("{}: socket= is missing", what));
   }
   return vsock;
+}
+
+Result<DeviceSlots> slots_from(const KeyValues& pairs, const std::string& what) {
+  DeviceSlots slots;
+  for (const auto& [key, value] : pairs) {
+    if (key == "rng") {
+      slots.rng = TRY(parse_slot(value, what, key));
+    } else if (key == "virtio_console") {
+      slots.virtio_console = TRY(parse_slot(value, what, key));
+    } else if (key == "balloon") {
+      slots.balloon = TRY(parse_slot(value, what, key));
+    } else if (key == "vsock") {
+      slots.vsock = TRY(parse_slot(value, what, key));
+    } else {
+      return unknown_key(what, key, "rng, virtio_console, balloon, vsock");
+    }
+  }
+  return slots;
 }
 
 std::string serial_text(const SerialConfig& serial) {
@@ -304,7 +358,7 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
                   fmt::format("{}: unknown key \"{}\" (known: kernel, initrd, cmdline, cpus, "
                               "memory_mib, memory_backend, serial, reboot, debug_exit, acpi, disks, nets, rng, "
                               "virtio_console, "
-                              "balloon, vsock)",
+                              "balloon, vsock, slots)",
                               source, key));
     }
   }
@@ -357,6 +411,76 @@ Result<void> merge_json(const std::string& json_text, const std::string& source,
     const std::string what = source + ": vsock";
     config.vsock = TRY(vsock_from(TRY(key_values_from_json(*v, what)), what));
   }
+  if (auto v = TRY(member(document, "slots", T::object, source))) {
+    const std::string what = source + ": slots";
+    config.slots = TRY(slots_from(TRY(key_values_from_json(*v, what)), what));
+  }
+  return ok();
+}
+
+std::string disk_id(const VmConfig& config, size_t index) {
+  const std::string& id = index < config.disks.size() ? config.disks[index].id : std::string();
+  return id.empty() ? fmt::format("disk{}", index) : id;
+}
+
+std::string net_id(const VmConfig& config, size_t index) {
+  const std::string& id = index < config.nets.size() ? config.nets[index].id : std::string();
+  return id.empty() ? fmt::format("net{}", index) : id;
+}
+
+Result<void> check_device_slots(const VmConfig& config) {
+  // Which field holds each slot, for the error naming both.
+  std::array<std::string, kLastDeviceSlot + 1> holders;
+  auto take = [&holders](std::optional<uint8_t> slot, const std::string& field) -> Result<void> {
+    if (!slot) return ok();
+    if (*slot < kFirstDeviceSlot || *slot > kLastDeviceSlot) {
+      return fail(Errc::InvalidArgument, fmt::format("{}: slot {} is not one of {}-{}", field,
+                                                     *slot, kFirstDeviceSlot, kLastDeviceSlot));
+    }
+    if (!holders[*slot].empty()) {
+      return fail(Errc::InvalidArgument, fmt::format("{}: slot {} is {}'s too", field, *slot,
+                                                     holders[*slot]));
+    }
+    holders[*slot] = field;
+    return ok();
+  };
+  auto unique_ids = [](const std::vector<std::string>& ids, const char* list) -> Result<void> {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      for (size_t j = 0; j < i; ++j) {
+        if (ids[i] == ids[j]) {
+          return fail(Errc::InvalidArgument, fmt::format("{}[{}].id: '{}' is {}[{}]'s too", list,
+                                                         i, ids[i], list, j));
+        }
+      }
+    }
+    return ok();
+  };
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < config.disks.size(); ++i) {
+    TRY(take(config.disks[i].slot, fmt::format("disks[{}].slot", i)));
+    ids.push_back(disk_id(config, i));
+  }
+  TRY(unique_ids(ids, "disks"));
+  ids.clear();
+  for (size_t i = 0; i < config.nets.size(); ++i) {
+    TRY(take(config.nets[i].slot, fmt::format("nets[{}].slot", i)));
+    ids.push_back(net_id(config, i));
+  }
+  TRY(unique_ids(ids, "nets"));
+  // A slot for a device the config does not have is a mistake to report,
+  // not to ignore.
+  auto single = [&take](std::optional<uint8_t> slot, bool present,
+                        const char* field) -> Result<void> {
+    if (slot && !present) {
+      return fail(Errc::InvalidArgument,
+                  fmt::format("slots.{}: slot {} given, but there is no {}", field, *slot, field));
+    }
+    return take(slot, fmt::format("slots.{}", field));
+  };
+  TRY(single(config.slots.rng, config.rng, "rng"));
+  TRY(single(config.slots.virtio_console, config.virtio_console.has_value(), "virtio_console"));
+  TRY(single(config.slots.balloon, config.balloon.has_value(), "balloon"));
+  TRY(single(config.slots.vsock, config.vsock.has_value(), "vsock"));
   return ok();
 }
 
@@ -380,6 +504,7 @@ Result<void> validate(const VmConfig& config, uint32_t max_vcpus, uint64_t host_
                                               std::strerror(errno)));
     }
   }
+  TRY(check_device_slots(config));
   int stdio_users = (config.serial.kind == SerialConfig::Kind::Stdio) +
                     (config.virtio_console && config.virtio_console->kind == SerialConfig::Kind::Stdio);
   if (stdio_users > 1) {
@@ -435,16 +560,22 @@ std::string to_json(const VmConfig& config) {
   document["debug_exit"] = config.debug_exit;
   document["acpi"] = config.acpi;
   document["disks"] = json::array();
+  // id and slot only where set: a config without them prints as before.
   for (const DiskConfig& disk : config.disks) {
-    document["disks"].push_back({{"path", disk.path},
-                                 {"readonly", disk.read_only},
-                                 {"serial", disk.serial},
-                                 {"format", disk.format}});
+    json entry = {{"path", disk.path},
+                  {"readonly", disk.read_only},
+                  {"serial", disk.serial},
+                  {"format", disk.format}};
+    if (!disk.id.empty()) entry["id"] = disk.id;
+    if (disk.slot) entry["slot"] = *disk.slot;
+    document["disks"].push_back(std::move(entry));
   }
   document["nets"] = json::array();
   for (const NetConfig& net : config.nets) {
-    document["nets"].push_back(
-        {{"tap", net.tap}, {"mac", net.mac}, {"mtu", net.mtu}, {"bridge", net.bridge}});
+    json entry = {{"tap", net.tap}, {"mac", net.mac}, {"mtu", net.mtu}, {"bridge", net.bridge}};
+    if (!net.id.empty()) entry["id"] = net.id;
+    if (net.slot) entry["slot"] = *net.slot;
+    document["nets"].push_back(std::move(entry));
   }
   document["rng"] = config.rng;
   if (config.virtio_console) document["virtio_console"] = serial_text(*config.virtio_console);
@@ -457,6 +588,12 @@ std::string to_json(const VmConfig& config) {
   if (config.vsock) {
     document["vsock"] = {{"cid", config.vsock->cid}, {"socket", config.vsock->socket}};
   }
+  json slots = json::object();
+  if (config.slots.rng) slots["rng"] = *config.slots.rng;
+  if (config.slots.virtio_console) slots["virtio_console"] = *config.slots.virtio_console;
+  if (config.slots.balloon) slots["balloon"] = *config.slots.balloon;
+  if (config.slots.vsock) slots["vsock"] = *config.slots.vsock;
+  if (!slots.empty()) document["slots"] = std::move(slots);
   return document.dump(2);
 }
 

@@ -21,22 +21,42 @@ struct SerialConfig {
   std::string path;  // File and Unix
 };
 
-// --disk path=P[,readonly=on][,serial=S][,format=auto|raw|qcow2]
+// PCI slots on bus 0 that a virtio device may be given: 0 is the host
+// bridge's, and ACPI hotplug describes slots 1-31 (S01-S1F).
+inline constexpr uint8_t kFirstDeviceSlot = 1;
+inline constexpr uint8_t kLastDeviceSlot = 31;
+
+// --disk path=P[,readonly=on][,serial=S][,format=auto|raw|qcow2][,id=ID][,slot=N]
 struct DiskConfig {
   std::string path;
   bool read_only = false;
   std::string serial;  // the virtio-blk ID, at most 20 bytes
   std::string format = "auto";
+  std::string id;               // the API's name; empty: "disk<index>"
+  std::optional<uint8_t> slot;  // PCI slot; none: the lowest free one
   bool operator==(const DiskConfig&) const = default;
 };
 
-// --net tap=NAME[,mac=52:54:00:12:34:56][,mtu=1500][,bridge=BR]
+// --net tap=NAME[,mac=52:54:00:12:34:56][,mtu=1500][,bridge=BR][,id=ID][,slot=N]
 struct NetConfig {
   std::string tap;     // opened if it exists, created otherwise
   std::string mac;     // empty: a random locally administered address
   uint32_t mtu = 1500;
   std::string bridge;  // an existing Linux bridge to attach the tap to
+  std::string id;               // the API's name; empty: "net<index>"
+  std::optional<uint8_t> slot;  // PCI slot; none: the lowest free one
   bool operator==(const NetConfig&) const = default;
+};
+
+// "slots": where the devices that are not in a list sit (a snapshot
+// records them, so that a restore rebuilds them where the guest found them
+// even when an ejected disk left a gap below them).
+struct DeviceSlots {
+  std::optional<uint8_t> rng;
+  std::optional<uint8_t> virtio_console;
+  std::optional<uint8_t> balloon;
+  std::optional<uint8_t> vsock;
+  bool operator==(const DeviceSlots&) const = default;
 };
 
 // --balloon [target-mib=N][,deflate-on-oom=on][,free-page-reporting=on][,stats-period=S]
@@ -76,7 +96,21 @@ struct VmConfig {
   std::optional<SerialConfig> virtio_console;  // hvc0
   std::optional<BalloonConfig> balloon;
   std::optional<VsockConfig> vsock;
+  DeviceSlots slots;
 };
+
+// The id a config disk or NIC has in the API: its own, else disk<index> /
+// net<index>.
+std::string disk_id(const VmConfig& config, size_t index);
+std::string net_id(const VmConfig& config, size_t index);
+
+// The devices' PCI slots and ids: each slot given is in 1-31 and held by
+// one device only (disks, nets and "slots" alike, the latter only for a
+// device the config has); disk ids and NIC ids are
+// each unique. Errors name the field and the value ("nets[0].slot: slot 3
+// is disks[1]'s too"). validate() calls it, and so does every machine
+// build (a snapshot's config is input too).
+Result<void> check_device_slots(const VmConfig& config);
 
 // "stdio", "none", "file:PATH" or "unix:PATH".
 Result<SerialConfig> parse_serial(const std::string& text);

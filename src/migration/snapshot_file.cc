@@ -325,15 +325,15 @@ Result<void> SnapshotReader::parse() {
   auto magic = TRY(header.get<Magic>("header magic"));
   if (magic != kSnapshotMagic) return error(Errc::Corrupt, "not a Keel snapshot (bad magic)");
   version_ = TRY(header.get<uint32_t>("header version"));
-  if (version_ != kSnapshotFormatVersion) {
+  if (version_ < kOldestSnapshotFormatVersion || version_ > kSnapshotFormatVersion) {
     return error(Errc::Unsupported,
-                 fmt::format("format version {}; this Keel reads version {}", version_,
-                             kSnapshotFormatVersion));
+                 fmt::format("format version {}; this Keel reads versions {} to {}", version_,
+                             kOldestSnapshotFormatVersion, kSnapshotFormatVersion));
   }
   auto header_bytes = TRY(header.get<uint32_t>("header length"));
   if (header_bytes != kHeaderBytes) {
-    return error(Errc::Corrupt, fmt::format("header length {} (version 1 has {})", header_bytes,
-                                            kHeaderBytes));
+    return error(Errc::Corrupt, fmt::format("header length {} (version {} has {})", header_bytes,
+                                            version_, kHeaderBytes));
   }
   host_.vendor = TRY(header.get<Vendor>("header vendor"));
   host_.signature = TRY(header.get<uint32_t>("header signature"));

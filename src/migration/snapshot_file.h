@@ -17,7 +17,13 @@
 
 namespace keel::migration {
 
-inline constexpr uint32_t kSnapshotFormatVersion = 1;
+// What this Keel writes. Version 2: the config section may name PCI slots
+// and ids (disks, nets, "slots"), which a version-1 reader would refuse as
+// unknown keys; the layout is version 1's. Versions from
+// kOldestSnapshotFormatVersion on are read (a version-1 file's config has
+// no slots: its devices go in the lowest free slots, as they did).
+inline constexpr uint32_t kSnapshotFormatVersion = 2;
+inline constexpr uint32_t kOldestSnapshotFormatVersion = 1;
 inline constexpr std::array<char, 8> kSnapshotMagic = {'K', 'E', 'E', 'L', 'S', 'N', 'A', 'P'};
 inline constexpr size_t kMaxSectionNameBytes = 64;
 // Sections other than lazy ones are read whole into memory: bound them.

@@ -212,7 +212,9 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
                             {"boot", boot_},
                             {"uptime_seconds", uptime_seconds()},
                             {"config", config_json(machine.config())}};
-    case CommandKind::GetConfig: return config_json(machine.config());
+    // The machine as it is now: hot-plugged devices in, each in its slot
+    // (what a migration's destination is configured with).
+    case CommandKind::GetConfig: return config_json(machine.current_config());
     case CommandKind::Configure:
       return fail(Errc::Busy, fmt::format("the VM is {}: its configuration can only be set "
                                           "before PUT /api/v1/vm/start",
@@ -310,8 +312,10 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       const bool disk = command.kind == CommandKind::AddDisk;
       std::string address =
           disk ? TRY(machine.add_disk({.id = request.id, .path = request.path,
-                                       .format = request.format, .read_only = request.read_only}))
-               : TRY(machine.add_net({.id = request.id, .tap = request.tap, .mac = request.mac}));
+                                       .format = request.format, .read_only = request.read_only,
+                                       .slot = request.slot}))
+               : TRY(machine.add_net({.id = request.id, .tap = request.tap, .mac = request.mac,
+                                      .slot = request.slot}));
       const std::string_view kind = disk ? "disk" : "net";
       events_.publish("device-added",
                       {{"boot", boot_}, {"kind", kind}, {"id", request.id}, {"address", address}});

@@ -6,6 +6,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -271,7 +272,8 @@ int run(int argc, char** argv) {
   app.add_option("--restore", restore_path,
                  "Go on running the machine a snapshot file holds (PUT /api/v1/vm/snapshot, "
                  "keelctl vm snapshot); the machine comes from the file, so only --serial, "
-                 "--no-reboot, --api-socket, --dirty-log and --log-level may be given with it");
+                 "--no-reboot, --api-socket, --dirty-log, --dirty-ring-entries and --log-level "
+                 "may be given with it");
   app.add_flag("--restore-paused", restore_paused,
                "With --restore: hold the vCPUs until PUT /api/v1/vm/resume (default: run at once)");
   std::string incoming_text;
@@ -282,9 +284,27 @@ int run(int argc, char** argv) {
   std::string dirty_log_text = "auto";
   app.add_option("--dirty-log", dirty_log_text,
                  "How live migration learns which pages the guest wrote: ring (KVM's per-vCPU "
-                 "dirty ring, 64 KiB of kernel memory per vCPU), bitmap (KVM's per-slot dirty "
+                 "dirty ring, see --dirty-ring-entries), bitmap (KVM's per-slot dirty "
                  "bitmap) or auto (default: the ring where KVM has it); fixed when the VM is made")
       ->check(CLI::IsMember({"auto", "ring", "bitmap"}));
+  uint32_t dirty_ring_entries = kvm::kDirtyRingEntries;
+  app.add_option("--dirty-ring-entries", dirty_ring_entries,
+                 fmt::format("Entries of each vCPU's dirty ring (16 bytes of kernel memory each; "
+                             "a power of two from {} to {}, default {}): a guest that dirties "
+                             "more pages than this between two harvests stops until its vCPU "
+                             "thread empties the ring",
+                             kvm::kMinDirtyRingEntries, kvm::kMaxDirtyRingEntries,
+                             kvm::kDirtyRingEntries))
+      ->check([](const std::string& text) -> std::string {
+        uint32_t entries = 0;
+        const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), entries);
+        if (error != std::errc{} || end != text.data() + text.size() ||
+            !kvm::valid_dirty_ring_entries(entries)) {
+          return fmt::format("--dirty-ring-entries {}: not a power of two from {} to {}", text,
+                             kvm::kMinDirtyRingEntries, kvm::kMaxDirtyRingEntries);
+        }
+        return "";
+      });
   app.add_option("--log-level", log_level, "trace, debug, info, warn (default) or error; logs go to stderr");
   try {
     app.parse(argc, argv);
@@ -424,6 +444,7 @@ int run(int argc, char** argv) {
   kvm->set_dirty_log_mode(dirty_log_text == "ring"     ? kvm::DirtyLogMode::Ring
                           : dirty_log_text == "bitmap" ? kvm::DirtyLogMode::Bitmap
                                                        : kvm::DirtyLogMode::Auto);
+  kvm->set_dirty_ring_entries(dirty_ring_entries);
   uint32_t max_vcpus = static_cast<uint32_t>(kvm->check_extension(kvm::Capability::MaxVcpus).value_or(1));
   if (Result<void> valid = machine::validate(config, max_vcpus, host_memory_bytes());
       !await_config && !valid) {
@@ -601,7 +622,14 @@ int run(int argc, char** argv) {
         std::fprintf(stderr, "keel-vmm: the guest panicked: %s\n", status.detail.c_str());
         return kExitGuestPanic;
       case machine::StopReason::Reset:
-        if (!config.reboot) return kExitRebootRefused;
+        if (!config.reboot) {
+          // Not silent: a guest that resets unasked (a crash that Linux
+          // turns into a reboot) must say so to whoever sees the exit.
+          console.reset();
+          std::fprintf(stderr, "keel-vmm: the guest reset (%s); --no-reboot: exiting\n",
+                       status.detail.c_str());
+          return kExitRebootRefused;
+        }
         LOG_INFO("guest reset: rebooting (boot {})", boot + 1);
         continue;
       case machine::StopReason::TripleFault:

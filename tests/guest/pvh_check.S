@@ -18,6 +18,10 @@
      c  count forever: print a..z, a..z, ... one letter per step, the
         position kept in RAM (so a restored snapshot goes on from the
         letter after the last one printed)
+     j  eject what the host asks, for ever, as the guest's acpiphp would
+        without ACPI: read the PCI hotplug registers at 0xfeb01000 (PCIU,
+        which the read clears: plugs taken; PCID: slots to eject) and write
+        PCID's bits to B0EJ
    A failed check writes its own code to the debug-exit port 0xf4:
      11 magic  12 version  13 command line  14 memmap  15 CR0.PG set
      16 CR0.PE clear  17 initrd module  18 ECAM ID  19 port 0xcf8 ID
@@ -92,6 +96,8 @@ print:
 	je count
 	cmp $'h', %edi
 	je halt
+	cmp $'j', %edi
+	je eject
 	xor %eax, %eax                  /* every check passed */
 fail:
 	out %al, $0xf4
@@ -160,6 +166,14 @@ count:
 6:	dec %ecx
 	jnz 6b
 	jmp count
+
+eject:
+	mov 0xfeb01000, %eax            /* PCIU: the plug notifications, cleared */
+	mov 0xfeb01004, %eax            /* PCID: the slots the host asks to eject */
+	test %eax, %eax
+	jz eject
+	mov %eax, 0xfeb01008            /* B0EJ */
+	jmp eject
 
 power_off:
 	mov $((5 << 2) | (1 << 5)), %al /* SLP_TYP = S5, SLP_EN */

@@ -5,10 +5,10 @@
 
    Ring 0 (32-bit PVH entry) identity-maps the first 1 GiB with 2 MiB user
    pages, enters long mode and iretq's to ring 3 (ring3.inc; PVM runs ring 3
-   natively). Ring 3 loops over generations g = 1, 2, ...: it checks that
-   each of the PAGES pages at WORK_BASE holds generation g-1's value (all
-   zeros for g-1 = 0: fresh RAM), writes generation g, and prints one
-   letter on COM1 (a for g = 1, b, ... z, a, ...). Page p of generation g
+   natively). Ring 3 loops over generations g = 1, 2, ...: page by page, it
+   checks that each of the PAGES pages at WORK_BASE holds generation g-1's
+   value (all zeros for g-1 = 0: fresh RAM) and writes generation g into
+   it, then prints one letter on COM1 (a for g = 1, b, ... z, a, ...). Page p of generation g
    is all zeros when (p + g) % 3 == 0, else every qword is
    (g << 16) + p + 1, so each generation a third of the pages that held
    data become zero and a third of the zero pages get data.
@@ -63,10 +63,14 @@ user:
 	mov $1, %r12                        /* r12: generation g */
 	xor %r14d, %r14d                    /* r14: letter index, g - 1 mod 26 */
 generation:
-	/* Check generation g - 1. */
-	lea -1(%r12), %r13
+	/* Page by page: check that it holds generation g - 1, then write
+	   generation g. Each page is checked right before it is overwritten,
+	   so a stale page is caught wherever the guest stopped (a sweep that
+	   checked every page and then wrote every page would overwrite, unseen,
+	   the pages after the one it was writing when it was migrated). */
 	xor %r8d, %r8d                      /* r8: page */
-check:
+each_page:
+	lea -1(%r12), %r13
 	call page_value
 	mov %r8, %rdi
 	shl $12, %rdi
@@ -75,14 +79,7 @@ check:
 	cld
 	repe scasq
 	jne bad
-	inc %r8
-	cmp $PAGES, %r8
-	jne check
-
-	/* Write generation g. */
 	mov %r12, %r13
-	xor %r8d, %r8d
-write:
 	call page_value
 	mov %r8, %rdi
 	shl $12, %rdi
@@ -96,7 +93,7 @@ write:
 #endif
 	inc %r8
 	cmp $PAGES, %r8
-	jne write
+	jne each_page
 
 	lea 'a'(%r14), %eax
 	mov $COM1, %dx

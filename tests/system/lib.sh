@@ -141,6 +141,14 @@ _record_exit() {
   echo "$rc" > "$dir/rc"
 }
 
+# Guest $1's VMM is gone unexpectedly: reaps it (its status goes to
+# $dir/rc; 128+N is signal N) and logs what L1's kernel said last, where a
+# segfault or an OOM kill shows (the console's quiet level hides them).
+_l2_why_gone() {
+  _record_exit "$1"
+  dmesg 2>/dev/null | tail -n 6 | while IFS= read -r line; do log "L1 kernel: $line"; done
+}
+
 # --- VMM backends ------------------------------------------------------------
 # Each backend execs its VMM with the guest described by the _l2_* variables:
 # _l2_kernel, _l2_initrd, _l2_cmdline, _l2_cpus, _l2_mem_mib, and _l2_disks
@@ -338,7 +346,7 @@ l2_wait() {
       if L2_LINE=$(grep -a -m 1 -E "^($pattern)" "$(_l2_snapshot "$name")"); then
         return 0
       fi
-      _record_exit "$name"
+      _l2_why_gone "$name"
       _l2_wait_reason="VMM exited with rc=$(cat "$dir/rc") before printing /$pattern/"
       log "$name: $_l2_wait_reason"
       return 1
@@ -369,8 +377,10 @@ l2_cmd() {
   want=$((before + 1))
   deadline=$(_deadline_cs "$timeout")
   while [ "$(grep -a -c '^KEEL-CMD-DONE' "$(_l2_snapshot "$name")" || true)" -lt "$want" ]; do
-    _pid_alive "$(cat "$dir/pid")" ||
-      fail "$name: VMM exited while running '$line'"
+    _pid_alive "$(cat "$dir/pid")" || {
+      _l2_why_gone "$name"
+      fail "$name: VMM exited with rc=$(cat "$dir/rc") while running '$line'"
+    }
     [ "$(_now_cs)" -lt "$deadline" ] ||
       fail "$name: no KEEL-CMD-DONE for '$line' within ${timeout}s"
     sleep 0.2
@@ -432,6 +442,24 @@ l2_restore() {
   _l2_start "$name"
   touch "$dir/restored"
   _l2_restore_from=
+}
+
+# l2_wait_answer NAME OUTPUT COMMAND...: runs COMMAND (a keelctl call on the
+# API of NAME's keel-vmm, just started or restored) until it succeeds, its
+# output in OUTPUT; fails with keel-vmm's stderr if that exits first or
+# does not answer within 60 s.
+l2_wait_answer() {
+  local name output deadline
+  name=$1 output=$2
+  shift 2
+  deadline=$(_deadline_cs 60)
+  until "$@" > "$output" 2>/dev/null; do
+    _pid_alive "$(cat "$(_vm_dir "$name")/pid")" ||
+      fail "the keel-vmm of $name exited: $(cat "$(_vm_dir "$name")/vmm.err")"
+    [ "$(_now_cs)" -lt "$deadline" ] ||
+      fail "the keel-vmm of $name never answered: $(cat "$(_vm_dir "$name")/vmm.err")"
+    sleep 0.2
+  done
 }
 
 # l2_incoming NAME ADDRESS [--vmm-arg ARG]...: a keel-vmm with the machine

@@ -7,6 +7,14 @@
 # size (a virtio config change); it is unplugged, disappears from the guest,
 # and its image is unlocked. Then a NIC on a tap in an L1 bridge: plugged,
 # pinged both ways, unplugged. The events stream and the device list follow.
+# Last, a snapshot with a hot-plugged device: a raw disk plugged into the
+# slot asked for (7), a file system and a file written on it by the guest,
+# the VM snapshotted and stopped; a new keel-vmm --restore of it has the
+# disk in slot 7 under the same id, and the guest, its caches dropped and
+# the file system mounted afresh, reads its file back whole. The restored
+# guest (whose config now names that disk in slot 7) then live-migrates
+# into a keel-vmm started with the boot flags plus that disk in that slot,
+# and reads its file there too.
 set -euo pipefail
 KEEL_L2_VMM=keel
 . "$KEEL_SYSTEM_DIR/lib.sh"
@@ -103,7 +111,55 @@ log "ok: the tap is gone"
 
 l2_cmd vm 'echo still-here'
 assert_eq "$L2_OUTPUT" still-here "the guest works on after the unplugs"
-l2_send vm keel-exit
-l2_wait_exit vm 60 || fail "VMM did not exit after the guest powered off"
-assert_eq "$L2_EXIT_RC" 0 "VMM exit status"
+
+# 3. Snapshot and restore with a hot-plugged disk (the slots of hot0 and
+# nic0 now empty).
+snapdisk=$KEEL_WORKDIR/snap.raw
+snap=$KEEL_WORKDIR/vm.snap
+truncate -s 64M "$snapdisk"
+added=$(ctl vm disk-add snapd "$snapdisk" --format raw --slot 7) || fail "keelctl vm disk-add --slot failed"
+assert_eq "$added" "disk snapd at 0000:00:07.0" "disk-add --slot reply"
+wait_event device-added snapd
+l2_cmd vm 'for i in $(seq 1 150); do [ -b /dev/vda ] && break; sleep 0.2; done; mke2fs -q -b 4096 /dev/vda >/dev/null 2>&1 && mount /dev/vda /mnt && dd if=/dev/urandom of=/mnt/f bs=64k count=32 2>/dev/null && sync && sha256sum /mnt/f | cut -d" " -f1'
+written=$L2_OUTPUT
+assert_match "$written" '^[0-9a-f]{64}$' "a file written on the hot-plugged disk"
+assert_match "$(ctl --json vm config)" '"id": *"snapd"' "the current config lists the hot-plugged disk"
+assert_eq "$(ctl vm pause)" paused "keelctl vm pause"
+saved=$(ctl vm snapshot "$snap") || fail "keelctl vm snapshot with a hot-plugged disk failed"
+log "$saved"
+assert_match "$(ctl vm stop)" '^stopping' "keelctl vm stop after the snapshot"
+l2_wait_exit vm 60 || fail "keel-vmm did not exit after the stop"
+assert_eq "$L2_EXIT_RC" 0 "the first VMM's exit status"
+
+l2_restore vm "$snap" --vmm-arg "--api-socket=$sock"
+# Until the restored keel-vmm answers, with the disk where it was.
+l2_wait_answer vm "$KEEL_WORKDIR/devices" ctl vm devices
+assert_match "$(cat "$KEEL_WORKDIR/devices")" 'virtio-blk +pci +0000:00:07\.0.*id=snapd' \
+  "the restored disk in slot 7 under its id"
+l2_cmd vm 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/f | cut -d" " -f1; umount /mnt && mount /dev/vda /mnt && sha256sum /mnt/f | cut -d" " -f1' 120
+assert_eq "$(printf '%s\n' "$L2_OUTPUT" | tr '\n' ' ')" "$written $written " \
+  "the file read back after the restore (caches dropped, then remounted)"
+
+# 4. Live migration of the restored guest: the destination is configured
+# with the source's current config (GET /api/v1/vm/config): the boot
+# flags, plus the disk with its id in its slot.
+assert_match "$(ctl --json vm config)" '"slot": *7' "the restored VM's config names the disk's slot"
+mig=$KEEL_WORKDIR/mig.sock
+dsock=$KEEL_WORKDIR/dst-api.sock
+l2_incoming dst "unix:$mig" --vmm-arg "--api-socket=$dsock" \
+  --vmm-arg --disk --vmm-arg "path=$snapdisk,format=raw,id=snapd,slot=7"
+out=$(ctl vm migrate "unix:$mig" --downtime-ms 300) || fail "keelctl vm migrate failed: $out"
+assert_match "$out" "migrated to unix:$mig" "keelctl vm migrate output"
+l2_wait_exit vm 60 || fail "the source did not exit after the migration"
+assert_eq "$L2_EXIT_RC" 0 "the source VMM's exit status"
+l2_wait_answer dst "$KEEL_WORKDIR/dst-devices" keelctl --socket "$dsock" vm devices
+assert_match "$(cat "$KEEL_WORKDIR/dst-devices")" 'virtio-blk +pci +0000:00:07\.0.*id=snapd' \
+  "the migrated disk in slot 7 under its id"
+l2_cmd dst 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/f | cut -d" " -f1' 120
+assert_eq "$L2_OUTPUT" "$written" "the file read back after the migration (caches dropped)"
+l2_cmd dst 'umount /mnt && echo unmounted'
+assert_eq "$L2_OUTPUT" unmounted "the hot-plugged disk's file system unmounted"
+l2_send dst keel-exit
+l2_wait_exit dst 60 || fail "the destination VMM did not exit after the guest powered off"
+assert_eq "$L2_EXIT_RC" 0 "the destination VMM's exit status"
 echo "KEEL-PASS"

@@ -31,16 +31,7 @@ sock=$KEEL_WORKDIR/api.sock
 snap=$KEEL_WORKDIR/vm.snap
 ctl() { keelctl --socket "$sock" "$@"; }
 # Until the restored keel-vmm answers its API (vm info in $KEEL_WORKDIR/info).
-wait_for_restored_api() {
-  deadline=$(_deadline_cs 60)
-  until ctl vm info > "$KEEL_WORKDIR/info" 2>/dev/null; do
-    _pid_alive "$(cat "$(_vm_dir vm)/pid")" ||
-      fail "the restored keel-vmm exited: $(cat "$(_vm_dir vm)/vmm.err")"
-    [ "$(_now_cs)" -lt "$deadline" ] ||
-      fail "the restored keel-vmm never answered: $(cat "$(_vm_dir vm)/vmm.err")"
-    sleep 0.2
-  done
-}
+wait_for_restored_api() { l2_wait_answer vm "$KEEL_WORKDIR/info" ctl vm info; }
 
 scratch=$KEEL_WORKDIR/scratch.img
 truncate -s 64M "$scratch"

@@ -354,6 +354,27 @@ TEST(RoutesTest, AddDiskRefusalsNameTheField) {
   EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "format": "vmdk"})"), "format");
   EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "readonly": "yes"})"), "readonly");
   EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "tap": "t0"})"), "tap");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "slot": 0})"), "slot");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "slot": 32})"), "slot");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "slot": -1})"), "slot");
+  EXPECT_EQ(device_field(disks, R"({"id": "d", "path": "/d", "slot": "3"})"), "slot");
+  EXPECT_EQ(device_field("/api/v1/vm/nets", R"({"id": "n", "tap": "t0", "slot": 40})"), "slot");
+  EXPECT_EQ(device_field("/api/v1/vm/disks/resize", R"({"id": "d", "size_bytes": 512, "slot": 3})"),
+            "slot") << "only a plug takes a slot";
+}
+
+// A plug may name its PCI slot (1-31); without one, the lowest free slot.
+TEST(RoutesTest, PlugBodiesTakeASlot) {
+  auto disk = parse_device_body(route_for("/api/v1/vm/disks"),
+                                R"({"id": "d", "path": "/d", "slot": 31})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(disk));
+  EXPECT_EQ(std::get<DeviceRequest>(disk).slot, std::optional<uint8_t>(31));
+  auto nic = parse_device_body(route_for("/api/v1/vm/nets"), R"({"id": "n", "tap": "t0", "slot": 1})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(nic));
+  EXPECT_EQ(std::get<DeviceRequest>(nic).slot, std::optional<uint8_t>(1));
+  auto unslotted = parse_device_body(route_for("/api/v1/vm/nets"), R"({"id": "n", "tap": "t0"})");
+  ASSERT_TRUE(std::holds_alternative<DeviceRequest>(unslotted));
+  EXPECT_FALSE(std::get<DeviceRequest>(unslotted).slot.has_value());
 }
 
 TEST(RoutesTest, ResizeAndRemoveBodies) {

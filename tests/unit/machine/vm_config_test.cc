@@ -8,6 +8,7 @@
 
 #include <fstream>
 #include <string>
+#include <tuple>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -359,7 +360,7 @@ namespace {
 TEST(DeviceFlagsTest, DiskTakesEveryKey) {
   Result<DiskConfig> disk = parse_disk("path=/var/a.img,readonly=on,serial=ABC,format=qcow2");
   ASSERT_TRUE(disk) << disk.error().message();
-  EXPECT_EQ(*disk, (DiskConfig{"/var/a.img", true, "ABC", "qcow2"}));
+  EXPECT_EQ(*disk, (DiskConfig{"/var/a.img", true, "ABC", "qcow2", "", std::nullopt}));
   EXPECT_EQ(parse_disk("path=/x")->format, "auto");
 }
 
@@ -376,7 +377,7 @@ TEST(DeviceFlagsTest, DiskErrorsNameKeyAndValue) {
 TEST(DeviceFlagsTest, NetChecksNameAndMtu) {
   Result<NetConfig> net = parse_net("tap=tap0,mac=52:54:00:00:00:01,mtu=9000,bridge=br0");
   ASSERT_TRUE(net) << net.error().message();
-  EXPECT_EQ(*net, (NetConfig{"tap0", "52:54:00:00:00:01", 9000, "br0"}));
+  EXPECT_EQ(*net, (NetConfig{"tap0", "52:54:00:00:00:01", 9000, "br0", "", std::nullopt}));
   EXPECT_THAT(parse_net("tap=averyveryverylongname").error().message(), HasSubstr("interface name"));
   EXPECT_THAT(parse_net("tap=t,mtu=12").error().message(), HasSubstr("below 68"));
   EXPECT_THAT(parse_net("tap=t,mtu=70000").error().message(), HasSubstr("more than 65535"));
@@ -398,8 +399,9 @@ TEST(DeviceFlagsTest, BalloonAndVsock) {
 
 TEST(DeviceJsonTest, DevicesRoundTrip) {
   VmConfig original;
-  original.disks = {DiskConfig{"/a.img", false, "", "auto"}, DiskConfig{"/b.qcow2", true, "S1", "qcow2"}};
-  original.nets = {NetConfig{"tap3", "", 1500, "br9"}};
+  original.disks = {DiskConfig{"/a.img", false, "", "auto", "", std::nullopt},
+                    DiskConfig{"/b.qcow2", true, "S1", "qcow2", "", std::nullopt}};
+  original.nets = {NetConfig{"tap3", "", 1500, "br9", "", std::nullopt}};
   original.rng = true;
   original.virtio_console = SerialConfig{SerialConfig::Kind::Unix, "/run/hvc.sock"};
   original.balloon = BalloonConfig{64, false, true, 2};
@@ -415,6 +417,130 @@ TEST(DeviceJsonTest, DevicesRoundTrip) {
   EXPECT_EQ(copy.balloon, original.balloon);
   EXPECT_EQ(copy.vsock, original.vsock);
   EXPECT_EQ(to_json(copy), text);
+}
+
+// ---- PCI slots and ids (what a snapshot of a hot-plugged machine records) ----
+
+// A disk or NIC with its path or tap (key), slot and id; the rest defaults.
+template <typename Device>
+Device device_at(std::string Device::*key, std::string value, std::optional<uint8_t> slot,
+                 std::string id) {
+  Device device;
+  device.*key = std::move(value);
+  device.id = std::move(id);
+  device.slot = slot;
+  return device;
+}
+
+DiskConfig disk_at(std::string path, std::optional<uint8_t> slot, std::string id = "") {
+  return device_at(&DiskConfig::path, std::move(path), slot, std::move(id));
+}
+
+NetConfig net_at(std::string tap, std::optional<uint8_t> slot, std::string id = "") {
+  return device_at(&NetConfig::tap, std::move(tap), slot, std::move(id));
+}
+
+TEST(DeviceSlotsTest, FlagsTakeSlotAndId) {
+  Result<DiskConfig> disk = parse_disk("path=/a.img,id=data,slot=7");
+  ASSERT_TRUE(disk) << disk.error().message();
+  EXPECT_EQ(disk->id, "data");
+  EXPECT_EQ(disk->slot, std::optional<uint8_t>(7));
+  Result<NetConfig> net = parse_net("tap=tap0,slot=31,id=uplink");
+  ASSERT_TRUE(net) << net.error().message();
+  EXPECT_EQ(net->slot, std::optional<uint8_t>(31));
+  EXPECT_EQ(net->id, "uplink");
+  EXPECT_FALSE(parse_disk("path=/a.img")->slot.has_value()) << "no slot: the lowest free one";
+}
+
+TEST(DeviceSlotsTest, BadSlotsAndIdsNameTheFieldAndValue) {
+  EXPECT_THAT(parse_disk("path=/a,slot=0").error().message(),
+              AllOf(HasSubstr("--disk"), HasSubstr("slot=0"), HasSubstr("host bridge")));
+  EXPECT_THAT(parse_disk("path=/a,slot=32").error().message(),
+              AllOf(HasSubstr("slot=32"), HasSubstr("more than 31")));
+  EXPECT_THAT(parse_net("tap=t,slot=-1").error().message(), HasSubstr("slot='-1'"));
+  EXPECT_THAT(parse_net("tap=t,slot=x").error().message(), HasSubstr("slot='x'"));
+  EXPECT_THAT(parse_disk("path=/a,id=a b").error().message(), HasSubstr("id='a b'"));
+  EXPECT_THAT(parse_disk("path=/a,id=").error().message(), HasSubstr("id=''"));
+  VmConfig config;
+  EXPECT_THAT(merge_json(R"({"nets": [{"tap": "t", "slot": 40}]})", "vm.json", config)
+                  .error().message(),
+              AllOf(HasSubstr("vm.json: nets[0]"), HasSubstr("slot=40")));
+  EXPECT_THAT(merge_json(R"({"slots": {"rng": 0}})", "vm.json", config).error().message(),
+              AllOf(HasSubstr("vm.json: slots"), HasSubstr("rng=0")));
+  EXPECT_THAT(merge_json(R"({"slots": {"gpu": 3}})", "vm.json", config).error().message(),
+              AllOf(HasSubstr("unknown key 'gpu'"), HasSubstr("rng, virtio_console")));
+  EXPECT_THAT(merge_json(R"({"slots": [3]})", "vm.json", config).error().message(),
+              HasSubstr("\"slots\" must be an object"));
+}
+
+TEST(DeviceSlotsTest, TwoDevicesOnOneSlotAreRefusedNamingBoth) {
+  VmConfig config;
+  config.disks = {disk_at("/a", 3), disk_at("/b", std::nullopt), disk_at("/c", 5)};
+  config.nets = {net_at("t0", 4)};
+  config.slots.rng = 6;
+  EXPECT_THAT(check_device_slots(config).error().message(),
+              HasSubstr("slots.rng: slot 6 given, but there is no rng"));
+  config.rng = true;
+  EXPECT_TRUE(check_device_slots(config));
+  config.nets[0].slot = 5;
+  Result<void> clash = check_device_slots(config);
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code(), Errc::InvalidArgument);
+  EXPECT_THAT(clash.error().message(), HasSubstr("nets[0].slot: slot 5 is disks[2].slot's too"));
+  config.nets[0].slot = 6;
+  EXPECT_THAT(check_device_slots(config).error().message(),
+              HasSubstr("slots.rng: slot 6 is nets[0].slot's too"));
+  config.slots.rng = 0;  // a hand-made config, not parsed
+  EXPECT_THAT(check_device_slots(config).error().message(),
+              HasSubstr("slots.rng: slot 0 is not one of 1-31"));
+}
+
+TEST(DeviceSlotsTest, IdsAreUniqueAndDefaultToTheIndex) {
+  VmConfig config;
+  config.disks = {disk_at("/a", std::nullopt), disk_at("/b", std::nullopt, "data")};
+  config.nets = {net_at("t0", std::nullopt)};
+  EXPECT_EQ(disk_id(config, 0), "disk0");
+  EXPECT_EQ(disk_id(config, 1), "data");
+  EXPECT_EQ(net_id(config, 0), "net0");
+  EXPECT_TRUE(check_device_slots(config));
+  config.disks[1].id = "disk0";  // the default name of disks[0]
+  EXPECT_THAT(check_device_slots(config).error().message(),
+              HasSubstr("disks[1].id: 'disk0' is disks[0]'s too"));
+  // A disk and a NIC may share an id: the API names them by kind.
+  config.disks[1].id = "net0";
+  EXPECT_TRUE(check_device_slots(config));
+}
+
+TEST_F(ValidateTest, SlotClashIsAValidationError) {
+  config_.nets = {net_at("t0", 2), net_at("t1", 2)};
+  Result<void> valid = validate(config_, 64, 16 * kGiB);
+  ASSERT_FALSE(valid);
+  EXPECT_THAT(valid.error().message(), HasSubstr("nets[1].slot: slot 2 is nets[0].slot's too"));
+}
+
+TEST(DeviceSlotsTest, SlotsAndIdsRoundTripAndAreLeftOutWhereUnset) {
+  VmConfig original;
+  original.disks = {disk_at("/a.img", 4, "disk0"),
+                    DiskConfig{"/hot.raw", true, "hot1", "raw", "hot1", 1}};
+  original.nets = {NetConfig{"tap3", "52:54:00:00:00:01", 1500, "", "n", 9}};
+  original.rng = true;
+  original.balloon = BalloonConfig{};
+  original.slots = DeviceSlots{.rng = 2, .virtio_console = std::nullopt, .balloon = 31,
+                               .vsock = std::nullopt};
+  VmConfig copy;
+  const std::string text = to_json(original);
+  ASSERT_TRUE(merge_json(text, "to_json", copy)) << text;
+  EXPECT_TRUE(std::tie(copy.disks, copy.nets, copy.slots) ==
+              std::tie(original.disks, original.nets, original.slots))
+      << to_json(copy);
+  EXPECT_EQ(to_json(copy), text);
+  // A config without slots or ids prints as it did before they existed.
+  VmConfig plain;
+  plain.disks = {disk_at("/a.img", std::nullopt)};
+  plain.nets = {net_at("tap3", std::nullopt)};
+  const std::string plain_text = to_json(plain);
+  EXPECT_THAT(plain_text, ::testing::Not(HasSubstr("slot")));
+  EXPECT_THAT(plain_text, ::testing::Not(HasSubstr("\"id\"")));
 }
 
 TEST(DeviceJsonTest, BadDeviceEntriesNameTheirPlace) {
@@ -445,7 +571,7 @@ TEST(DeviceValidateTest, MissingDiskIsNamed) {
   VmConfig config;
   config.kernel = "/proc/self/exe";
   config.serial.kind = SerialConfig::Kind::None;
-  config.disks = {DiskConfig{"/nonexistent/disk.img", false, "", "auto"}};
+  config.disks = {DiskConfig{"/nonexistent/disk.img", false, "", "auto", "", std::nullopt}};
   Result<void> valid = validate(config, 8, 64 * kGiB);
   ASSERT_FALSE(valid);
   EXPECT_THAT(valid.error().message(), AllOf(HasSubstr("disks[0]"), HasSubstr("/nonexistent/disk.img")));

@@ -425,9 +425,26 @@ TEST_F(SnapshotTest, BadMagicIsRejected) {
 TEST_F(SnapshotTest, UnknownVersionIsRejectedNamingIt) {
   write_sample();
   std::vector<std::byte> file = read_file(path_);
-  put<uint32_t>(file, 8, 2);
+  put<uint32_t>(file, 8, 3);
   write_file(path_, file);
-  expect_rejected("format version 2; this Keel reads version 1", Errc::Unsupported);
+  expect_rejected("format version 3; this Keel reads versions 1 to 2", Errc::Unsupported);
+  put<uint32_t>(file, 8, 0);
+  write_file(path_, file);
+  expect_rejected("format version 0; this Keel reads versions 1 to 2", Errc::Unsupported);
+}
+
+// Version 1 (configs without PCI slots) is still read: its layout is
+// version 2's.
+TEST_F(SnapshotTest, VersionOneFilesAreStillRead) {
+  write_sample();
+  std::vector<std::byte> file = read_file(path_);
+  put<uint32_t>(file, 8, kOldestSnapshotFormatVersion);
+  constexpr size_t kHeaderCrcOffset = 76;
+  put<uint32_t>(file, kHeaderCrcOffset, snapshot_crc32(std::span(file).first(kHeaderCrcOffset)));
+  write_file(path_, file);
+  Result<Snapshot> snapshot = read_snapshot(path_);
+  ASSERT_TRUE(snapshot) << snapshot.error().message();
+  EXPECT_EQ(snapshot->reader.version(), 1u);
 }
 
 TEST_F(SnapshotTest, TruncationAnywhereIsRejected) {
