@@ -170,6 +170,17 @@ void ApiControl::serve_with(const std::function<api::Reply(const api::Command&)>
   }
 }
 
+Result<void> ApiControl::check_not_moved_by_postcopy() const {
+  if (migration_ == nullptr || !migration_->finished()) return ok();
+  const machine::MigrationStats stats = migration_->stats();
+  if (stats.phase == machine::MigrationPhase::Failed && stats.postcopy.running_on_destination) {
+    return fail(Errc::Busy,
+                "post-copy had begun: the machine ran on the destination, so this paused copy "
+                "is stale and can only be stopped");
+  }
+  return ok();
+}
+
 void ApiControl::machine_ended() {
   if (migration_ == nullptr) return;
   (void)migration_->cancel();
@@ -181,6 +192,7 @@ void ApiControl::machine_ended() {
 api::Reply ApiControl::start_migration(const api::MigrateRequest& request,
                                        machine::Machine& machine) {
   if (migrating()) return fail(Errc::Busy, "a migration is already running");
+  TRY(check_not_moved_by_postcopy());
   machine::MigrationOptions options;
   options.destination = TRY_CONTEXT(migration::parse_stream_address(request.destination),
                                     "destination");
@@ -271,6 +283,7 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
       return nlohmann::json{{"state", "paused"}};
     case CommandKind::Resume:
       if (migrating()) return fail(Errc::Busy, "a migration is running (cancel it first)");
+      TRY(check_not_moved_by_postcopy());
       TRY(machine.resume());
       events_.publish("resumed", {{"boot", boot_}});
       return nlohmann::json{{"state", "running"}};
@@ -300,6 +313,7 @@ api::Reply ApiControl::execute(const api::Command& command, machine::Machine& ma
     case CommandKind::Snapshot: {
       if (machine.stop_status()) return fail(Errc::Busy, "the VM is stopping");
       if (migrating()) return fail(Errc::Busy, "a migration is running");
+      TRY(check_not_moved_by_postcopy());
       TRY(machine.save(command.path));
       struct stat info {};
       uint64_t bytes = ::stat(command.path.c_str(), &info) == 0 ? static_cast<uint64_t>(info.st_size) : 0;

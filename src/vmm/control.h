@@ -80,6 +80,11 @@ class ApiControl {
   void serve_with(const std::function<api::Reply(const api::Command&)>& execute);
   api::Reply start_migration(const api::MigrateRequest& request, machine::Machine& machine);
   bool migrating() const { return migration_ != nullptr && !migration_->finished(); }
+  // A post-copy migration failed after the destination ran the machine:
+  // this copy is stale (the guest's later writes lived only there), so it
+  // must not run, be snapshotted or be migrated again; it can only stop.
+  // Fails (Busy, naming why) in that case.
+  Result<void> check_not_moved_by_postcopy() const;
   double uptime_seconds() const;
   // Publishes GET /api/v1/vm's answer if the state or boot changed since
   // the last time (the configuration changes only with the boot).

@@ -533,6 +533,17 @@ TEST_F(VmmMigrateTest, PostcopyDestinationKilledLeavesTheSourcePaused) {
   EXPECT_TRUE(stats["postcopy"].value("running_on_destination", false)) << stats.dump();
   Json vm = Json::parse(call(source_socket_, "GET", "/api/v1/vm").body, nullptr, false);
   EXPECT_EQ(vm["state"], "paused") << vm.dump();
+  // Its RAM is stale: it must not run again, nor be saved or sent on.
+  for (const auto& [target, body] :
+       {std::pair<std::string, std::string>{"/api/v1/vm/resume", ""},
+        {"/api/v1/vm/snapshot", Json{{"path", dir_.file("stale.snap")}}.dump()},
+        {"/api/v1/vm/migrate", Json{{"destination", "unix:" + migration_socket_}}.dump()}}) {
+    api::HttpReply refused = call(source_socket_, "PUT", target, body);
+    EXPECT_EQ(refused.status, 409u) << target << ": " << refused.body;
+    EXPECT_THAT(refused.body, HasSubstr("stale")) << target;
+  }
+  vm = Json::parse(call(source_socket_, "GET", "/api/v1/vm").body, nullptr, false);
+  EXPECT_EQ(vm["state"], "paused") << vm.dump();
   // It can still be stopped.
   EXPECT_EQ(call(source_socket_, "PUT", "/api/v1/vm/stop").status, 200u);
   Outcome outcome = pair.source->wait(kGuestTimeout);
