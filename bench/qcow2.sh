@@ -18,8 +18,9 @@ Usage: bench/qcow2.sh [--seconds S] [--size-mib N] [--dir DIR] [--runs N]
                  every cluster allocated), fresh-*.qcow2 and fresh-raw.img
                  (made empty before each allocating phase, so every write
                  allocates, in qcow2 and in the file system alike)
-  --runs N       repeat both tables N times (default 1); odd runs time raw
-                 first, even runs qcow2 first
+  --runs N       repeat both tables N times (default 1); in the first table
+                 each side is timed twice (odd runs raw, qcow2, qcow2, raw;
+                 even runs the other way round) and averaged
 Needs build/bench/blk_bench (scripts/build.sh) and qemu-img (qemu-utils).
 USAGE
 }
@@ -139,7 +140,7 @@ for ((run = 1; run <= runs; run++)); do
   echo
   echo "## keel device path: qcow2 against raw (full: every cluster allocated; alloc: a fresh"
   echo "## qcow2 image, one pass in which every request allocates, against a fresh sparse raw"
-  echo "## file on the same offsets)"
+  echo "## file on the same offsets; each side timed twice, A B B A, and averaged)"
   printf '%-18s %10s %10s %11s %11s %10s\n' phase raw_iops raw_MB/s qcow2_iops qcow2_MB/s qcow2/raw
   # name phase qcow2-image [step requests]
   rows=("randread-4k randread-4k full"
@@ -150,21 +151,32 @@ for ((run = 1; run <= runs; run++)); do
         "alloc-write-1m seqwrite-1m fresh 1048576 $pass_1m")
   for row in "${rows[@]}"; do
     read -r name phase image step requests <<<"$row"
-    recache "$raw" "$full"  # page-cached alike for every side
-    path=$full
-    raw_path=$raw
-    if [[ $image == fresh ]]; then
-      path=$(fresh keel)
-      raw_path=$(fresh_raw)
-    fi
-    # Odd runs time raw first, even runs qcow2 first.
-    if ((run % 2 == 1)); then
-      read -r raw_iops raw_mbps <<<"$(keel raw "$raw_path" "$phase" "${step:-}" "${requests:-}")"
-      read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
-    else
-      read -r q_iops q_mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
-      read -r raw_iops raw_mbps <<<"$(keel raw "$raw_path" "$phase" "${step:-}" "${requests:-}")"
-    fi
+    # Each side is timed twice, in the order A B B A (odd runs: A is raw,
+    # even runs: qcow2), each time after the same recache (and on a new
+    # image for the alloc rows), and the two figures averaged: whichever
+    # side went first after the previous row's phase swung the ratio by up
+    # to 0.45 when each was timed once.
+    sides=(raw qcow2 qcow2 raw)
+    ((run % 2 == 1)) || sides=(qcow2 raw raw qcow2)
+    raw_sum=0 raw_mb_sum=0 q_sum=0 q_mb_sum=0
+    for side in "${sides[@]}"; do
+      recache "$raw" "$full"  # page-cached alike for every side
+      if [[ $side == raw ]]; then
+        raw_path=$raw
+        [[ $image == fresh ]] && raw_path=$(fresh_raw)
+        read -r iops mbps <<<"$(keel raw "$raw_path" "$phase" "${step:-}" "${requests:-}")"
+        raw_sum=$(python3 -c "print($raw_sum + $iops)")
+        raw_mb_sum=$(python3 -c "print($raw_mb_sum + $mbps)")
+      else
+        path=$full
+        [[ $image == fresh ]] && path=$(fresh keel)
+        read -r iops mbps <<<"$(keel qcow2 "$path" "$phase" "${step:-}" "${requests:-}")"
+        q_sum=$(python3 -c "print($q_sum + $iops)")
+        q_mb_sum=$(python3 -c "print($q_mb_sum + $mbps)")
+      fi
+    done
+    read -r raw_iops raw_mbps q_iops q_mbps <<<"$(python3 -c "
+print('%.0f %.1f %.0f %.1f' % ($raw_sum / 2, $raw_mb_sum / 2, $q_sum / 2, $q_mb_sum / 2))")"
     printf '%-18s %10s %10s %11s %11s %10s\n' "$name" "$raw_iops" "$raw_mbps" "$q_iops" "$q_mbps" \
       "$(ratio "$q_iops" "$raw_iops")"
   done
